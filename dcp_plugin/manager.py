@@ -1,0 +1,303 @@
+"""``CheckpointManager``: the framework-agnostic object every adapter talks to.
+
+It ties together the engine (how to write), the storage (where, and the commit protocol) and the
+checkpoint format (what goes into a checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from dcp_plugin import encoding, packing
+from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.engine import CheckpointEngine, CheckpointSaveError, SaveStats
+from dcp_plugin.state import optimizers_in, wrap_state
+from dcp_plugin.storage import (
+    CheckpointInfo,
+    CheckpointNotFoundError,
+    CheckpointStorage,
+    PendingWrite,
+    step_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """Save and load training state as DCP checkpoints under one directory or URL.
+
+    Args:
+        directory: local path or fsspec URL (``s3://bucket/run``, ``memory://run``...). Created if missing.
+        config: options; keyword arguments (e.g. ``async_mode="process"``) override its fields.
+        engine: share one :class:`CheckpointEngine` between managers (one staging buffer, one daemon).
+        distributed: ``None`` saves collectively when ``torch.distributed`` is initialized (call every
+            method on every rank); ``False`` makes this process save and load alone.
+        run_id: identifies checkpoints this manager wrote (retention deletes only those). Default: new.
+
+    ``state`` passed to :meth:`save` and :meth:`load` maps names to models, optimizers, other
+    ``Stateful`` objects (anything with ``state_dict``/``load_state_dict``) and plain values.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        config: CheckpointConfig | None = None,
+        *,
+        engine: CheckpointEngine | None = None,
+        distributed: bool | None = None,
+        run_id: str | None = None,
+        **overrides: Any,
+    ) -> None:
+        if engine is not None and (config is not None or overrides):
+            raise ConfigError("Pass either engine= or config options, not both: a shared engine has its own config.")
+        if engine is not None:
+            config = engine.config
+        else:
+            config = (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+        self.config = config
+        self.storage = CheckpointStorage(directory, config.storage_options)
+        if config.async_mode == "process" and self.storage.protocol == "memory":
+            raise ConfigError(
+                "memory:// lives inside one process, but async_mode='process' writes from a separate process; "
+                "use async_mode='thread' or 'sync' with memory://."
+            )
+        if self.storage.fs.exists(self.storage.root) and not self.storage.fs.isdir(self.storage.root):
+            raise NotADirectoryError(
+                f"The checkpoint directory {self.storage.root_url} is a file; pass a directory (created if missing)."
+            )
+        self.engine = engine or CheckpointEngine(config, distributed=distributed)
+        self._owns_engine = engine is None
+        self.run_id = run_id or uuid.uuid4().hex
+        self._hooked_optimizers: dict[int, Any] = {}
+        self.history: list[SaveStats] = []
+
+    @property
+    def directory(self) -> str:
+        return self.storage.root_url
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        overwrite: bool = False,
+    ) -> SaveStats:
+        """Checkpoint ``state`` as of now, for ``step``.
+
+        Returns when the snapshot is taken (with ``async_staging``: when it was started) and the write
+        continues in the background. The next ``save``, ``load``, ``delete`` and ``close`` wait for it; its
+        errors are raised by the next call. ``metadata`` (JSON-like, e.g. metrics) is stored in the
+        manifest. ``name`` overrides the directory name (default ``step_000000042``).
+        """
+        started = time.perf_counter()
+        self.engine.wait()
+        _check_json(dict(metadata or {}))
+        name = name or step_name(step)
+        wrapped = wrap_state(state)
+        if self.config.async_staging:
+            self._hook_optimizers(wrapped)
+
+        engine = self.engine
+        packed: packing.Packed | None = None
+        pending: PendingWrite | None = None
+        local_error: BaseException | None = None
+        try:
+            packed = packing.pack(
+                wrapped, rank=engine.rank, world_size=engine.world_size, allow_pickle=self.config.allow_pickle
+            )
+            if engine.is_coordinator:
+                pending = self.storage.begin_write(name, overwrite=overwrite)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            local_error = err
+        outcomes = engine.all_gather((pending, _error_text(local_error)))
+        pending = outcomes[0][0]
+        failures = [(rank, text) for rank, (_, text) in enumerate(outcomes) if text]
+        if failures:
+            if engine.is_coordinator and pending is not None:
+                self.storage.abort(pending)
+            if local_error is not None:
+                raise local_error
+            raise CheckpointSaveError(
+                f"Saving {self.storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}"
+            )
+        assert packed is not None and pending is not None
+        pending.manifest = {
+            "step": step,
+            "world_size": engine.world_size,
+            "created": time.time(),
+            "run_id": self.run_id,
+            "mode": self.config.async_mode,
+            "entries": packed.entries,
+            "metadata": dict(metadata or {}),
+        }
+        writer = self.storage.writer(
+            pending,
+            thread_count=self.config.thread_count,
+            sync_files=self.config.sync_files,
+            per_thread_copy_ahead=self.config.per_thread_copy_ahead,
+        )
+        stats = SaveStats(
+            name=name, url=self.storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0
+        )
+        on_failure = (lambda: self.storage.abort(pending)) if engine.is_coordinator else None
+        engine.save(packed.flat, writer, stats=stats, started=started, on_failure=on_failure)
+        self.history.append(stats)
+        return stats
+
+    def wait_for_staging(self) -> None:
+        """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
+        self.engine.wait_for_staging()
+
+    def wait(self) -> SaveStats | None:
+        """Block until the save in flight is committed; raises its error if it failed."""
+        return self.engine.wait()
+
+    def _hook_optimizers(self, state: Mapping[str, Any]) -> None:
+        for optimizer in optimizers_in(state):
+            if id(optimizer) not in self._hooked_optimizers:
+                handle = optimizer.register_step_pre_hook(lambda *_args, **_kw: self.engine.wait_for_staging())
+                self._hooked_optimizers[id(optimizer)] = handle
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(
+        self,
+        state: MutableMapping[str, Any],
+        step: int | None = None,
+        *,
+        name: str | None = None,
+        strict: bool | None = None,
+        allow_pickle: bool | None = None,
+    ) -> CheckpointInfo:
+        """Load a checkpoint into the live objects in ``state`` (in place) and return its info.
+
+        Default: the latest committed checkpoint. Stateful objects are loaded in place (sharded models
+        and optimizers reshard to the current layout); plain values are replaced in ``state``.
+        With ``strict`` (the config's default), any missing, unexpected or differently shaped tensor is an
+        error listing all of them; otherwise they are reported as a warning.
+        """
+        strict = self.config.strict if strict is None else strict
+        allow_pickle = self.config.allow_pickle if allow_pickle is None else allow_pickle
+        engine = self.engine
+        engine.wait()
+        info = self._resolve_on_coordinator(step, name)
+        source_rank = packing.skeleton_source_rank(engine.rank, int(info.manifest.get("world_size", 1)))
+
+        reader = self.storage.metadata_reader(info.name)
+        metadata = reader.read_metadata()
+        skeleton = packing.skeleton_target(metadata, source_rank)
+        engine.load(skeleton, self.storage.metadata_reader(info.name), url=info.url)
+        document = encoding.loads(next(iter(skeleton.values())))
+
+        wrapped = wrap_state(state)
+        plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
+        all_problems = engine.all_gather(plan.problems)
+        if any(all_problems):
+            lines = []
+            for rank, problems in enumerate(all_problems):
+                prefix = f"rank {rank}: " if len(all_problems) > 1 else ""
+                lines.extend(f"  - {prefix}{p}" for p in problems)
+            raise packing.StateMismatchError(
+                f"Checkpoint {info.url} does not match the state being loaded:\n" + "\n".join(lines) + "\n"
+                "Load with strict=False to take what matches, or pass the state the checkpoint was saved from."
+            )
+        for warning in plan.warnings:
+            warnings.warn(f"Loading {info.url}: {warning}", stacklevel=2)
+        engine.load(plan.flat, self.storage.metadata_reader(info.name), url=info.url)
+        plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
+        for key, value in plain.items():
+            state[key] = value
+        return info
+
+    def _resolve_on_coordinator(self, step: int | None, name: str | None) -> CheckpointInfo:
+        result: CheckpointInfo | None = None
+        error: BaseException | None = None
+        if self.engine.is_coordinator:
+            try:
+                result = self._resolve(step, name)
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank
+                error = err
+        result, error = self.engine.broadcast((result, error))
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
+    def _resolve(self, step: int | None, name: str | None) -> CheckpointInfo:
+        if name is not None:
+            return self.storage.info(name)
+        if step is not None:
+            return self.storage.find_step(step)
+        latest = self.storage.latest()
+        if latest is None:
+            leftovers = self.storage.incomplete()
+            detail = f" ({len(leftovers)} incomplete write(s) ignored)" if leftovers else ""
+            raise CheckpointNotFoundError(f"No committed checkpoint in {self.storage.root_url}{detail}.")
+        return latest
+
+    # -- listing and deleting --------------------------------------------------------------------
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return self.storage.list()
+
+    def latest(self) -> CheckpointInfo | None:
+        return self.storage.latest()
+
+    @property
+    def steps(self) -> list[int]:
+        return [info.step for info in self.list() if info.step is not None]
+
+    def delete(self, step: int | None = None, *, name: str | None = None) -> None:
+        """Delete a committed checkpoint (waits for a save in flight first). Coordinator only."""
+        if (step is None) == (name is None):
+            raise ValueError("Pass exactly one of step or name.")
+        self.engine.wait()
+        if self.engine.is_coordinator:
+            self.storage.delete(name or step_name(step))  # type: ignore[arg-type]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for the save in flight, release resources, and raise any background error."""
+        try:
+            if self._owns_engine:
+                self.engine.close()
+            else:
+                self.engine.wait()
+        finally:
+            for handle in self._hooked_optimizers.values():
+                handle.remove()
+            self._hooked_optimizers.clear()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except Exception as err:  # noqa: BLE001 - keep the original exception primary
+                log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
+
+
+def _error_text(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    return f"{type(err).__name__}: {err}"
+
+
+def _check_json(value: Any) -> None:
+    import json
+
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"Checkpoint metadata must be JSON-serializable (numbers, strings, lists, dicts): {err}") from None

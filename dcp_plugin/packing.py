@@ -1,0 +1,197 @@
+"""The checkpoint format: how a state mapping becomes one flat DCP state dict, and back.
+
+Each rank writes a skeleton (see :mod:`dcp_plugin.encoding`) under ``__dcp_plugin__/skeleton/rank<r>``.
+Entries whose content differs per rank (RNG states, :class:`~dcp_plugin.state.PerRank`) store their
+tensors under ``<entry>/rank<r>``; all other tensors are stored under ``<entry>.<path>`` — the same keys
+DCP's own flattening produces, so model weights are readable by other DCP tools.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from dcp_plugin import encoding
+from dcp_plugin.state import ModelState, defines_structure, is_per_rank
+
+log = logging.getLogger(__name__)
+
+SKELETON_PREFIX = "__dcp_plugin__/skeleton/rank"
+FORMAT_VERSION = 1
+
+
+class StateMismatchError(KeyError):
+    """The live state and the checkpoint disagree (missing/unexpected keys, shapes)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def skeleton_key(rank: int) -> str:
+    return f"{SKELETON_PREFIX}{rank}"
+
+
+def entry_prefix(name: str, per_rank: bool, rank: int) -> str:
+    return f"{name}/rank{rank}" if per_rank else name
+
+
+@dataclass
+class Packed:
+    """What one rank hands to DCP for a save."""
+
+    flat: dict[str, Any]
+    entries: dict[str, dict[str, Any]]
+
+
+def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: bool) -> Packed:
+    """Expand Stateful objects and encode everything into a flat ``{key: tensor}`` dict."""
+    expanded = _stateful_to_state_dict(dict(state))
+    flat: dict[str, Any] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name, value in expanded.items():
+        per_rank = is_per_rank(state[name])
+        encoder = encoding.Encoder(entry_prefix(name, per_rank, rank), allow_pickle=allow_pickle)
+        skeleton = encoder.encode(value)
+        clash = flat.keys() & encoder.tensors.keys()
+        if clash:
+            raise encoding.EncodingError(f"State entries collide on checkpoint keys {sorted(clash)[:3]}; rename one.")
+        flat.update(encoder.tensors)
+        entries[name] = {"per_rank": per_rank, "value": skeleton}
+    document = {"format": FORMAT_VERSION, "rank": rank, "world_size": world_size, "entries": entries}
+    flat[skeleton_key(rank)] = encoding.dumps(document)
+    return Packed(flat=flat, entries={n: {"per_rank": e["per_rank"]} for n, e in entries.items()})
+
+
+def skeleton_source_rank(rank: int, saved_world_size: int) -> int:
+    """Which saved rank's skeleton (and per-rank state) this rank restores."""
+    return rank if rank < saved_world_size else 0
+
+
+def skeleton_target(metadata: Metadata, source_rank: int) -> dict[str, torch.Tensor]:
+    key = skeleton_key(source_rank)
+    entry = metadata.state_dict_metadata.get(key)
+    if not isinstance(entry, TensorStorageMetadata):
+        raise StateMismatchError(
+            f"The checkpoint has no dcp-plugin skeleton for rank {source_rank}; it was not written by dcp-plugin "
+            "or is damaged."
+        )
+    return {key: torch.empty(tuple(entry.size), dtype=torch.uint8)}
+
+
+@dataclass
+class LoadPlan:
+    """Tensors to load in place, plus what to do with them afterwards."""
+
+    flat: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    entries: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, Any] = field(default_factory=dict)
+
+
+def _size(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in tensor.size())
+
+
+def plan_load(
+    state: Mapping[str, Any], document: dict[str, Any], metadata: Metadata, *, source_rank: int, strict: bool
+) -> LoadPlan:
+    """Match the live state against the checkpoint; collect every problem instead of failing on the first."""
+    plan = LoadPlan()
+    saved = document.get("entries", {})
+    md = metadata.state_dict_metadata
+    for name, obj in state.items():
+        entry = saved.get(name)
+        if entry is None:
+            message = f"entry {name!r} is not in the checkpoint (it has: {', '.join(sorted(saved)) or 'nothing'})"
+            (plan.problems if strict else plan.warnings).append(message)
+            continue
+        plan.entries[name] = entry
+        target_value = obj.state_dict() if isinstance(obj, Stateful) else obj
+        prefix = entry_prefix(name, entry["per_rank"], source_rank)
+        target_tensors = _tensor_leaves(target_value, prefix)
+        saved_keys = encoding.tensor_keys(entry["value"])
+        structural = defines_structure(obj)
+        unexpected, missing = [], sorted(set(target_tensors) - set(saved_keys))
+        for key in saved_keys:
+            stored = md.get(key)
+            if not isinstance(stored, TensorStorageMetadata):
+                plan.problems.append(f"tensor {key!r} is referenced by the checkpoint but not stored in it (damaged)")
+                continue
+            live = target_tensors.get(key)
+            if live is None:
+                if structural:
+                    unexpected.append(key)
+                    if strict:
+                        continue
+                plan.flat[key] = torch.empty(tuple(stored.size), dtype=stored.properties.dtype)
+            elif _size(live) != tuple(stored.size):
+                plan.problems.append(
+                    f"shape mismatch for {key!r}: checkpoint {tuple(stored.size)}, live {_size(live)}"
+                )
+            else:
+                plan.flat[key] = live
+        if unexpected:
+            message = f"{name!r}: unexpected keys in checkpoint {_short(unexpected, prefix)}"
+            (plan.problems if strict else plan.warnings).append(message)
+        if missing:
+            message = f"{name!r}: missing keys (live state has them, checkpoint does not) {_short(missing, prefix)}"
+            (plan.problems if strict else plan.warnings).append(message)
+    return plan
+
+
+def finish_load(
+    plan: LoadPlan, state: Mapping[str, Any], *, strict: bool, allow_pickle: bool
+) -> dict[str, Any]:
+    """After DCP filled the tensors: rebuild each entry and hand it to its owner.
+
+    Returns the decoded values of plain (non-Stateful) entries; the caller writes them back.
+    """
+    plain: dict[str, Any] = {}
+    for name, entry in plan.entries.items():
+        obj = state[name]
+        prune = not strict and defines_structure(obj)
+
+        def resolve(key: str) -> Any:
+            return plan.flat.get(key, _MISSING) if prune else plan.flat[key]
+
+        value = encoding.decode(entry["value"], resolve, allow_pickle=allow_pickle)
+        if prune:
+            value = _drop_missing(value)
+        if isinstance(obj, ModelState):
+            obj.load_state_dict(value, strict=strict)
+        elif isinstance(obj, Stateful):
+            obj.load_state_dict(value)
+        else:
+            plain[name] = value
+    return plain
+
+
+_MISSING = object()
+
+
+def _drop_missing(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_missing(v) for k, v in value.items() if v is not _MISSING}
+    if isinstance(value, list):
+        return [_drop_missing(v) for v in value if v is not _MISSING]
+    return value
+
+
+def _tensor_leaves(value: Any, prefix: str) -> dict[str, Any]:
+    encoder = encoding.Encoder(prefix, allow_pickle=True)
+    encoder.encode(value)
+    return encoder.tensors
+
+
+def _short(keys: list[str], prefix: str, limit: int = 8) -> str:
+    names = [k[len(prefix) + 1 :] if k.startswith(prefix + ".") else k for k in keys]
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} in all)"

@@ -1,0 +1,174 @@
+"""``Stateful`` wrappers for what a training loop checkpoints.
+
+Models and optimizers go through ``torch.distributed.checkpoint.state_dict`` so their keys are canonical
+fully qualified parameter names: plain, DDP, FSDP2 and tensor-parallel models save and load alike, and
+optimizer state is keyed by parameter name rather than by integer id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+
+class ModelState(Stateful):
+    """A model's parameters and buffers under canonical FQN keys (sharded tensors stay sharded)."""
+
+    #: Tensors the live model has but the checkpoint lacks (or the other way) are reported on load.
+    defines_structure = True
+
+    def __init__(self, model: torch.nn.Module, options: StateDictOptions | None = None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"ModelState wraps a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model, options=self.options)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        options = self.options
+        if not strict:
+            options = dataclasses.replace(options or StateDictOptions(), strict=False)
+        set_model_state_dict(self.model, state_dict, options=options)
+
+
+class OptimizerState(Stateful):
+    """An optimizer's state and param groups keyed by parameter FQN (survives resharding and resume)."""
+
+    defines_structure = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+        options: StateDictOptions | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"OptimizerState needs the model the optimizer trains, got {type(model).__name__}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.options = options
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            return [self.optimizer]
+        return list(self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+
+
+class RNGState(Stateful):
+    """Python, NumPy and torch (CPU and CUDA) random generator states of this process.
+
+    Saved per rank: on load each rank gets back its own generators. When a checkpoint is loaded on more
+    ranks than saved it, the extra ranks take rank 0's state.
+    """
+
+    per_rank = True
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        try:
+            import numpy as np
+
+            state["numpy"] = np.random.get_state()
+        except ImportError:  # pragma: no cover
+            pass
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        torch.set_rng_state(state_dict["torch"])
+        if "numpy" in state_dict:
+            import numpy as np
+
+            np.random.set_state(state_dict["numpy"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class PerRank(Stateful):
+    """Marks a value (or Stateful) whose content differs between ranks, so each rank keeps its own copy.
+
+    Values that are not marked are taken to be the same on every rank and stored once.
+    """
+
+    per_rank = True
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def state_dict(self) -> Any:
+        return self.value.state_dict() if isinstance(self.value, Stateful) else self.value
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        if isinstance(self.value, Stateful):
+            self.value.load_state_dict(state_dict)
+        else:
+            self.value = state_dict
+
+
+def is_per_rank(value: Any) -> bool:
+    return bool(getattr(value, "per_rank", False))
+
+
+def defines_structure(value: Any) -> bool:
+    return bool(getattr(value, "defines_structure", False))
+
+
+def wrap_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Wrap bare modules and optimizers in the canonical-key wrappers.
+
+    An optimizer can only be keyed by parameter name when we know its model, so a bare optimizer needs
+    exactly one bare module next to it; otherwise wrap it yourself with :class:`OptimizerState`.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping of names to objects, got {type(state).__name__}.")
+    for key in state:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"State entry names must be non-empty strings, got {key!r}.")
+        if "/" in key or key.startswith("__"):
+            raise ValueError(f"State entry name {key!r} may not contain '/' or start with '__'.")
+    modules = [v for v in state.values() if isinstance(v, torch.nn.Module)]
+    wrapped: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.nn.Module):
+            wrapped[key] = ModelState(value)
+        elif isinstance(value, torch.optim.Optimizer):
+            if len(modules) != 1:
+                raise ValueError(
+                    f"Cannot tell which model the optimizer {key!r} trains ({len(modules)} modules in the state). "
+                    f"Pass OptimizerState(model, optimizer) for {key!r}."
+                )
+            wrapped[key] = OptimizerState(modules[0], value)
+        else:
+            wrapped[key] = value
+    return wrapped
+
+
+def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
+    found: list[torch.optim.Optimizer] = []
+    for value in state.values():
+        if isinstance(value, OptimizerState):
+            found.extend(value.optimizers)
+    return found
