@@ -209,6 +209,7 @@ class CheckpointStorage:
 
     # -- reading ---------------------------------------------------------------------------------
     def is_committed(self, name: str) -> bool:
+        self._forget_listings()
         return self.fs.exists(f"{self._path(name)}/{MANIFEST_NAME}")
 
     def read_manifest(self, name: str) -> dict[str, Any]:
@@ -229,6 +230,7 @@ class CheckpointStorage:
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first (by step, then creation time)."""
+        self._forget_listings()
         if not self.fs.exists(self.root):
             return []
         if not self.fs.isdir(self.root):
@@ -316,6 +318,11 @@ class CheckpointStorage:
         self._remove_tree(self._path(name))
 
     # -- internals -------------------------------------------------------------------------------
+    def _forget_listings(self) -> None:
+        # Other processes (ranks, the writer daemon) change the directory; never trust cached listings.
+        if not self.is_local:
+            self.fs.invalidate_cache()
+
     def _check_name(self, name: str) -> None:
         if not name or "/" in name or name in (".", "..") or name.startswith((TMP_PREFIX, OLD_PREFIX)):
             raise ValueError(f"Invalid checkpoint name {name!r}: use a plain directory name.")

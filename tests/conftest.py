@@ -1,0 +1,98 @@
+"""Shared fixtures: a real S3-compatible server on 127.0.0.1 and per-test cleanup of DCP daemons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests.multiproc import free_port
+
+
+@pytest.fixture(autouse=True)
+def _release_process_state():
+    yield
+    import torch.distributed as dist
+
+    from dcp_plugin.engine import _ProcessDaemon
+
+    _ProcessDaemon.shutdown()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port for the whole session; stopped by its own pid."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    port = free_port()
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except Exception:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    try:
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture()
+def s3_url(s3_server):
+    """A fresh bucket on the local S3 server; returns (url, storage_options)."""
+    import s3fs
+
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+        "use_listings_cache": False,
+    }
+    bucket = f"test-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.mkdir(bucket)
+    return f"s3://{bucket}/run", options
+
+
+@pytest.fixture()
+def memory_url():
+    import fsspec
+
+    path = f"memory://test-{uuid.uuid4().hex[:10]}/run"
+    yield path
+    fs = fsspec.filesystem("memory")
+    root = path.removeprefix("memory://").split("/")[0]
+    if fs.exists(f"/{root}"):
+        fs.rm(f"/{root}", recursive=True)
+
+
+@pytest.fixture()
+def ckpt_dir(tmp_path):
+    path = tmp_path / "ckpts"
+    yield str(path)
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""Small models and helpers shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+def make_training(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    model = make_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> float:
+    data = torch.randn(8, 16)
+    loss = model(data).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss)
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """A deep copy of everything that must survive a round trip."""
+    out: dict[str, Any] = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        out["optim_state"] = {
+            k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()} for k, v in sd["state"].items()
+        }
+        out["optim_groups"] = [dict(g) for g in sd["param_groups"]]
+    return out
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Bit-exact comparison of nested tensors and values."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        assert torch.is_tensor(a) and torch.is_tensor(b), f"{path}: {type(a)} vs {type(b)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert torch.equal(a, b), f"{path}: tensors differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} vs {b!r}"
