@@ -58,7 +58,9 @@ class CheckpointManager:
         if engine is not None:
             config = engine.config
         else:
-            config = (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+            config = (
+                (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+            )
         self.config = config
         self.storage = CheckpointStorage(directory, config.storage_options)
         if config.async_mode == "process" and self.storage.protocol == "memory":
@@ -144,9 +146,7 @@ class CheckpointManager:
             sync_files=self.config.sync_files,
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
         )
-        stats = SaveStats(
-            name=name, url=self.storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0
-        )
+        stats = SaveStats(name=name, url=self.storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: self.storage.abort(pending)) if engine.is_coordinator else None
         engine.save(packed.flat, writer, stats=stats, started=started, on_failure=on_failure)
         self.history.append(stats)
@@ -300,4 +300,6 @@ def _check_json(value: Any) -> None:
     try:
         json.dumps(value, allow_nan=True)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"Checkpoint metadata must be JSON-serializable (numbers, strings, lists, dicts): {err}") from None
+        raise TypeError(
+            f"Checkpoint metadata must be JSON-serializable (numbers, strings, lists, dicts): {err}"
+        ) from None

@@ -166,10 +166,9 @@ class CheckpointStorage:
                 )
             log.warning("Removing %s: an earlier write there never committed.", self.url(name))
             self._remove_tree(self._path(name))
-        if self.atomic_rename or committed:
-            write_name = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
-        else:
-            write_name = name
+        # Object stores write a fresh checkpoint in place (the manifest commits it); everything else is staged.
+        staged = self.atomic_rename or committed
+        write_name = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}" if staged else name
         self.fs.makedirs(self._path(write_name), exist_ok=True)
         return PendingWrite(name=name, write_name=write_name, replaces_committed=committed)
 

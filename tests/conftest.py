@@ -75,7 +75,11 @@ def s3_url(s3_server):
     }
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     boto3.client(
-        "s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
     ).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/run", options
 

@@ -35,7 +35,9 @@ class FaultyFileSystem(LocalFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path):
-        path = fsspec.core.strip_protocol(path) if not str(path).startswith("faulty://") else str(path)[len("faulty://") :]
+        path = (
+            fsspec.core.strip_protocol(path) if not str(path).startswith("faulty://") else str(path)[len("faulty://") :]
+        )
         return LocalFileSystem._strip_protocol(path)
 
     def unstrip_protocol(self, name: str) -> str:
@@ -49,7 +51,12 @@ class FaultyFileSystem(LocalFileSystem):
         path = self._strip_protocol(path)
         if "w" in mode and path.endswith(".distcp"):
             return _FaultyFile(
-                path, mode, fail=self._flag(path, ".fail-writes"), slow=self._flag(path, ".slow-writes"), fs=self, **kwargs
+                path,
+                mode,
+                fail=self._flag(path, ".fail-writes"),
+                slow=self._flag(path, ".slow-writes"),
+                fs=self,
+                **kwargs,
             )
         return super()._open(path, mode, **kwargs)
 

@@ -51,8 +51,13 @@ def resume(rank, world_size, directory, mode):
         info = manager.load(state)
         loaded = snapshot(model.module, optimizer)
         losses = [train_step(model, optimizer, scheduler) for _ in range(3)]
-    return {"step": state["step"], "name": info.name, "loaded": loaded, "losses": losses,
-            "final": snapshot(model.module, optimizer)}
+    return {
+        "step": state["step"],
+        "name": info.name,
+        "loaded": loaded,
+        "losses": losses,
+        "final": snapshot(model.module, optimizer),
+    }
 
 
 @pytest.mark.parametrize("mode", ["sync", "thread", "process"])
@@ -90,13 +95,15 @@ def _full_state(model, optimizer):
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True) if dist.get_world_size() > 1 else None
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    clone = lambda tree: {k: clone(v) if isinstance(v, dict) else (v.detach().clone() if torch.is_tensor(v) else v)
-                          for k, v in tree.items()}  # noqa: E731
+    clone = lambda tree: {
+        k: clone(v) if isinstance(v, dict) else (v.detach().clone() if torch.is_tensor(v) else v)
+        for k, v in tree.items()
+    }  # noqa: E731
     return {"model": clone(model_sd), "optim": clone(optim_sd)}
 
 
 def fsdp_save(rank, world_size, directory, mode):
-    model, optimizer = (_fsdp_training(0) if world_size > 1 else _plain_training(0))
+    model, optimizer = _fsdp_training(0) if world_size > 1 else _plain_training(0)
     torch.manual_seed(11)  # same data on every rank keeps the test simple
     for _ in range(2):
         train_step(model, optimizer)
@@ -112,7 +119,7 @@ def _plain_training(seed: int):
 
 
 def fsdp_load(rank, world_size, directory, mode):
-    model, optimizer = (_fsdp_training(9) if world_size > 1 else _plain_training(9))
+    model, optimizer = _fsdp_training(9) if world_size > 1 else _plain_training(9)
     with CheckpointManager(directory, async_mode=mode) as manager:
         manager.load({"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
     return {"full": _full_state(model, optimizer)}

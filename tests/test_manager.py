@@ -231,3 +231,19 @@ def test_tampered_metadata_is_refused_without_running_it(ckpt_dir, tmp_path):
         with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):
             manager.load({"model": make_model()})
     assert not marker.exists()
+
+
+def test_process_mode_in_a_script_without_main_guard_is_explained(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "from dcp_plugin import CheckpointManager\n"
+        f"manager = CheckpointManager({str(tmp_path / 'ckpts')!r}, async_mode='process')\n"
+        "manager.save(1, {'model': torch.nn.Linear(2, 2)})\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr and "async_mode='thread'" in result.stderr
