@@ -216,6 +216,25 @@ class CheckpointManager:
             state[key] = value
         return info
 
+    def read(
+        self,
+        step: int | None = None,
+        *,
+        name: str | None = None,
+        entries: list[str] | None = None,
+        allow_pickle: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint without live objects: every (or the named) entry as plain values, with
+        full-size tensors (sharded saves are gathered). For inspection, export and inference."""
+        info = self._resolve_on_coordinator(step, name)
+        saved = list(info.manifest.get("entries", {}))
+        missing = [entry for entry in entries or [] if entry not in saved]
+        if missing:
+            raise CheckpointNotFoundError(f"{info.url} has no entries {missing}; it has {saved}.")
+        state: dict[str, Any] = {entry: None for entry in (entries or saved)}
+        self.load(state, name=info.name, allow_pickle=allow_pickle)
+        return state
+
     def _resolve_on_coordinator(self, step: int | None, name: str | None) -> CheckpointInfo:
         result: CheckpointInfo | None = None
         error: BaseException | None = None
