@@ -33,10 +33,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for info in infos:
         size = info.manifest.get("bytes") or 0
         metrics = " ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
-        print(f"{info.name}\tstep={info.step}\tranks={info.manifest.get('world_size')}\t{size / 2**20:.1f} MiB\t{metrics}")
+        print(
+            f"{info.name}\tstep={info.step}\tranks={info.manifest.get('world_size')}\t{size / 2**20:.1f} MiB\t{metrics}"
+        )
     leftovers = storage.incomplete()
     if leftovers:
-        print(f"({len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; `dcp-plugin purge` removes them)")
+        print(
+            f"({len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; `dcp-plugin purge` removes them)"
+        )
     return 0
 
 

@@ -247,3 +247,23 @@ def test_process_mode_in_a_script_without_main_guard_is_explained(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert 'if __name__ == "__main__":' in result.stderr and "async_mode='thread'" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+def test_saving_before_the_first_step_does_not_change_training(ckpt_dir, mode):
+    reference_model, reference_optimizer, _ = make_training()
+    torch.manual_seed(5)
+    expected = [train_step(reference_model, reference_optimizer) for _ in range(3)]
+
+    model, optimizer, _ = make_training()
+    with CheckpointManager(ckpt_dir, async_mode=mode) as manager:
+        manager.save(0, {"model": model, "optim": optimizer})
+        assert not optimizer.state  # the save did not initialise the optimizer
+        torch.manual_seed(5)
+        assert [train_step(model, optimizer) for _ in range(3)] == expected
+
+        fresh_model, fresh_optimizer, _ = make_training(seed=8)
+        manager.load({"model": fresh_model, "optim": fresh_optimizer}, step=0)
+    assert not fresh_optimizer.state
+    torch.manual_seed(5)
+    assert [train_step(fresh_model, fresh_optimizer) for _ in range(3)] == expected
