@@ -53,9 +53,20 @@ class DataLoaderProgress:
         from accelerate.data_loader import get_sampler
 
         try:
-            return get_sampler(self.dataloader)
+            sampler = get_sampler(self.dataloader)
         except AttributeError:
-            return None
+            sampler = None
+        if sampler is None:
+            # On several processes the batch sampler is a BatchSamplerShard around the original one.
+            inner = getattr(getattr(self.dataloader, "batch_sampler", None), "batch_sampler", None)
+            sampler = getattr(inner, "sampler", None)
+        return sampler
+
+    def _generator(self, sampler: Any) -> torch.Generator | None:
+        generator = getattr(self.dataloader, "synchronized_generator", None)
+        if not isinstance(generator, torch.Generator):
+            generator = getattr(sampler, "generator", None)
+        return generator if isinstance(generator, torch.Generator) else None
 
     def state_dict(self) -> dict[str, Any]:
         from accelerate.data_loader import SeedableRandomSampler
@@ -68,8 +79,8 @@ class DataLoaderProgress:
         if isinstance(sampler, SeedableRandomSampler):
             state["sampler_epoch"] = int(sampler.epoch)
             state["sampler_initial_seed"] = int(sampler.initial_seed)
-        generator = getattr(sampler, "generator", None)
-        if isinstance(generator, torch.Generator) and not self.for_load:
+        generator = self._generator(sampler)
+        if generator is not None and not self.for_load:
             state["generator"] = generator.get_state()
         return state
 
@@ -80,13 +91,9 @@ class DataLoaderProgress:
         if "sampler_epoch" in state and sampler is not None:
             sampler.epoch = int(state["sampler_epoch"])
             sampler.initial_seed = int(state["sampler_initial_seed"])
-        if "generator" in state:
-            generator = getattr(sampler, "generator", None)
-            if isinstance(generator, torch.Generator):
-                generator.set_state(state["generator"])
-            elif sampler is not None and hasattr(sampler, "generator"):
-                sampler.generator = torch.Generator()
-                sampler.generator.set_state(state["generator"])
+        generator = self._generator(sampler)
+        if "generator" in state and generator is not None:
+            generator.set_state(state["generator"])
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
