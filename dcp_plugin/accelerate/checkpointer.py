@@ -176,6 +176,16 @@ class AccelerateCheckpointer:
         project.iteration = next_iteration
         return info
 
+    def latest(self) -> CheckpointInfo | None:
+        """The latest committed automatically named checkpoint, or ``None`` (same answer on every rank).
+
+        Call it on every rank: it is what ``load_state()`` would load, so a script can resume only if it exists.
+        """
+        if not self.automatic_naming:
+            return None
+        info = self.manager(self.automatic_directory).latest() if self.engine.is_coordinator else None
+        return self.engine.broadcast(info)
+
     def _highest_automatic_index(self) -> int | None:
         manager = self.manager(self.automatic_directory)
         highest = None
