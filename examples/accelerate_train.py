@@ -5,7 +5,8 @@
     accelerate launch --num_processes 2 examples/accelerate_train.py --epochs 3
 
     # choose the mode and retention without touching the code; every rank sees the variables
-    DCP_PLUGIN_ASYNC_MODE=process DCP_PLUGIN_KEEP_LAST=2 torchrun --nproc-per-node 2 examples/accelerate_train.py
+    DCP_PLUGIN_ASYNC_MODE=process DCP_PLUGIN_KEEP_LAST=2 \
+        torchrun --nproc-per-node 2 examples/accelerate_train.py
     # or go back to Accelerate's own checkpoints
     DCP_PLUGIN_ENABLE=0 python examples/accelerate_train.py
 
@@ -31,7 +32,9 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = Accelerator(
-        project_config=ProjectConfiguration(project_dir=args.project_dir, automatic_checkpoint_naming=True, total_limit=3)
+        project_config=ProjectConfiguration(
+            project_dir=args.project_dir, automatic_checkpoint_naming=True, total_limit=3
+        )
     )
     # The one line: save_state/load_state now go through DCP. Options come from DCP_PLUGIN_* variables.
     checkpointer = dcp_plugin.accelerate.enable(accelerator)

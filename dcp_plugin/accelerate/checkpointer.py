@@ -46,7 +46,10 @@ def auto_index(name: str) -> int | None:
 
 
 class AccelerateCheckpointer:
-    """DCP-backed ``save_state`` / ``load_state`` for one ``Accelerator`` (see :func:`dcp_plugin.accelerate.enable`)."""
+    """DCP-backed ``save_state`` / ``load_state`` for one ``Accelerator``.
+
+    Installed by :func:`dcp_plugin.accelerate.enable`; reach it with ``checkpointer_of(accelerator)``.
+    """
 
     def __init__(self, accelerator: Any, options: AccelerateOptions) -> None:
         self.accelerator = accelerator
@@ -61,8 +64,10 @@ class AccelerateCheckpointer:
     # -- where checkpoints go --------------------------------------------------------------------
     @property
     def automatic_naming(self) -> bool:
-        """Whether ``save_state()`` names checkpoints itself (ProjectConfiguration or a configured directory)."""
-        return bool(self.accelerator.project_configuration.automatic_checkpoint_naming or self.options.directory)
+        """Whether ``save_state()`` names checkpoints itself (ProjectConfiguration or a directory)."""
+        return bool(
+            self.accelerator.project_configuration.automatic_checkpoint_naming or self.options.directory
+        )
 
     @property
     def automatic_directory(self) -> str:
@@ -72,7 +77,8 @@ class AccelerateCheckpointer:
         project_dir = self.accelerator.project_configuration.project_dir
         if not project_dir:
             raise ConfigError(
-                "automatic_checkpoint_naming needs a project directory: pass ProjectConfiguration(project_dir=...) "
+                "automatic_checkpoint_naming needs a project directory: pass "
+                "ProjectConfiguration(project_dir=...) "
                 "or set DCP_PLUGIN_DIR (a local path or a URL such as s3://bucket/run/checkpoints)."
             )
         return f"{str(project_dir).rstrip('/')}/checkpoints"
@@ -111,8 +117,11 @@ class AccelerateCheckpointer:
         if automatic:
             if output_dir is not None and not self._warned_ignored_dir:
                 log.warning(
-                    "save_state(%r): automatic_checkpoint_naming is on, so (as in Accelerate) the checkpoint goes "
-                    "to %s instead.", output_dir, self.automatic_directory
+                    "save_state(%r): automatic_checkpoint_naming is on, so (as in Accelerate) the "
+                    "checkpoint goes "
+                    "to %s instead.",
+                    output_dir,
+                    self.automatic_directory,
                 )
                 self._warned_ignored_dir = True
             manager, name = self.manager(self.automatic_directory), auto_name(iteration)
@@ -127,9 +136,14 @@ class AccelerateCheckpointer:
         else:
             manager, name = self._explicit(output_dir)
         state = collect(self.accelerator, iteration)
-        metadata = {"iteration": iteration, "accelerator_step": int(self.accelerator.step), "adapter": "accelerate"}
+        metadata = {
+            "iteration": iteration,
+            "accelerator_step": int(self.accelerator.step),
+            "adapter": "accelerate",
+        }
         try:
-            # Accelerate overwrites an explicit directory; here the old checkpoint stays until the new one commits.
+            # Accelerate overwrites an explicit directory; here the old checkpoint stays until the new
+            # one is committed.
             stats = manager.save(iteration, state, name=name, overwrite=not automatic, metadata=metadata)
         except CheckpointExistsError:
             raise CheckpointExistsError(
@@ -156,7 +170,8 @@ class AccelerateCheckpointer:
         else:
             raise ValueError(
                 "load_state() needs an input directory: pass load_state(input_dir), or enable "
-                "ProjectConfiguration(automatic_checkpoint_naming=True) / set DCP_PLUGIN_DIR to load the latest."
+                "ProjectConfiguration(automatic_checkpoint_naming=True) / set DCP_PLUGIN_DIR to load "
+                "the latest."
             )
         state = collect(self.accelerator, int(project.iteration), for_load=True)
         try:
@@ -179,7 +194,8 @@ class AccelerateCheckpointer:
     def latest(self) -> CheckpointInfo | None:
         """The latest committed automatically named checkpoint, or ``None`` (same answer on every rank).
 
-        Call it on every rank: it is what ``load_state()`` would load, so a script can resume only if it exists.
+        Call it on every rank: it is what ``load_state()`` would load, so a script can resume only if it
+        exists.
         """
         if not self.automatic_naming:
             return None
@@ -231,14 +247,18 @@ class AccelerateCheckpointer:
     def _check_usable(self, hooks: dict, register_name: str) -> None:
         if self._closed:
             raise RuntimeError(
-                "dcp-plugin checkpointing for this Accelerator was closed by end_training(); enable it again with "
+                "dcp-plugin checkpointing for this Accelerator was closed by end_training(); enable "
+                "it again with "
                 "dcp_plugin.accelerate.enable(accelerator) to save or load."
             )
         if hooks:
             raise ConfigError(
-                f"Hooks registered with accelerator.{register_name} are not supported with dcp-plugin: they write "
-                "files into the checkpoint directory, which dcp-plugin creates atomically when the save commits. "
-                "Remove the hooks (register extra state with accelerator.register_for_checkpointing instead), or "
+                f"Hooks registered with accelerator.{register_name} are not supported with "
+                "dcp-plugin: they write "
+                "files into the checkpoint directory, which dcp-plugin creates atomically when the "
+                "save commits. "
+                "Remove the hooks (register extra state with accelerator.register_for_checkpointing "
+                "instead), or "
                 "disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
             )
 

@@ -64,8 +64,8 @@ def enable(
         raise TypeError(f"enable() takes an accelerate.Accelerator, got {type(accelerator).__name__}.")
     if getattr(accelerator, ATTRIBUTE, None) is not None:
         raise RuntimeError(
-            "dcp-plugin is already enabled on this Accelerator; call dcp_plugin.accelerate.disable(accelerator) "
-            "first to change its options."
+            "dcp-plugin is already enabled on this Accelerator; call "
+            "dcp_plugin.accelerate.disable(accelerator) first to change its options."
         )
     settings = AccelerateOptions.from_env(
         environ, config=config, directory=directory, keep_last=keep_last, **options
@@ -76,13 +76,15 @@ def enable(
     reason = _UNSUPPORTED.get(accelerator.distributed_type)
     if reason is not None:
         raise ConfigError(
-            f"dcp-plugin cannot checkpoint an Accelerator with distributed_type={accelerator.distributed_type}: "
+            f"dcp-plugin cannot checkpoint an Accelerator with "
+            f"distributed_type={accelerator.distributed_type}: "
             f"{reason}. Use Accelerate's own save_state (DCP_PLUGIN_ENABLE=0)."
         )
     if accelerator.project_configuration.save_on_each_node:
         log.warning(
-            "ProjectConfiguration(save_on_each_node=True) is ignored: DCP writes one checkpoint that all ranks "
-            "share, so the checkpoint directory must be on storage every node sees (a shared filesystem or a URL)."
+            "ProjectConfiguration(save_on_each_node=True) is ignored: DCP writes one checkpoint that "
+            "all ranks share, so the checkpoint directory must be on storage every node sees (a shared "
+            "filesystem or a URL)."
         )
     checkpointer = AccelerateCheckpointer(accelerator, settings)
     _install(accelerator, checkpointer)
@@ -112,12 +114,14 @@ def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> 
     original_wait = cls.wait_for_everyone
     original_end = cls.end_training
 
-    def save_state(self: Accelerator, output_dir: Any = None, safe_serialization: bool = True, **kwargs: Any) -> str:
+    def save_state(
+        self: Accelerator, output_dir: Any = None, safe_serialization: bool = True, **kwargs: Any
+    ) -> str:
         """DCP-backed :meth:`accelerate.Accelerator.save_state` (dcp-plugin); returns the checkpoint's URL."""
         if kwargs:
             raise TypeError(
-                f"save_state() got {sorted(kwargs)}: these are for DeepSpeed's save_checkpoint, which dcp-plugin "
-                "does not use. Remove them, or disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
+                f"save_state() got {sorted(kwargs)}: these are for DeepSpeed's save_checkpoint, which "
+                "dcp-plugin does not use. Remove them, or disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
             )
         return checkpointer.save_state(output_dir)
 
@@ -129,8 +133,8 @@ def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> 
         kwargs.pop("map_location", None)  # tensors load into the live (already placed) objects
         if kwargs or load_kwargs:
             raise TypeError(
-                f"load_state() got {sorted(kwargs) + sorted(load_kwargs or {})}; dcp-plugin loads in place and "
-                "accepts only strict= (and ignores map_location)."
+                f"load_state() got {sorted(kwargs) + sorted(load_kwargs or {})}; dcp-plugin loads in "
+                "place and accepts only strict= (and ignores map_location)."
             )
         return checkpointer.load_state(input_dir, strict=strict)
 

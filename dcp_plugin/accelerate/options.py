@@ -34,7 +34,8 @@ class AccelerateOptions:
     ``ProjectConfiguration`` does not ask for it."""
 
     keep_last: int | None = None
-    """Keep this many committed automatically named checkpoints (overrides ``ProjectConfiguration.total_limit``).
+    """Keep this many committed automatically named checkpoints (overrides
+    ``ProjectConfiguration.total_limit``).
     ``None``: use ``total_limit``; neither set: keep all."""
 
     config: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -22,15 +22,27 @@ def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], *, nproc: int = 1, env: dict[str, str] | None = None, script: Path = SCRIPT,
-           timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str],
+    *,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    script: Path = SCRIPT,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` processes; fail with its output if it does not succeed."""
     if nproc == 1:
         command = [sys.executable, str(script), *args]
     else:
         from tests.multiproc import free_port
 
-        command = [str(TORCHRUN), f"--nproc-per-node={nproc}", f"--master-port={free_port()}", str(script), *args]
+        command = [
+            str(TORCHRUN),
+            f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}",
+            str(script),
+            *args,
+        ]
     result = subprocess.run(
         command, env=script_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )

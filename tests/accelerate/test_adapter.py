@@ -53,7 +53,6 @@ def train(model, optimizer, scheduler, counter, steps: int = 2) -> None:
         counter.count += 1
 
 
-
 def _list(root: str) -> list[str]:
     from dcp_plugin.storage import CheckpointStorage
 
@@ -61,7 +60,9 @@ def _list(root: str) -> list[str]:
 
 
 def auto_accelerator(project: str, total_limit: int | None = None) -> Accelerator:
-    config = ProjectConfiguration(project_dir=project, automatic_checkpoint_naming=True, total_limit=total_limit)
+    config = ProjectConfiguration(
+        project_dir=project, automatic_checkpoint_naming=True, total_limit=total_limit
+    )
     return Accelerator(cpu=True, project_config=config)
 
 
@@ -88,7 +89,12 @@ def test_resume_restores_everything_and_continues_naming_after_the_newest(tmp_pa
     model, optimizer, scheduler, counter = prepared(accelerator)
     train(model, optimizer, scheduler, counter)
     accelerator.step = 7
-    expected = (snapshot(model, optimizer), scheduler.state_dict(), counter.state_dict(), torch.get_rng_state())
+    expected = (
+        snapshot(model, optimizer),
+        scheduler.state_dict(),
+        counter.state_dict(),
+        torch.get_rng_state(),
+    )
     assert accelerator.save_state() == str(tmp_path / "checkpoints" / "checkpoint_0")
     for _ in range(2):
         train(model, optimizer, scheduler, counter)
@@ -102,7 +108,10 @@ def test_resume_restores_everything_and_continues_naming_after_the_newest(tmp_pa
     model, optimizer, scheduler, counter = prepared(again, seed=5)
     info = again.load_state(str(tmp_path / "checkpoints" / "checkpoint_0"))  # an older one, on purpose
     assert info.name == "checkpoint_0"
-    assert_same(expected, (snapshot(model, optimizer), scheduler.state_dict(), counter.state_dict(), torch.get_rng_state()))
+    assert_same(
+        expected,
+        (snapshot(model, optimizer), scheduler.state_dict(), counter.state_dict(), torch.get_rng_state()),
+    )
     assert again.step == 7
     # numbering continues after the newest existing checkpoint, so nothing newer is overwritten
     assert again.project_configuration.iteration == 3
@@ -116,6 +125,7 @@ def test_resume_restores_everything_and_continues_naming_after_the_newest(tmp_pa
     again.end_training()
 
 
+@pytest.mark.s3
 def test_save_and_load_through_s3_with_automatic_naming_and_explicit_urls(s3_url):
     url, storage_options = s3_url
     accelerator = Accelerator(cpu=True)
@@ -163,7 +173,8 @@ class FailingMemoryFileSystem(MemoryFileSystem):
         return super()._open(path, mode, **kwargs)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # DCP's writer thread fails, as intended
+# DCP's writer thread fails, as intended
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_failed_background_write_surfaces_at_wait_for_everyone(tmp_path):
     fsspec.register_implementation("failmem", FailingMemoryFileSystem, clobber=True)
     accelerator = Accelerator(cpu=True)
@@ -182,10 +193,17 @@ def test_environment_switches_and_subclass(tmp_path):
     assert dpa.enable(accelerator, environ={"DCP_PLUGIN_ENABLE": "0"}) is None
     assert "save_state" not in accelerator.__dict__  # Accelerate's own method stays
     checkpointer = dpa.enable(
-        accelerator, environ={"DCP_PLUGIN_ASYNC_MODE": "sync", "DCP_PLUGIN_DIR": str(tmp_path / "c"), "DCP_PLUGIN_KEEP_LAST": "2"}
+        accelerator,
+        environ={
+            "DCP_PLUGIN_ASYNC_MODE": "sync",
+            "DCP_PLUGIN_DIR": str(tmp_path / "c"),
+            "DCP_PLUGIN_KEEP_LAST": "2",
+        },
     )
     assert (checkpointer.config.async_mode, checkpointer.automatic_directory, checkpointer.keep_last) == (
-        "sync", str(tmp_path / "c"), 2
+        "sync",
+        str(tmp_path / "c"),
+        2,
     )
     with pytest.raises(RuntimeError, match="already enabled"):
         dpa.enable(accelerator, environ={})
@@ -193,7 +211,9 @@ def test_environment_switches_and_subclass(tmp_path):
     assert "save_state" not in accelerator.__dict__
 
     AcceleratorState._reset_state(True)
-    sub = dpa.DCPAccelerator(cpu=True, dcp_config=CheckpointConfig(async_mode="sync"), dcp_directory=str(tmp_path / "s"))
+    sub = dpa.DCPAccelerator(
+        cpu=True, dcp_config=CheckpointConfig(async_mode="sync"), dcp_directory=str(tmp_path / "s")
+    )
     model, optimizer, scheduler, counter = prepared(sub)
     train(model, optimizer, scheduler, counter)
     before = snapshot(model, optimizer)

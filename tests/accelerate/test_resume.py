@@ -14,7 +14,8 @@ from tests.models import assert_same
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MATCHED = ("model", "optimizer", "scheduler", "torch_rng", "python_rng", "numpy_rng", "step", "epoch")
-# the data loader's shuffling generator exists only on several processes (one process shuffles with torch's RNG)
+# the data loader's shuffling generator exists only on several processes
+# (one process shuffles with torch's RNG)
 SAME_WORLD = (*MATCHED, "shuffle_generator")
 
 
@@ -35,12 +36,33 @@ def first_runs(tmp_path_factory):
     one = {"project": str(base / "one"), "record": str(base / "one_rec")}
     two = {"project": str(base / "two"), "record": str(base / "two_rec")}
     launch(
-        ["train", "--project", one["project"], "--epochs", "4", "--save-epochs", "1,2,3", "--record", one["record"],
-         "--total-limit", "2"],
+        [
+            "train",
+            "--project",
+            one["project"],
+            "--epochs",
+            "4",
+            "--save-epochs",
+            "1,2,3",
+            "--record",
+            one["record"],
+            "--total-limit",
+            "2",
+        ],
         env={"DCP_PLUGIN_ASYNC_MODE": "thread"},
     )
     launch(
-        ["train", "--project", two["project"], "--epochs", "4", "--save-epochs", "1,2,3", "--record", two["record"]],
+        [
+            "train",
+            "--project",
+            two["project"],
+            "--epochs",
+            "4",
+            "--save-epochs",
+            "1,2,3",
+            "--record",
+            two["record"],
+        ],
         nproc=2,
         env={"DCP_PLUGIN_ASYNC_MODE": "process", "DCP_PLUGIN_THREAD_COUNT": "1", "DCP_PLUGIN_KEEP_LAST": "2"},
     )
@@ -50,8 +72,14 @@ def first_runs(tmp_path_factory):
 def test_environment_reaches_every_rank_and_selects_the_mode(first_runs):
     _, one, two = first_runs
     for rank, final in enumerate(records(two["record"], "final", 2)):
-        assert (final["rank"], final["async_mode"], final["thread_count"], final["keep_last"]) == (rank, "process", 1, 2)
-    manifest = json.load(open(os.path.join(two["project"], "checkpoints", "checkpoint_2", "dcp_plugin.json")))
+        assert (final["rank"], final["async_mode"], final["thread_count"], final["keep_last"]) == (
+            rank,
+            "process",
+            1,
+            2,
+        )
+    with open(os.path.join(two["project"], "checkpoints", "checkpoint_2", "dcp_plugin.json")) as handle:
+        manifest = json.load(handle)
     assert manifest["mode"] == "process" and manifest["world_size"] == 2
     assert records(one["record"], "final", 1)[0]["async_mode"] == "thread"
     # keep_last / total_limit = 2: the oldest of three saves is gone, the two newest are committed
@@ -62,9 +90,23 @@ def test_one_process_resume_matches_uninterrupted_run_and_loads_two_process_chec
     base, one, two = first_runs
     resumed = str(base / "one_resumed")
     launch(
-        ["resume", "--project", one["project"], "--epochs", "4", "--save-epochs", "4", "--record", resumed,
-         "--total-limit", "2",
-         "--check-load", os.path.join(two["project"], "checkpoints", "checkpoint_1"), "--check-tag", "from2"],
+        [
+            "resume",
+            "--project",
+            one["project"],
+            "--epochs",
+            "4",
+            "--save-epochs",
+            "4",
+            "--record",
+            resumed,
+            "--total-limit",
+            "2",
+            "--check-load",
+            os.path.join(two["project"], "checkpoints", "checkpoint_1"),
+            "--check-tag",
+            "from2",
+        ],
         env={"DCP_PLUGIN_ASYNC_MODE": "thread"},
     )
     # load_state() took the latest committed checkpoint (after epoch 3), exactly as it was saved
@@ -84,8 +126,19 @@ def test_two_process_resume_matches_uninterrupted_run_and_loads_one_process_chec
     base, one, two = first_runs
     resumed = str(base / "two_resumed")
     launch(
-        ["resume", "--project", two["project"], "--epochs", "4", "--record", resumed,
-         "--check-load", os.path.join(one["project"], "checkpoints", "checkpoint_2"), "--check-tag", "from1"],
+        [
+            "resume",
+            "--project",
+            two["project"],
+            "--epochs",
+            "4",
+            "--record",
+            resumed,
+            "--check-load",
+            os.path.join(one["project"], "checkpoints", "checkpoint_2"),
+            "--check-tag",
+            "from1",
+        ],
         nproc=2,
         env={"DCP_PLUGIN_ASYNC_MODE": "thread", "DCP_PLUGIN_KEEP_LAST": "2"},
     )
@@ -96,5 +149,5 @@ def test_two_process_resume_matches_uninterrupted_run_and_loads_one_process_chec
     # a 1-process checkpoint loads on 2 processes: every rank gets the full state, the extra rank
     # takes rank 0's random generators
     single = records(one["record"], "save3", 1)[0]
-    for rank, state in enumerate(records(resumed, "from1", 2)):
+    for state in records(resumed, "from1", 2):
         same_state(single, state)

@@ -71,7 +71,9 @@ def main() -> None:
         torch.save(data, f"{args.record}_{tag}_rank{accelerator.process_index}.pt")
 
     generator = torch.Generator().manual_seed(0)
-    dataset = torch.utils.data.TensorDataset(torch.randn(64, 16, generator=generator), torch.randn(64, 8, generator=generator))
+    dataset = torch.utils.data.TensorDataset(
+        torch.randn(64, 16, generator=generator), torch.randn(64, 8, generator=generator)
+    )
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
