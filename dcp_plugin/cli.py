@@ -39,7 +39,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     leftovers = storage.incomplete()
     if leftovers:
         print(
-            f"({len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; `dcp-plugin purge` removes them)"
+            f"({len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; "
+            "`dcp-plugin purge` removes them)"
         )
     return 0
 

@@ -64,45 +64,13 @@ def test_sync_write_error_is_raised_by_save(tmp_path):
         assert manager.steps == []
 
 
-def run_and_kill(directory: str, mode: str, megabytes: int) -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def run_and_kill(directory: str, mode: str, megabytes: int, slow_flag=None, wait_for_files: str | None = None) -> None:
+    """Run tests/scripts/save_then_hang.py and SIGKILL its whole process group while step 2 is being saved."""
+    args = [directory, mode, str(megabytes)] + ([str(slow_flag)] if slow_flag else [])
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.scripts.save_then_hang", directory, mode, str(megabytes)],
+        [sys.executable, "-m", "tests.scripts.save_then_hang", *args],
         cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        line = child.stdout.readline()
-        assert line.strip() == "SAVING", f"child exited early (code {child.poll()})"
-    finally:
-        os.killpg(child.pid, signal.SIGKILL)  # the trainer and its writer daemon, as a node failure would
-        child.wait(30)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, mode):
-    directory = f"faulty://{tmp_path}/ckpts"
-    run_and_kill_with_slow_second_save(directory, tmp_path, mode)
-    with CheckpointManager(directory, async_mode="sync") as manager:
-        assert manager.steps == [1]
-        assert manager.storage.incomplete() == ["step_000000002"]  # half-written, not listed
-        loaded = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(2**18))})
-        manager.load({"model": loaded}, step=1)
-    torch.manual_seed(0)
-    assert_same(loaded["w"].detach(), torch.randn(2**18))
-
-
-def run_and_kill_with_slow_second_save(directory: str, tmp_path, mode: str) -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    child = subprocess.Popen(
-        [sys.executable, "-u", "-c", SLOW_SECOND_SAVE, directory, mode, str(tmp_path / ".slow-writes")],
-        cwd=ROOT,
-        env=env,
+        env=dict(os.environ, PYTHONPATH=ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -112,34 +80,27 @@ def run_and_kill_with_slow_second_save(directory: str, tmp_path, mode: str) -> N
         line = child.stdout.readline()
         assert line.strip() == "SAVING", f"child exited early (code {child.poll()})"
         deadline = time.monotonic() + 60
-        while not glob.glob(str(tmp_path / "ckpts" / "step_000000002" / "*.distcp")):  # the write has begun
+        while wait_for_files and not glob.glob(wait_for_files):  # the write has begun
             assert time.monotonic() < deadline, "the second save never started writing"
             time.sleep(0.05)
     finally:
-        os.killpg(child.pid, signal.SIGKILL)
+        os.killpg(child.pid, signal.SIGKILL)  # the trainer and its writer daemon, as a node failure would
         child.wait(30)
 
 
-SLOW_SECOND_SAVE = """
-import pathlib, sys, time
-import torch
-import tests.faultyfs
-from dcp_plugin import CheckpointManager
-
-if __name__ == "__main__":
-    directory, mode, slow_flag = sys.argv[1:4]
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, mode):
+    directory = f"faulty://{tmp_path}/ckpts"
+    step2_files = str(tmp_path / "ckpts" / "step_000000002" / "*.distcp")
+    run_and_kill(directory, mode, 1, slow_flag=tmp_path / ".slow-writes", wait_for_files=step2_files)
+    with CheckpointManager(directory, async_mode="sync") as manager:
+        assert manager.steps == [1]
+        assert manager.storage.incomplete() == ["step_000000002"]  # half-written, not listed
+        loaded = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(2**18))})
+        manager.load({"model": loaded}, step=1)
     torch.manual_seed(0)
-    params = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.randn(2**18))})
-    manager = CheckpointManager(directory, async_mode=mode)
-    manager.save(1, {"model": params})
-    manager.wait()
-    pathlib.Path(slow_flag).touch()
-    with torch.no_grad():
-        params["w"].add_(1)
-    manager.save(2, {"model": params})
-    print("SAVING", flush=True)
-    time.sleep(600)
-"""
+    assert_same(loaded["w"].detach(), torch.randn(2**18))
 
 
 @pytest.mark.slow

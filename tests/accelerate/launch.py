@@ -43,9 +43,7 @@ def launch(
             str(script),
             *args,
         ]
-    result = subprocess.run(
-        command, env=script_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run(command, env=script_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited with {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"

@@ -60,9 +60,7 @@ def _list(root: str) -> list[str]:
 
 
 def auto_accelerator(project: str, total_limit: int | None = None) -> Accelerator:
-    config = ProjectConfiguration(
-        project_dir=project, automatic_checkpoint_naming=True, total_limit=total_limit
-    )
+    config = ProjectConfiguration(project_dir=project, automatic_checkpoint_naming=True, total_limit=total_limit)
     return Accelerator(cpu=True, project_config=config)
 
 
