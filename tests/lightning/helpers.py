@@ -95,8 +95,8 @@ def trainer(
     )
 
 
-def every_epoch_checkpoint(dirpath: str, **kwargs: Any) -> ModelCheckpoint:
-    options: dict[str, Any] = {"every_n_train_steps": STEPS_PER_EPOCH, "save_top_k": -1, "save_last": True}
+def every_epoch_checkpoint(dirpath: str, steps: int = STEPS_PER_EPOCH, **kwargs: Any) -> ModelCheckpoint:
+    options: dict[str, Any] = {"every_n_train_steps": steps, "save_top_k": -1, "save_last": True}
     options.update(kwargs)
     return ModelCheckpoint(dirpath=dirpath, **options)
 
@@ -116,28 +116,31 @@ def final_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, An
     }
 
 
-def resume_run(root: str, plugin_factory: Any, *, strategy: Any = "auto", devices: int = 1) -> tuple[dict, dict]:
+def resume_run(
+    root: str, plugin_factory: Any, *, strategy_factory: Any = lambda: "auto", devices: int = 1
+) -> tuple[dict, dict]:
     """Train 3 epochs straight, and 1 epoch + resume to 3 from the step-4 checkpoint; return both end states."""
     seed_all(0)
     module = TinyModule()
-    straight = trainer(os.path.join(root, "straight"), plugin_factory(), max_epochs=3, strategy=strategy, devices=devices)
+    straight = trainer(os.path.join(root, "straight"), plugin_factory(), max_epochs=3, strategy=strategy_factory(), devices=devices)
     straight.fit(module, loader())
     expected = final_state(straight, module)
 
     ckpt_dir = os.path.join(root, "ckpts")
+    steps = STEPS_PER_EPOCH // devices  # the data is split between DDP ranks
     seed_all(0)
     module = TinyModule()
     first = trainer(
-        root, plugin_factory(), max_epochs=1, callbacks=[every_epoch_checkpoint(ckpt_dir)], strategy=strategy, devices=devices
+        root, plugin_factory(), max_epochs=1, callbacks=[every_epoch_checkpoint(ckpt_dir, steps)], strategy=strategy_factory(), devices=devices
     )
     first.fit(module, loader())
 
     seed_all(99)  # a different seed and fresh weights: everything must come from the checkpoint
     module = TinyModule()
     second = trainer(
-        root, plugin_factory(), max_epochs=3, callbacks=[every_epoch_checkpoint(ckpt_dir)], strategy=strategy, devices=devices
+        root, plugin_factory(), max_epochs=3, callbacks=[every_epoch_checkpoint(ckpt_dir, steps)], strategy=strategy_factory(), devices=devices
     )
-    second.fit(module, loader(), ckpt_path=os.path.join(ckpt_dir, f"epoch=0-step={STEPS_PER_EPOCH}.ckpt"))
+    second.fit(module, loader(), ckpt_path=os.path.join(ckpt_dir, f"epoch=0-step={steps}.ckpt"))
     resumed = final_state(second, module)
     resumed["hook_key"] = module.extra_seen
     return expected, resumed
