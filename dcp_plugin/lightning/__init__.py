@@ -9,4 +9,10 @@ from dcp_plugin.lightning.inference import load_lightning_module
 from dcp_plugin.lightning.layout import LightningCheckpointError
 from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
 
-__all__ = ["DCPCheckpointIO", "DCPFSDPStrategy", "DCPModelParallelStrategy", "LightningCheckpointError", "load_lightning_module"]
+__all__ = [
+    "DCPCheckpointIO",
+    "DCPFSDPStrategy",
+    "DCPModelParallelStrategy",
+    "LightningCheckpointError",
+    "load_lightning_module",
+]

@@ -77,7 +77,13 @@ class Layout:
 
 
 def is_entry_name(key: Any) -> bool:
-    return isinstance(key, str) and bool(key) and "/" not in key and not key.startswith("__") and key not in RESERVED
+    return (
+        isinstance(key, str)
+        and bool(key)
+        and "/" not in key
+        and not key.startswith("__")
+        and key not in RESERVED
+    )
 
 
 def optimizer_entry(index: int) -> str:
