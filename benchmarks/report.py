@@ -291,7 +291,12 @@ def chart(summary: dict[str, Any], path: str) -> None:
         lo = [m - (e[key] or {}).get("min", 0) * scale for m, e in zip(med, entries)]
         hi = [(e[key] or {}).get("max", 0) * scale - m for m, e in zip(med, entries)]
         colors = ["tab:green" if n.startswith(PLUGIN_PREFIX) else "tab:gray" for n in names]
-        axis.barh(range(len(names)), med, xerr=[lo, hi], color=colors, capsize=3)
+        bars = axis.barh(range(len(names)), med, xerr=[lo, hi], color=colors, capsize=3)
+        if key == "durable_s":
+            for bar, entry in zip(bars, entries):
+                if not entry["fsyncs"]:
+                    bar.set_hatch("//")
+                    bar.set_label("written, not fsynced")
         axis.set_title(title)
         axis.grid(axis="x", alpha=0.3)
     left.set_xscale("log")
@@ -300,11 +305,14 @@ def chart(summary: dict[str, Any], path: str) -> None:
     raw = summary["raw_disk"]["write_s"]
     if raw:
         right.axvline(raw["median"], color="tab:red", linestyle="--", label="raw write + fsync, same bytes")
-        right.legend(loc="lower right")
+    handles, labels = right.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), frameon=False)
     fig.suptitle(
         f"Checkpointing a {summary_state_mib(summary):.0f} MiB model + AdamW state (medians, min–max)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
