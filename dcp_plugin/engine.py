@@ -374,8 +374,21 @@ def _bytes(metadata: Any) -> int | None:
 
 
 def _describe(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+    """One line per failing rank (DCP's CheckpointException carries a traceback per rank; the full text
+    stays available on ``__cause__``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {rank}: {_one_line(cause)}")
+        return "; ".join(parts)
+    return _one_line(err)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
 
 
 class _ProcessDaemon:
