@@ -325,6 +325,58 @@ _plugin(
 )
 
 
+@contender(
+    "dcp-plugin Lightning DCPCheckpointIO",
+    "DCPCheckpointIO(async_mode='thread') given the dict a Lightning Trainer saves",
+    background=True,
+    fsyncs=True,
+    requires=("lightning", "dcp_plugin.lightning"),
+)
+def lightning_dcp_io(ctx: Context) -> Contender:
+    from dcp_plugin.lightning import DCPCheckpointIO
+
+    io = DCPCheckpointIO(async_mode="thread")
+    path = _file_in(ctx, ".ckpt")
+    return Contender(
+        save=lambda step: io.save_checkpoint(_lightning_checkpoint(ctx.work, step), path(step)),
+        load=lambda step: _lightning_restore(ctx.work, io.load_checkpoint(path(step), weights_only=True)),
+        path=path,
+        wait_staging=io.wait_for_staging,
+        wait=io.wait,
+        done=lambda: io.in_flight is None,
+        delete=lambda step: io.remove_checkpoint(path(step)),
+        close=io.teardown,
+    )
+
+
+@contender(
+    "dcp-plugin Accelerate save_state",
+    "Accelerator.save_state with dcp_plugin.accelerate.enable(async_mode='thread')",
+    background=True,
+    fsyncs=True,
+    requires=("accelerate", "dcp_plugin.accelerate"),
+)
+def accelerate_dcp(ctx: Context) -> Contender:
+    from accelerate import Accelerator
+
+    from dcp_plugin.accelerate import enable
+
+    accelerator = Accelerator(cpu=True)
+    ctx.work.model, ctx.work.optimizer = accelerator.prepare(ctx.work.model, ctx.work.optimizer)
+    checkpointer = enable(accelerator, async_mode="thread")
+    assert checkpointer is not None, "DCP_PLUGIN_ENABLE=0 is set in the environment"
+    path = _file_in(ctx, "")
+    return Contender(
+        save=lambda step: accelerator.save_state(path(step)),
+        load=lambda step: accelerator.load_state(path(step)),
+        path=path,
+        wait_staging=checkpointer.engine.wait_for_staging,
+        wait=checkpointer.engine.wait,
+        done=lambda: checkpointer.engine.in_flight is None,
+        close=accelerator.end_training,
+    )
+
+
 RAW_DISK = "raw disk"
 """Not a contender: sequential write + fsync (and read) of the same number of bytes, run interleaved."""
 

@@ -87,7 +87,11 @@ def parse(argv: list[str] | None = None) -> BenchSettings:
 def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
     try:
-        data = runner.run(settings, log=lambda line: print(line, flush=True))
+        data = runner.run(
+            settings,
+            log=lambda line: print(line, flush=True),
+            after_repetition=lambda partial: report.write_outputs(partial, settings.out),
+        )
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

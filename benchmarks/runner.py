@@ -37,8 +37,15 @@ def select(settings: BenchSettings) -> tuple[list[str], dict[str, str]]:
     return chosen, skipped
 
 
-def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure everything; returns the raw data the report is built from."""
+def run(
+    settings: BenchSettings,
+    log: Callable[[str], None] = print,
+    after_repetition: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure everything; returns the raw data the report is built from.
+
+    ``after_repetition`` receives the data so far after each repetition (to write interim results).
+    """
     names, skipped = select(settings)
     for name, reason in skipped.items():
         log(f"skipping {name}: {reason}")
@@ -58,16 +65,29 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str
                 runs.append(result)
                 status = "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
                 log(f"[{time.monotonic() - started:6.0f}s] rep {rep + 1}/{settings.repeats} {name}: {status}")
+            if after_repetition is not None and rep + 1 < settings.repeats:
+                after_repetition(_data(settings, info, names, skipped, runs, started, rep + 1))
     finally:
         diskio.remove(root)
-    info["load_average_end"] = list(os.getloadavg())
-    info["wall_s"] = round(time.monotonic() - started, 1)
+    return _data(settings, info, names, skipped, runs, started, settings.repeats)
+
+
+def _data(
+    settings: BenchSettings,
+    info: dict[str, Any],
+    names: list[str],
+    skipped: dict[str, str],
+    runs: list[dict[str, Any]],
+    started: float,
+    repeats_done: int,
+) -> dict[str, Any]:
+    info = dict(info, load_average_end=list(os.getloadavg()), wall_s=round(time.monotonic() - started, 1))
     return {
-        "settings": {k: v for k, v in vars(settings).items()},
+        "settings": dict(vars(settings), repeats=repeats_done),
         "machine": info,
         "contenders": {n: _describe_contender(n) for n in names},
         "skipped": skipped,
-        "runs": runs,
+        "runs": list(runs),
     }
 
 
