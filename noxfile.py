@@ -51,3 +51,10 @@ def demo(session: nox.Session) -> None:
     """Train with async checkpoints, get killed, resume, and print what was saved and how long training waited."""
     session.install(*CONSTRAINTS, "-e", ".")
     session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmark against torch.save, Lightning, Accelerate and plain DCP: `nox -s bench -- --quick`."""
+    install(session)
+    session.run("python", "benchmarks/run.py", *session.posargs)
