@@ -155,11 +155,9 @@ class CheckpointEngine:
     def _single_process_group(self) -> dist.ProcessGroup | None:
         if dist.is_initialized():
             if dist.get_world_size() > 1:
-                raise ConfigError(
-                    "async_mode='process' with distributed=False is not supported while a multi-rank process "
-                    "group exists: the writer daemon joins the default group. Save collectively from every "
-                    "rank (distributed=None) or use async_mode='thread'."
-                )
+                # This rank saves alone (e.g. Lightning's rank 0): give its writer daemon a one-rank group, so
+                # the daemon does not wait for the other ranks of the default group. Only this rank joins it.
+                return dist.new_group(ranks=[dist.get_rank()], backend="gloo", use_local_synchronization=True)
             return None
         # DCP's process executor needs an initialized process group even for one process.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -223,6 +223,21 @@ class CheckpointStorage:
                 f"The manifest of {self.url(name)} is corrupted ({err}); the checkpoint cannot be trusted."
             ) from None
 
+    def exists(self, name: str) -> bool:
+        """Whether anything (committed or not, file or directory) is at ``name``."""
+        self._forget_listings()
+        path = self._path(name)
+        return self.fs.exists(path) or (self.is_local and os.path.islink(path))
+
+    def is_file(self, name: str) -> bool:
+        """Whether ``name`` is a plain file (for example one written by ``torch.save``)."""
+        self._forget_listings()
+        return self.fs.isfile(self._path(name))
+
+    def open_file(self, name: str, mode: str = "rb") -> Any:
+        """Open the plain file ``name`` (to read checkpoints written by other tools)."""
+        return self.fs.open(self._path(name), mode)
+
     def info(self, name: str) -> CheckpointInfo:
         self._check_name(name)
         self._recover(name)
@@ -286,11 +301,21 @@ class CheckpointStorage:
 
     # -- deleting --------------------------------------------------------------------------------
     def delete(self, name: str) -> None:
-        """Delete a checkpoint: uncommit it first, so a crash mid-delete never leaves a broken committed one."""
+        """Delete a checkpoint: uncommit it first, so a crash mid-delete never leaves a broken committed one.
+
+        A symbolic link (e.g. Lightning's ``save_last="link"``) or a plain file under ``name`` is removed
+        itself; a link's target is left alone.
+        """
         self._check_name(name)
         path = self._path(name)
+        if self.is_local and os.path.islink(path):
+            os.remove(path)
+            return
         if not self.fs.exists(path):
             raise CheckpointNotFoundError(f"Nothing to delete at {self.url(name)}.")
+        if self.is_file(name):
+            self.fs.rm(path)
+            return
         if self.is_local:
             trash = self._path(f"{OLD_PREFIX}{name}-deleting-{uuid.uuid4().hex[:8]}")
             os.rename(path, trash)

@@ -1,0 +1,10 @@
+"""Lightning integration: the ``DCPCheckpointIO`` Trainer plugin and strategy glue for sharded training.
+
+``Trainer(plugins=[DCPCheckpointIO(async_mode="thread")])`` saves every Lightning checkpoint as a DCP
+checkpoint directory, written in the background and committed atomically. See ``docs/lightning.md``.
+"""
+
+from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.layout import LightningCheckpointError
+
+__all__ = ["DCPCheckpointIO", "LightningCheckpointError"]

@@ -1,0 +1,371 @@
+"""``DCPCheckpointIO``: Lightning's checkpoint plugin, writing through dcp-plugin's engine.
+
+Every checkpoint path Lightning hands over (``.../epoch=0-step=100.ckpt``) becomes a checkpoint
+*directory* of that name, written with DCP in the background (``thread`` or ``process`` mode) or in the
+foreground (``sync``) and committed atomically: a half-written checkpoint is never visible under its
+final name, and saving over an existing path keeps the old checkpoint until the new one is committed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.engine import CheckpointEngine, SaveStats
+from dcp_plugin.lightning import layout as lay
+from dcp_plugin.manager import CheckpointManager
+from dcp_plugin.state import RNGState
+from dcp_plugin.storage import CheckpointNotFoundError, CheckpointStorage, open_url
+
+log = logging.getLogger(__name__)
+
+
+class DCPCheckpointIO(CheckpointIO):
+    """Save Lightning checkpoints with PyTorch Distributed Checkpoint, asynchronously and crash-safely.
+
+    ``Trainer(plugins=[DCPCheckpointIO(async_mode="thread")])``. With single-device and DDP training this
+    is all; for ``ModelParallelStrategy`` / ``FSDPStrategy`` also pass
+    :class:`~dcp_plugin.lightning.DCPModelParallelStrategy` / :class:`~dcp_plugin.lightning.DCPFSDPStrategy`
+    so every rank writes its own shards.
+
+    Args:
+        async_mode: ``"sync"`` (write before returning), ``"thread"`` (snapshot, then write in a background
+            thread) or ``"process"`` (write in a background daemon process; scripts need an
+            ``if __name__ == "__main__":`` guard).
+        async_staging: also copy the snapshot in the background; the next optimizer step waits for the copy.
+        reuse_buffers: keep the host staging buffers between saves (faster saves, one copy of the state in
+            host memory).
+        thread_count: writer threads per rank.
+        sync_files: fsync files before a checkpoint is committed.
+        strict: on load, any missing, unexpected or differently shaped tensor is an error.
+        allow_pickle: store values that are neither tensors nor JSON-like data with pickle (and load them).
+            Loading with ``weights_only=False`` also allows reading them.
+        storage_options: fsspec options for remote paths (``s3://...``), e.g. ``{"key": ..., "secret": ...}``.
+        pinned_memory: stage into page-locked memory (``None``: when CUDA is available).
+        shared_memory: stage into shared memory (``None``: in ``process`` mode).
+        save_rng: also store every rank's random generator states and restore them when a checkpoint is
+            loaded (Lightning's own checkpoint does not include them), so a resumed run repeats the
+            uninterrupted one exactly.
+    """
+
+    def __init__(
+        self,
+        async_mode: Literal["sync", "thread", "process"] = "thread",
+        *,
+        async_staging: bool = False,
+        reuse_buffers: bool = True,
+        thread_count: int = 2,
+        sync_files: bool = True,
+        strict: bool = True,
+        allow_pickle: bool = False,
+        storage_options: Optional[dict[str, Any]] = None,
+        pinned_memory: Optional[bool] = None,
+        shared_memory: Optional[bool] = None,
+        save_rng: bool = True,
+    ) -> None:
+        config = CheckpointConfig(
+            async_mode=async_mode,
+            async_staging=async_staging,
+            reuse_buffers=reuse_buffers,
+            thread_count=thread_count,
+            sync_files=sync_files,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            storage_options=dict(storage_options or {}),
+            pinned_memory=pinned_memory,
+            shared_memory=shared_memory,
+        )
+        self._init(config, save_rng)
+
+    @classmethod
+    def from_config(cls, config: CheckpointConfig, *, save_rng: bool = True) -> DCPCheckpointIO:
+        """Build the plugin from a :class:`CheckpointConfig` (e.g. ``CheckpointConfig.from_env()``)."""
+        if not isinstance(config, CheckpointConfig):
+            raise TypeError(f"config must be a CheckpointConfig, got {type(config).__name__}.")
+        plugin = cls.__new__(cls)
+        plugin._init(config, save_rng)
+        return plugin
+
+    def _init(self, config: CheckpointConfig, save_rng: bool) -> None:
+        if not isinstance(save_rng, bool):
+            raise ConfigError(f"save_rng={save_rng!r} must be True or False.")
+        self.config = config
+        self.save_rng = save_rng
+        self._engines: dict[bool, CheckpointEngine] = {}
+        self._managers: dict[tuple[str, bool, str], CheckpointManager] = {}
+        self._step_hook: Any = None
+        _flush_at_exit.register(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(async_mode={self.config.async_mode!r})"
+
+    # -- Lightning's CheckpointIO interface ------------------------------------------------------
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Optional[Any] = None
+    ) -> None:
+        """Start saving ``checkpoint`` as the directory ``path``; returns once the snapshot is taken.
+
+        ``storage_options``: fsspec options for this save, merged over the plugin's ``storage_options``.
+        Errors of the background write are raised by the next save, load, remove or :meth:`teardown`.
+        """
+        entries, has_extra = lay.split_checkpoint(checkpoint)
+        if self.save_rng:
+            entries[lay.RNG_ENTRY] = RNGState()
+        layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
+        self.save_entries(path, _step_of(checkpoint), entries, layout, collective=False, storage_options=storage_options)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        map_location: Optional[Any] = None,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint written by this plugin (any strategy, any number of ranks) as a Lightning dict.
+
+        Tensors are loaded on CPU (``map_location`` may name another device). A plain file written by
+        ``torch.save`` (Lightning's default format) is read with ``torch.load``, so runs can move to this
+        plugin and resume from their old ``.ckpt`` files. ``weights_only=True`` refuses pickled values;
+        ``False`` allows them (only for checkpoints you trust); ``None`` follows ``allow_pickle``.
+        """
+        storage, name = self._open(path, None)
+        if storage.is_file(name):
+            return _load_torch_file(storage, name, map_location, weights_only)
+        manager = self.manager_for(storage, collective=False)
+        info = storage.info(name)
+        layout = lay.Layout.from_manifest(info.manifest, info.url)
+        state: dict[str, Any] = {entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY}
+        if layout.rng and self.save_rng:
+            state[lay.RNG_ENTRY] = RNGState()
+        manager.load(state, name=name, allow_pickle=self._allow_pickle(weights_only))
+        checkpoint = lay.join_checkpoint(state)
+        if layout.kind == lay.SHARDED:
+            optimizers = [checkpoint.pop(lay.optimizer_entry(i)) for i in range(layout.optimizers)]
+            checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in optimizers]
+        return _map_tensors(checkpoint, map_location)
+
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Delete the checkpoint at ``path`` (a missing path is not an error).
+
+        If that checkpoint is still being written, waits for the write first, so it cannot reappear
+        after the removal.
+        """
+        storage, name = self._open(path, None)
+        self._wait_if_writing(storage.url(name))
+        try:
+            storage.delete(name)
+        except CheckpointNotFoundError:
+            log.debug("Nothing to remove at %s", storage.url(name))
+
+    def teardown(self) -> None:
+        """Wait for the save in flight, release staging buffers and the writer process, and raise any
+        error of a background save. The plugin can be used again afterwards."""
+        engines, self._engines = list(self._engines.values()), {}
+        managers, self._managers = list(self._managers.values()), {}
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        first: BaseException | None = None
+        for manager in managers:
+            try:
+                manager.close()
+            except BaseException as err:  # noqa: BLE001 - close the rest, then raise the first
+                first = first or err
+        for engine in engines:
+            try:
+                engine.close()
+            except BaseException as err:  # noqa: BLE001
+                first = first or err
+        if first is not None:
+            raise first
+
+    # -- more public API -------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every save in flight is committed; raise the error of one that failed."""
+        for engine in list(self._engines.values()):
+            engine.wait()
+
+    def wait_for_staging(self) -> None:
+        """With ``async_staging``: block until the snapshot of the save in flight is copied."""
+        for engine in list(self._engines.values()):
+            engine.wait_for_staging()
+
+    @property
+    def in_flight(self) -> SaveStats | None:
+        """The save being written right now, if any."""
+        for engine in self._engines.values():
+            if engine.in_flight is not None:
+                return engine.in_flight
+        return None
+
+    def drain_completed(self) -> list[SaveStats]:
+        """Timings of saves finished since the last call (for logging)."""
+        out: list[SaveStats] = []
+        for engine in self._engines.values():
+            out.extend(engine.drain_completed())
+        return out
+
+    def manager_for(
+        self, directory: str | os.PathLike[str] | CheckpointStorage, *, collective: bool = False
+    ) -> CheckpointManager:
+        """The :class:`CheckpointManager` this plugin uses for checkpoints under ``directory``.
+
+        Managers share the plugin's engine (one save in flight, one staging buffer). ``collective=True`` is
+        the manager every rank calls together (sharded strategies); ``False`` the one a lone rank uses.
+        """
+        storage = directory if isinstance(directory, CheckpointStorage) else CheckpointStorage(
+            directory, self.config.storage_options
+        )
+        options_key = repr(sorted(storage.storage_options.items()))
+        key = (storage.root_url, collective, options_key)
+        manager = self._managers.get(key)
+        if manager is None:
+            manager = CheckpointManager(storage.root_url, engine=self.engine(collective))
+            if storage.storage_options != self.config.storage_options:
+                # per-save fsspec options (Trainer.save_checkpoint(storage_options=...)) for this directory
+                manager.storage = storage
+            self._managers[key] = manager
+        return manager
+
+    def engine(self, collective: bool = False) -> CheckpointEngine:
+        """The engine for lone-rank saves (``collective=False``) or saves every rank joins."""
+        engine = self._engines.get(collective)
+        if engine is None:
+            engine = CheckpointEngine(self.config, distributed=None if collective else False)
+            self._engines[collective] = engine
+        return engine
+
+    # -- used by the strategy glue ---------------------------------------------------------------
+    def save_entries(
+        self,
+        path: str | os.PathLike[str],
+        step: int,
+        entries: Mapping[str, Any],
+        layout: lay.Layout,
+        *,
+        collective: bool,
+        storage_options: Optional[Any] = None,
+    ) -> SaveStats:
+        """Save prepared entries as the checkpoint directory ``path`` (overwriting it safely)."""
+        storage, name = self._open(path, storage_options)
+        manager = self.manager_for(storage, collective=collective)
+        if self.config.async_staging:
+            self._hook_optimizer_steps()
+        return manager.save(
+            step, entries, name=name, overwrite=True, metadata={lay.LAYOUT_KEY: layout.to_json()}
+        )
+
+    def _allow_pickle(self, weights_only: Optional[bool]) -> bool:
+        if weights_only is None:
+            return self.config.allow_pickle
+        return not weights_only
+
+    def _open(self, path: str | os.PathLike[str], storage_options: Optional[Any]) -> tuple[CheckpointStorage, str]:
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise TypeError(
+                f"storage_options must be a mapping of fsspec options (got {type(storage_options).__name__}); "
+                "they are merged over DCPCheckpointIO(storage_options=...)."
+            )
+        options = {**self.config.storage_options, **dict(storage_options or {})}
+        return open_url(os.fspath(path), options)
+
+    def _wait_if_writing(self, url: str) -> None:
+        for engine in list(self._engines.values()):
+            flight = engine.in_flight
+            if flight is not None and flight.url == url:
+                engine.wait()
+
+    def _hook_optimizer_steps(self) -> None:
+        # Stock strategies hand us plain state dicts, not the optimizers; a global step pre-hook makes every
+        # optimizer wait until the background copy of the snapshot is done before it changes parameters.
+        if self._step_hook is None:
+            ref = weakref.ref(self)
+
+            def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
+                plugin = ref()
+                if plugin is not None:
+                    plugin.wait_for_staging()
+
+            self._step_hook = register_optimizer_step_pre_hook(wait_for_staging)
+
+
+def _step_of(checkpoint: Mapping[str, Any]) -> int:
+    step = checkpoint.get("global_step", 0)
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        return 0
+    return max(step, 0)
+
+
+def _load_torch_file(
+    storage: CheckpointStorage, name: str, map_location: Any, weights_only: Optional[bool]
+) -> dict[str, Any]:
+    from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+    log.info("%s is a file, not a DCP checkpoint directory; reading it with torch.load.", storage.url(name))
+    with storage.open_file(name) as handle:
+        try:
+            return pl_load(handle, map_location=map_location, weights_only=weights_only)
+        except Exception as err:
+            raise lay.LightningCheckpointError(
+                f"{storage.url(name)} is a file, not a dcp-plugin checkpoint directory, and torch.load could not "
+                f"read it ({type(err).__name__}: {err}). If you trust the file and it holds Python objects, load "
+                "it with weights_only=False; otherwise pass the directory of a checkpoint written by DCPCheckpointIO."
+            ) from err
+
+
+def _map_tensors(value: Any, map_location: Any) -> Any:
+    if map_location is None or callable(map_location):
+        return value  # loaded on CPU; torch.load-style callables have no storages to remap here
+    if isinstance(map_location, Mapping):
+        target = map_location.get("cpu")
+        if target is None:
+            return value
+        map_location = target
+    device = torch.device(map_location)
+    if device.type == "cpu":
+        return value
+    return _apply(value, lambda t: t.to(device))
+
+
+def _apply(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        mapped = {k: _apply(v, fn) for k, v in value.items()}
+        return mapped if type(value) is dict else type(value)(mapped)
+    if isinstance(value, list):
+        return [_apply(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_apply(v, fn) for v in value)
+    return value
+
+
+class _FlushAtExit:
+    """Waits for saves still in flight when the interpreter exits (strategies that never call teardown)."""
+
+    def __init__(self) -> None:
+        self._plugins: weakref.WeakSet[DCPCheckpointIO] = weakref.WeakSet()
+        atexit.register(self.flush)
+
+    def register(self, plugin: DCPCheckpointIO) -> None:
+        self._plugins.add(plugin)
+
+    def flush(self) -> None:
+        for plugin in list(self._plugins):
+            try:
+                plugin.wait()
+            except BaseException as err:  # noqa: BLE001 - nothing left to raise to at exit
+                log.error("A checkpoint save that was still in flight at exit failed: %s", err)
+
+
+_flush_at_exit = _FlushAtExit()

@@ -1,0 +1,131 @@
+"""How a Lightning checkpoint dict maps onto dcp-plugin state entries, and back.
+
+Lightning hands a ``CheckpointIO`` one dict (``epoch``, ``global_step``, ``state_dict``, ``loops``,
+``callbacks``, ``optimizer_states``, ``lr_schedulers``, ``hyper_parameters``, datamodule and hook-added
+keys). Each top-level key becomes one entry of the checkpoint, so model weights are stored under the
+usual DCP keys (``state_dict.<fqn>``). Keys that cannot name an entry (not a string, containing ``/``,
+starting with ``__``) are kept together in one extra entry. Nothing is pickled: tensors go through DCP,
+everything else through the safe encoding (integer keys such as optimizer parameter ids stay exact).
+
+Sharded strategies store each optimizer as its own entry (``optimizer_0``...) keyed by parameter name,
+so it can be resharded; :func:`id_keyed_optimizer_state` turns such a state back into the
+parameter-id layout ``torch.optim.Optimizer.load_state_dict`` expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+LAYOUT_KEY = "lightning"
+"""Key of the layout record in the manifest's ``metadata``."""
+LAYOUT_VERSION = 1
+EXTRA_ENTRY = "dcp_plugin_extra_keys"
+RNG_ENTRY = "dcp_plugin_rng"
+OPTIMIZER_PREFIX = "optimizer_"
+RESERVED = (EXTRA_ENTRY, RNG_ENTRY)
+
+FULL = "full"
+"""Written by one process with full tensors (single device, DDP)."""
+SHARDED = "sharded"
+"""Written collectively by every rank, each with its own shards (FSDP, ModelParallel)."""
+
+
+class LightningCheckpointError(ValueError):
+    """A checkpoint cannot be used the way Lightning asked for; the message says why and what to do."""
+
+
+@dataclass
+class Layout:
+    """What the manifest records about a Lightning checkpoint, so it can be rebuilt exactly."""
+
+    kind: str
+    optimizers: int = 0
+    """Number of optimizers stored as separate FQN-keyed entries (sharded layout)."""
+    rng: bool = False
+    extra: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": LAYOUT_VERSION,
+            "kind": self.kind,
+            "optimizers": self.optimizers,
+            "rng": self.rng,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], url: str) -> Layout:
+        record = manifest.get("metadata", {}).get(LAYOUT_KEY)
+        if record is None:
+            raise LightningCheckpointError(
+                f"{url} is a dcp-plugin checkpoint but was not written by the Lightning plugin (it has no "
+                "Lightning checkpoint layout). Load it with CheckpointManager.load() instead."
+            )
+        if int(record.get("version", 0)) > LAYOUT_VERSION:
+            raise LightningCheckpointError(
+                f"{url} was written by a newer dcp-plugin (Lightning layout version {record.get('version')}); "
+                "upgrade dcp-plugin to load it."
+            )
+        return cls(
+            kind=str(record.get("kind", FULL)),
+            optimizers=int(record.get("optimizers", 0)),
+            rng=bool(record.get("rng", False)),
+            extra=bool(record.get("extra", False)),
+        )
+
+
+def is_entry_name(key: Any) -> bool:
+    return isinstance(key, str) and bool(key) and "/" not in key and not key.startswith("__") and key not in RESERVED
+
+
+def optimizer_entry(index: int) -> str:
+    return f"{OPTIMIZER_PREFIX}{index}"
+
+
+def split_checkpoint(checkpoint: Mapping[Any, Any], *, skip: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
+    """Top-level keys -> entries. Returns (entries, whether an extra-keys entry was needed)."""
+    entries: dict[str, Any] = {}
+    extra: dict[Any, Any] = {}
+    for key, value in checkpoint.items():
+        if key in skip:
+            continue
+        if is_entry_name(key):
+            entries[key] = value
+        else:
+            extra[key] = value
+    if extra:
+        entries[EXTRA_ENTRY] = extra
+    return entries, bool(extra)
+
+
+def join_checkpoint(entries: Mapping[str, Any]) -> dict[Any, Any]:
+    """Inverse of :func:`split_checkpoint` (reserved entries are dropped, extra keys merged back)."""
+    checkpoint: dict[Any, Any] = {}
+    for key, value in entries.items():
+        if key in RESERVED:
+            continue
+        checkpoint[key] = value
+    extra = entries.get(EXTRA_ENTRY)
+    if isinstance(extra, Mapping):
+        checkpoint.update(extra)
+    return checkpoint
+
+
+def id_keyed_optimizer_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn an FQN-keyed optimizer state (``get_optimizer_state_dict``) into the parameter-id layout.
+
+    Parameters are numbered in param-group order, which is how ``Optimizer.load_state_dict`` matches
+    them to the live optimizer's parameters.
+    """
+    ids: dict[Any, int] = {}
+    groups = []
+    for group in state.get("param_groups", []):
+        numbered = []
+        for name in group["params"]:
+            ids.setdefault(name, len(ids))
+            numbered.append(ids[name])
+        groups.append({**group, "params": numbered})
+    per_param = {ids[name]: value for name, value in state.get("state", {}).items() if name in ids}
+    return {"state": per_param, "param_groups": groups}
