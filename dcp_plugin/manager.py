@@ -23,9 +23,9 @@ from dcp_plugin.policies import (
     SaveDecision,
     SaveEvent,
     SavePolicy,
+    apply_retention,
     as_metrics,
     decide,
-    plan_retention,
 )
 from dcp_plugin.state import optimizers_in, wrap_state
 from dcp_plugin.storage import (
@@ -228,8 +228,8 @@ class CheckpointManager:
             if metrics:
                 metadata["metrics"] = as_metrics(metrics)
             stats = self.save(step, state, metadata=metadata)
-            if self.save_policy is not None:
-                self.save_policy.saved(ctx)
+        if self.save_policy is not None:
+            self.save_policy.saved(ctx)  # also when this step was already saved: a checkpoint exists
         if decision.preemption or event == "exception":
             self.wait()
             self.should_stop = self.should_stop or decision.preemption
@@ -242,17 +242,7 @@ class CheckpointManager:
         if self.engine.in_flight is not None:
             return
         self._retention_due = False
-        try:
-            plan = plan_retention(self.retention, self.storage.list(), run_id=self.run_id)
-        except Exception as err:  # noqa: BLE001 - retention must never stop training
-            log.warning("Retention skipped: listing %s failed: %s", self.storage.root_url, err)
-            return
-        for name in plan.delete:
-            try:
-                self.storage.delete(name)
-                log.info("Retention deleted %s.", self.storage.url(name))
-            except Exception as err:  # noqa: BLE001 - a failed delete is retried at the next save
-                log.warning("Retention could not delete %s: %s", self.storage.url(name), err)
+        apply_retention(self.retention, self.storage, run_id=self.run_id)
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from dcp_plugin.storage import CheckpointInfo
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ class OnPreemption(SavePolicy):
         if not self.signals:
             raise ValueError("OnPreemption needs at least one signal.")
         self._received: signal.Signals | None = None
+        self._acted = False
         self._previous: dict[signal.Signals, Any] = {}
 
     @property
@@ -249,9 +250,15 @@ class OnPreemption(SavePolicy):
     def trigger(self, signum: int = signal.SIGTERM) -> None:
         """Record a preemption as if ``signum`` had been received (for schedulers that notify otherwise)."""
         self._received = signal.Signals(signum)
+        self._acted = False
 
     def wants_save(self, ctx: SaveContext) -> bool:
-        return self._received is not None
+        return self._received is not None and not self._acted
+
+    def saved(self, ctx: SaveContext) -> None:
+        # One save per signal: a loop that keeps going after it does not save at every step.
+        if self._received is not None:
+            self._acted = True
 
     def install(self) -> None:
         if self._previous:
@@ -276,6 +283,7 @@ class OnPreemption(SavePolicy):
     def _handle(self, signum: int, frame: Any) -> None:
         # Runs between two bytecodes of the main thread: record only, no I/O, no collectives.
         self._received = signal.Signals(signum)
+        self._acted = False
         previous = self._previous.get(signal.Signals(signum))
         if callable(previous):
             previous(signum, frame)
@@ -457,6 +465,117 @@ def plan_retention(
     return plan
 
 
+def apply_retention(
+    policy: RetentionPolicy,
+    storage: CheckpointStorage,
+    *,
+    run_id: str,
+    protected: Iterable[str] = (),
+) -> RetentionPlan:
+    """Delete what :func:`plan_retention` says in ``storage`` (call on one rank, with no write in flight).
+
+    Never raises for storage problems: a failed listing skips retention, a failed delete is logged and
+    tried again the next time.
+    """
+    try:
+        plan = plan_retention(policy, storage.list(), run_id=run_id, protected=protected)
+    except Exception as err:  # noqa: BLE001 - retention must never stop training
+        log.warning("Retention skipped: listing %s failed: %s", storage.root_url, err)
+        return RetentionPlan()
+    for name in plan.delete:
+        try:
+            storage.delete(name)
+            log.info("Retention deleted %s.", storage.url(name))
+        except Exception as err:  # noqa: BLE001 - a failed delete is retried after the next save
+            log.warning("Retention could not delete %s: %s", storage.url(name), err)
+    return plan
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """The usual save triggers as plain options (what adapters expose); :meth:`build` makes the policy."""
+
+    every_n_steps: int | None = None
+    """Save after every ``every_n_steps``-th optimizer step."""
+    every_n_seconds: float | None = None
+    """Save when this much wall-clock time has passed since the last save (rank 0's clock decides)."""
+    every_n_epochs: int | None = None
+    """Save at the end of every ``every_n_epochs``-th training epoch."""
+    on_signal: bool = True
+    """Save at the next step after SIGTERM or SIGUSR1 (on any rank), synchronously, then stop training."""
+    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+    """Which signals mean preemption."""
+    on_exception: bool = False
+    """Save while an exception ends training (single-process runs only)."""
+    clock: Callable[[], float] = time.monotonic
+    """Clock of the time trigger (inject one in tests)."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None:
+            _check_positive_int("every_n_steps", self.every_n_steps)
+        if self.every_n_epochs is not None:
+            _check_positive_int("every_n_epochs", self.every_n_epochs)
+        if self.every_n_seconds is not None and (
+            isinstance(self.every_n_seconds, bool)
+            or not isinstance(self.every_n_seconds, (int, float))
+            or not self.every_n_seconds > 0
+        ):
+            raise ValueError(f"every_n_seconds must be a positive number, got {self.every_n_seconds!r}.")
+
+    def build(self) -> SavePolicy | None:
+        policies: list[SavePolicy] = []
+        if self.every_n_steps is not None:
+            policies.append(EveryNSteps(self.every_n_steps))
+        if self.every_n_seconds is not None:
+            policies.append(EveryNSeconds(self.every_n_seconds, clock=self.clock))
+        if self.every_n_epochs is not None:
+            policies.append(OnEpochEnd(self.every_n_epochs))
+        if self.on_signal:
+            policies.append(OnPreemption(self.signals))
+        if self.on_exception:
+            policies.append(OnException())
+        return AnyOf(*policies) if policies else None
+
+
+@dataclass(frozen=True)
+class RetentionOptions:
+    """The usual retention rules as plain options; :meth:`build` makes the policy (``None``: keep all)."""
+
+    keep_last: int | None = None
+    """Keep the ``keep_last`` most recent checkpoints."""
+    keep_every_n_steps: int | None = None
+    """Also keep checkpoints whose step is a multiple of this."""
+    keep_best: int | None = None
+    """Also keep the ``keep_best`` checkpoints with the best ``monitor`` value."""
+    monitor: str | None = None
+    """The logged metric ``keep_best`` ranks by."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (``min``) or higher (``max``) ``monitor`` values are better."""
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every_n_steps", "keep_best"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive_int(name, value)
+        if self.keep_best is not None and not self.monitor:
+            raise ValueError("keep_best needs monitor=<metric name> (e.g. monitor='val_loss').")
+        if self.monitor is not None and self.keep_best is None:
+            raise ValueError(f"monitor={self.monitor!r} is only used with keep_best=<k>; pass keep_best too.")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
+
+    def build(self) -> RetentionPolicy | None:
+        policies: list[RetentionPolicy] = []
+        if self.keep_last is not None:
+            policies.append(KeepLast(self.keep_last))
+        if self.keep_every_n_steps is not None:
+            policies.append(KeepEveryNSteps(self.keep_every_n_steps))
+        if self.keep_best is not None:
+            assert self.monitor is not None
+            policies.append(KeepBest(self.monitor, self.keep_best, self.mode))
+        return KeepAny(*policies) if policies else None
+
+
 def as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Metrics as plain floats for the manifest (tensors and numpy scalars converted; others dropped)."""
     out: dict[str, float] = {}
@@ -486,12 +605,15 @@ __all__ = [
     "OnEpochEnd",
     "OnException",
     "OnPreemption",
+    "RetentionOptions",
     "RetentionPlan",
     "RetentionPolicy",
     "SaveContext",
     "SaveDecision",
     "SaveEvent",
+    "SaveOptions",
     "SavePolicy",
+    "apply_retention",
     "as_metrics",
     "decide",
     "metric_value",

@@ -449,7 +449,7 @@ def test_a_failed_delete_is_logged_not_fatal(caplog):
     FlakyMemoryFileSystem.failing = {step_name(1)}
     model, _, _ = make_training(0)
     try:
-        with caplog.at_level(logging.WARNING, logger="dcp_plugin.manager"), CheckpointManager(
+        with caplog.at_level(logging.WARNING, logger="dcp_plugin.policies"), CheckpointManager(
             url, save_policy=EveryNSteps(1), retention=KeepLast(1), async_mode="thread"
         ) as manager:
             for step in range(1, 5):
@@ -516,3 +516,13 @@ def test_time_trigger_in_a_loop_with_injected_clock(ckpt_dir):
             clock.advance(25)
             manager.maybe_save(step, {"model": model})
     assert manager.steps == [4, 7]
+
+
+def test_preemption_fires_once_per_signal():
+    policy = OnPreemption(signals=(signal.SIGUSR1,))
+    policy.trigger(signal.SIGUSR1)
+    assert policy.wants_save(SaveContext(step=3))
+    policy.saved(SaveContext(step=3))
+    assert not policy.wants_save(SaveContext(step=4))
+    policy.trigger(signal.SIGUSR1)
+    assert policy.wants_save(SaveContext(step=5))

@@ -4,7 +4,8 @@
 checkpoint directory, written in the background and committed atomically. See ``docs/lightning.md``.
 """
 
+from dcp_plugin.lightning.callback import DCPCheckpoint
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.lightning.layout import LightningCheckpointError
 
-__all__ = ["DCPCheckpointIO", "LightningCheckpointError"]
+__all__ = ["DCPCheckpoint", "DCPCheckpointIO", "LightningCheckpointError"]
