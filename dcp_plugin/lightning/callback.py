@@ -297,7 +297,7 @@ class DCPCheckpoint(Checkpoint):
         metrics = as_metrics(trainer.callback_metrics)
         if metrics:
             metadata["metrics"] = metrics
-        name = step_name(step)
+        name = trainer.strategy.broadcast(self._free_name(step) if trainer.is_global_zero else None)
         self._manifest_metadata = metadata
         started = time.perf_counter()
         try:
@@ -308,6 +308,16 @@ class DCPCheckpoint(Checkpoint):
         self._last_saved_step = step
         self.last_saved = storage.url(name)
         self._retention_due = True
+
+    def _free_name(self, step: int) -> str:
+        """``step_<N>``, or ``step_<N>-v<k>`` when another run already committed that name here."""
+        storage = self._require_storage()
+        base = name = step_name(step)
+        version = 0
+        while storage.is_committed(name) and storage.info(name).manifest.get("run_id") != self.run_id:
+            version += 1
+            name = f"{base}-v{version}"
+        return name
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
