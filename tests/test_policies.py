@@ -449,9 +449,12 @@ def test_a_failed_delete_is_logged_not_fatal(caplog):
     FlakyMemoryFileSystem.failing = {step_name(1)}
     model, _, _ = make_training(0)
     try:
-        with caplog.at_level(logging.WARNING, logger="dcp_plugin.policies"), CheckpointManager(
-            url, save_policy=EveryNSteps(1), retention=KeepLast(1), async_mode="thread"
-        ) as manager:
+        with (
+            caplog.at_level(logging.WARNING, logger="dcp_plugin.policies"),
+            CheckpointManager(
+                url, save_policy=EveryNSteps(1), retention=KeepLast(1), async_mode="thread"
+            ) as manager,
+        ):
             for step in range(1, 5):
                 manager.maybe_save(step, {"model": model})
         assert any(

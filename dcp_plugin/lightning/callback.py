@@ -54,7 +54,8 @@ class DCPCheckpoint(Checkpoint):
     default one next to it).
 
     Args:
-        dirpath: directory or fsspec URL of this run's checkpoints. Default: ``<default_root_dir>/checkpoints``.
+        dirpath: directory or fsspec URL of this run's checkpoints; default
+            ``<default_root_dir>/checkpoints``.
         every_n_train_steps: save after every N optimizer steps.
         every_n_seconds: save when this much wall-clock time passed since the last save (rank 0 decides).
         every_n_epochs: save at the end of every N-th training epoch. Default ``1`` when no other trigger is
@@ -116,10 +117,18 @@ class DCPCheckpoint(Checkpoint):
             clock=clock,
         )
         self.retention_options = RetentionOptions(
-            keep_last=keep_last, keep_every_n_steps=keep_every_n_steps, keep_best=keep_best, monitor=monitor, mode=mode
+            keep_last=keep_last,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
         )
-        if export_dtype is not None and not (isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point):
-            raise ValueError(f"export_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {export_dtype!r}.")
+        if export_dtype is not None and not (
+            isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"export_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16): {export_dtype!r}."
+            )
         if export_dtype is not None and not export_final:
             raise ValueError("export_dtype only applies to the final export; pass export_final=True too.")
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
@@ -153,7 +162,8 @@ class DCPCheckpoint(Checkpoint):
         if not isinstance(plugin, DCPCheckpointIO):
             raise TypeError(
                 f"DCPCheckpoint saves through the DCPCheckpointIO plugin, but the trainer uses "
-                f"{type(plugin).__name__}. Pass Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
+                f"{type(plugin).__name__}. Pass "
+                "Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
         if self.dirpath is None:
@@ -197,7 +207,9 @@ class DCPCheckpoint(Checkpoint):
         if latest is None:
             return None
         self.run_id = latest.manifest.get("run_id") or self.run_id
-        rank_zero_info(f"DCPCheckpoint: resuming from {latest.url} (the latest checkpoint in {self.dirpath}).")
+        rank_zero_info(
+            f"DCPCheckpoint: resuming from {latest.url} (the latest checkpoint in {self.dirpath})."
+        )
         return latest.url
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
@@ -208,12 +220,16 @@ class DCPCheckpoint(Checkpoint):
 
     @property
     def best_model_path(self) -> str:
-        """The best checkpoint of this run by ``monitor`` (the latest one without ``monitor``); ``""`` if none.
+        """This run's best checkpoint by ``monitor`` (without ``monitor``: the latest); ``""`` if none.
 
         Lets ``trainer.test(ckpt_path="best")`` use this callback like ``ModelCheckpoint``."""
         if self._storage is None:
             return ""
-        ours = [i for i in self._storage.list() if i.manifest.get("run_id") == self.run_id and lay.LAYOUT_KEY in i.metadata]
+        ours = [
+            i
+            for i in self._storage.list()
+            if i.manifest.get("run_id") == self.run_id and lay.LAYOUT_KEY in i.metadata
+        ]
         monitor = self.retention_options.monitor
         if monitor:
             scored = [(metric_value(i, monitor), n, i) for n, i in enumerate(ours)]
@@ -228,17 +244,25 @@ class DCPCheckpoint(Checkpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Resuming from one of this directory's checkpoints continues that run (retention included).
-        if self._storage is not None and state_dict.get("dirpath") == self._storage.root_url and state_dict.get("run_id"):
+        if (
+            self._storage is not None
+            and state_dict.get("dirpath") == self._storage.root_url
+            and state_dict.get("run_id")
+        ):
             self.run_id = state_dict["run_id"]
 
     # -- triggers --------------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
         self._maybe_save(trainer, "step")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_save(trainer, "epoch_end")
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if isinstance(exception, (KeyboardInterrupt, SystemExit)) or self._plugin is None:
             return  # SIGTERMException is a SystemExit: the preemption save already happened
         try:

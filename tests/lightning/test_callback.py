@@ -193,7 +193,13 @@ def test_best_k_by_a_logged_metric(tmp_path, mode, expected):
     # steps 1..8 log SCORES[step - 1]: 0.5 0.2 0.9 0.1 0.7 0.8 0.3 0.6 (the newest, 8, always stays)
     ckpts = str(tmp_path / "ckpts")
     callback = DCPCheckpoint(
-        ckpts, every_n_train_steps=1, keep_best=2, monitor="score", mode=mode, auto_resume=False, save_last=False
+        ckpts,
+        every_n_train_steps=1,
+        keep_best=2,
+        monitor="score",
+        mode=mode,
+        auto_resume=False,
+        save_last=False,
     )
     trainer(str(tmp_path), DCPCheckpointIO(), max_epochs=2, callbacks=[callback]).fit(ScoreModule(), loader())
     assert sorted(saved_steps(ckpts)) == expected
@@ -227,7 +233,9 @@ def test_auto_resume_and_ckpt_path_last(tmp_path):
 
 def test_export_final_model_only_in_bf16(tmp_path):
     ckpts = str(tmp_path / "ckpts")
-    callback = DCPCheckpoint(ckpts, every_n_epochs=1, export_final=True, export_dtype=torch.bfloat16, auto_resume=False)
+    callback = DCPCheckpoint(
+        ckpts, every_n_epochs=1, export_final=True, export_dtype=torch.bfloat16, auto_resume=False
+    )
     plugin = DCPCheckpointIO()
     module = TinyModule()
     trainer(str(tmp_path), plugin, max_epochs=1, callbacks=[callback]).fit(module, loader())
