@@ -6,6 +6,15 @@ checkpoint directory, written in the background and committed atomically. See ``
 
 from dcp_plugin.lightning.callback import DCPCheckpoint
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.inference import load_lightning_module
 from dcp_plugin.lightning.layout import LightningCheckpointError
+from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
 
-__all__ = ["DCPCheckpoint", "DCPCheckpointIO", "LightningCheckpointError"]
+__all__ = [
+    "DCPCheckpoint",
+    "DCPCheckpointIO",
+    "DCPFSDPStrategy",
+    "DCPModelParallelStrategy",
+    "LightningCheckpointError",
+    "load_lightning_module",
+]

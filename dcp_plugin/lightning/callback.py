@@ -373,7 +373,9 @@ class DCPCheckpoint(Checkpoint):
     def _adopt_run_id(self) -> None:
         # The plugin's managers stamp the manifests; make them stamp this run's id.
         assert self._plugin is not None and self.run_id is not None
-        self._plugin.manager_for(self._require_storage().root_url).run_id = self.run_id
+        root = self._require_storage().root_url
+        for collective in (False, True):  # stock strategies save from rank 0, sharded ones collectively
+            self._plugin.manager_for(root, collective=collective).run_id = self.run_id
 
     # -- after a save ----------------------------------------------------------------------------
     def _flush(self, trainer: pl.Trainer) -> None:

@@ -156,10 +156,10 @@ class DCPCheckpointIO(CheckpointIO):
         if layout.rng and self.save_rng:
             state[lay.RNG_ENTRY] = RNGState()
         manager.load(state, name=name, allow_pickle=self._allow_pickle(weights_only))
-        checkpoint = lay.join_checkpoint(state)
+        checkpoint = lay.join_checkpoint(state, layout)
         if layout.kind == lay.SHARDED:
-            optimizers = [checkpoint.pop(lay.optimizer_entry(i)) for i in range(layout.optimizers)]
-            checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in optimizers]
+            # written by a sharded strategy (FQN keys); Optimizer.load_state_dict wants parameter ids
+            checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]]
         return _map_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:

@@ -100,14 +100,20 @@ def optimizer_entry(index: int) -> str:
     return f"{OPTIMIZER_PREFIX}{index}"
 
 
-def split_checkpoint(checkpoint: Mapping[Any, Any], *, skip: tuple[str, ...] = ()) -> tuple[dict[str, Any], bool]:
-    """Top-level keys -> entries. Returns (entries, whether an extra-keys entry was needed)."""
+def split_checkpoint(
+    checkpoint: Mapping[Any, Any], *, skip: tuple[str, ...] = (), reserved: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], bool]:
+    """Top-level keys -> entries. Returns (entries, whether an extra-keys entry was needed).
+
+    Keys in ``skip`` are left out (the caller stores them itself); keys that cannot name an entry, or
+    that are in ``reserved``, go to the extra-keys entry.
+    """
     entries: dict[str, Any] = {}
     extra: dict[Any, Any] = {}
     for key, value in checkpoint.items():
         if key in skip:
             continue
-        if is_entry_name(key):
+        if is_entry_name(key) and key not in reserved:
             entries[key] = value
         else:
             extra[key] = value
@@ -116,13 +122,19 @@ def split_checkpoint(checkpoint: Mapping[Any, Any], *, skip: tuple[str, ...] = (
     return entries, bool(extra)
 
 
-def join_checkpoint(entries: Mapping[str, Any]) -> dict[Any, Any]:
-    """Inverse of :func:`split_checkpoint` (reserved entries are dropped, extra keys merged back)."""
+def join_checkpoint(entries: Mapping[str, Any], layout: Layout) -> dict[Any, Any]:
+    """Inverse of :func:`split_checkpoint`: reserved entries dropped, optimizer entries of the sharded
+    layout gathered into ``optimizer_states`` (FQN-keyed), extra keys merged back last."""
     checkpoint: dict[Any, Any] = {}
+    optimizers = {optimizer_entry(i) for i in range(layout.optimizers)} if layout.kind == SHARDED else set()
     for key, value in entries.items():
-        if key in RESERVED:
+        if key in RESERVED or key in optimizers:
             continue
         checkpoint[key] = value
+    if optimizers:
+        checkpoint["optimizer_states"] = [
+            entries[optimizer_entry(i)] for i in range(layout.optimizers) if optimizer_entry(i) in entries
+        ]
     extra = entries.get(EXTRA_ENTRY)
     if isinstance(extra, Mapping):
         checkpoint.update(extra)

@@ -52,6 +52,34 @@ class TinyModule(pl.LightningModule):
         self.extra_seen = checkpoint.get("hook_key")
 
 
+class ShardedModule(TinyModule):
+    """TinyModule sharded with FSDP2 over the data-parallel mesh (ModelParallelStrategy)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def full(value: Any) -> Any:
+    """A detached copy in which DTensors are full tensors (collective: call on every rank), recursively."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().detach().clone()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: full(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [full(v) for v in value]
+    return value
+
+
 def dataset(n: int = STEPS_PER_EPOCH * BATCH, seed: int = 1234) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=generator)
@@ -106,8 +134,8 @@ def final_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, An
     optimizer = trainer.optimizers[0]
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     return {
-        "weights": {k: v.detach().clone() for k, v in module.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "weights": full({k: v.detach().clone() for k, v in module.state_dict().items()}),
+        "optimizer": full(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
@@ -117,11 +145,16 @@ def final_state(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, An
 
 
 def resume_run(
-    root: str, plugin_factory: Any, *, strategy_factory: Any = lambda: "auto", devices: int = 1
+    root: str,
+    plugin_factory: Any,
+    *,
+    strategy_factory: Any = lambda: "auto",
+    devices: int = 1,
+    module_factory: Any = TinyModule,
 ) -> tuple[dict, dict]:
     """Train 3 epochs straight, and 1 epoch + resume to 3 from the step-4 checkpoint; return both end states."""
     seed_all(0)
-    module = TinyModule()
+    module = module_factory()
     straight = trainer(os.path.join(root, "straight"), plugin_factory(), max_epochs=3, strategy=strategy_factory(), devices=devices)
     straight.fit(module, loader())
     expected = final_state(straight, module)
@@ -129,14 +162,14 @@ def resume_run(
     ckpt_dir = os.path.join(root, "ckpts")
     steps = STEPS_PER_EPOCH // devices  # the data is split between DDP ranks
     seed_all(0)
-    module = TinyModule()
+    module = module_factory()
     first = trainer(
         root, plugin_factory(), max_epochs=1, callbacks=[every_epoch_checkpoint(ckpt_dir, steps)], strategy=strategy_factory(), devices=devices
     )
     first.fit(module, loader())
 
     seed_all(99)  # a different seed and fresh weights: everything must come from the checkpoint
-    module = TinyModule()
+    module = module_factory()
     second = trainer(
         root, plugin_factory(), max_epochs=3, callbacks=[every_epoch_checkpoint(ckpt_dir, steps)], strategy=strategy_factory(), devices=devices
     )

@@ -1,0 +1,49 @@
+"""Load a checkpoint directory into a LightningModule outside a Trainer (for inference).
+
+``LightningModule.load_from_checkpoint`` reads files with ``torch.load`` and raises ``IsADirectoryError``
+on the directories this plugin writes; :func:`load_lightning_module` is its counterpart for them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, TypeVar
+
+import lightning.pytorch as pl
+
+from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+
+ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+
+def load_lightning_module(
+    cls: type[ModuleT],
+    path: str | os.PathLike[str],
+    *,
+    map_location: Optional[Any] = None,
+    strict: Optional[bool] = None,
+    weights_only: Optional[bool] = None,
+    storage_options: Optional[dict[str, Any]] = None,
+    **hparams: Any,
+) -> ModuleT:
+    """Build ``cls`` from the hyper-parameters saved in the checkpoint at ``path`` and load its weights.
+
+    Works for checkpoints of any strategy and number of ranks (sharded weights are assembled into full
+    tensors) and for plain ``.ckpt`` files. ``hparams`` override saved hyper-parameters, as with
+    ``load_from_checkpoint``. ``map_location`` is a device (default: CPU).
+    """
+    from lightning.pytorch.core.saving import _load_state
+
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise TypeError(f"cls must be a LightningModule subclass, got {cls!r}.")
+    plugin = DCPCheckpointIO(storage_options=storage_options, save_rng=False)
+    try:
+        checkpoint = plugin.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+    finally:
+        plugin.teardown()
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(hparams)
+    module = _load_state(cls, checkpoint, strict=strict, **hparams)
+    if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+        module = module.to(map_location)
+    return module  # type: ignore[return-value]

@@ -1,0 +1,197 @@
+"""Strategy glue for sharded training: every rank saves its own shards through ``DCPCheckpointIO``.
+
+Lightning's ``ModelParallelStrategy`` and ``FSDPStrategy`` bypass the ``CheckpointIO`` plugin and call
+``dcp.save`` synchronously. Their subclasses here route ``save_checkpoint`` / ``load_checkpoint`` through
+the plugin instead: all ranks join one asynchronous collective save, each writing its own shards; the
+model and optimizers are stored by parameter name (live objects, no extra copy before the stager's), and
+loading happens in place after setup, resharding to the current number of ranks.
+
+Use: ``Trainer(strategy=DCPModelParallelStrategy(...), plugins=[DCPCheckpointIO(...)])`` — the plugin is
+optional (defaults apply without it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
+
+from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
+
+from dcp_plugin.lightning import layout as lay
+from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO, _step_of
+from dcp_plugin.state import ModelState, OptimizerState, RNGState
+
+
+class _LiveState(Mapping):
+    """A Stateful that is also a read-only mapping, so hooks reading ``checkpoint["state_dict"]`` still
+    see tensors; the state dict is only computed if someone looks (the save expands it itself)."""
+
+    _cache: dict[str, Any] | None = None
+
+    def _materialized(self) -> dict[str, Any]:
+        if self._cache is None:
+            self._cache = self.state_dict()  # type: ignore[attr-defined]
+        return self._cache
+
+    def __getitem__(self, key: str) -> Any:
+        return self._materialized()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialized())
+
+    def __len__(self) -> int:
+        return len(self._materialized())
+
+
+class LiveModelState(_LiveState, ModelState):
+    """The model's sharded state under FQN keys, taken when the checkpoint is written."""
+
+
+class LiveOptimizerState(_LiveState, OptimizerState):
+    """An optimizer's sharded state under FQN keys, taken when the checkpoint is written."""
+
+
+class _DCPStrategyMixin:
+    """Overrides shared by the DCP strategies (placed before the Lightning strategy in the MRO)."""
+
+    _checkpoint_io: Any
+
+    @property
+    def checkpoint_io(self) -> DCPCheckpointIO:
+        plugin = self._checkpoint_io
+        if plugin is None:
+            plugin = self._checkpoint_io = DCPCheckpointIO()
+        if not isinstance(plugin, DCPCheckpointIO):
+            raise TypeError(
+                f"{type(self).__name__} saves through DCPCheckpointIO, but the Trainer was given "
+                f"{type(plugin).__name__}. Pass plugins=[DCPCheckpointIO(...)] (or none for the defaults), or use "
+                f"Lightning's own {type(self).__mro__[2].__name__} with other CheckpointIO plugins."
+            )
+        return plugin
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, plugin: Any) -> None:
+        self._checkpoint_io = plugin
+
+    # -- what dump_checkpoint collects: live objects, expanded only when the save stages them ----
+    def lightning_module_state_dict(self) -> Any:
+        return LiveModelState(self.model)  # type: ignore[attr-defined]
+
+    def optimizer_state(self, optimizer: Optimizer) -> Any:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return LiveOptimizerState(self.model, optimizer)  # type: ignore[attr-defined]
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # loaded in place by load_checkpoint()
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # loaded in place by load_checkpoint()
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | os.PathLike[str], storage_options: Optional[Any] = None
+    ) -> None:
+        """Called on every rank: all ranks join one collective save, each writing its own shards."""
+        plugin = self.checkpoint_io
+        path = self.broadcast(os.fspath(filepath))  # type: ignore[attr-defined]
+        checkpoint = dict(checkpoint)
+        metadata = lay.pop_manifest_metadata(checkpoint)
+        optimizers = list(checkpoint.get("optimizer_states", []))
+        names = tuple(lay.optimizer_entry(i) for i in range(len(optimizers)))
+        entries, has_extra = lay.split_checkpoint(checkpoint, skip=("optimizer_states",), reserved=names)
+        entries.update(zip(names, optimizers))
+        if plugin.save_rng:
+            entries[lay.RNG_ENTRY] = RNGState()
+        layout = lay.Layout(kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra)
+        plugin.save_entries(
+            path,
+            _step_of(checkpoint),
+            entries,
+            layout,
+            collective=True,
+            storage_options=storage_options,
+            metadata=metadata,
+        )
+
+    def remove_checkpoint(self, filepath: str | os.PathLike[str]) -> None:
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            self.checkpoint_io.remove_checkpoint(filepath)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike[str], weights_only: Optional[bool] = None) -> dict:
+        """Called on every rank after setup: load in place into the sharded model (and optimizers when
+        fitting), whatever number of ranks wrote the checkpoint."""
+        plugin = self.checkpoint_io
+        path = self.broadcast(os.fspath(checkpoint_path))  # type: ignore[attr-defined]
+        storage, name = plugin._open(path, None)
+        if storage.is_file(name) or (not storage.is_committed(name) and _is_lightning_sharded(storage, path)):
+            # a torch.save file or Lightning's own sharded format: Lightning's loader handles both
+            return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
+        info = storage.info(name)
+        layout = lay.Layout.from_manifest(info.manifest, info.url)
+        module = self.lightning_module  # type: ignore[attr-defined]
+        fitting = module.trainer.state.fn == TrainerFn.FITTING
+        live_optimizers = list(self.optimizers) if fitting else []  # type: ignore[attr-defined]
+        saved = info.manifest.get("entries", {})
+
+        state: dict[str, Any] = {}
+        for entry in saved:
+            if entry == lay.RNG_ENTRY or (layout.kind == lay.SHARDED and entry.startswith(lay.OPTIMIZER_PREFIX)):
+                continue
+            state[entry] = ModelState(self.model) if entry == "state_dict" else None  # type: ignore[attr-defined]
+        if layout.kind == lay.SHARDED:
+            for index, optimizer in enumerate(live_optimizers[: layout.optimizers]):
+                state[lay.optimizer_entry(index)] = OptimizerState(self.model, optimizer)  # type: ignore[attr-defined]
+        elif live_optimizers and "optimizer_states" in saved:
+            raise lay.LightningCheckpointError(
+                f"{info.url} was written by a single-device/DDP run: its optimizer state is keyed by parameter id "
+                "and cannot be resharded. Resume it with the strategy that wrote it, or start a new fit from its "
+                "weights (trainer.validate/test can load it)."
+            )
+        if layout.rng and plugin.save_rng and fitting:
+            state[lay.RNG_ENTRY] = RNGState()
+        plugin.manager_for(storage, collective=True).load(
+            state, name=name, strict=module.strict_loading, allow_pickle=plugin._allow_pickle(weights_only)
+        )
+
+        values = {k: v for k, v in state.items() if not isinstance(v, (ModelState, OptimizerState, RNGState))}
+        checkpoint = lay.join_checkpoint(values, layout)
+        checkpoint["state_dict"] = ModelState(self.model).state_dict()  # type: ignore[attr-defined]
+        checkpoint["optimizer_states"] = [OptimizerState(self.model, o).state_dict() for o in live_optimizers]  # type: ignore[attr-defined]
+        return checkpoint
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Flush the save in flight and raise its error (Lightning's sharded strategies skip this)."""
+        try:
+            if self._checkpoint_io is not None:
+                self.checkpoint_io.teardown()
+        finally:
+            super().teardown()  # type: ignore[misc]
+
+
+def _is_lightning_sharded(storage: Any, path: str) -> bool:
+    return storage.is_local and _is_sharded_checkpoint(path)
+
+
+class DCPModelParallelStrategy(_DCPStrategyMixin, ModelParallelStrategy):
+    """``ModelParallelStrategy`` (FSDP2 / tensor parallel) whose checkpoints go through ``DCPCheckpointIO``:
+    asynchronous, every rank writing its own shards, committed atomically, resharding on load.
+
+    Takes the same arguments as ``ModelParallelStrategy``; ``save_distributed_checkpoint`` is ignored
+    (checkpoints are always sharded DCP directories, which any number of ranks can load).
+    """
+
+
+class DCPFSDPStrategy(_DCPStrategyMixin, FSDPStrategy):
+    """``FSDPStrategy`` whose checkpoints go through ``DCPCheckpointIO`` (sharded, asynchronous, resharding).
+
+    Takes the same arguments as ``FSDPStrategy``; ``state_dict_type`` is ignored (checkpoints are always
+    sharded DCP directories, which any number of ranks can load).
+    """
