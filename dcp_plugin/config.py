@@ -78,9 +78,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.async_mode not in ASYNC_MODES:
-            raise ConfigError(
-                f"async_mode={self.async_mode!r} is not supported; use one of {', '.join(ASYNC_MODES)}."
-            )
+            raise ConfigError(f"async_mode={self.async_mode!r} is not supported; use one of {', '.join(ASYNC_MODES)}.")
         if isinstance(self.thread_count, bool) or not isinstance(self.thread_count, int) or self.thread_count < 1:
             raise ConfigError(f"thread_count={self.thread_count!r} must be an integer >= 1.")
         if not isinstance(self.per_thread_copy_ahead, int) or self.per_thread_copy_ahead < 1:

@@ -138,7 +138,7 @@ def _encode_numpy(value: Any) -> dict | None:
     except ImportError:  # pragma: no cover
         return None
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
+        if value.dtype.kind == "O":
             return None
         data = np.ascontiguousarray(value)
         return {
@@ -166,9 +166,7 @@ def decode(skeleton: Any, resolve_tensor: Callable[[str], Any], allow_pickle: bo
         return resolve_tensor(skeleton["k"])
     if tag == "dict":
         cls = _DICT_CLASSES.get(skeleton.get("cls", ""), dict)
-        return cls(
-            (decode(k, resolve_tensor, allow_pickle), decode(v, resolve_tensor, allow_pickle)) for k, v in value
-        )
+        return cls((decode(k, resolve_tensor, allow_pickle), decode(v, resolve_tensor, allow_pickle)) for k, v in value)
     if tag == "tuple":
         return tuple(decode(v, resolve_tensor, allow_pickle) for v in value)
     if tag == "set":
@@ -194,7 +192,7 @@ def decode(skeleton: Any, resolve_tensor: Callable[[str], Any], allow_pickle: bo
         import numpy as np
 
         dtype = np.dtype(skeleton["dtype"])
-        if dtype == object:
+        if dtype.kind == "O":
             raise EncodingError("Object arrays are not loaded from checkpoints.")
         raw = base64.b64decode(value)
         if tag == "npscalar":

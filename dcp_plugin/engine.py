@@ -60,7 +60,14 @@ class SaveStats:
     """Time from the start of ``save`` until the checkpoint was committed (files written and synced)."""
     bytes_written: int | None = None
     """Bytes this save wrote (all ranks together)."""
+    staging_wait_s: float = 0.0
+    """With async staging: time the loop later spent in ``wait_for_staging`` for this save."""
     error: str | None = None
+
+    @property
+    def training_wait_s(self) -> float:
+        """Everything the training loop waited for this save: ``save`` itself plus any staging wait."""
+        return self.blocking_s + self.staging_wait_s
 
     @property
     def throughput_bytes_per_s(self) -> float | None:
@@ -70,6 +77,8 @@ class SaveStats:
 
     def summary(self) -> str:
         parts = [f"{self.name}: blocked {self.blocking_s * 1000:.1f} ms"]
+        if self.staging_wait_s:
+            parts.append(f"+{self.staging_wait_s * 1000:.1f} ms waiting for staging")
         if self.staging_s is not None:
             parts.append(f"staged {self.staging_s * 1000:.1f} ms")
         if self.durable_s is not None:
@@ -262,7 +271,9 @@ class CheckpointEngine:
             return self._stager
         cuda = torch.cuda.is_available()
         pinned = cuda if self.config.pinned_memory is None else self.config.pinned_memory
-        shared = (self.config.async_mode == "process") if self.config.shared_memory is None else self.config.shared_memory
+        shared = (
+            (self.config.async_mode == "process") if self.config.shared_memory is None else self.config.shared_memory
+        )
         options = StagingOptions(
             use_pinned_memory=pinned and cuda,
             use_shared_memory=shared,
@@ -298,10 +309,12 @@ class CheckpointEngine:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""
         flight = self._in_flight
         if flight is not None and flight.staging is not None and not flight.staging.done():
+            began = time.perf_counter()
             try:
                 flight.staging.result()
             except BaseException:  # noqa: BLE001 - reported through the upload future
                 pass
+            flight.stats.staging_wait_s += time.perf_counter() - began
 
     def wait(self) -> SaveStats | None:
         """Block until the save in flight is committed; raise its error (or an earlier one) here."""
@@ -396,8 +409,21 @@ def _bytes(metadata: Any) -> int | None:
 
 
 def _describe(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+    """One line per failing rank (DCP's CheckpointException carries a traceback per rank; the full text
+    stays available on ``__cause__``)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {rank}: {_one_line(cause)}")
+        return "; ".join(parts)
+    return _one_line(err)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
 
 
 class _ProcessDaemon:
@@ -476,6 +502,6 @@ def _check_main_guard() -> None:
 
 _GUARD_MESSAGE = (
     "async_mode='process' starts a writer process that re-imports {path}; that script has no "
-    "`if __name__ == \"__main__\":` guard, so the writer would run your training code again and hang. Move the "
+    '`if __name__ == "__main__":` guard, so the writer would run your training code again and hang. Move the '
     "script's top-level code under such a guard, or use async_mode='thread'."
 )

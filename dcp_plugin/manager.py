@@ -85,7 +85,9 @@ class CheckpointManager:
         if engine is not None:
             config = engine.config
         else:
-            config = (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+            config = (
+                (config or CheckpointConfig()).replace(**overrides) if overrides else (config or CheckpointConfig())
+            )
         self.config = config
         self.storage = CheckpointStorage(directory, config.storage_options)
         if config.async_mode == "process" and self.storage.protocol == "memory":
@@ -181,9 +183,7 @@ class CheckpointManager:
             sync_files=self.config.sync_files,
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
         )
-        stats = SaveStats(
-            name=name, url=self.storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0
-        )
+        stats = SaveStats(name=name, url=self.storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: self.storage.abort(pending)) if engine.is_coordinator else None
         engine.save(packed.flat, writer, stats=stats, started=started, on_failure=on_failure)
         self.history.append(stats)
@@ -310,6 +310,25 @@ class CheckpointManager:
             state[key] = value
         return info
 
+    def read(
+        self,
+        step: int | None = None,
+        *,
+        name: str | None = None,
+        entries: list[str] | None = None,
+        allow_pickle: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint without live objects: every (or the named) entry as plain values, with
+        full-size tensors (sharded saves are gathered). For inspection, export and inference."""
+        info = self._resolve_on_coordinator(step, name)
+        saved = list(info.manifest.get("entries", {}))
+        missing = [entry for entry in entries or [] if entry not in saved]
+        if missing:
+            raise CheckpointNotFoundError(f"{info.url} has no entries {missing}; it has {saved}.")
+        state: dict[str, Any] = {entry: None for entry in (entries or saved)}
+        self.load(state, name=info.name, allow_pickle=allow_pickle)
+        return state
+
     def _resolve_on_coordinator(self, step: int | None, name: str | None) -> CheckpointInfo:
         result: CheckpointInfo | None = None
         error: BaseException | None = None
@@ -398,4 +417,6 @@ def _check_json(value: Any) -> None:
     try:
         json.dumps(value, allow_nan=True)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"Checkpoint metadata must be JSON-serializable (numbers, strings, lists, dicts): {err}") from None
+        raise TypeError(
+            f"Checkpoint metadata must be JSON-serializable (numbers, strings, lists, dicts): {err}"
+        ) from None

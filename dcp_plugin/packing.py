@@ -133,9 +133,7 @@ def plan_load(
                         continue
                 plan.flat[key] = torch.empty(tuple(stored.size), dtype=stored.properties.dtype)
             elif _size(live) != tuple(stored.size):
-                plan.problems.append(
-                    f"shape mismatch for {key!r}: checkpoint {tuple(stored.size)}, live {_size(live)}"
-                )
+                plan.problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(stored.size)}, live {_size(live)}")
             else:
                 plan.flat[key] = live
         if unexpected:
@@ -147,9 +145,7 @@ def plan_load(
     return plan
 
 
-def finish_load(
-    plan: LoadPlan, state: Mapping[str, Any], *, strict: bool, allow_pickle: bool
-) -> dict[str, Any]:
+def finish_load(plan: LoadPlan, state: Mapping[str, Any], *, strict: bool, allow_pickle: bool) -> dict[str, Any]:
     """After DCP filled the tensors: rebuild each entry and hand it to its owner.
 
     Returns the decoded values of plain (non-Stateful) entries; the caller writes them back.
@@ -159,7 +155,7 @@ def finish_load(
         obj = state[name]
         prune = not strict and defines_structure(obj)
 
-        def resolve(key: str) -> Any:
+        def resolve(key: str, prune: bool = prune) -> Any:
             return plan.flat.get(key, _MISSING) if prune else plan.flat[key]
 
         value = encoding.decode(entry["value"], resolve, allow_pickle=allow_pickle)

@@ -69,10 +69,26 @@ class OptimizerState(Stateful):
         return list(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        # torch materialises the state of an optimizer that never stepped with a zero-lr step. That must not
+        # leak into training (AdamW's step count would be off by one), so undo it and remember it was empty.
+        never_stepped = all(not optimizer.state for optimizer in self.optimizers)
+        state_dict = get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+        if never_stepped:
+            for optimizer in self.optimizers:
+                optimizer.state.clear()
+            state_dict = {**state_dict, _NEVER_STEPPED: True}
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        never_stepped = state_dict.pop(_NEVER_STEPPED, False)
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+        if never_stepped:
+            for optimizer in self.optimizers:
+                optimizer.state.clear()
+
+
+_NEVER_STEPPED = "dcp_plugin_never_stepped"
 
 
 class RNGState(Stateful):

@@ -104,7 +104,8 @@ class CheckpointStorage:
             raise ValueError("The checkpoint directory is empty; pass a local path or a URL such as s3://bucket/run.")
         self.storage_options = dict(storage_options or {})
         self.fs, path = url_to_fs(root, **self.storage_options)
-        self.is_local = isinstance(self.fs, LocalFileSystem)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.is_local = isinstance(self.fs, LocalFileSystem) and bool(protocols & {"file", "local"})
         self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.atomic_rename = self.is_local
         self.root_url = self.root if self.is_local else self.fs.unstrip_protocol(self.root)
@@ -165,10 +166,9 @@ class CheckpointStorage:
                 )
             log.warning("Removing %s: an earlier write there never committed.", self.url(name))
             self._remove_tree(self._path(name))
-        if self.atomic_rename or committed:
-            write_name = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
-        else:
-            write_name = name
+        # Object stores write a fresh checkpoint in place (the manifest commits it); everything else is staged.
+        staged = self.atomic_rename or committed
+        write_name = f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}" if staged else name
         self.fs.makedirs(self._path(write_name), exist_ok=True)
         return PendingWrite(name=name, write_name=write_name, replaces_committed=committed)
 
@@ -332,10 +332,15 @@ class CheckpointStorage:
         for entry in self.fs.ls(self.root, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith((TMP_PREFIX, OLD_PREFIX)) or (
-                self.fs.isdir(entry) and not self.is_committed(name) and self.fs.exists(f"{entry}/{METADATA_NAME}")
+                self.fs.isdir(entry)
+                and not self.is_committed(name)
+                and (STEP_NAME.match(name) or self._holds_dcp_files(entry))
             ):
                 names.append(name)
         return sorted(names)
+
+    def _holds_dcp_files(self, path: str) -> bool:
+        return self.fs.exists(f"{path}/{METADATA_NAME}") or bool(self.fs.glob(f"{path}/*.distcp"))
 
     def remove_incomplete(self, name: str) -> None:
         if self.is_committed(name) and not name.startswith((TMP_PREFIX, OLD_PREFIX)):

@@ -49,8 +49,13 @@ def fit(root: str, mode: str, epochs: int, ckpt_path: str | None) -> pl.Trainer:
         logger=False,
         plugins=[DCPCheckpointIO(async_mode=mode)],
         callbacks=[
-            ModelCheckpoint(dirpath=f"{root}/ckpts", monitor="train_loss", save_top_k=2, save_last=True,
-                            every_n_train_steps=4)
+            ModelCheckpoint(
+                dirpath=f"{root}/ckpts",
+                monitor="train_loss",
+                save_top_k=2,
+                save_last=True,
+                every_n_train_steps=4,
+            )
         ],
     )
     trainer.fit(Regressor(), data(), ckpt_path=ckpt_path)

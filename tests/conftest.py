@@ -65,7 +65,7 @@ def s3_server():
 @pytest.fixture()
 def s3_url(s3_server):
     """A fresh bucket on the local S3 server; returns (url, storage_options)."""
-    import s3fs
+    import boto3
 
     options = {
         "key": "testing",
@@ -74,9 +74,13 @@ def s3_url(s3_server):
         "use_listings_cache": False,
     }
     bucket = f"test-{uuid.uuid4().hex[:10]}"
-    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-    # s3fs's mkdir sends region_name as LocationConstraint, which S3 (and moto) reject for us-east-1
-    fs.call_s3("create_bucket", Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/run", options
 
 

@@ -46,7 +46,9 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
     """Bit-exact comparison of nested tensors and values."""
     if torch.is_tensor(a) or torch.is_tensor(b):
         assert torch.is_tensor(a) and torch.is_tensor(b), f"{path}: {type(a)} vs {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
         assert torch.equal(a, b), f"{path}: tensors differ"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"

@@ -152,14 +152,18 @@ class DCPCheckpointIO(CheckpointIO):
         manager = self.manager_for(storage, collective=False)
         info = storage.info(name)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
-        state: dict[str, Any] = {entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY}
+        state: dict[str, Any] = {
+            entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY
+        }
         if layout.rng and self.save_rng:
             state[lay.RNG_ENTRY] = RNGState()
         manager.load(state, name=name, allow_pickle=self._allow_pickle(weights_only))
         checkpoint = lay.join_checkpoint(state, layout)
         if layout.kind == lay.SHARDED:
             # written by a sharded strategy (FQN keys); Optimizer.load_state_dict wants parameter ids
-            checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]]
+            checkpoint["optimizer_states"] = [
+                lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]
+            ]
         return _map_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
@@ -231,8 +235,10 @@ class DCPCheckpointIO(CheckpointIO):
         Managers share the plugin's engine (one save in flight, one staging buffer). ``collective=True`` is
         the manager every rank calls together (sharded strategies); ``False`` the one a lone rank uses.
         """
-        storage = directory if isinstance(directory, CheckpointStorage) else CheckpointStorage(
-            directory, self.config.storage_options
+        storage = (
+            directory
+            if isinstance(directory, CheckpointStorage)
+            else CheckpointStorage(directory, self.config.storage_options)
         )
         options_key = repr(sorted(storage.storage_options.items()))
         key = (storage.root_url, collective, options_key)
@@ -281,7 +287,9 @@ class DCPCheckpointIO(CheckpointIO):
             return self.config.allow_pickle
         return not weights_only
 
-    def _open(self, path: str | os.PathLike[str], storage_options: Optional[Any]) -> tuple[CheckpointStorage, str]:
+    def _open(
+        self, path: str | os.PathLike[str], storage_options: Optional[Any]
+    ) -> tuple[CheckpointStorage, str]:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(
                 f"storage_options must be a mapping of fsspec options (got {type(storage_options).__name__}); "

@@ -95,7 +95,10 @@ class _DCPStrategyMixin:
 
     # -- saving ----------------------------------------------------------------------------------
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: str | os.PathLike[str], storage_options: Optional[Any] = None
+        self,
+        checkpoint: dict[str, Any],
+        filepath: str | os.PathLike[str],
+        storage_options: Optional[Any] = None,
     ) -> None:
         """Called on every rank: all ranks join one collective save, each writing its own shards."""
         plugin = self.checkpoint_io
@@ -108,7 +111,9 @@ class _DCPStrategyMixin:
         entries.update(zip(names, optimizers))
         if plugin.save_rng:
             entries[lay.RNG_ENTRY] = RNGState()
-        layout = lay.Layout(kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra)
+        layout = lay.Layout(
+            kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra
+        )
         plugin.save_entries(
             path,
             _step_of(checkpoint),
@@ -124,7 +129,9 @@ class _DCPStrategyMixin:
             self.checkpoint_io.remove_checkpoint(filepath)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load_checkpoint(self, checkpoint_path: str | os.PathLike[str], weights_only: Optional[bool] = None) -> dict:
+    def load_checkpoint(
+        self, checkpoint_path: str | os.PathLike[str], weights_only: Optional[bool] = None
+    ) -> dict:
         """Called on every rank after setup: load in place into the sharded model (and optimizers when
         fitting), whatever number of ranks wrote the checkpoint."""
         plugin = self.checkpoint_io
@@ -142,7 +149,9 @@ class _DCPStrategyMixin:
 
         state: dict[str, Any] = {}
         for entry in saved:
-            if entry == lay.RNG_ENTRY or (layout.kind == lay.SHARDED and entry.startswith(lay.OPTIMIZER_PREFIX)):
+            if entry == lay.RNG_ENTRY or (
+                layout.kind == lay.SHARDED and entry.startswith(lay.OPTIMIZER_PREFIX)
+            ):
                 continue
             state[entry] = ModelState(self.model) if entry == "state_dict" else None  # type: ignore[attr-defined]
         if layout.kind == lay.SHARDED:

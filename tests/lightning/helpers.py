@@ -155,7 +155,13 @@ def resume_run(
     """Train 3 epochs straight, and 1 epoch + resume to 3 from the step-4 checkpoint; return both end states."""
     seed_all(0)
     module = module_factory()
-    straight = trainer(os.path.join(root, "straight"), plugin_factory(), max_epochs=3, strategy=strategy_factory(), devices=devices)
+    straight = trainer(
+        os.path.join(root, "straight"),
+        plugin_factory(),
+        max_epochs=3,
+        strategy=strategy_factory(),
+        devices=devices,
+    )
     straight.fit(module, loader())
     expected = final_state(straight, module)
 
@@ -164,14 +170,24 @@ def resume_run(
     seed_all(0)
     module = module_factory()
     first = trainer(
-        root, plugin_factory(), max_epochs=1, callbacks=[every_epoch_checkpoint(ckpt_dir, steps)], strategy=strategy_factory(), devices=devices
+        root,
+        plugin_factory(),
+        max_epochs=1,
+        callbacks=[every_epoch_checkpoint(ckpt_dir, steps)],
+        strategy=strategy_factory(),
+        devices=devices,
     )
     first.fit(module, loader())
 
     seed_all(99)  # a different seed and fresh weights: everything must come from the checkpoint
     module = module_factory()
     second = trainer(
-        root, plugin_factory(), max_epochs=3, callbacks=[every_epoch_checkpoint(ckpt_dir, steps)], strategy=strategy_factory(), devices=devices
+        root,
+        plugin_factory(),
+        max_epochs=3,
+        callbacks=[every_epoch_checkpoint(ckpt_dir, steps)],
+        strategy=strategy_factory(),
+        devices=devices,
     )
     second.fit(module, loader(), ckpt_path=os.path.join(ckpt_dir, f"epoch=0-step={steps}.ckpt"))
     resumed = final_state(second, module)

@@ -47,7 +47,9 @@ model:
 def _run(tmp_path, epochs: int, *extra: str) -> LightningCLI:
     config = tmp_path / f"config{epochs}.yaml"
     config.write_text(CONFIG.format(root=tmp_path, epochs=epochs))
-    return LightningCLI(CLIModule, args=["fit", "--config", str(config), *extra], save_config_kwargs={"overwrite": True})
+    return LightningCLI(
+        CLIModule, args=["fit", "--config", str(config), *extra], save_config_kwargs={"overwrite": True}
+    )
 
 
 def test_plugin_from_yaml_trains_and_resumes(tmp_path):

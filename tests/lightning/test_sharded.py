@@ -33,7 +33,7 @@ def _resume(rank: int, world_size: int, root: str, mode: str) -> tuple[dict, dic
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_fsdp2_async_sharded_save_and_exact_resume(tmp_path, mode):
     results = run_ranks(_resume, str(tmp_path), mode, world_size=2)
-    for expected, resumed, files in results:
+    for expected, resumed, _files in results:
         assert resumed.pop("hook_key") == {"steps": 2, 7: (1, 2), "empty": []}
         for key in expected:
             assert_same(expected[key], resumed[key], key)

@@ -1,0 +1,28 @@
+"""Accelerate adapter: ``accelerator.save_state()`` / ``load_state()`` through DCP.
+
+.. code-block:: python
+
+    accelerator = Accelerator(project_config=ProjectConfiguration(project_dir="runs/a",
+                              automatic_checkpoint_naming=True, total_limit=3))
+    dcp_plugin.accelerate.enable(accelerator, async_mode="process")  # or only DCP_PLUGIN_* variables
+    ...
+    accelerator.save_state()   # asynchronous, returns once the snapshot is taken
+    accelerator.load_state()   # latest committed checkpoint, in place
+
+See ``docs/accelerate.md`` for the environment variables and caveats.
+"""
+
+from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
+from dcp_plugin.accelerate.export import export_weights
+from dcp_plugin.accelerate.install import DCPAccelerator, checkpointer_of, disable, enable
+from dcp_plugin.accelerate.options import AccelerateOptions
+
+__all__ = [
+    "AccelerateCheckpointer",
+    "AccelerateOptions",
+    "DCPAccelerator",
+    "checkpointer_of",
+    "disable",
+    "enable",
+    "export_weights",
+]

@@ -1,0 +1,107 @@
+"""Export the model weights of a checkpoint as the single file ``accelerate merge-weights`` produces.
+
+``accelerate merge-weights`` reads a DCP directory holding only a model; a dcp-plugin checkpoint holds
+the whole training state (optimizer, RNG, ...), so it is exported with this instead::
+
+    python -m dcp_plugin.accelerate.export runs/a/checkpoints/checkpoint_3 merged/
+    # -> merged/model.safetensors (full, unsharded tensors, plain parameter names)
+
+Works from any world size (shards are gathered) and from URLs (``s3://...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import torch
+
+from dcp_plugin.accelerate.state import indexed
+from dcp_plugin.manager import CheckpointManager
+from dcp_plugin.storage import open_url
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "pytorch_model.bin"
+
+
+def load_weights(
+    checkpoint: str, *, model_index: int = 0, storage_options: dict[str, Any] | None = None
+) -> dict:
+    """The full (unsharded) state dict of one model of a checkpoint, read by this process alone."""
+    storage, name = open_url(str(checkpoint), storage_options)
+    entry = indexed("model", model_index)
+    manager = CheckpointManager(
+        storage.root_url, distributed=False, async_mode="sync", storage_options=dict(storage_options or {})
+    )
+    try:
+        info = manager.storage.info(name)
+        entries = info.manifest.get("entries", {})
+        if entry not in entries:
+            models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
+            raise KeyError(
+                f"{info.url} has no entry {entry!r} (model_index={model_index}); "
+                f"it holds {models or 'no models'}."
+            )
+        target: dict[str, Any] = {entry: None}
+        manager.load(target, name=name)
+    finally:
+        manager.close()
+    return target[entry]
+
+
+def export_weights(
+    checkpoint: str,
+    output_dir: str,
+    *,
+    model_index: int = 0,
+    safe_serialization: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """Write ``output_dir/model.safetensors`` (or ``pytorch_model.bin``) with the model's full weights.
+
+    The same file ``accelerate merge-weights`` writes; load it with ``model.load_state_dict`` or
+    ``safetensors.torch.load_file``. Returns the written path. Run it on one process.
+    """
+    weights = load_weights(checkpoint, model_index=model_index, storage_options=storage_options)
+    tensors = {key: value.contiguous() for key, value in weights.items() if torch.is_tensor(value)}
+    os.makedirs(output_dir, exist_ok=True)
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        path = os.path.join(output_dir, SAFE_WEIGHTS_NAME)
+        save_file(tensors, path, metadata={"format": "pt"})
+    else:
+        path = os.path.join(output_dir, WEIGHTS_NAME)
+        torch.save(tensors, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dcp_plugin.accelerate.export",
+        description="Write the full model weights of a dcp-plugin checkpoint as model.safetensors.",
+    )
+    parser.add_argument(
+        "checkpoint", help="checkpoint directory or URL (e.g. runs/a/checkpoints/checkpoint_3)"
+    )
+    parser.add_argument("output_dir", help="local directory for model.safetensors")
+    parser.add_argument("--model-index", type=int, default=0, help="which prepared model (default 0)")
+    parser.add_argument("--unsafe-serialization", action="store_true", help="write pytorch_model.bin instead")
+    parser.add_argument(
+        "--storage-options", default="{}", help="fsspec options as JSON (e.g. an S3 endpoint)"
+    )
+    args = parser.parse_args(argv)
+    path = export_weights(
+        args.checkpoint,
+        args.output_dir,
+        model_index=args.model_index,
+        safe_serialization=not args.unsafe_serialization,
+        storage_options=json.loads(args.storage_options),
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

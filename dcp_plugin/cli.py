@@ -1,0 +1,166 @@
+"""The ``dcp-plugin`` command: list, inspect, verify, export and clean up checkpoints on any fsspec storage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.manager import CheckpointManager
+from dcp_plugin.storage import CheckpointStorage, open_url
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    return json.loads(args.storage_options) if args.storage_options else {}
+
+
+def _manager(directory: str, args: argparse.Namespace) -> CheckpointManager:
+    config = CheckpointConfig(async_mode="sync", storage_options=_storage_options(args))
+    return CheckpointManager(directory, config, distributed=False)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage = CheckpointStorage(args.directory, _storage_options(args))
+    infos = storage.list()
+    if args.json:
+        print(json.dumps([{"name": i.name, "url": i.url, **i.manifest} for i in infos], indent=1))
+        return 0
+    if not infos:
+        print(f"no committed checkpoints in {storage.root_url}")
+    for info in infos:
+        size = info.manifest.get("bytes") or 0
+        metrics = " ".join(f"{k}={v}" for k, v in sorted(info.metadata.items()))
+        print(
+            f"{info.name}\tstep={info.step}\tranks={info.manifest.get('world_size')}\t{size / 2**20:.1f} MiB\t{metrics}"
+        )
+    leftovers = storage.incomplete()
+    if leftovers:
+        print(
+            f"({len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; "
+            "`dcp-plugin purge` removes them)"
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    storage, name = open_url(args.checkpoint, _storage_options(args))
+    info = storage.info(name)
+    metadata = storage.metadata_reader(name).read_metadata()
+    tensors = []
+    for key, entry in sorted(metadata.state_dict_metadata.items()):
+        if key.startswith("__dcp_plugin__"):
+            continue
+        size = getattr(entry, "size", None)
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        tensors.append({"key": key, "shape": list(size) if size is not None else None, "dtype": str(dtype)})
+    if args.json:
+        print(json.dumps({"manifest": info.manifest, "tensors": tensors}, indent=1))
+        return 0
+    print(json.dumps(info.manifest, indent=1, sort_keys=True))
+    for tensor in tensors:
+        print(f"{tensor['key']}\t{tuple(tensor['shape'] or ())}\t{tensor['dtype']}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check the commit marker, the metadata, that every data file holds its bytes, and (with --load) the tensors."""
+    storage, name = open_url(args.checkpoint, _storage_options(args))
+    info = storage.info(name)
+    metadata = storage.metadata_reader(name).read_metadata()
+    needed: dict[str, int] = {}
+    for location in (metadata.storage_data or {}).values():
+        path = str(location.relative_path)
+        needed[path] = max(needed.get(path, 0), int(location.offset) + int(location.length))
+    problems = []
+    for path, length in sorted(needed.items()):
+        full = f"{storage._path(name)}/{path}"
+        if not storage.fs.exists(full):
+            problems.append(f"missing data file {path}")
+        elif storage.fs.size(full) < length:
+            problems.append(f"{path} is truncated ({storage.fs.size(full)} of {length} bytes)")
+    if not problems and args.load:
+        try:
+            _manager(storage.root_url, args).read(name=name)
+        except Exception as err:  # noqa: BLE001 - reported as a verification failure
+            problems.append(f"loading failed: {err}")
+    if problems:
+        print(f"{info.url}: BROKEN")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"{info.url}: OK ({len(needed)} data files, {sum(needed.values()) / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write one entry (default: model) of a checkpoint as a plain torch.save file, e.g. for inference."""
+    import torch
+
+    storage, name = open_url(args.checkpoint, _storage_options(args))
+    values = _manager(storage.root_url, args).read(name=name, entries=[args.entry])
+    value = values[args.entry]
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+        value = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in value.items()}
+    torch.save(value, args.output)
+    print(f"wrote {args.entry!r} of {storage.url(name)} to {args.output}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    storage = CheckpointStorage(args.directory, _storage_options(args))
+    leftovers = storage.incomplete()
+    for name in leftovers:
+        if args.dry_run:
+            print(f"would remove {storage.url(name)}")
+        else:
+            storage.remove_incomplete(name)
+            print(f"removed {storage.url(name)}")
+    if not leftovers:
+        print(f"nothing to purge in {storage.root_url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcp-plugin", description=__doc__)
+    parser.add_argument("--storage-options", help="fsspec options as JSON, e.g. '{\"anon\": false}'")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("ls", help="list committed checkpoints in a directory or URL")
+    ls.add_argument("directory")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    inspect = sub.add_parser("inspect", help="show a checkpoint's manifest and tensors")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+    verify = sub.add_parser("verify", help="check a checkpoint is complete (and loadable with --load)")
+    verify.add_argument("checkpoint")
+    verify.add_argument("--load", action="store_true", help="also read every tensor")
+    verify.set_defaults(func=cmd_verify)
+    export = sub.add_parser("export", help="write one entry as a torch.save file")
+    export.add_argument("checkpoint")
+    export.add_argument("output")
+    export.add_argument("--entry", default="model")
+    export.add_argument("--dtype", help="convert floating tensors, e.g. bfloat16")
+    export.set_defaults(func=cmd_export)
+    purge = sub.add_parser("purge", help="remove leftovers of writes that never committed")
+    purge.add_argument("directory")
+    purge.add_argument("--dry-run", action="store_true")
+    purge.set_defaults(func=cmd_purge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as err:
+        print(f"dcp-plugin {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Run scripts the way users do: ``python script.py`` or ``torchrun --nproc-per-node N script.py``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("train_script.py")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCP_PLUGIN_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def launch(
+    args: list[str],
+    *,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    script: Path = SCRIPT,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` processes; fail with its output if it does not succeed."""
+    if nproc == 1:
+        command = [sys.executable, str(script), *args]
+    else:
+        from tests.multiproc import free_port
+
+        command = [
+            str(TORCHRUN),
+            f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}",
+            str(script),
+            *args,
+        ]
+    result = subprocess.run(command, env=script_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited with {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
+            f"--- stderr\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def records(prefix: str, tag: str, world_size: int) -> list[dict]:
+    return [torch.load(f"{prefix}_{tag}_rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -1,0 +1,85 @@
+"""The benchmark harness runs end to end at a tiny size and writes well-formed outputs (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks.contenders import CONTENDERS
+from benchmarks.settings import BenchSettings, SettingsError
+
+SMOKE_CONTENDERS = ["torch.save", "Lightning AsyncCheckpointIO", "dcp-plugin thread+staging"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_variant_at_tiny_size_writes_json_markdown_and_chart(tmp_path):
+    out = tmp_path / "results" / "smoke"
+    argv = [
+        "--quick",
+        "--state-mib",
+        "2",
+        "--saves",
+        "1",
+        "--leak-saves",
+        "3",
+        "--train-steps",
+        "1",
+        "--dir",
+        str(tmp_path / "ckpt"),
+        "--out",
+        str(out),
+    ]
+    for name in SMOKE_CONTENDERS:
+        argv += ["--contender", name]
+    assert bench_run.main(argv) == 0
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    summary = data["summary"]
+    assert set(summary["contenders"]) == set(SMOKE_CONTENDERS)
+    assert all(run["ok"] for run in data["runs"]), [r.get("error") for r in data["runs"]]
+    assert {run["contender"] for run in data["runs"]} == {"raw disk", *SMOKE_CONTENDERS}
+    assert summary["raw_disk"]["write_s"]["n"] == 1
+    for name, entry in summary["contenders"].items():
+        assert entry["load_verified"] is True, name
+        assert entry["blocked_s"]["n"] == 3  # leak_saves timed saves in the single (first) repetition
+        assert entry["durable_s"]["median"] >= entry["blocked_s"]["median"] > 0
+        assert entry["bytes"]["median"] >= entry["state_bytes"] > 0
+        assert entry["peak_extra_bytes"] is not None
+        assert entry["growth_saves"] == 3
+        assert entry["ratios"]["durable_vs_raw_write"] > 0
+        if entry["background"]:
+            assert entry["stall_s"]["n"] == 1 and entry["train_throughput"]["median"] > 0
+        else:
+            assert entry["stall_s"] is None
+    assert summary["contenders"]["torch.save"]["ratios"]["blocked_vs_torch_save"] == pytest.approx(1.0)
+    assert {row["contender"] for row in summary["targets"]} == {"dcp-plugin thread+staging"}
+    assert data["machine"]["nproc"] >= 1 and data["machine"]["torch"]
+
+    text = out.with_suffix(".md").read_text()
+    for name in SMOKE_CONTENDERS:
+        assert text.count(f"| {name} |") >= 2, name
+    assert "### Targets (dcp-plugin)" in text
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "ckpt").iterdir()), "checkpoints left behind"
+
+
+def test_bad_settings_and_unknown_contenders_are_refused():
+    with pytest.raises(SettingsError, match="leak_saves"):
+        BenchSettings(saves=5, leak_saves=2)
+    with pytest.raises(SettingsError, match="state_mib"):
+        BenchSettings(state_mib=0)
+    with pytest.raises(SystemExit):
+        bench_run.parse(["--contender", "no such thing"])
+    from benchmarks.runner import select
+
+    with pytest.raises(SettingsError, match="Unknown contender"):
+        select(BenchSettings(contenders=["no such thing"]))
+
+
+def test_every_registered_contender_is_described():
+    assert "torch.save" in CONTENDERS and "dcp-plugin process+staging" in CONTENDERS
+    for info in CONTENDERS.values():
+        assert info.description and isinstance(info.background, bool) and isinstance(info.fsyncs, bool)
