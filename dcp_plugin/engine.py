@@ -127,6 +127,7 @@ class CheckpointEngine:
         self.config = config or CheckpointConfig()
         self._distributed_request = distributed
         self._group: dist.ProcessGroup | None = None
+        self._control_group: dist.ProcessGroup | None = None
         self._group_ready = False
         self._stager: DefaultStager | None = None
         self._in_flight: _InFlight | None = None
@@ -199,6 +200,21 @@ class CheckpointEngine:
             return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.process_group())
+        return out
+
+    def all_gather_control(self, obj: Any) -> list[Any]:
+        """``all_gather`` for small control messages (e.g. save decisions), safe while a save is in flight.
+
+        A background save runs collectives on the checkpoint group; issuing others there from the training
+        thread at the same time would interleave them. This uses a second gloo group, created on first use
+        (by every rank, at the same point of the loop).
+        """
+        if not self.collective:
+            return [obj]
+        if self._control_group is None:
+            self._control_group = dist.new_group(backend="gloo")
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._control_group)
         return out
 
     def barrier(self) -> None:
@@ -383,6 +399,12 @@ class CheckpointEngine:
                     pass
             self._group = None
             self._group_ready = False
+            if self._control_group is not None:
+                try:
+                    dist.destroy_process_group(self._control_group)
+                except Exception:  # noqa: BLE001 - the default group may already be gone
+                    pass
+                self._control_group = None
             if self._owns_default_group and dist.is_initialized():
                 dist.destroy_process_group()
                 self._owns_default_group = False

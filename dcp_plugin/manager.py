@@ -16,6 +16,17 @@ from typing import Any
 from dcp_plugin import encoding, packing
 from dcp_plugin.config import CheckpointConfig, ConfigError
 from dcp_plugin.engine import CheckpointEngine, CheckpointSaveError, SaveStats
+from dcp_plugin.policies import (
+    SAVE_EVENTS,
+    RetentionPolicy,
+    SaveContext,
+    SaveDecision,
+    SaveEvent,
+    SavePolicy,
+    apply_retention,
+    as_metrics,
+    decide,
+)
 from dcp_plugin.state import optimizers_in, wrap_state
 from dcp_plugin.storage import (
     CheckpointInfo,
@@ -37,7 +48,13 @@ class CheckpointManager:
         engine: share one :class:`CheckpointEngine` between managers (one staging buffer, one daemon).
         distributed: ``None`` saves collectively when ``torch.distributed`` is initialized (call every
             method on every rank); ``False`` makes this process save and load alone.
-        run_id: identifies checkpoints this manager wrote (retention deletes only those). Default: new.
+        run_id: identifies checkpoints this manager wrote (retention deletes only those). Default: new;
+            pass the same id when resuming a run so its earlier checkpoints stay under retention.
+        save_policy: when :meth:`maybe_save` saves (see :mod:`dcp_plugin.policies`), e.g.
+            ``EveryNSteps(500) | EveryNSeconds(1800) | OnPreemption()``. Signal handlers are installed
+            here and removed by :meth:`close`.
+        retention: which committed checkpoints of this run to keep, e.g. ``KeepLast(3)``; applied on the
+            coordinator after each save committed. ``None`` keeps everything.
 
     ``state`` passed to :meth:`save` and :meth:`load` maps names to models, optimizers, other
     ``Stateful`` objects (anything with ``state_dict``/``load_state_dict``) and plain values.
@@ -51,8 +68,18 @@ class CheckpointManager:
         engine: CheckpointEngine | None = None,
         distributed: bool | None = None,
         run_id: str | None = None,
+        save_policy: SavePolicy | None = None,
+        retention: RetentionPolicy | None = None,
         **overrides: Any,
     ) -> None:
+        if save_policy is not None and not isinstance(save_policy, SavePolicy):
+            raise TypeError(
+                f"save_policy must be a SavePolicy (e.g. EveryNSteps(100)), got {type(save_policy).__name__}."
+            )
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise TypeError(
+                f"retention must be a RetentionPolicy (e.g. KeepLast(3)), got {type(retention).__name__}."
+            )
         if engine is not None and (config is not None or overrides):
             raise ConfigError("Pass either engine= or config options, not both: a shared engine has its own config.")
         if engine is not None:
@@ -77,6 +104,15 @@ class CheckpointManager:
         self.run_id = run_id or uuid.uuid4().hex
         self._hooked_optimizers: dict[int, Any] = {}
         self.history: list[SaveStats] = []
+        self.save_policy = save_policy
+        self.retention = retention
+        self.should_stop = False
+        self.last_decision: SaveDecision | None = None
+        """Set by :meth:`maybe_save` after a preemption save committed: the loop should exit now."""
+        self._last_saved_step: int | None = None
+        self._retention_due = False
+        if save_policy is not None:
+            save_policy.install()
 
     @property
     def directory(self) -> str:
@@ -101,6 +137,7 @@ class CheckpointManager:
         """
         started = time.perf_counter()
         self.engine.wait()
+        self._retain()
         _check_json(dict(metadata or {}))
         name = name or step_name(step)
         wrapped = wrap_state(state)
@@ -150,15 +187,72 @@ class CheckpointManager:
         on_failure = (lambda: self.storage.abort(pending)) if engine.is_coordinator else None
         engine.save(packed.flat, writer, stats=stats, started=started, on_failure=on_failure)
         self.history.append(stats)
+        self._last_saved_step = step
+        self._retention_due = True
         return stats
+
+    def maybe_save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        event: SaveEvent = "step",
+        epoch: int | None = None,
+    ) -> SaveStats | None:
+        """Save ``state`` for ``step`` if the save policy says so; call it on every rank at the same points.
+
+        ``event`` says where the loop is: after a training step (``"step"``), at the end of a training
+        epoch (``"epoch_end"``, with ``epoch``) or while an exception propagates (``"exception"``).
+        ``metrics`` (numbers or one-element tensors) are stored with the checkpoint for ``KeepBest``.
+        After a preemption signal the save completes synchronously and :attr:`should_stop` becomes
+        ``True``. Also applies retention once the previous save has committed. Returns the save's stats,
+        or ``None`` when nothing was saved.
+        """
+        if event not in SAVE_EVENTS:
+            raise ValueError(f"event must be one of {', '.join(SAVE_EVENTS)}; got {event!r}.")
+        self._retain()
+        ctx = SaveContext(step=step, event=event, epoch=epoch, world_size=self.engine.world_size)
+        # While an exception propagates the other ranks may not be here: no collectives then.
+        gather = None if event == "exception" else self.engine.all_gather_control
+        decision = decide(self.save_policy, ctx, gather)
+        self.last_decision = decision
+        if not decision:
+            return None
+        if event == "exception" and ctx.world_size > 1:
+            log.warning("Not saving step %s on exception: the other ranks cannot join a save now.", step)
+            return None
+        stats = None
+        if step != self._last_saved_step:
+            metadata: dict[str, Any] = {"reasons": list(decision.reasons)}
+            if metrics:
+                metadata["metrics"] = as_metrics(metrics)
+            stats = self.save(step, state, metadata=metadata)
+        if self.save_policy is not None:
+            self.save_policy.saved(ctx)  # also when this step was already saved: a checkpoint exists
+        if decision.preemption or event == "exception":
+            self.wait()
+            self.should_stop = self.should_stop or decision.preemption
+        return stats
+
+    def _retain(self) -> None:
+        """Apply the retention policy on the coordinator once the last save has committed."""
+        if self.retention is None or not self._retention_due or not self.engine.is_coordinator:
+            return
+        if self.engine.in_flight is not None:
+            return
+        self._retention_due = False
+        apply_retention(self.retention, self.storage, run_id=self.run_id)
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
         self.engine.wait_for_staging()
 
     def wait(self) -> SaveStats | None:
-        """Block until the save in flight is committed; raises its error if it failed."""
-        return self.engine.wait()
+        """Block until the save in flight is committed, then apply retention; raises a failed save's error."""
+        stats = self.engine.wait()
+        self._retain()
+        return stats
 
     def _hook_optimizers(self, state: Mapping[str, Any]) -> None:
         for optimizer in optimizers_in(state):
@@ -285,11 +379,15 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for the save in flight, release resources, and raise any background error."""
         try:
-            if self._owns_engine:
-                self.engine.close()
-            else:
+            try:
                 self.engine.wait()
+                self._retain()
+            finally:
+                if self._owns_engine:
+                    self.engine.close()
         finally:
+            if self.save_policy is not None:
+                self.save_policy.uninstall()
             for handle in self._hooked_optimizers.values():
                 handle.remove()
             self._hooked_optimizers.clear()

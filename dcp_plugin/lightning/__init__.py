@@ -4,12 +4,14 @@
 checkpoint directory, written in the background and committed atomically. See ``docs/lightning.md``.
 """
 
+from dcp_plugin.lightning.callback import DCPCheckpoint
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.lightning.inference import load_lightning_module
 from dcp_plugin.lightning.layout import LightningCheckpointError
 from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
 
 __all__ = [
+    "DCPCheckpoint",
     "DCPCheckpointIO",
     "DCPFSDPStrategy",
     "DCPModelParallelStrategy",

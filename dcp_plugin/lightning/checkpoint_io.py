@@ -117,12 +117,20 @@ class DCPCheckpointIO(CheckpointIO):
         ``storage_options``: fsspec options for this save, merged over the plugin's ``storage_options``.
         Errors of the background write are raised by the next save, load, remove or :meth:`teardown`.
         """
+        checkpoint = dict(checkpoint)
+        metadata = lay.pop_manifest_metadata(checkpoint)
         entries, has_extra = lay.split_checkpoint(checkpoint)
         if self.save_rng:
             entries[lay.RNG_ENTRY] = RNGState()
         layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
         self.save_entries(
-            path, _step_of(checkpoint), entries, layout, collective=False, storage_options=storage_options
+            path,
+            _step_of(checkpoint),
+            entries,
+            layout,
+            collective=False,
+            storage_options=storage_options,
+            metadata=metadata,
         )
 
     def load_checkpoint(
@@ -261,14 +269,17 @@ class DCPCheckpointIO(CheckpointIO):
         *,
         collective: bool,
         storage_options: Optional[Any] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
     ) -> SaveStats:
-        """Save prepared entries as the checkpoint directory ``path`` (overwriting it safely)."""
+        """Save prepared entries as the checkpoint directory ``path`` (overwriting it safely).
+
+        ``metadata`` (JSON-like) is recorded in the manifest next to the layout."""
         storage, name = self._open(path, storage_options)
         manager = self.manager_for(storage, collective=collective)
         if self.config.async_staging:
             self._hook_optimizer_steps()
         return manager.save(
-            step, entries, name=name, overwrite=True, metadata={lay.LAYOUT_KEY: layout.to_json()}
+            step, entries, name=name, overwrite=True, metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()}
         )
 
     def _allow_pickle(self, weights_only: Optional[bool]) -> bool:

@@ -21,6 +21,10 @@ from typing import Any
 LAYOUT_KEY = "lightning"
 """Key of the layout record in the manifest's ``metadata``."""
 LAYOUT_VERSION = 1
+MANIFEST_METADATA_KEY = "dcp_plugin_manifest_metadata"
+"""A top-level key of a Lightning checkpoint dict whose (JSON-like) value goes into the manifest's
+``metadata`` instead of the checkpoint (e.g. the metrics and save reasons the ``DCPCheckpoint`` callback
+records for retention)."""
 EXTRA_ENTRY = "dcp_plugin_extra_keys"
 RNG_ENTRY = "dcp_plugin_rng"
 OPTIMIZER_PREFIX = "optimizer_"
@@ -74,6 +78,18 @@ class Layout:
             rng=bool(record.get("rng", False)),
             extra=bool(record.get("extra", False)),
         )
+
+
+def pop_manifest_metadata(checkpoint: dict[Any, Any]) -> dict[str, Any]:
+    """Remove and return what a callback asked to be recorded in the manifest (see MANIFEST_METADATA_KEY)."""
+    value = checkpoint.pop(MANIFEST_METADATA_KEY, None)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise LightningCheckpointError(
+            f"checkpoint[{MANIFEST_METADATA_KEY!r}] must be a mapping of JSON-like values, got {type(value).__name__}."
+        )
+    return {key: item for key, item in value.items() if key != LAYOUT_KEY}
 
 
 def is_entry_name(key: Any) -> bool:

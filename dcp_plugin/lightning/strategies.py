@@ -103,6 +103,8 @@ class _DCPStrategyMixin:
         """Called on every rank: all ranks join one collective save, each writing its own shards."""
         plugin = self.checkpoint_io
         path = self.broadcast(os.fspath(filepath))  # type: ignore[attr-defined]
+        checkpoint = dict(checkpoint)
+        metadata = lay.pop_manifest_metadata(checkpoint)
         optimizers = list(checkpoint.get("optimizer_states", []))
         names = tuple(lay.optimizer_entry(i) for i in range(len(optimizers)))
         entries, has_extra = lay.split_checkpoint(checkpoint, skip=("optimizer_states",), reserved=names)
@@ -113,7 +115,13 @@ class _DCPStrategyMixin:
             kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra
         )
         plugin.save_entries(
-            path, _step_of(checkpoint), entries, layout, collective=True, storage_options=storage_options
+            path,
+            _step_of(checkpoint),
+            entries,
+            layout,
+            collective=True,
+            storage_options=storage_options,
+            metadata=metadata,
         )
 
     def remove_checkpoint(self, filepath: str | os.PathLike[str]) -> None:

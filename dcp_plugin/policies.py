@@ -1,0 +1,621 @@
+"""When to save and what to keep: small policy objects that compose.
+
+Save policies answer "should this step be checkpointed?"; combine them with ``|`` (any of them fires)::
+
+    policy = EveryNSteps(500) | EveryNSeconds(1800) | OnPreemption()
+
+Retention policies answer "which committed checkpoints stay?"; combine them with ``|`` (a checkpoint is
+kept if any of them keeps it)::
+
+    retention = KeepLast(3) | KeepEveryNSteps(10_000) | KeepBest("val_loss", k=2, mode="min")
+
+Both are used by :class:`~dcp_plugin.manager.CheckpointManager` (``save_policy=``, ``retention=``,
+``maybe_save``) and by the Lightning callback. The policies themselves do no I/O and no collectives:
+each one declares how its local vote is agreed across ranks (:attr:`SavePolicy.agreement`) and
+:func:`decide` gathers all votes in one collective, only when some policy needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+
+log = logging.getLogger(__name__)
+
+SaveEvent = Literal["step", "epoch_end", "exception"]
+"""Where in the loop ``maybe_save`` is called: after a training step, at the end of a training epoch, or
+while an exception propagates."""
+
+Agreement = Literal["local", "coordinator", "any"]
+
+SAVE_EVENTS = ("step", "epoch_end", "exception")
+
+
+@dataclass(frozen=True)
+class SaveContext:
+    """What a save policy sees when it is asked."""
+
+    step: int
+    event: SaveEvent = "step"
+    epoch: int | None = None
+    """The training epoch that just ended (``event="epoch_end"``), when the loop knows it."""
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    """The agreed outcome of asking the save policies: whether to save and which policies fired."""
+
+    save: bool
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def preemption(self) -> bool:
+        """A preemption signal was received (on any rank): save synchronously, then stop."""
+        return OnPreemption.reason in self.reasons
+
+    def __bool__(self) -> bool:
+        return self.save
+
+
+# -- when to save --------------------------------------------------------------------------------
+class SavePolicy(ABC):
+    """Decides whether a step is checkpointed.
+
+    Subclasses implement :meth:`wants_save` (this rank's vote) and set :attr:`agreement`:
+    ``"local"`` when every rank votes the same by construction (step counts), ``"coordinator"`` when rank
+    0's vote is taken (wall clocks differ between ranks), ``"any"`` when one rank's vote is enough
+    (a signal delivered to one rank).
+    """
+
+    agreement: ClassVar[Agreement] = "local"
+    reason: ClassVar[str] = "policy"
+
+    @abstractmethod
+    def wants_save(self, ctx: SaveContext) -> bool:
+        """This rank's vote for checkpointing ``ctx.step``."""
+
+    def saved(self, ctx: SaveContext) -> None:  # noqa: B027 - optional hook
+        """Called on every rank once a checkpoint of ``ctx.step`` was started (whichever policy fired)."""
+
+    def leaves(self) -> list[SavePolicy]:
+        """The elementary policies inside (itself for an elementary policy)."""
+        return [self]
+
+    def install(self) -> None:  # noqa: B027 - optional hook
+        """Acquire process-wide resources (signal handlers). Called by the manager or callback."""
+
+    def uninstall(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`install` acquired."""
+
+    def __or__(self, other: SavePolicy) -> AnyOf:
+        if not isinstance(other, SavePolicy):
+            return NotImplemented
+        return AnyOf(self, other)
+
+
+class AnyOf(SavePolicy):
+    """Save when any of the policies fires."""
+
+    def __init__(self, *policies: SavePolicy) -> None:
+        flat: list[SavePolicy] = []
+        for policy in policies:
+            if not isinstance(policy, SavePolicy):
+                raise TypeError(f"AnyOf combines SavePolicy objects, got {type(policy).__name__}.")
+            flat.extend(policy.leaves())
+        if not flat:
+            raise ValueError("AnyOf needs at least one save policy.")
+        self.policies = tuple(flat)
+
+    def wants_save(self, ctx: SaveContext) -> bool:
+        return any(p.wants_save(ctx) for p in self.policies)
+
+    def saved(self, ctx: SaveContext) -> None:
+        for policy in self.policies:
+            policy.saved(ctx)
+
+    def leaves(self) -> list[SavePolicy]:
+        return list(self.policies)
+
+    def install(self) -> None:
+        for policy in self.policies:
+            policy.install()
+
+    def uninstall(self) -> None:
+        for policy in self.policies:
+            policy.uninstall()
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(p) for p in self.policies)
+
+
+class EveryNSteps(SavePolicy):
+    """Save after steps that are a positive multiple of ``n``."""
+
+    reason = "every_n_steps"
+
+    def __init__(self, n: int) -> None:
+        _check_positive_int("EveryNSteps(n)", n)
+        self.n = n
+
+    def wants_save(self, ctx: SaveContext) -> bool:
+        return ctx.event == "step" and ctx.step > 0 and ctx.step % self.n == 0
+
+    def __repr__(self) -> str:
+        return f"EveryNSteps({self.n})"
+
+
+class EveryNSeconds(SavePolicy):
+    """Save when ``seconds`` have passed since the last checkpoint (or since the first question).
+
+    Rank 0's clock decides, so all ranks save together. ``clock`` returns seconds (default
+    :func:`time.monotonic`); pass another to drive the policy in tests.
+    """
+
+    agreement = "coordinator"
+    reason = "every_n_seconds"
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"EveryNSeconds(seconds) must be a positive number, got {seconds!r}.")
+        if not callable(clock):
+            raise TypeError("EveryNSeconds(clock=...) must be a callable returning seconds.")
+        self.seconds = float(seconds)
+        self.clock = clock
+        self._since: float | None = None
+
+    def wants_save(self, ctx: SaveContext) -> bool:
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+            return False
+        return ctx.event == "step" and now - self._since >= self.seconds
+
+    def saved(self, ctx: SaveContext) -> None:
+        self._since = self.clock()
+
+    def __repr__(self) -> str:
+        return f"EveryNSeconds({self.seconds:g})"
+
+
+class OnEpochEnd(SavePolicy):
+    """Save at the end of every ``every_n_epochs``-th training epoch (epochs counted from 0)."""
+
+    reason = "epoch_end"
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        _check_positive_int("OnEpochEnd(every_n_epochs)", every_n_epochs)
+        self.every_n_epochs = every_n_epochs
+
+    def wants_save(self, ctx: SaveContext) -> bool:
+        if ctx.event != "epoch_end":
+            return False
+        return ctx.epoch is None or (ctx.epoch + 1) % self.every_n_epochs == 0
+
+    def __repr__(self) -> str:
+        return f"OnEpochEnd({self.every_n_epochs})"
+
+
+class OnException(SavePolicy):
+    """Save while an exception propagates out of the training loop (``event="exception"``).
+
+    Only a single-process run can do this safely: with several ranks, the others are not there to take
+    part in the collective save, so the manager skips it with a warning.
+    """
+
+    reason = "exception"
+
+    def wants_save(self, ctx: SaveContext) -> bool:
+        return ctx.event == "exception"
+
+    def __repr__(self) -> str:
+        return "OnException()"
+
+
+class OnPreemption(SavePolicy):
+    """Save at the next safe point after a preemption signal, on every rank, then ask the loop to stop.
+
+    :meth:`install` adds a handler for ``signals`` (default SIGTERM and SIGUSR1) that only records the
+    signal and then calls the handler that was there before (so frameworks that trap SIGTERM themselves
+    keep working). The flag is reduced across ranks: a signal on any rank makes all ranks save the same
+    step. The default action of the signal (terminate) is replaced, so the loop must stop when told
+    (``CheckpointManager.should_stop``).
+    """
+
+    agreement = "any"
+    reason = "preemption"
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.signals = tuple(signal.Signals(s) for s in signals)
+        if not self.signals:
+            raise ValueError("OnPreemption needs at least one signal.")
+        self._received: signal.Signals | None = None
+        self._acted = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    @property
+    def received(self) -> signal.Signals | None:
+        """The signal received by this process, if any."""
+        return self._received
+
+    def trigger(self, signum: int = signal.SIGTERM) -> None:
+        """Record a preemption as if ``signum`` had been received (for schedulers that notify otherwise)."""
+        self._received = signal.Signals(signum)
+        self._acted = False
+
+    def wants_save(self, ctx: SaveContext) -> bool:
+        return self._received is not None and not self._acted
+
+    def saved(self, ctx: SaveContext) -> None:
+        # One save per signal: a loop that keeps going after it does not save at every step.
+        if self._received is not None:
+            self._acted = True
+
+    def install(self) -> None:
+        if self._previous:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning(
+                "Preemption signal handlers can only be installed from the main thread; not installed."
+            )
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Runs between two bytecodes of the main thread: record only, no I/O, no collectives.
+        self._received = signal.Signals(signum)
+        self._acted = False
+        previous = self._previous.get(signal.Signals(signum))
+        if callable(previous):
+            previous(signum, frame)
+
+    def __repr__(self) -> str:
+        return f"OnPreemption({', '.join(s.name for s in self.signals)})"
+
+
+def decide(
+    policy: SavePolicy | None,
+    ctx: SaveContext,
+    all_gather: Callable[[Any], list[Any]] | None = None,
+) -> SaveDecision:
+    """Ask ``policy`` about ``ctx`` and agree on the answer across ranks.
+
+    ``all_gather`` (e.g. :meth:`CheckpointEngine.all_gather_control`) is called once, on every rank,
+    only when a policy's vote can differ between ranks; every rank must therefore call :func:`decide`
+    at the same points with the same policies.
+    """
+    if policy is None:
+        return SaveDecision(False)
+    leaves = policy.leaves()
+    votes = [bool(leaf.wants_save(ctx)) for leaf in leaves]
+    if all_gather is not None and any(leaf.agreement != "local" for leaf in leaves):
+        gathered = all_gather(votes)
+        for i, leaf in enumerate(leaves):
+            column = [rank_votes[i] for rank_votes in gathered]
+            if leaf.agreement == "coordinator":
+                votes[i] = column[0]
+            elif leaf.agreement == "any":
+                votes[i] = any(column)
+    reasons = tuple(dict.fromkeys(leaf.reason for leaf, vote in zip(leaves, votes) if vote))
+    return SaveDecision(bool(reasons), reasons)
+
+
+# -- what to keep --------------------------------------------------------------------------------
+class RetentionPolicy(ABC):
+    """Chooses which committed checkpoints of a run to keep; the others may be deleted."""
+
+    @abstractmethod
+    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        """Names to keep among ``checkpoints`` (committed, written by this run, oldest first)."""
+
+    def leaves(self) -> list[RetentionPolicy]:
+        return [self]
+
+    def __or__(self, other: RetentionPolicy) -> KeepAny:
+        if not isinstance(other, RetentionPolicy):
+            return NotImplemented
+        return KeepAny(self, other)
+
+
+class KeepAny(RetentionPolicy):
+    """Keep a checkpoint when any of the policies keeps it."""
+
+    def __init__(self, *policies: RetentionPolicy) -> None:
+        flat: list[RetentionPolicy] = []
+        for policy in policies:
+            if not isinstance(policy, RetentionPolicy):
+                raise TypeError(f"KeepAny combines RetentionPolicy objects, got {type(policy).__name__}.")
+            flat.extend(policy.leaves())
+        if not flat:
+            raise ValueError("KeepAny needs at least one retention policy.")
+        self.policies = tuple(flat)
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        kept: set[str] = set()
+        for policy in self.policies:
+            kept |= policy.keep(checkpoints)
+        return kept
+
+    def leaves(self) -> list[RetentionPolicy]:
+        return list(self.policies)
+
+    def __repr__(self) -> str:
+        return " | ".join(repr(p) for p in self.policies)
+
+
+class KeepLast(RetentionPolicy):
+    """Keep the ``k`` most recent checkpoints."""
+
+    def __init__(self, k: int) -> None:
+        _check_positive_int("KeepLast(k)", k)
+        self.k = k
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        return {info.name for info in checkpoints[-self.k :]}
+
+    def __repr__(self) -> str:
+        return f"KeepLast({self.k})"
+
+
+class KeepEveryNSteps(RetentionPolicy):
+    """Keep checkpoints whose step is a multiple of ``n`` (long-term snapshots)."""
+
+    def __init__(self, n: int) -> None:
+        _check_positive_int("KeepEveryNSteps(n)", n)
+        self.n = n
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        return {info.name for info in checkpoints if info.step is not None and info.step % self.n == 0}
+
+    def __repr__(self) -> str:
+        return f"KeepEveryNSteps({self.n})"
+
+
+class KeepBest(RetentionPolicy):
+    """Keep the ``k`` checkpoints with the best value of a logged metric.
+
+    The metric is read from the checkpoint's metadata (``metadata["metrics"][metric]``, as written by
+    ``maybe_save(..., metrics=...)``, or ``metadata[metric]``). Checkpoints without it, or with NaN,
+    are not kept by this policy. Ties go to the newer checkpoint.
+    """
+
+    def __init__(self, metric: str, k: int = 1, mode: Literal["min", "max"] = "min") -> None:
+        if not isinstance(metric, str) or not metric:
+            raise ValueError("KeepBest(metric) must name a logged metric, e.g. 'val_loss'.")
+        _check_positive_int("KeepBest(k)", k)
+        if mode not in ("min", "max"):
+            raise ValueError(f"KeepBest(mode) must be 'min' or 'max', got {mode!r}.")
+        self.metric = metric
+        self.k = k
+        self.mode = mode
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        scored = []
+        for order, info in enumerate(checkpoints):
+            value = metric_value(info, self.metric)
+            if value is not None:
+                scored.append((value if self.mode == "max" else -value, order, info.name))
+        scored.sort(reverse=True)
+        return {name for _, _, name in scored[: self.k]}
+
+    def __repr__(self) -> str:
+        return f"KeepBest({self.metric!r}, k={self.k}, mode={self.mode!r})"
+
+
+def metric_value(info: CheckpointInfo, metric: str) -> float | None:
+    """The metric recorded with a checkpoint, or ``None`` when it has none (or NaN)."""
+    metadata = info.metadata
+    metrics = metadata.get("metrics")
+    value = metrics.get(metric) if isinstance(metrics, Mapping) else None
+    if value is None:
+        value = metadata.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+@dataclass
+class RetentionPlan:
+    """What retention decided for one directory."""
+
+    keep: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+
+
+def plan_retention(
+    policy: RetentionPolicy,
+    checkpoints: Sequence[CheckpointInfo],
+    *,
+    run_id: str,
+    protected: Iterable[str] = (),
+) -> RetentionPlan:
+    """Which of ``checkpoints`` (a directory listing, oldest first) to delete.
+
+    Only checkpoints written by ``run_id`` are candidates; the newest committed checkpoint of the
+    directory and the names in ``protected`` (a write in flight) are always kept.
+    """
+    ours = [info for info in checkpoints if info.manifest.get("run_id") == run_id]
+    kept = set(policy.keep(ours)) | set(protected)
+    if checkpoints:
+        kept.add(checkpoints[-1].name)
+    if ours:
+        kept.add(ours[-1].name)
+    plan = RetentionPlan()
+    for info in ours:
+        (plan.keep if info.name in kept else plan.delete).append(info.name)
+    return plan
+
+
+def apply_retention(
+    policy: RetentionPolicy,
+    storage: CheckpointStorage,
+    *,
+    run_id: str,
+    protected: Iterable[str] = (),
+) -> RetentionPlan:
+    """Delete what :func:`plan_retention` says in ``storage`` (call on one rank, with no write in flight).
+
+    Never raises for storage problems: a failed listing skips retention, a failed delete is logged and
+    tried again the next time.
+    """
+    try:
+        plan = plan_retention(policy, storage.list(), run_id=run_id, protected=protected)
+    except Exception as err:  # noqa: BLE001 - retention must never stop training
+        log.warning("Retention skipped: listing %s failed: %s", storage.root_url, err)
+        return RetentionPlan()
+    for name in plan.delete:
+        try:
+            storage.delete(name)
+            log.info("Retention deleted %s.", storage.url(name))
+        except Exception as err:  # noqa: BLE001 - a failed delete is retried after the next save
+            log.warning("Retention could not delete %s: %s", storage.url(name), err)
+    return plan
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """The usual save triggers as plain options (what adapters expose); :meth:`build` makes the policy."""
+
+    every_n_steps: int | None = None
+    """Save after every ``every_n_steps``-th optimizer step."""
+    every_n_seconds: float | None = None
+    """Save when this much wall-clock time has passed since the last save (rank 0's clock decides)."""
+    every_n_epochs: int | None = None
+    """Save at the end of every ``every_n_epochs``-th training epoch."""
+    on_signal: bool = True
+    """Save at the next step after SIGTERM or SIGUSR1 (on any rank), synchronously, then stop training."""
+    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+    """Which signals mean preemption."""
+    on_exception: bool = False
+    """Save while an exception ends training (single-process runs only)."""
+    clock: Callable[[], float] = time.monotonic
+    """Clock of the time trigger (inject one in tests)."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps is not None:
+            _check_positive_int("every_n_steps", self.every_n_steps)
+        if self.every_n_epochs is not None:
+            _check_positive_int("every_n_epochs", self.every_n_epochs)
+        if self.every_n_seconds is not None and (
+            isinstance(self.every_n_seconds, bool)
+            or not isinstance(self.every_n_seconds, (int, float))
+            or not self.every_n_seconds > 0
+        ):
+            raise ValueError(f"every_n_seconds must be a positive number, got {self.every_n_seconds!r}.")
+
+    def build(self) -> SavePolicy | None:
+        policies: list[SavePolicy] = []
+        if self.every_n_steps is not None:
+            policies.append(EveryNSteps(self.every_n_steps))
+        if self.every_n_seconds is not None:
+            policies.append(EveryNSeconds(self.every_n_seconds, clock=self.clock))
+        if self.every_n_epochs is not None:
+            policies.append(OnEpochEnd(self.every_n_epochs))
+        if self.on_signal:
+            policies.append(OnPreemption(self.signals))
+        if self.on_exception:
+            policies.append(OnException())
+        return AnyOf(*policies) if policies else None
+
+
+@dataclass(frozen=True)
+class RetentionOptions:
+    """The usual retention rules as plain options; :meth:`build` makes the policy (``None``: keep all)."""
+
+    keep_last: int | None = None
+    """Keep the ``keep_last`` most recent checkpoints."""
+    keep_every_n_steps: int | None = None
+    """Also keep checkpoints whose step is a multiple of this."""
+    keep_best: int | None = None
+    """Also keep the ``keep_best`` checkpoints with the best ``monitor`` value."""
+    monitor: str | None = None
+    """The logged metric ``keep_best`` ranks by."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (``min``) or higher (``max``) ``monitor`` values are better."""
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every_n_steps", "keep_best"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive_int(name, value)
+        if self.keep_best is not None and not self.monitor:
+            raise ValueError("keep_best needs monitor=<metric name> (e.g. monitor='val_loss').")
+        if self.monitor is not None and self.keep_best is None:
+            raise ValueError(f"monitor={self.monitor!r} is only used with keep_best=<k>; pass keep_best too.")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
+
+    def build(self) -> RetentionPolicy | None:
+        policies: list[RetentionPolicy] = []
+        if self.keep_last is not None:
+            policies.append(KeepLast(self.keep_last))
+        if self.keep_every_n_steps is not None:
+            policies.append(KeepEveryNSteps(self.keep_every_n_steps))
+        if self.keep_best is not None:
+            assert self.monitor is not None
+            policies.append(KeepBest(self.monitor, self.keep_best, self.mode))
+        return KeepAny(*policies) if policies else None
+
+
+def as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics as plain floats for the manifest (tensors and numpy scalars converted; others dropped)."""
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        if hasattr(value, "numel") and value.numel() != 1:
+            continue
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _check_positive_int(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+
+
+__all__ = [
+    "AnyOf",
+    "EveryNSeconds",
+    "EveryNSteps",
+    "KeepAny",
+    "KeepBest",
+    "KeepEveryNSteps",
+    "KeepLast",
+    "OnEpochEnd",
+    "OnException",
+    "OnPreemption",
+    "RetentionOptions",
+    "RetentionPlan",
+    "RetentionPolicy",
+    "SaveContext",
+    "SaveDecision",
+    "SaveEvent",
+    "SaveOptions",
+    "SavePolicy",
+    "apply_retention",
+    "as_metrics",
+    "decide",
+    "metric_value",
+    "plan_retention",
+]
