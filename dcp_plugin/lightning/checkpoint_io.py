@@ -152,18 +152,14 @@ class DCPCheckpointIO(CheckpointIO):
         manager = self.manager_for(storage, collective=False)
         info = storage.info(name)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
-        state: dict[str, Any] = {
-            entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY
-        }
+        state: dict[str, Any] = {entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY}
         if layout.rng and self.save_rng:
             state[lay.RNG_ENTRY] = RNGState()
         manager.load(state, name=name, allow_pickle=self._allow_pickle(weights_only))
         checkpoint = lay.join_checkpoint(state, layout)
         if layout.kind == lay.SHARDED:
             # written by a sharded strategy (FQN keys); Optimizer.load_state_dict wants parameter ids
-            checkpoint["optimizer_states"] = [
-                lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]
-            ]
+            checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]]
         return _map_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
@@ -279,7 +275,11 @@ class DCPCheckpointIO(CheckpointIO):
         if self.config.async_staging:
             self._hook_optimizer_steps()
         return manager.save(
-            step, entries, name=name, overwrite=True, metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()}
+            step,
+            entries,
+            name=name,
+            overwrite=True,
+            metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()},
         )
 
     def _allow_pickle(self, weights_only: Optional[bool]) -> bool:
@@ -287,9 +287,7 @@ class DCPCheckpointIO(CheckpointIO):
             return self.config.allow_pickle
         return not weights_only
 
-    def _open(
-        self, path: str | os.PathLike[str], storage_options: Optional[Any]
-    ) -> tuple[CheckpointStorage, str]:
+    def _open(self, path: str | os.PathLike[str], storage_options: Optional[Any]) -> tuple[CheckpointStorage, str]:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(
                 f"storage_options must be a mapping of fsspec options (got {type(storage_options).__name__}); "
