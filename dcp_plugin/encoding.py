@@ -15,7 +15,7 @@ user opted into ``allow_pickle``.
 from __future__ import annotations
 
 import base64
-import collections
+import importlib
 import json
 import math
 import pickle
@@ -49,19 +49,27 @@ def is_tensor(value: Any) -> bool:
     return isinstance(value, TENSOR_TYPES)
 
 
-def _known_dict_classes() -> dict[str, type]:
-    classes: dict[str, type] = {"OrderedDict": collections.OrderedDict}
-    try:
-        from lightning.fabric.utilities.data import AttributeDict
+# Dict subclasses that round-trip with their type: name -> (module, qualified name). Imported only when met,
+# so the core never imports Lightning itself.
+_DICT_CLASSES: dict[str, tuple[str, str]] = {
+    "OrderedDict": ("collections", "OrderedDict"),
+    "AttributeDict": ("lightning.fabric.utilities.data", "AttributeDict"),
+}
+_DICT_CLASS_NAMES = {f"{module}.{qualname}": name for name, (module, qualname) in _DICT_CLASSES.items()}
+_DICT_CLASS_NAMES["pytorch_lightning.utilities.parsing.AttributeDict"] = "AttributeDict"
+_DICT_CLASS_NAMES["lightning.pytorch.utilities.parsing.AttributeDict"] = "AttributeDict"
 
-        classes["AttributeDict"] = AttributeDict
-    except ImportError:  # pragma: no cover - lightning is a dependency, but keep the core importable
-        pass
-    return classes
+
+def _dict_class_name(value: Any) -> str | None:
+    cls = type(value)
+    return _DICT_CLASS_NAMES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
-_DICT_CLASSES = _known_dict_classes()
-_DICT_CLASS_NAMES = {cls: name for name, cls in _DICT_CLASSES.items()}
+def _dict_class(name: str) -> type:
+    if name not in _DICT_CLASSES:
+        return dict
+    module, qualname = _DICT_CLASSES[name]
+    return getattr(importlib.import_module(module), qualname)
 
 
 class Encoder:
@@ -95,7 +103,7 @@ class Encoder:
             if math.isfinite(value) and type(value) is float:
                 return value
             return {TAG: "float", "v": repr(float(value))}
-        if isinstance(value, Mapping) and (type(value) is dict or type(value) in _DICT_CLASS_NAMES):
+        if isinstance(value, Mapping) and (type(value) is dict or _dict_class_name(value) is not None):
             return self._encode_dict(value, path)
         if type(value) in (list, tuple):
             items = [self._encode(v, f"{path}.{i}") for i, v in enumerate(value)]
@@ -121,7 +129,7 @@ class Encoder:
         )
 
     def _encode_dict(self, value: Mapping, path: str) -> Any:
-        cls_name = _DICT_CLASS_NAMES.get(type(value))
+        cls_name = _dict_class_name(value)
         plain_keys = all(isinstance(k, str) for k in value) and TAG not in value
         if plain_keys and cls_name is None:
             return {k: self._encode(v, f"{path}.{k}") for k, v in value.items()}
@@ -165,7 +173,7 @@ def decode(skeleton: Any, resolve_tensor: Callable[[str], Any], allow_pickle: bo
     if tag == "tensor":
         return resolve_tensor(skeleton["k"])
     if tag == "dict":
-        cls = _DICT_CLASSES.get(skeleton.get("cls", ""), dict)
+        cls = _dict_class(skeleton.get("cls", ""))
         return cls((decode(k, resolve_tensor, allow_pickle), decode(v, resolve_tensor, allow_pickle)) for k, v in value)
     if tag == "tuple":
         return tuple(decode(v, resolve_tensor, allow_pickle) for v in value)
