@@ -55,6 +55,9 @@ class Sampler:
             self._stop.wait(self.interval)
 
     def peak_between(self, windows: list[tuple[float, float]]) -> int | None:
-        """Highest sample taken inside any of the (start, end) windows."""
-        values = [v for t, v in self.samples if any(a <= t <= b for a, b in windows)]
+        """Highest sample taken inside any of the (start, end) windows, each widened by one sampling interval:
+        a save shorter than the interval would otherwise have no sample at all (and the staging buffers it
+        allocated are still there just after it)."""
+        pad = self.interval * 1.5
+        values = [v for t, v in self.samples if any(a - pad <= t <= b + pad for a, b in windows)]
         return max(values) if values else None

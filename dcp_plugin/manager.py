@@ -107,8 +107,8 @@ class CheckpointManager:
         self.save_policy = save_policy
         self.retention = retention
         self.should_stop = False
-        self.last_decision: SaveDecision | None = None
         """Set by :meth:`maybe_save` after a preemption save committed: the loop should exit now."""
+        self.last_decision: SaveDecision | None = None
         self._last_saved_step: int | None = None
         self._retention_due = False
         if save_policy is not None:
