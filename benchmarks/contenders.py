@@ -116,9 +116,7 @@ def torch_save(ctx: Context) -> Contender:
     path = _file_in(ctx, ".pt")
     return Contender(
         save=lambda step: torch.save(_plain_state_dicts(ctx.work), path(step)),
-        load=lambda step: _restore_plain(
-            ctx.work, torch.load(path(step), map_location="cpu", weights_only=True)
-        ),
+        load=lambda step: _restore_plain(ctx.work, torch.load(path(step), map_location="cpu", weights_only=True)),
         path=path,
     )
 
@@ -232,9 +230,7 @@ def _dcp_load(work: Workload, path: str) -> None:
 
     state = _dcp_state(work)
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(
-        work.model, work.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
-    )
+    set_state_dict(work.model, work.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 @contender(
@@ -299,9 +295,7 @@ def _manager_contender(ctx: Context, **options: Any) -> Contender:
 
 
 def _plugin(name: str, description: str, *, background: bool, **options: Any) -> None:
-    contender(name, description, background=background, fsyncs=True)(
-        lambda ctx: _manager_contender(ctx, **options)
-    )
+    contender(name, description, background=background, fsyncs=True)(lambda ctx: _manager_contender(ctx, **options))
 
 
 _plugin("dcp-plugin sync", "CheckpointManager(async_mode='sync')", background=False, async_mode="sync")
@@ -313,9 +307,7 @@ _plugin(
     async_mode="thread",
     async_staging=True,
 )
-_plugin(
-    "dcp-plugin process", "CheckpointManager(async_mode='process')", background=True, async_mode="process"
-)
+_plugin("dcp-plugin process", "CheckpointManager(async_mode='process')", background=True, async_mode="process")
 _plugin(
     "dcp-plugin process+staging",
     "CheckpointManager(async_mode='process', async_staging=True)",

@@ -72,9 +72,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
         entry["loop_blocked_s"] = entry["stall_s"] if described["background"] else entry["blocked_s"]
         leak_runs = [r for r in ok if len(r["saves"]) == max(len(x["saves"]) for x in ok)]
         growth = [
-            r["saves"][-1]["memory_after"] - r["saves"][1]["memory_after"]
-            for r in leak_runs
-            if len(r["saves"]) > 2
+            r["saves"][-1]["memory_after"] - r["saves"][1]["memory_after"] for r in leak_runs if len(r["saves"]) > 2
         ]
         entry["growth_bytes"] = stat(growth)
         entry["growth_saves"] = len(leak_runs[0]["saves"]) - 1 if leak_runs else 0
@@ -113,9 +111,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         if not name.startswith(PLUGIN_PREFIX):
             continue
         r = e["ratios"]
-        growth = (
-            e["growth_bytes"]["median"] / e["state_bytes"] if e["growth_bytes"] and e["state_bytes"] else None
-        )
+        growth = e["growth_bytes"]["median"] / e["state_bytes"] if e["growth_bytes"] and e["state_bytes"] else None
         checks = [
             ("loop blocked <= 2% of torch.save", r["loop_blocked_vs_torch_save"], 0.02),
             (
@@ -225,9 +221,7 @@ def _other_rows(summary: dict[str, Any]) -> list[str]:
     ]
     for name, e in summary["contenders"].items():
         r = e["ratios"]
-        growth = (
-            f"{_fmt(e['growth_bytes'], 2**-20, 0)} over {e['growth_saves']}" if e["growth_bytes"] else "n/a"
-        )
+        growth = f"{_fmt(e['growth_bytes'], 2**-20, 0)} over {e['growth_saves']}" if e["growth_bytes"] else "n/a"
         throughput = _fmt(e["train_throughput"], 100, 0) + " %" if e["train_throughput"] else "n/a (sync)"
         cells = [
             name,
@@ -309,9 +303,7 @@ def chart(summary: dict[str, Any], path: str) -> None:
     unique = dict(zip(labels, handles))
     if unique:
         fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), frameon=False)
-    fig.suptitle(
-        f"Checkpointing a {summary_state_mib(summary):.0f} MiB model + AdamW state (medians, min–max)"
-    )
+    fig.suptitle(f"Checkpointing a {summary_state_mib(summary):.0f} MiB model + AdamW state (medians, min–max)")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,9 +22,7 @@ from benchmarks.settings import QUICK, BenchSettings, SettingsError  # noqa: E40
 
 def parse(argv: list[str] | None = None) -> BenchSettings:
     defaults = BenchSettings()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small state, one repetition: " + str(QUICK))
     parser.add_argument("--state-mib", type=float, help=f"state size in MiB (default {defaults.state_mib:g})")
     parser.add_argument("--repeats", type=int, help=f"interleaved repetitions (default {defaults.repeats})")
@@ -34,9 +32,7 @@ def parse(argv: list[str] | None = None) -> BenchSettings:
         type=int,
         help=f"saves per run in the first repetition (default {defaults.leak_saves})",
     )
-    parser.add_argument(
-        "--train-steps", type=int, help=f"baseline training steps (default {defaults.train_steps})"
-    )
+    parser.add_argument("--train-steps", type=int, help=f"baseline training steps (default {defaults.train_steps})")
     parser.add_argument(
         "--overlap-saves", type=int, help=f"saves overlapped with training (default {defaults.overlap_saves})"
     )
@@ -47,9 +43,7 @@ def parse(argv: list[str] | None = None) -> BenchSettings:
         metavar="NAME",
         help="run only this contender (repeatable); --list shows the names",
     )
-    parser.add_argument(
-        "--dir", dest="directory", help="where to write checkpoints (default: the temp directory)"
-    )
+    parser.add_argument("--dir", dest="directory", help="where to write checkpoints (default: the temp directory)")
     parser.add_argument("--out", help=f"output prefix (default {defaults.out})")
     parser.add_argument("--list", action="store_true", help="list the contenders and exit")
     args = parser.parse_args(argv)

@@ -46,8 +46,6 @@ def _quiet_discarded_dcp_telemetry() -> None:
             telemetry.setLevel(logging.INFO)
 
 
-
-
 class CheckpointSaveError(RuntimeError):
     """A save failed (in the foreground or in the background); the message names the checkpoint and cause."""
 

@@ -77,9 +77,7 @@ class CheckpointManager:
                 f"save_policy must be a SavePolicy (e.g. EveryNSteps(100)), got {type(save_policy).__name__}."
             )
         if retention is not None and not isinstance(retention, RetentionPolicy):
-            raise TypeError(
-                f"retention must be a RetentionPolicy (e.g. KeepLast(3)), got {type(retention).__name__}."
-            )
+            raise TypeError(f"retention must be a RetentionPolicy (e.g. KeepLast(3)), got {type(retention).__name__}.")
         if engine is not None and (config is not None or overrides):
             raise ConfigError("Pass either engine= or config options, not both: a shared engine has its own config.")
         if engine is not None:

@@ -264,9 +264,7 @@ class OnPreemption(SavePolicy):
         if self._previous:
             return
         if threading.current_thread() is not threading.main_thread():
-            log.warning(
-                "Preemption signal handlers can only be installed from the main thread; not installed."
-            )
+            log.warning("Preemption signal handlers can only be installed from the main thread; not installed.")
             return
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)

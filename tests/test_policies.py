@@ -282,9 +282,7 @@ def test_save_on_exception_is_synchronous_and_opt_in(ckpt_dir):
     state = {"model": model, "optim": optimizer}
     with CheckpointManager(ckpt_dir, save_policy=EveryNSteps(100), async_mode="thread") as manager:
         assert manager.maybe_save(3, state, event="exception") is None
-    with CheckpointManager(
-        ckpt_dir, save_policy=EveryNSteps(100) | OnException(), async_mode="thread"
-    ) as manager:
+    with CheckpointManager(ckpt_dir, save_policy=EveryNSteps(100) | OnException(), async_mode="thread") as manager:
         try:
             train_step(model, optimizer)
             raise RuntimeError("loss is nan")
@@ -451,21 +449,15 @@ def test_a_failed_delete_is_logged_not_fatal(caplog):
     try:
         with (
             caplog.at_level(logging.WARNING, logger="dcp_plugin.policies"),
-            CheckpointManager(
-                url, save_policy=EveryNSteps(1), retention=KeepLast(1), async_mode="thread"
-            ) as manager,
+            CheckpointManager(url, save_policy=EveryNSteps(1), retention=KeepLast(1), async_mode="thread") as manager,
         ):
             for step in range(1, 5):
                 manager.maybe_save(step, {"model": model})
-        assert any(
-            "could not delete" in r.getMessage() and step_name(1) in r.getMessage() for r in caplog.records
-        )
+        assert any("could not delete" in r.getMessage() and step_name(1) in r.getMessage() for r in caplog.records)
         # step 1 could not go; everything else retention wanted gone is gone
         assert manager.steps == [1, 4]
         FlakyMemoryFileSystem.failing = set()
-        with CheckpointManager(
-            url, save_policy=EveryNSteps(1), retention=KeepLast(1), run_id=manager.run_id
-        ) as again:
+        with CheckpointManager(url, save_policy=EveryNSteps(1), retention=KeepLast(1), run_id=manager.run_id) as again:
             again.maybe_save(5, {"model": model})
         assert again.steps == [5]
     finally:
@@ -512,9 +504,7 @@ def test_plain_save_calls_are_retained_too(ckpt_dir):
 def test_time_trigger_in_a_loop_with_injected_clock(ckpt_dir):
     clock = FakeClock()
     model, _, _ = make_training(0)
-    with CheckpointManager(
-        ckpt_dir, save_policy=EveryNSeconds(60, clock=clock), async_mode="sync"
-    ) as manager:
+    with CheckpointManager(ckpt_dir, save_policy=EveryNSeconds(60, clock=clock), async_mode="sync") as manager:
         for step in range(1, 10):
             clock.advance(25)
             manager.maybe_save(step, {"model": model})

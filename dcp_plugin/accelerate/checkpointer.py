@@ -65,9 +65,7 @@ class AccelerateCheckpointer:
     @property
     def automatic_naming(self) -> bool:
         """Whether ``save_state()`` names checkpoints itself (ProjectConfiguration or a directory)."""
-        return bool(
-            self.accelerator.project_configuration.automatic_checkpoint_naming or self.options.directory
-        )
+        return bool(self.accelerator.project_configuration.automatic_checkpoint_naming or self.options.directory)
 
     @property
     def automatic_directory(self) -> str:

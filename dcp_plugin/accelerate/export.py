@@ -26,9 +26,7 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "pytorch_model.bin"
 
 
-def load_weights(
-    checkpoint: str, *, model_index: int = 0, storage_options: dict[str, Any] | None = None
-) -> dict:
+def load_weights(checkpoint: str, *, model_index: int = 0, storage_options: dict[str, Any] | None = None) -> dict:
     """The full (unsharded) state dict of one model of a checkpoint, read by this process alone."""
     storage, name = open_url(str(checkpoint), storage_options)
     entry = indexed("model", model_index)
@@ -41,8 +39,7 @@ def load_weights(
         if entry not in entries:
             models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
             raise KeyError(
-                f"{info.url} has no entry {entry!r} (model_index={model_index}); "
-                f"it holds {models or 'no models'}."
+                f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
             )
         target: dict[str, Any] = {entry: None}
         manager.load(target, name=name)
@@ -83,15 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m dcp_plugin.accelerate.export",
         description="Write the full model weights of a dcp-plugin checkpoint as model.safetensors.",
     )
-    parser.add_argument(
-        "checkpoint", help="checkpoint directory or URL (e.g. runs/a/checkpoints/checkpoint_3)"
-    )
+    parser.add_argument("checkpoint", help="checkpoint directory or URL (e.g. runs/a/checkpoints/checkpoint_3)")
     parser.add_argument("output_dir", help="local directory for model.safetensors")
     parser.add_argument("--model-index", type=int, default=0, help="which prepared model (default 0)")
     parser.add_argument("--unsafe-serialization", action="store_true", help="write pytorch_model.bin instead")
-    parser.add_argument(
-        "--storage-options", default="{}", help="fsspec options as JSON (e.g. an S3 endpoint)"
-    )
+    parser.add_argument("--storage-options", default="{}", help="fsspec options as JSON (e.g. an S3 endpoint)")
     args = parser.parse_args(argv)
     path = export_weights(
         args.checkpoint,

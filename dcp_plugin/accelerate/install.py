@@ -67,9 +67,7 @@ def enable(
             "dcp-plugin is already enabled on this Accelerator; call "
             "dcp_plugin.accelerate.disable(accelerator) first to change its options."
         )
-    settings = AccelerateOptions.from_env(
-        environ, config=config, directory=directory, keep_last=keep_last, **options
-    )
+    settings = AccelerateOptions.from_env(environ, config=config, directory=directory, keep_last=keep_last, **options)
     if not settings.enable:
         log.info("DCP_PLUGIN_ENABLE is off: keeping Accelerate's own save_state/load_state.")
         return None
@@ -114,9 +112,7 @@ def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> 
     original_wait = cls.wait_for_everyone
     original_end = cls.end_training
 
-    def save_state(
-        self: Accelerator, output_dir: Any = None, safe_serialization: bool = True, **kwargs: Any
-    ) -> str:
+    def save_state(self: Accelerator, output_dir: Any = None, safe_serialization: bool = True, **kwargs: Any) -> str:
         """DCP-backed :meth:`accelerate.Accelerator.save_state` (dcp-plugin); returns the checkpoint's URL."""
         if kwargs:
             raise TypeError(

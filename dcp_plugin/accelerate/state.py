@@ -101,9 +101,7 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _model_for(
-    optimizer: torch.optim.Optimizer, models: list[torch.nn.Module], index: int
-) -> torch.nn.Module:
+def _model_for(optimizer: torch.optim.Optimizer, models: list[torch.nn.Module], index: int) -> torch.nn.Module:
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for model in models:
         if wanted <= {id(p) for p in model.parameters()}:

@@ -123,9 +123,7 @@ class DCPCheckpoint(Checkpoint):
             monitor=monitor,
             mode=mode,
         )
-        if export_dtype is not None and not (
-            isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point
-        ):
+        if export_dtype is not None and not (isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point):
             raise ValueError(
                 f"export_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16): {export_dtype!r}."
             )
@@ -207,9 +205,7 @@ class DCPCheckpoint(Checkpoint):
         if latest is None:
             return None
         self.run_id = latest.manifest.get("run_id") or self.run_id
-        rank_zero_info(
-            f"DCPCheckpoint: resuming from {latest.url} (the latest checkpoint in {self.dirpath})."
-        )
+        rank_zero_info(f"DCPCheckpoint: resuming from {latest.url} (the latest checkpoint in {self.dirpath}).")
         return latest.url
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
@@ -226,9 +222,7 @@ class DCPCheckpoint(Checkpoint):
         if self._storage is None:
             return ""
         ours = [
-            i
-            for i in self._storage.list()
-            if i.manifest.get("run_id") == self.run_id and lay.LAYOUT_KEY in i.metadata
+            i for i in self._storage.list() if i.manifest.get("run_id") == self.run_id and lay.LAYOUT_KEY in i.metadata
         ]
         monitor = self.retention_options.monitor
         if monitor:
@@ -252,17 +246,13 @@ class DCPCheckpoint(Checkpoint):
             self.run_id = state_dict["run_id"]
 
     # -- triggers --------------------------------------------------------------------------------
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         self._maybe_save(trainer, "step")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_save(trainer, "epoch_end")
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, (KeyboardInterrupt, SystemExit)) or self._plugin is None:
             return  # SIGTERMException is a SystemExit: the preemption save already happened
         try:

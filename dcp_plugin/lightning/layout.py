@@ -93,13 +93,7 @@ def pop_manifest_metadata(checkpoint: dict[Any, Any]) -> dict[str, Any]:
 
 
 def is_entry_name(key: Any) -> bool:
-    return (
-        isinstance(key, str)
-        and bool(key)
-        and "/" not in key
-        and not key.startswith("__")
-        and key not in RESERVED
-    )
+    return isinstance(key, str) and bool(key) and "/" not in key and not key.startswith("__") and key not in RESERVED
 
 
 def optimizer_entry(index: int) -> str:

@@ -111,9 +111,7 @@ class _DCPStrategyMixin:
         entries.update(zip(names, optimizers))
         if plugin.save_rng:
             entries[lay.RNG_ENTRY] = RNGState()
-        layout = lay.Layout(
-            kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra
-        )
+        layout = lay.Layout(kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra)
         plugin.save_entries(
             path,
             _step_of(checkpoint),
@@ -129,9 +127,7 @@ class _DCPStrategyMixin:
             self.checkpoint_io.remove_checkpoint(filepath)
 
     # -- loading ---------------------------------------------------------------------------------
-    def load_checkpoint(
-        self, checkpoint_path: str | os.PathLike[str], weights_only: Optional[bool] = None
-    ) -> dict:
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike[str], weights_only: Optional[bool] = None) -> dict:
         """Called on every rank after setup: load in place into the sharded model (and optimizers when
         fitting), whatever number of ranks wrote the checkpoint."""
         plugin = self.checkpoint_io
@@ -149,9 +145,7 @@ class _DCPStrategyMixin:
 
         state: dict[str, Any] = {}
         for entry in saved:
-            if entry == lay.RNG_ENTRY or (
-                layout.kind == lay.SHARDED and entry.startswith(lay.OPTIMIZER_PREFIX)
-            ):
+            if entry == lay.RNG_ENTRY or (layout.kind == lay.SHARDED and entry.startswith(lay.OPTIMIZER_PREFIX)):
                 continue
             state[entry] = ModelState(self.model) if entry == "state_dict" else None  # type: ignore[attr-defined]
         if layout.kind == lay.SHARDED:

@@ -24,9 +24,7 @@ def test_ckpt_path_pointing_to_nothing(tmp_path):
 def test_plain_torch_save_checkpoint_is_resumed(tmp_path):
     # a run that used Lightning's default TorchCheckpointIO, continued with the plugin
     seed_all(0)
-    old = trainer(
-        str(tmp_path), None, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "old"))]
-    )
+    old = trainer(str(tmp_path), None, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "old"))])
     old.fit(TinyModule(), loader())
     file_path = old.checkpoint_callback.best_model_path
     assert os.path.isfile(file_path)

@@ -117,9 +117,7 @@ def test_each_trigger_fires_together_on_two_ranks(tmp_path):
 def test_signal_in_process_saves_that_step_and_stops(tmp_path):
     ckpts = str(tmp_path / "ckpts")
     callback = DCPCheckpoint(ckpts, every_n_train_steps=100, signals=(signal.SIGUSR1,), auto_resume=False)
-    fit = trainer(
-        str(tmp_path), DCPCheckpointIO(), max_epochs=5, callbacks=[SignalAt(6, signal.SIGUSR1), callback]
-    )
+    fit = trainer(str(tmp_path), DCPCheckpointIO(), max_epochs=5, callbacks=[SignalAt(6, signal.SIGUSR1), callback])
     fit.fit(TinyModule(), loader())
     assert fit.global_step == 6
     assert saved_steps(ckpts) == {6: ["preemption"]}
@@ -143,9 +141,7 @@ def test_save_on_exception_single_process(tmp_path):
 
 def test_needs_the_dcp_plugin(tmp_path):
     with pytest.raises(TypeError, match="DCPCheckpointIO"):
-        trainer(str(tmp_path), None, max_epochs=1, callbacks=[DCPCheckpoint(str(tmp_path))]).fit(
-            TinyModule(), loader()
-        )
+        trainer(str(tmp_path), None, max_epochs=1, callbacks=[DCPCheckpoint(str(tmp_path))]).fit(TinyModule(), loader())
 
 
 @pytest.mark.parametrize(
@@ -233,9 +229,7 @@ def test_auto_resume_and_ckpt_path_last(tmp_path):
 
 def test_export_final_model_only_in_bf16(tmp_path):
     ckpts = str(tmp_path / "ckpts")
-    callback = DCPCheckpoint(
-        ckpts, every_n_epochs=1, export_final=True, export_dtype=torch.bfloat16, auto_resume=False
-    )
+    callback = DCPCheckpoint(ckpts, every_n_epochs=1, export_final=True, export_dtype=torch.bfloat16, auto_resume=False)
     plugin = DCPCheckpointIO()
     module = TinyModule()
     trainer(str(tmp_path), plugin, max_epochs=1, callbacks=[callback]).fit(module, loader())

@@ -41,9 +41,7 @@ def test_top_k_pruning_with_async_writes_keeps_exactly_the_best(tmp_path, mode):
     assert _entries(ckpts) == expected  # nothing else: no leftovers, no resurrected checkpoints
     assert _committed(ckpts) == expected
     best = DCPCheckpointIO().load_checkpoint(callback.best_model_path)
-    assert best["global_step"] == int(
-        os.path.basename(callback.best_model_path)[len("step=") : -len(".ckpt")]
-    )
+    assert best["global_step"] == int(os.path.basename(callback.best_model_path)[len("step=") : -len(".ckpt")])
 
 
 def test_save_last_link_and_resume_from_last_and_best(tmp_path):

@@ -25,18 +25,14 @@ def test_single_device_resume_is_bit_exact(tmp_path, mode):
 
 
 def test_async_staging_resume_is_bit_exact(tmp_path):
-    expected, resumed = resume_run(
-        str(tmp_path), lambda: DCPCheckpointIO(async_mode="thread", async_staging=True)
-    )
+    expected, resumed = resume_run(str(tmp_path), lambda: DCPCheckpointIO(async_mode="thread", async_staging=True))
     _compare(expected, resumed)
 
 
 def _ddp_resume(rank: int, world_size: int, root: str, mode: str) -> tuple[dict, dict]:
     from lightning.pytorch.strategies import DDPStrategy
 
-    return resume_run(
-        root, lambda: DCPCheckpointIO(async_mode=mode), strategy_factory=DDPStrategy, devices=world_size
-    )
+    return resume_run(root, lambda: DCPCheckpointIO(async_mode=mode), strategy_factory=DDPStrategy, devices=world_size)
 
 
 @pytest.mark.slow
