@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dcp_plugin import CheckpointManager, RNGState
+from dcp_plugin import CheckpointManager, EveryNSteps, KeepLast, RNGState
 
 HIDDEN = 1024
 
@@ -59,7 +59,14 @@ def worker(directory: str, steps: int, save_every: int, keep: int, stats_path: s
     model, optimizer, scheduler = build()
     torch.manual_seed(1234)
     state = {"model": model, "optim": optimizer, "sched": scheduler, "rng": RNGState(), "step": 0}
-    manager = CheckpointManager(directory, async_mode="thread", async_staging=True)
+    manager = CheckpointManager(
+        directory,
+        async_mode="thread",
+        async_staging=True,
+        save_policy=EveryNSteps(save_every),
+        retention=KeepLast(keep),
+        run_id="demo",  # the resumed process continues the same run, so retention covers its checkpoints
+    )
     if manager.latest() is not None:
         info = manager.load(state)
         print(f"[worker {os.getpid()}] resumed from {info.name} (step {state['step']})", flush=True)
@@ -69,20 +76,17 @@ def worker(directory: str, steps: int, save_every: int, keep: int, stats_path: s
             began = time.perf_counter()
             train_step(model, optimizer, scheduler)
             state["step"] += 1
-            if state["step"] % save_every == 0:
-                manager.save(state["step"], state)
+            manager.maybe_save(state["step"], state)
             train_time += time.perf_counter() - began
-            if _record(manager, stats_file, train_time):
-                _keep_last(manager, keep)
+            _record(manager, stats_file, train_time)
             print(f"STEP {state['step']}", flush=True)
         manager.wait()
         _record(manager, stats_file, train_time)
-    _keep_last(manager, keep)
     manager.close()
     torch.save(model.state_dict(), os.path.join(directory, "..", "resumed_final.pt"))
 
 
-def _record(manager: CheckpointManager, stats_file, train_time: float) -> bool:
+def _record(manager: CheckpointManager, stats_file, train_time: float) -> None:
     """Append finished saves (and this process's training time so far) to the stats file."""
     finished = manager.engine.drain_completed()
     for done in finished:
@@ -97,13 +101,6 @@ def _record(manager: CheckpointManager, stats_file, train_time: float) -> bool:
         stats_file.write(json.dumps(record) + "\n")
     stats_file.write(json.dumps({"train_time_s": train_time, "pid": os.getpid()}) + "\n")
     stats_file.flush()
-    return bool(finished)
-
-
-def _keep_last(manager: CheckpointManager, keep: int) -> None:
-    committed = manager.steps
-    for step in committed[:-keep]:
-        manager.delete(step)
 
 
 def reference(steps: int) -> dict[str, torch.Tensor]:
