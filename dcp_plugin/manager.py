@@ -15,7 +15,7 @@ from typing import Any
 
 from dcp_plugin import encoding, packing
 from dcp_plugin.config import CheckpointConfig, ConfigError
-from dcp_plugin.engine import CheckpointEngine, CheckpointSaveError, SaveStats
+from dcp_plugin.engine import CheckpointEngine, CheckpointLoadError, CheckpointSaveError, SaveStats
 from dcp_plugin.policies import (
     SAVE_EVENTS,
     RetentionPolicy,
@@ -37,6 +37,9 @@ from dcp_plugin.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+# How often a load starts over when the checkpoint it reads is replaced underneath it by another process.
+_REPLACED_RETRIES = 2
 
 
 class CheckpointManager:
@@ -171,6 +174,7 @@ class CheckpointManager:
             "world_size": engine.world_size,
             "created": time.time(),
             "run_id": self.run_id,
+            "save_id": uuid.uuid4().hex,
             "mode": self.config.async_mode,
             "entries": packed.entries,
             "metadata": dict(metadata or {}),
@@ -277,13 +281,40 @@ class CheckpointManager:
         """
         strict = self.config.strict if strict is None else strict
         allow_pickle = self.config.allow_pickle if allow_pickle is None else allow_pickle
-        engine = self.engine
-        engine.wait()
-        info = self._resolve_on_coordinator(step, name)
-        source_rank = packing.skeleton_source_rank(engine.rank, int(info.manifest.get("world_size", 1)))
+        self.engine.wait()
+        for attempt in range(_REPLACED_RETRIES + 1):
+            info = self._resolve_on_coordinator(step, name)
+            try:
+                return self._load_into(state, info, strict=strict, allow_pickle=allow_pickle)
+            except CheckpointLoadError:
+                # Another process replaced the checkpoint (or deleted it) while we read it. Nothing has been
+                # handed to the live objects yet: resolve the name again and start over.
+                if attempt == _REPLACED_RETRIES or not self._replaced_since(info):
+                    raise
+                log.warning("%s was replaced while being read; reading it again.", info.url)
+        raise AssertionError("unreachable")
 
-        reader = self.storage.metadata_reader(info.name)
-        metadata = reader.read_metadata()
+    def _replaced_since(self, info: CheckpointInfo) -> bool:
+        """Whether ``info`` is no longer the committed checkpoint under its name (decided on every rank alike)."""
+        try:
+            replaced = _save_id(self.storage.read_manifest(info.name)) != _save_id(info.manifest)
+        except (FileNotFoundError, ValueError):
+            replaced = True
+        return any(self.engine.all_gather(replaced))
+
+    def _load_into(
+        self, state: MutableMapping[str, Any], info: CheckpointInfo, *, strict: bool, allow_pickle: bool
+    ) -> CheckpointInfo:
+        engine = self.engine
+        source_rank = packing.skeleton_source_rank(engine.rank, int(info.manifest.get("world_size", 1)))
+        metadata, missing = None, None
+        try:
+            metadata = self.storage.metadata_reader(info.name).read_metadata()
+        except FileNotFoundError as err:
+            missing = f"FileNotFoundError: {err}"
+        missing = next((m for m in engine.all_gather(missing) if m), None)  # every rank fails alike, or none
+        if missing is not None or metadata is None:
+            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
         skeleton = packing.skeleton_target(metadata, source_rank)
         engine.load(skeleton, self.storage.metadata_reader(info.name), url=info.url)
         document = encoding.loads(next(iter(skeleton.values())))
@@ -301,8 +332,10 @@ class CheckpointManager:
                 "Load with strict=False to take what matches, or pass the state the checkpoint was saved from."
             )
         for warning in plan.warnings:
-            warnings.warn(f"Loading {info.url}: {warning}", stacklevel=2)
+            warnings.warn(f"Loading {info.url}: {warning}", stacklevel=3)
         engine.load(plan.flat, self.storage.metadata_reader(info.name), url=info.url)
+        if self._replaced_since(info):  # the reads above may have mixed two checkpoints: never hand that out
+            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
         plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
         for key, value in plain.items():
             state[key] = value
@@ -401,6 +434,10 @@ class CheckpointManager:
                 self.close()
             except Exception as err:  # noqa: BLE001 - keep the original exception primary
                 log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
+
+
+def _save_id(manifest: Mapping[str, Any]) -> Any:
+    return manifest.get("save_id", manifest.get("created"))
 
 
 def _error_text(err: BaseException | None) -> str | None:

@@ -181,6 +181,11 @@ class CheckpointStorage:
         final = self._path(pending.name)
         staged = self._path(pending.write_name)
         if self.atomic_rename:
+            if os.path.exists(final) and _exchange(staged, final):
+                # One atomic step: readers see the old checkpoint or the new one, never neither.
+                _fsync_dir(self.root)
+                shutil.rmtree(staged, ignore_errors=True)
+                return
             old = None
             if os.path.exists(final):
                 old = self._path(f"{OLD_PREFIX}{pending.name}-{uuid.uuid4().hex[:12]}")
@@ -415,10 +420,14 @@ class CheckpointStorage:
         return found
 
     def _recover(self, name: str) -> None:
-        """Finish a replacement that crashed after the new copy was committed but before it was in place."""
+        """Finish a replacement that crashed after the new copy was committed but before it was in place.
+
+        A copy committed moments ago may belong to a writer that is swapping it in right now; leave it alone.
+        """
         if self.is_committed(name):
             return
-        staged = self._staged_copies(name)
+        horizon = time.time() - _LIVE_SWAP_S
+        staged = [n for n in self._staged_copies(name) if float(self.read_manifest(n).get("committed", 0)) < horizon]
         if not staged:
             return
         newest = max(staged, key=lambda n: float(self.read_manifest(n).get("created", 0.0)))
@@ -445,6 +454,26 @@ class CheckpointStorage:
                         listed.add(name)
                         recovered.append(self.info(name))
         return recovered
+
+
+# A staged copy committed less than this long ago may still be moved into place by its writer.
+_LIVE_SWAP_S = 60.0
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(source: str, target: str) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem can't."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), _RENAME_EXCHANGE)
+    return result == 0
 
 
 def _fsync_dir(path: str) -> None:
