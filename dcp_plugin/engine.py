@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -257,8 +258,7 @@ class CheckpointEngine:
                 no_dist=no_dist,
             )
         except BaseException as err:
-            if on_failure is not None:
-                on_failure()
+            _cleanup_after_failure(on_failure, stats.url)
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CheckpointSaveError(f"Saving checkpoint {stats.url} failed: {_describe(err)}") from err
@@ -298,23 +298,21 @@ class CheckpointEngine:
 
     def _upload_done(self, flight: _InFlight, future: Future) -> None:
         stats = flight.stats
-        stats.durable_s = time.perf_counter() - flight.started
         try:
-            metadata = future.result()
-            stats.bytes_written = _bytes(metadata)
-        except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
-            stats.error = _describe(err)
-            with self._lock:
-                if self._error is None:
-                    self._error = CheckpointSaveError(f"Saving checkpoint {stats.url} failed: {stats.error}")
-                    self._error.__cause__ = err
-            if flight.on_failure is not None:
-                try:
-                    flight.on_failure()
-                except Exception as cleanup_error:  # noqa: BLE001
-                    log.warning("Cleanup after the failed save of %s failed: %s", stats.url, cleanup_error)
-        self._completed.append(stats)
-        flight.finished.set()
+            stats.durable_s = time.perf_counter() - flight.started
+            try:
+                metadata = future.result()
+                stats.bytes_written = _bytes(metadata)
+            except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
+                stats.error = _describe(err)
+                with self._lock:
+                    if self._error is None:
+                        self._error = CheckpointSaveError(f"Saving checkpoint {stats.url} failed: {stats.error}")
+                        self._error.__cause__ = err
+                _cleanup_after_failure(flight.on_failure, stats.url)
+            self._completed.append(stats)
+        finally:
+            flight.finished.set()  # whatever happened above, wait() must not hang
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""
@@ -390,7 +388,7 @@ class CheckpointEngine:
                 self._stager = None
             if self.config.async_mode == "process":
                 _ProcessDaemon.unregister(self)
-            if self._group is not None and self.collective:
+            if self._group is not None:
                 try:
                     dist.destroy_process_group(self._group)
                 except Exception:  # noqa: BLE001 - the default group may already be gone
@@ -410,6 +408,16 @@ class CheckpointEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("This checkpoint engine was closed; create a new CheckpointManager.")
+
+
+def _cleanup_after_failure(on_failure: Any, url: str) -> None:
+    """Run a failed save's cleanup without letting its own error replace the save's."""
+    if on_failure is None:
+        return
+    try:
+        on_failure()
+    except Exception as cleanup_error:  # noqa: BLE001
+        log.warning("Cleanup after the failed save of %s failed: %s", url, cleanup_error)
 
 
 def _bytes(metadata: Any) -> int | None:
@@ -493,6 +501,15 @@ atexit.register(_ProcessDaemon.shutdown)
 _GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.MULTILINE)
 
 
+@functools.cache
+def _main_script_has_guard(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return bool(_GUARD.search(handle.read()))
+    except OSError:
+        return True  # cannot tell: let DCP try
+
+
 def _check_main_guard() -> None:
     """``process`` mode re-imports the main script in the writer process; without the guard it would run
     training there again (and hang). Detect it before DCP spawns the daemon."""
@@ -502,12 +519,7 @@ def _check_main_guard() -> None:
     path = getattr(main, "__file__", None)
     if not path or not path.endswith(".py") or getattr(main, "__spec__", None) is not None:
         return  # interactive session, `python -m module`, or a console entry point
-    try:
-        with open(path, encoding="utf-8") as handle:
-            source = handle.read()
-    except OSError:
-        return
-    if not _GUARD.search(source):
+    if not _main_script_has_guard(path):
         raise ConfigError(_GUARD_MESSAGE.format(path=path))
 
 

@@ -27,7 +27,7 @@ from dcp_plugin.policies import (
     as_metrics,
     decide,
 )
-from dcp_plugin.state import optimizers_in, wrap_state
+from dcp_plugin.state import models_in, optimizers_in, wrap_state
 from dcp_plugin.storage import (
     CheckpointInfo,
     CheckpointNotFoundError,
@@ -39,7 +39,7 @@ from dcp_plugin.storage import (
 log = logging.getLogger(__name__)
 
 # How often a load starts over when the checkpoint it reads is replaced underneath it by another process.
-_REPLACED_RETRIES = 2
+_REPLACED_RETRIES = 4
 
 
 class CheckpointManager:
@@ -103,7 +103,7 @@ class CheckpointManager:
         self.engine = engine or CheckpointEngine(config, distributed=distributed)
         self._owns_engine = engine is None
         self.run_id = run_id or uuid.uuid4().hex
-        self._hooked_optimizers: dict[int, Any] = {}
+        self._staging_hooks: dict[int, Any] = {}
         self.history: list[SaveStats] = []
         self.save_policy = save_policy
         self.retention = retention
@@ -257,10 +257,16 @@ class CheckpointManager:
         return stats
 
     def _hook_optimizers(self, state: Mapping[str, Any]) -> None:
+        """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every
+        optimizer step, and the forward pass of models whose buffers change in forward (BatchNorm statistics)."""
         for optimizer in optimizers_in(state):
-            if id(optimizer) not in self._hooked_optimizers:
+            if id(optimizer) not in self._staging_hooks:
                 handle = optimizer.register_step_pre_hook(lambda *_args, **_kw: self.engine.wait_for_staging())
-                self._hooked_optimizers[id(optimizer)] = handle
+                self._staging_hooks[id(optimizer)] = handle
+        for model in models_in(state):
+            if id(model) not in self._staging_hooks and _has_persistent_buffers(model):
+                handle = model.register_forward_pre_hook(lambda *_args: self.engine.wait_for_staging())
+                self._staging_hooks[id(model)] = handle
 
     # -- loading ---------------------------------------------------------------------------------
     def load(
@@ -287,8 +293,9 @@ class CheckpointManager:
             try:
                 return self._load_into(state, info, strict=strict, allow_pickle=allow_pickle)
             except CheckpointLoadError:
-                # Another process replaced the checkpoint (or deleted it) while we read it. Nothing has been
-                # handed to the live objects yet: resolve the name again and start over.
+                # Another process replaced the checkpoint (or deleted it) while we read it. Tensors may have been
+                # partly overwritten in place, but no entry was handed back yet: resolve again and start over.
+                # (If every attempt fails, the live state is undefined and the error says so.)
                 if attempt == _REPLACED_RETRIES or not self._replaced_since(info):
                     raise
                 log.warning("%s was replaced while being read; reading it again.", info.url)
@@ -317,11 +324,16 @@ class CheckpointManager:
             raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
         skeleton = packing.skeleton_target(metadata, source_rank)
         engine.load(skeleton, self.storage.metadata_reader(info.name), url=info.url)
-        document = encoding.loads(next(iter(skeleton.values())))
-
         wrapped = wrap_state(state)
-        plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
+        try:
+            document = encoding.loads(next(iter(skeleton.values())))
+        except ValueError as err:  # torn read (replaced underneath us) or a damaged checkpoint
+            plan = packing.LoadPlan(problems=[f"the checkpoint's skeleton is unreadable ({err})"])
+        else:
+            plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
         all_problems = engine.all_gather(plan.problems)
+        if any(all_problems) and self._replaced_since(info):
+            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
         if any(all_problems):
             lines = []
             for rank, problems in enumerate(all_problems):
@@ -419,9 +431,9 @@ class CheckpointManager:
         finally:
             if self.save_policy is not None:
                 self.save_policy.uninstall()
-            for handle in self._hooked_optimizers.values():
+            for handle in self._staging_hooks.values():
                 handle.remove()
-            self._hooked_optimizers.clear()
+            self._staging_hooks.clear()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -434,6 +446,15 @@ class CheckpointManager:
                 self.close()
             except Exception as err:  # noqa: BLE001 - keep the original exception primary
                 log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
+
+
+def _has_persistent_buffers(model: Any) -> bool:
+    return any(
+        name not in module._non_persistent_buffers_set
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    )
 
 
 def _save_id(manifest: Mapping[str, Any]) -> Any:

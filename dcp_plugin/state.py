@@ -182,6 +182,10 @@ def wrap_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return wrapped
 
 
+def models_in(state: Mapping[str, Any]) -> list[torch.nn.Module]:
+    return [value.model for value in state.values() if isinstance(value, ModelState)]
+
+
 def optimizers_in(state: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
     found: list[torch.optim.Optimizer] = []
     for value in state.values():

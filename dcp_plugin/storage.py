@@ -184,7 +184,7 @@ class CheckpointStorage:
             if os.path.exists(final) and _exchange(staged, final):
                 # One atomic step: readers see the old checkpoint or the new one, never neither.
                 _fsync_dir(self.root)
-                shutil.rmtree(staged, ignore_errors=True)
+                self._discard(pending.write_name)  # now holds the old checkpoint
                 return
             old = None
             if os.path.exists(final):
@@ -193,7 +193,7 @@ class CheckpointStorage:
             os.rename(staged, final)
             _fsync_dir(self.root)
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                self._discard(old.rsplit("/", 1)[-1])
             return
         # Object store replacing a committed checkpoint: the new copy is already committed under its
         # staging name, so a crash from here on is repaired by _recover().
@@ -201,11 +201,15 @@ class CheckpointStorage:
         self._remove_tree(final)
         self._copy_tree(staged, final)
         self._write_manifest(pending.name, manifest)
-        self._remove_tree(staged)
+        self._discard(pending.write_name)
 
     def abort(self, pending: PendingWrite) -> None:
-        """Remove what a failed write left behind (best effort, never touches committed data)."""
-        if pending.write_name == pending.name and self.is_committed(pending.name):
+        """Remove what a failed write left behind (best effort, never touches committed data).
+
+        A staged copy that is already committed stays: a replacement that failed half-way may have removed
+        the old checkpoint, and then this copy is the only one (the next writer moves it into place).
+        """
+        if self.is_committed(pending.write_name):
             return
         try:
             self._remove_tree(self._path(pending.write_name))
@@ -244,8 +248,13 @@ class CheckpointStorage:
         return self.fs.open(self._path(name), mode)
 
     def info(self, name: str) -> CheckpointInfo:
+        """The committed checkpoint called ``name``. Read-only: if a replacement of it was interrupted, the
+        committed copy it left under a staging name is returned (its ``name`` is then that directory)."""
         self._check_name(name)
-        self._recover(name)
+        if not self.is_committed(name):
+            staged = self._newest_staged_copy(name)
+            if staged is not None:
+                return CheckpointInfo(name=staged, url=self.url(staged), manifest=self.read_manifest(staged))
         return CheckpointInfo(name=name, url=self.url(name), manifest=self.read_manifest(name))
 
     def list(self) -> list[CheckpointInfo]:
@@ -264,7 +273,7 @@ class CheckpointStorage:
                 infos.append(CheckpointInfo(name=name, url=self.url(name), manifest=self.read_manifest(name)))
             except (CheckpointNotFoundError, NotACheckpointError) as err:
                 log.warning("Skipping %s: %s", self.url(name), err)
-        infos.extend(self._recovered_swaps({info.name for info in infos}))
+        infos.extend(self._interrupted_swaps({info.name for info in infos}))
         return sorted(infos, key=lambda i: (i.step if i.step is not None else -1, i.created, i.name))
 
     def latest(self) -> CheckpointInfo | None:
@@ -302,6 +311,8 @@ class CheckpointStorage:
         )
         if self.is_local:
             return CommittingFileSystemWriter(url, storage=self, pending=pending, **kwargs)
+        # Remote files are durable once closed; DCP would fall back to a machine-wide os.sync() per file.
+        kwargs["sync_files"] = False
         return CommittingFsspecWriter(url, storage=self, pending=pending, **kwargs, **self.storage_options)
 
     # -- deleting --------------------------------------------------------------------------------
@@ -321,12 +332,12 @@ class CheckpointStorage:
         if self.is_file(name):
             self.fs.rm(path)
             return
+        self._uncommit(name)
         if self.is_local:
             trash = self._path(f"{OLD_PREFIX}{name}-deleting-{uuid.uuid4().hex[:8]}")
             os.rename(path, trash)
             shutil.rmtree(trash)
             return
-        self._uncommit(name)
         self._remove_tree(path)
 
     def incomplete(self) -> list[str]:
@@ -405,8 +416,25 @@ class CheckpointStorage:
             self.fs.rm(path, recursive=True)
 
     def _copy_tree(self, source: str, target: str) -> None:
+        """Copy the data files; the manifest is written by the caller, last, so a partial copy is never committed."""
+        self.fs.makedirs(target, exist_ok=True)
         for src in self.fs.find(source):
-            self.fs.copy(src, target + src[len(source) :])
+            if src.rsplit("/", 1)[-1] != MANIFEST_NAME:
+                self.fs.copy(src, target + src[len(source) :])
+
+    def _discard(self, name: str) -> None:
+        """Remove a superseded copy, uncommitted first, so an interrupted removal never brings it back."""
+        try:
+            self._uncommit(name)
+            self._remove_tree(self._path(name))
+        except Exception as err:  # noqa: BLE001 - a leftover is harmless once uncommitted
+            log.warning("Could not remove the superseded copy %s: %s", self.url(name), err)
+
+    def _newest_staged_copy(self, name: str) -> str | None:
+        staged = self._staged_copies(name)
+        if not staged:
+            return None
+        return max(staged, key=lambda n: float(self.read_manifest(n).get("created", 0.0)))
 
     def _staged_copies(self, name: str) -> list[str]:
         if not self.fs.exists(self.root):
@@ -422,7 +450,8 @@ class CheckpointStorage:
     def _recover(self, name: str) -> None:
         """Finish a replacement that crashed after the new copy was committed but before it was in place.
 
-        A copy committed moments ago may belong to a writer that is swapping it in right now; leave it alone.
+        Only the writer calls this (``begin_write``). A copy committed moments ago may belong to another
+        process's writer that is swapping it in right now; leave it alone.
         """
         if self.is_committed(name):
             return
@@ -432,28 +461,35 @@ class CheckpointStorage:
             return
         newest = max(staged, key=lambda n: float(self.read_manifest(n).get("created", 0.0)))
         log.warning("Restoring %s from %s (an earlier replacement was interrupted).", name, newest)
-        if self.fs.exists(self._path(name)):
-            self._remove_tree(self._path(name))
+        if self.is_committed(name):
+            return
+        self._remove_tree(self._path(name))
         if self.atomic_rename:
             os.rename(self._path(newest), self._path(name))
         else:
             self._copy_tree(self._path(newest), self._path(name))
-            self._remove_tree(self._path(newest))
+            self._write_manifest(name, self.read_manifest(newest))
+            self._discard(newest)
 
-    def _recovered_swaps(self, listed: set[str]) -> list[CheckpointInfo]:
+    def _interrupted_swaps(self, listed: set[str]) -> list[CheckpointInfo]:
+        """Committed copies left under staging names by interrupted replacements whose name is now empty."""
         if not self.fs.exists(self.root):
             return []
-        recovered = []
+        found: dict[str, CheckpointInfo] = {}
         for entry in self.fs.ls(self.root, detail=False):
             base = entry.rstrip("/").rsplit("/", 1)[-1]
-            for prefix in (TMP_PREFIX, OLD_PREFIX):
-                if base.startswith(prefix) and self.is_committed(base):
-                    name = self.read_manifest(base).get("name")
-                    if name and name not in listed and not self.is_committed(name):
-                        self._recover(name)
-                        listed.add(name)
-                        recovered.append(self.info(name))
-        return recovered
+            if not base.startswith((TMP_PREFIX, OLD_PREFIX)) or "-deleting-" in base or not self.is_committed(base):
+                continue
+            try:
+                manifest = self.read_manifest(base)
+            except (CheckpointNotFoundError, NotACheckpointError):
+                continue
+            name = manifest.get("name")
+            if not name or name in listed or self.is_committed(name):
+                continue
+            if name not in found or manifest.get("created", 0) > found[name].manifest.get("created", 0):
+                found[name] = CheckpointInfo(name=base, url=self.url(base), manifest=manifest)
+        return list(found.values())
 
 
 # A staged copy committed less than this long ago may still be moved into place by its writer.

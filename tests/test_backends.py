@@ -77,3 +77,29 @@ def test_uncommitted_prefix_on_s3_is_ignored_and_replaced(s3_url):
         manager.save(2, {"model": model})
         assert manager.steps == [1, 2]
         assert fs.cat(f"{root}/step_000000002/__0_0.distcp") != b"partial"
+
+
+def test_interrupted_replacement_is_read_from_its_staged_copy_and_repaired_by_the_next_write(location):
+    """A crash after the new copy committed under its staging name but before it was moved into place."""
+    url, options = location
+    model, _, _ = make_training()
+    with CheckpointManager(url, async_mode="sync", storage_options=options) as manager:
+        manager.save(3, {"model": model})
+        storage = manager.storage
+        name = "step_000000003"
+        staged = f".tmp-{name}-0123456789ab"
+        storage._copy_tree(storage._path(name), storage._path(staged))
+        manifest = storage.read_manifest(name)
+        storage._write_manifest(staged, {**manifest, "committed": 0.0})
+        storage._uncommit(name)
+        storage._remove_tree(storage._path(name))  # the crash left only the staged, committed copy
+
+        assert manager.steps == [3]  # listed through its staged copy, without touching storage
+        assert storage.fs.exists(storage._path(staged))
+        restored = make_training(seed=3)[0]
+        manager.load({"model": restored}, step=3)
+        assert_same(restored.state_dict(), model.state_dict())
+
+        manager.save(4, {"model": model})
+        storage.begin_write(name, overwrite=True)  # the writer side moves it back into place
+        assert storage.is_committed(name)

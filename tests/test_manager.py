@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -285,6 +286,7 @@ def test_reader_never_sees_a_mix_while_another_process_replaces_the_checkpoint(c
                 with torch.no_grad():
                     weights["w"].fill_(version)
                 writer.save(1, {"model": weights, "version": version}, overwrite=True)
+                time.sleep(0.02)  # a new checkpoint every ~30 ms: far more often than any real run
 
     thread = threading.Thread(target=keep_replacing)
     thread.start()
@@ -299,3 +301,17 @@ def test_reader_never_sees_a_mix_while_another_process_replaces_the_checkpoint(c
     finally:
         stop.set()
         thread.join()
+
+
+def test_async_staging_keeps_batchnorm_statistics_of_the_saved_step(ckpt_dir):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(8, 16))
+    with CheckpointManager(ckpt_dir, async_mode="thread", async_staging=True) as manager:
+        manager.save(1, {"model": model, "optim": optimizer})
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        model(torch.randn(8, 16) * 5)  # the next forward updates running stats: it waits for the snapshot
+        manager.wait()
+        restored = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16))
+        manager.load({"model": restored})
+    assert_same(restored.state_dict(), saved)
