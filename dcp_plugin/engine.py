@@ -388,19 +388,14 @@ class CheckpointEngine:
                 self._stager = None
             if self.config.async_mode == "process":
                 _ProcessDaemon.unregister(self)
-            if self._group is not None:
-                try:
-                    dist.destroy_process_group(self._group)
-                except Exception:  # noqa: BLE001 - the default group may already be gone
-                    pass
-            self._group = None
+            for group in (self._group, self._control_group):
+                if group is not None:
+                    try:
+                        dist.destroy_process_group(group)
+                    except Exception:  # noqa: BLE001 - the default group may already be gone
+                        pass
+            self._group = self._control_group = None
             self._group_ready = False
-            if self._control_group is not None:
-                try:
-                    dist.destroy_process_group(self._control_group)
-                except Exception:  # noqa: BLE001 - the default group may already be gone
-                    pass
-                self._control_group = None
             if self._owns_default_group and dist.is_initialized():
                 dist.destroy_process_group()
                 self._owns_default_group = False
