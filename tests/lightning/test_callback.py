@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from dcp_plugin import CheckpointManager
 from dcp_plugin.lightning import DCPCheckpoint, DCPCheckpointIO
 from tests.lightning.helpers import TinyModule, dataset, loader, seed_all, trainer
-from tests.multiproc import free_port, run_ranks
+from tests.multiproc import free_port, rank_env, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -280,14 +280,7 @@ def _launch(directory: str, world_size: int, *args: str) -> list[subprocess.Pope
     for rank in range(world_size):
         env = dict(os.environ, PYTHONPATH=ROOT)
         if world_size > 1:
-            env.update(
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(world_size),
-                LOCAL_WORLD_SIZE=str(world_size),
-            )
+            env.update(rank_env(rank, world_size, port))
         processes.append(
             subprocess.Popen(
                 [sys.executable, "-m", "tests.lightning.preempt_fit", directory, *args],
