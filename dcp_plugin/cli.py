@@ -69,18 +69,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check the commit marker, the metadata, that every data file holds its bytes, and (with --load) the tensors."""
     storage, name = open_url(args.checkpoint, _storage_options(args))
     info = storage.info(name)
-    metadata = storage.metadata_reader(name).read_metadata()
-    needed: dict[str, int] = {}
-    for location in (metadata.storage_data or {}).values():
-        path = str(location.relative_path)
-        needed[path] = max(needed.get(path, 0), int(location.offset) + int(location.length))
-    problems = []
-    for path, length in sorted(needed.items()):
-        full = f"{storage._path(name)}/{path}"
-        if not storage.fs.exists(full):
-            problems.append(f"missing data file {path}")
-        elif storage.fs.size(full) < length:
-            problems.append(f"{path} is truncated ({storage.fs.size(full)} of {length} bytes)")
+    problems, needed = storage.data_problems(info.name)
     if not problems and args.load:
         try:
             _manager(storage.root_url, args).read(name=name)

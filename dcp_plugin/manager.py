@@ -96,10 +96,7 @@ class CheckpointManager:
                 "memory:// lives inside one process, but async_mode='process' writes from a separate process; "
                 "use async_mode='thread' or 'sync' with memory://."
             )
-        if self.storage.fs.exists(self.storage.root) and not self.storage.fs.isdir(self.storage.root):
-            raise NotADirectoryError(
-                f"The checkpoint directory {self.storage.root_url} is a file; pass a directory (created if missing)."
-            )
+        self.storage.check_root()
         self.engine = engine or CheckpointEngine(config, distributed=distributed)
         self._owns_engine = engine is None
         self.run_id = run_id or uuid.uuid4().hex

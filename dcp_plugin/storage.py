@@ -122,18 +122,22 @@ class CheckpointStorage:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
-    def url(self, name: str) -> str:
-        """What DCP is given: a plain path for local files, a URL otherwise."""
-        path = self._path(name)
+    def url(self, name: str, *more: str) -> str:
+        """What DCP is given: a plain path for local files, a URL otherwise (``more`` names go below ``name``)."""
+        path = "/".join([self._path(name), *more])
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     # -- checks ----------------------------------------------------------------------------------
-    def ensure_root(self) -> None:
-        """Create the root directory, or say clearly why it cannot be one."""
+    def check_root(self) -> None:
+        """Fail clearly if the root exists but is a file."""
         if self.fs.exists(self.root) and not self.fs.isdir(self.root):
             raise NotADirectoryError(
                 f"The checkpoint directory {self.root_url} is a file; pass a directory (it is created if missing)."
             )
+
+    def ensure_root(self) -> None:
+        """Create the root directory, or say clearly why it cannot be one."""
+        self.check_root()
         if self.is_local:
             try:
                 os.makedirs(self.root, exist_ok=True)
@@ -292,6 +296,23 @@ class CheckpointStorage:
             f"No committed checkpoint for step {step} in {self.root_url}; committed steps: "
             f"{steps if steps else 'none'}."
         )
+
+    def data_problems(self, name: str) -> tuple[list[str], dict[str, int]]:
+        """Data files of checkpoint ``name`` that are missing or shorter than its metadata says, and the bytes
+        each data file must hold."""
+        metadata = self.metadata_reader(name).read_metadata()
+        needed: dict[str, int] = {}
+        for location in (metadata.storage_data or {}).values():
+            path = str(location.relative_path)
+            needed[path] = max(needed.get(path, 0), int(location.offset) + int(location.length))
+        problems = []
+        for path, length in sorted(needed.items()):
+            full = f"{self._path(name)}/{path}"
+            if not self.fs.exists(full):
+                problems.append(f"missing data file {path}")
+            elif self.fs.size(full) < length:
+                problems.append(f"{path} is truncated ({self.fs.size(full)} of {length} bytes)")
+        return problems, needed
 
     def metadata_reader(self, name: str) -> FileSystemReader:
         """A DCP reader for a committed checkpoint whose ``.metadata`` is read without running code."""

@@ -355,7 +355,7 @@ class DCPCheckpoint(Checkpoint):
         }
         if pl_module.hparams:
             checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-        url = f"{storage.url(EXPORT_DIR)}/{step_name(step)}"
+        url = storage.url(EXPORT_DIR, step_name(step))
         trainer.strategy.save_checkpoint(checkpoint, url)
         trainer.strategy.barrier("DCPCheckpoint.export")
         rank_zero_info(f"DCPCheckpoint: exported the final model to {url}.")
