@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dcp_plugin.errors import ConfigError
+
 ASYNC_MODES = ("sync", "thread", "process")
 AsyncMode = Literal["sync", "thread", "process"]
 
@@ -21,8 +23,6 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-class ConfigError(ValueError):
-    """An option has a value that cannot work; the message says which and what to use instead."""
 
 
 @dataclass

@@ -29,7 +29,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
-from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.errors import CheckpointLoadError, CheckpointSaveError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ def _quiet_discarded_dcp_telemetry() -> None:
             telemetry.setLevel(logging.INFO)
 
 
-class CheckpointSaveError(RuntimeError):
-    """A save failed (in the foreground or in the background); the message names the checkpoint and cause."""
-
-
-class CheckpointLoadError(RuntimeError):
-    """A load failed; the message names the checkpoint and the cause."""
 
 
 @dataclass

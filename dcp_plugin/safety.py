@@ -12,6 +12,8 @@ from typing import IO, Any
 
 import torch
 
+from dcp_plugin.errors import UnsafeCheckpointError
+
 _ALLOWED: dict[str, set[str]] = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata",
@@ -33,8 +35,6 @@ _ALLOWED: dict[str, set[str]] = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The metadata references something outside the allow-list."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

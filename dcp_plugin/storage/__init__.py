@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata
 
+from dcp_plugin.errors import CheckpointExistsError, CheckpointNotFoundError, NotACheckpointError
 from dcp_plugin.safety import load_metadata
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,6 @@ FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 STEP_NAME = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """The requested checkpoint does not exist or was never committed."""
-
-
-class CheckpointExistsError(FileExistsError):
-    """A committed checkpoint already has this name and overwriting was not asked for."""
-
-
-class NotACheckpointError(ValueError):
-    """A path exists but is not a dcp-plugin checkpoint (e.g. a file written by torch.save)."""
 
 
 def step_name(step: int) -> str:

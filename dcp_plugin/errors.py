@@ -1,0 +1,66 @@
+"""Every error a user can trigger with bad input, a bad checkpoint or unreachable storage.
+
+All derive from :class:`CheckpointError` and, where one fits, from the standard exception a caller would
+already catch (``FileNotFoundError``, ``FileExistsError``, ``ValueError``, ``OSError``). Messages name the
+checkpoint or file and say what to do.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+
+class CheckpointError(Exception):
+    """Base class of dcp-plugin's errors."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """An option has a value that cannot work; the message says which and what to use instead."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The requested checkpoint does not exist or was never committed."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint already has this name and replacing it was not asked for."""
+
+
+class NotACheckpointError(CheckpointError, ValueError):
+    """A path exists but is not a dcp-plugin checkpoint (e.g. a file written by torch.save)."""
+
+
+class CheckpointSaveError(CheckpointError, RuntimeError):
+    """A save failed (in the foreground or in the background); the message names the checkpoint and cause."""
+
+
+class CheckpointLoadError(CheckpointError, RuntimeError):
+    """A load failed; the message names the checkpoint and the cause."""
+
+
+class CheckpointCorruptError(CheckpointLoadError, ValueError):
+    """A checkpoint's files do not match what was committed (checksum, size, malformed manifest or metadata).
+
+    The message names the file and the checkpoint, and the next older checkpoint that verifies when known."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint refers to something that could run code or reach outside the checkpoint."""
+
+
+class StorageAccessError(CheckpointError, OSError):
+    """The storage cannot be reached or used (missing bucket, bad credentials, unreachable endpoint)."""
+
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointLoadError",
+    "CheckpointNotFoundError",
+    "CheckpointSaveError",
+    "ConfigError",
+    "NotACheckpointError",
+    "StorageAccessError",
+    "UnsafeCheckpointError",
+]
