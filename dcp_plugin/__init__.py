@@ -7,6 +7,7 @@ Lightning or Accelerate).
 
 from dcp_plugin.config import CheckpointConfig, ConfigError
 from dcp_plugin.encoding import EncodingError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, StorageAccessError
 from dcp_plugin.engine import CheckpointEngine, CheckpointLoadError, CheckpointSaveError, SaveStats
 from dcp_plugin.manager import CheckpointManager
 from dcp_plugin.packing import StateMismatchError
@@ -50,6 +51,9 @@ __all__ = [
     "SaveOptions",
     "SavePolicy",
     "CheckpointConfig",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "StorageAccessError",
     "CheckpointEngine",
     "CheckpointExistsError",
     "CheckpointInfo",

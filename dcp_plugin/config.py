@@ -138,7 +138,7 @@ class CheckpointConfig:
 
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).
-NON_CONFIG_ENV_NAMES = {"enable", "dir", "keep_last"}
+NON_CONFIG_ENV_NAMES = {"enable", "dir", "keep_last", "crash_at", "crash_group"}
 
 
 def _parse_env_value(key: str, raw: str, default: Any) -> Any:

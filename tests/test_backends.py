@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -63,43 +65,49 @@ def test_process_mode_writes_to_s3(s3_url):
 
 
 @pytest.mark.s3
-def test_uncommitted_prefix_on_s3_is_ignored_and_replaced(s3_url):
-    """A crash on an object store leaves data without the commit marker: never listed, cleaned on reuse."""
+def test_uncommitted_data_on_s3_is_never_listed_and_purge_removes_only_it(s3_url):
+    """A crash on an object store leaves data without a commit marker: never listed, removed by purge."""
     url, options = s3_url
     model, _, _ = make_training()
     with CheckpointManager(url, async_mode="sync", storage_options=options) as manager:
         manager.save(1, {"model": model})
         fs = manager.storage.fs
         root = manager.storage.root
-        fs.pipe(f"{root}/step_000000002/__0_0.distcp", b"partial")
+        leftover = ".dcp-plugin/objects/step_000000002.0123456789ab"
+        fs.pipe(f"{root}/{leftover}/__0_0.distcp", b"partial")
         assert manager.steps == [1]
-        assert manager.storage.incomplete() == ["step_000000002"]
+        assert manager.storage.incomplete() == [leftover]
+        assert manager.storage.purge() == [leftover]
+        assert manager.steps == [1]
+        restored = make_training(seed=3)[0]
+        manager.load({"model": restored}, step=1)
+        assert_same(restored.state_dict(), model.state_dict())
         manager.save(2, {"model": model})
         assert manager.steps == [1, 2]
-        assert fs.cat(f"{root}/step_000000002/__0_0.distcp") != b"partial"
 
 
-def test_interrupted_replacement_is_read_from_its_staged_copy_and_repaired_by_the_next_write(location):
-    """A crash after the new copy committed under its staging name but before it was moved into place."""
-    url, options = location
+def test_interrupted_two_step_replacement_is_listed_under_its_name_and_restored_by_the_next_write(tmp_path):
+    """Without an atomic exchange a local replacement moves the old copy aside first; a crash right then leaves
+    the name empty. The copy set aside is still that checkpoint: listed and loaded by its name, moved back by the
+    next writer of that name."""
+    url = str(tmp_path / "ckpts")
     model, _, _ = make_training()
-    with CheckpointManager(url, async_mode="sync", storage_options=options) as manager:
+    with CheckpointManager(url, async_mode="sync") as manager:
         manager.save(3, {"model": model})
         storage = manager.storage
         name = "step_000000003"
-        staged = f".tmp-{name}-0123456789ab"
-        storage._copy_tree(storage._path(name), storage._path(staged))
-        manifest = storage.read_manifest(name)
-        storage._write_manifest(staged, {**manifest, "committed": 0.0})
-        storage._uncommit(name)
-        storage._remove_tree(storage._path(name))  # the crash left only the staged, committed copy
+        aside = tmp_path / "ckpts" / ".dcp-plugin" / "replaced" / f"{name}.0123456789ab"
+        aside.parent.mkdir(parents=True)
+        os.rename(tmp_path / "ckpts" / name, aside)  # the crash left only the copy set aside
 
-        assert manager.steps == [3]  # listed through its staged copy, without touching storage
-        assert storage.fs.exists(storage._path(staged))
+        assert manager.steps == [3]
+        assert storage.info(name).url == str(aside)
         restored = make_training(seed=3)[0]
         manager.load({"model": restored}, step=3)
         assert_same(restored.state_dict(), model.state_dict())
+        assert storage.incomplete() == []  # it is committed data: purge leaves it alone
 
-        manager.save(4, {"model": model})
-        storage.begin_write(name, overwrite=True)  # the writer side moves it back into place
-        assert storage.is_committed(name)
+        storage.abort(storage.begin_write(name, overwrite=True))  # the writer side moves it back into place
+        assert (tmp_path / "ckpts" / name / "dcp_plugin.json").exists()
+        assert not aside.exists()
+        assert manager.steps == [3]

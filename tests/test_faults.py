@@ -92,11 +92,13 @@ def run_and_kill(directory: str, mode: str, megabytes: int, slow_flag=None, wait
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, mode):
     directory = f"faulty://{tmp_path}/ckpts"
-    step2_files = str(tmp_path / "ckpts" / "step_000000002" / "*.distcp")
+    step2_files = str(tmp_path / "ckpts" / ".dcp-plugin" / "objects" / "step_000000002.*" / "*.distcp")
     run_and_kill(directory, mode, 1, slow_flag=tmp_path / ".slow-writes", wait_for_files=step2_files)
     with CheckpointManager(directory, async_mode="sync") as manager:
         assert manager.steps == [1]
-        assert manager.storage.incomplete() == ["step_000000002"]  # half-written, not listed
+        [leftover] = manager.storage.incomplete()  # half-written, not listed
+        assert leftover.startswith(".dcp-plugin/objects/step_000000002.")
+        assert manager.storage.purge() == [leftover] and manager.steps == [1]
         loaded = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(2**18))})
         manager.load({"model": loaded}, step=1)
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from dcp_plugin import (
     RNGState,
     StateMismatchError,
 )
+from tests.forge import forge_manifest
 from tests.models import assert_same, make_model, make_training, snapshot, train_step
 
 MODES = ["sync", "thread", pytest.param("process", marks=pytest.mark.slow)]
@@ -227,6 +228,7 @@ def test_tampered_metadata_is_refused_without_running_it(ckpt_dir, tmp_path):
 
         with open(os.path.join(ckpt_dir, "step_000000001", ".metadata"), "wb") as handle:
             pickle.dump(Exploit(), handle)
+        forge_manifest(os.path.join(ckpt_dir, "step_000000001"))  # the attacker fixes up the checksums too
         from dcp_plugin import UnsafeCheckpointError
 
         with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):

@@ -141,7 +141,8 @@ def test_save_and_load_through_s3_with_automatic_naming_and_explicit_urls(s3_url
     assert_same(saved, snapshot(model, optimizer))
     fs = fsspec.filesystem("s3", **storage_options, skip_instance_cache=True)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/auto".removeprefix("s3://"), detail=False))
-    assert names == ["checkpoint_2"]  # keep_last=1
+    assert [n for n in names if not n.startswith(".")] == ["checkpoint_2"]  # keep_last=1
+    assert len(fs.ls(f"{url}/auto/.dcp-plugin/objects".removeprefix("s3://"))) == 1  # its data, nothing else
     accelerator.end_training()
 
 

@@ -1,0 +1,153 @@
+"""Checksums of checkpoint files: computed while the bytes are written, checked before they are trusted.
+
+The hash is xxh3-128 (the ``xxhash`` package): about 10 GB/s per core here, so hashing the stream as DCP
+writes it costs a few percent of the write, and no second read pass is needed at save time. It detects
+accidental damage (bit flips, zeroed pages, truncation, a shard swapped from another checkpoint); it is not a
+signature against a deliberate forger who can also rewrite the manifest.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import xxhash
+
+from dcp_plugin.storage.safe_io import open_local_regular, regular_file_size
+
+ALGORITHM = "xxh3_128"
+_CHUNK = 64 * 2**20
+
+
+class HashingStream(io.RawIOBase):
+    """A write-only stream that hashes every byte on its way to ``inner`` and reports (size, digest) on close."""
+
+    def __init__(self, inner: Any, on_close: Callable[[int, str], None]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._hasher = xxhash.xxh3_128()
+        self._size = 0
+        self._on_close = on_close
+        self._reported = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        written = self._inner.write(view)
+        written = len(view) if written is None else written
+        self._hasher.update(view[:written])
+        self._size += written
+        return written
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def flush(self) -> None:
+        if not getattr(self._inner, "closed", False):
+            self._inner.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._inner.close()
+        finally:
+            super().close()
+        if not self._reported:
+            self._reported = True
+            self._on_close(self._size, self._hasher.hexdigest())
+
+
+class ChecksumSink:
+    """Collects the checksums of the files one rank wrote (DCP writes from several threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def recorder(self, relative: str) -> Callable[[int, str], None]:
+        def record(size: int, digest: str) -> None:
+            with self._lock:
+                self.files[relative] = {"size": size, ALGORITHM: digest}
+
+        return record
+
+
+def hash_file(fs: Any, path: str, *, is_local: bool) -> tuple[int, str]:
+    """(size, xxh3-128 hex digest) of a regular file, read once in large chunks (memory-mapped locally)."""
+    hasher = xxhash.xxh3_128()
+    if is_local:
+        with open_local_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size:
+                with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+                    view = memoryview(mapped)
+                    try:
+                        for start in range(0, size, _CHUNK):
+                            hasher.update(view[start : start + _CHUNK])
+                    finally:
+                        view.release()
+            return size, hasher.hexdigest()
+    regular_file_size(fs, path, is_local=False)
+    size = 0
+    with fs.open(path, "rb", block_size=_CHUNK) as handle:
+        while True:
+            chunk = handle.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            hasher.update(chunk)
+    return size, hasher.hexdigest()
+
+
+def check_files(
+    fs: Any,
+    directory: str,
+    records: Mapping[str, Mapping[str, Any]],
+    *,
+    is_local: bool,
+    only: Iterable[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Problems with the files of one checkpoint: missing, special, wrong size, or wrong checksum.
+
+    ``records`` maps file names to ``{"size", "xxh3_128"}``; ``only`` limits the check to some of them.
+    ``progress`` is called with the bytes of each file checked.
+    """
+    problems = []
+    names = sorted(records) if only is None else sorted(set(only))
+    for relative in names:
+        record = records.get(relative)
+        path = f"{directory}/{relative}"
+        if record is None:
+            problems.append(f"{relative} has no recorded checksum")
+            continue
+        try:
+            size = regular_file_size(fs, path, is_local=is_local)
+            if size != record["size"]:
+                problems.append(f"{relative} has {size} bytes, {record['size']} were committed")
+                continue
+            size, digest = hash_file(fs, path, is_local=is_local)
+        except FileNotFoundError:
+            problems.append(f"{relative} is missing")
+            continue
+        except Exception as err:  # noqa: BLE001 - every problem is reported, not just the first
+            problems.append(f"{relative}: {err}")
+            continue
+        if digest != record.get(ALGORITHM):
+            problems.append(f"{relative} does not match its checksum (the file was changed or damaged)")
+        if progress is not None:
+            progress(size)
+    return problems
+
+
+__all__ = ["ALGORITHM", "ChecksumSink", "HashingStream", "check_files", "hash_file"]
