@@ -1,0 +1,103 @@
+"""SIGKILL at every step of save, replace, delete and retention (thread and process mode, local disk and S3).
+
+After each crash: the newest committed checkpoint is listed under its real name and loads exactly; nothing
+partial is listed; ``purge`` removes only uncommitted data; the next save succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dcp_plugin import CheckpointManager
+from tests.scripts.crash_at import VALUES, model_with
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "crash_at.py")
+
+# (scenario, crash point) -> {step: value of the checkpoint listed under that step afterwards}
+OLD = {1: VALUES["step1"]}
+OUTCOMES = {
+    ("save", "save.begun"): OLD,
+    ("save", "save.written"): OLD,
+    ("save", "save.sealed"): OLD,
+    ("save", "save.committed"): {1: VALUES["step1"], 2: VALUES["step2"]},
+    ("replace", "save.begun"): OLD,
+    ("replace", "save.written"): OLD,
+    ("replace", "save.sealed"): OLD,
+    ("replace", "save.committed"): {1: VALUES["step1_replacement"]},
+    ("delete", "delete.hidden"): {2: VALUES["step2"]},
+    ("retention", "delete.hidden"): {2: VALUES["step2"]},
+}
+LOCAL_ONLY = {("replace_two_step", "replace.old_moved"): OLD, ("replace_two_step", "save.committed"): {1: 11.0}}
+
+
+def crash(scenario: str, mode: str, url: str, options: dict, point: str, tmp_path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    if scenario == "replace_two_step":
+        scenario, env["CRASH_TEST_NO_EXCHANGE"] = "replace", "1"
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, scenario, mode, url, json.dumps(options), point],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,  # its own process group: the crash takes the writer daemon along
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"expected a SIGKILL at {point}, got {proc.returncode}:\n{out}\n{err}"
+
+
+def check_after_crash(url: str, options: dict, expected: dict[int, float]) -> None:
+    with CheckpointManager(url, async_mode="sync", storage_options=options) as manager:
+        infos = manager.list()
+        assert [i.name for i in infos] == [f"step_{s:09d}" for s in sorted(expected)], "only real names are listed"
+        assert manager.steps == sorted(expected)
+        for step, value in expected.items():
+            model = model_with(-1.0)
+            manager.load({"model": model}, step=step)
+            assert torch.equal(model.weight, torch.full((8, 8), value)), f"step {step} does not load exactly"
+        assert all(not manager.storage.verify(info) for info in infos)
+
+        removed = manager.storage.purge()
+        assert manager.steps == sorted(expected), f"purge removed committed data ({removed})"
+        assert manager.storage.incomplete() == []
+        newest = max(expected)
+        model = model_with(-1.0)
+        manager.load({"model": model})
+        assert torch.equal(model.weight, torch.full((8, 8), expected[newest]))
+
+        manager.save(10, {"model": model_with(10.0)})
+        assert manager.steps == [*sorted(expected), 10]
+
+
+def _cases(table: dict, modes: tuple[str, ...]) -> list:
+    return [pytest.param(s, p, m, id=f"{s}-{p}-{m}") for (s, p) in table for m in modes]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario, point, mode", _cases({**OUTCOMES, **LOCAL_ONLY}, ("thread", "process")))
+def test_crash_point_on_local_disk(scenario, point, mode, tmp_path):
+    url = str(tmp_path / "ckpts")
+    crash(scenario, mode, url, {}, point, tmp_path)
+    check_after_crash(url, {}, {**OUTCOMES, **LOCAL_ONLY}[(scenario, point)])
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.parametrize("scenario, point, mode", _cases(OUTCOMES, ("thread", "process")))
+def test_crash_point_on_s3(scenario, point, mode, tmp_path, s3_url):
+    url, options = s3_url
+    crash(scenario, mode, url, options, point, tmp_path)
+    check_after_crash(url, options, OUTCOMES[(scenario, point)])
