@@ -46,7 +46,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(
             f"Checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never needs; refusing to "
             "load it because unpickling it could run code. If you wrote this checkpoint yourself with a custom "
-            "planner, load it with trust_metadata=True."
+            "planner and trust it, read it with torch.distributed.checkpoint directly."
         )
 
 

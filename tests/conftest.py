@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,13 +27,17 @@ def _release_process_state():
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on a free loopback port for the whole session; stopped by its own pid."""
+@contextlib.contextmanager
+def _moto_server(**extra_env: str):
+    """moto's S3 server on a free loopback port; stopped by its own pid."""
+    import urllib.error
+    import urllib.request
+
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     port = free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    env.update(extra_env)
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -41,12 +46,12 @@ def s3_server():
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    import urllib.request
-
     while True:
         try:
             urllib.request.urlopen(endpoint, timeout=1)
             break
+        except urllib.error.HTTPError:
+            break  # it answers (an authenticating server refuses anonymous requests)
         except Exception:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
@@ -60,6 +65,20 @@ def s3_server():
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for the whole session."""
+    with _moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_server_with_auth():
+    """An S3 server that checks credentials (and knows none): every request is refused as unauthorised."""
+    with _moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture()

@@ -14,10 +14,12 @@ the only place that handles paths; everything else passes names and URLs around.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -58,6 +60,29 @@ from dcp_plugin.storage.names import (
 from dcp_plugin.storage.root import StorageRoot, access_error
 
 log = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _storage_errors(action: str) -> Callable[[_F], _F]:
+    """On remote storage, turn the client's own errors (botocore, aiohttp, gcsfs...) into one
+    :class:`StorageAccessError` naming the URL and the likely fix. Project errors pass through unchanged."""
+
+    def decorate(method: _F) -> _F:
+        @functools.wraps(method)
+        def wrapper(self: CheckpointStorage, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except (CheckpointError, ValueError, NotADirectoryError):
+                raise
+            except Exception as err:
+                if self.is_local:
+                    raise
+                raise access_error(err, self.root_url, action=action) from err
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,7 @@ class CheckpointStorage:
         return self._root.url(self._root.join(name, *more))
 
     # -- checks -----------------------------------------------------------------------------------
+    @_storage_errors("use")
     def check_root(self) -> None:
         """Fail clearly if the root exists but is a file."""
         if self.fs.exists(self.root) and not self.fs.isdir(self.root):
@@ -152,31 +178,23 @@ class CheckpointStorage:
                 self.fs.makedirs(self.root, exist_ok=True)
 
     # -- writing ----------------------------------------------------------------------------------
+    @_storage_errors("write a checkpoint to")
     def begin_write(self, name: str, overwrite: bool = False) -> PendingWrite:
         """Prepare a fresh private location for checkpoint ``name`` (called on one rank).
 
         ``overwrite=False`` is checked here for an early error and enforced again, atomically, at commit."""
         check_name(name)
-        try:
-            self.ensure_root()
-            if isinstance(self.strategy, RenameCommit):
-                self.strategy.restore_interrupted(name)
-            if self.is_committed(name) and not overwrite:
-                raise CheckpointExistsError(
-                    f"A committed checkpoint already exists at {self.url(name)}; pick another step/name, delete it "
-                    "first, or pass overwrite=True (the old one stays until the new one is committed)."
-                )
-            if not overwrite:
-                check_target_is_replaceable(self._root, name)
-            return self.strategy.begin(name, overwrite)
-        except (CheckpointError, OSError) as err:
-            if isinstance(err, (CheckpointError, PermissionError, NotADirectoryError)) or self.is_local:
-                raise
-            raise access_error(err, self.url(name), action="write a checkpoint to") from err
-        except Exception as err:  # noqa: BLE001 - remote clients raise their own types
-            if self.is_local:
-                raise
-            raise access_error(err, self.url(name), action="write a checkpoint to") from err
+        self.ensure_root()
+        if isinstance(self.strategy, RenameCommit):
+            self.strategy.restore_interrupted(name)
+        if self.is_committed(name) and not overwrite:
+            raise CheckpointExistsError(
+                f"A committed checkpoint already exists at {self.url(name)}; pick another step/name, delete it "
+                "first, or pass overwrite=True (the old one stays until the new one is committed)."
+            )
+        if not overwrite:
+            check_target_is_replaceable(self._root, name)
+        return self.strategy.begin(name, overwrite)
 
     def writer(self, pending: PendingWrite, *, thread_count: int, sync_files: bool, per_thread_copy_ahead: int) -> Any:
         """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written."""
@@ -198,6 +216,7 @@ class CheckpointStorage:
         self.strategy.abort(pending)
 
     # -- reading ----------------------------------------------------------------------------------
+    @_storage_errors("list")
     def scan(self) -> Scan:
         """Committed checkpoints (oldest first) and the entries that look like checkpoints but are broken."""
         return self._listing.scan()
@@ -214,6 +233,7 @@ class CheckpointStorage:
         infos = self.list()
         return infos[-1] if infos else None
 
+    @_storage_errors("read")
     def info(self, name: str) -> CheckpointInfo:
         """The committed checkpoint called ``name``; raises a project error saying why if there is none."""
         check_name(name)
@@ -234,6 +254,7 @@ class CheckpointStorage:
         except (CheckpointError, ValueError):
             return False
 
+    @_storage_errors("read")
     def find_step(self, step: int) -> CheckpointInfo:
         name = step_name(step)
         if self.is_committed(name):
@@ -296,6 +317,7 @@ class CheckpointStorage:
         return self.fs.open(self._root.join(name), mode)
 
     # -- deleting and cleaning up -----------------------------------------------------------------
+    @_storage_errors("delete from")
     def delete(self, name: str) -> None:
         """Delete a checkpoint: invisible first, so a crash mid-delete never leaves a broken committed one.
 
@@ -308,6 +330,7 @@ class CheckpointStorage:
             raise CheckpointNotFoundError(f"Nothing to delete at {self.url(name)}.")
         self.strategy.delete(name)
 
+    @_storage_errors("list")
     def incomplete(self) -> list[str]:
         """Leftovers of writes, replacements and deletions that never finished (paths relative to the root)."""
         return self._listing.leftovers()
@@ -316,6 +339,7 @@ class CheckpointStorage:
         """Remove one leftover named by :meth:`incomplete` (never committed data)."""
         self._listing.remove_leftover(entry)
 
+    @_storage_errors("clean up")
     def purge(self) -> list[str]:
         """Remove every leftover; returns what was removed. Committed checkpoints are never touched."""
         removed = []

@@ -34,6 +34,7 @@ from dcp_plugin.storage.safe_io import MAX_METADATA_BYTES, open_local_regular, r
 
 log = logging.getLogger(__name__)
 
+_WARNED_UNCHECKED: set[str] = set()
 _CHECKSUMS_FQN = "__dcp_plugin_checksums__"
 """WriteResults under this name carry a rank's file checksums to the coordinator's ``finish``; they are
 taken out before DCP builds ``.metadata``."""
@@ -239,6 +240,13 @@ class _Distrustful:
             return
         root, directory = self._dcp_plugin_root, self._dcp_plugin_directory
         if self._dcp_plugin_files is None:  # written before checksums existed: check what can be checked
+            if self._dcp_plugin_shown not in _WARNED_UNCHECKED:
+                _WARNED_UNCHECKED.add(self._dcp_plugin_shown)
+                log.warning(
+                    "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. "
+                    "Save it again to protect it.",
+                    self._dcp_plugin_shown,
+                )
             for name in todo:
                 regular_file_size(root.fs, f"{directory}/{name}", is_local=root.is_local)
         else:

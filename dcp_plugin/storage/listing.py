@@ -55,6 +55,7 @@ class Listing:
         root.forget_listings()
         scan = Scan()
         if not root.fs.exists(root.path):
+            root.check_reachable()  # an empty listing of a missing bucket would hide the real problem
             return scan
         if not root.fs.isdir(root.path):
             raise NotADirectoryError(f"The checkpoint directory {root.url_root} is a file.")
