@@ -4,9 +4,10 @@
             callbacks=[DCPCheckpoint(dirpath="s3://bucket/run1", every_n_train_steps=500,
                                      every_n_seconds=1800, keep_last=3, save_on_signal=True)])
 
-The callback decides *when* to save and *what to keep* with the policies of :mod:`dcp_plugin.policies`;
-the saves themselves are ordinary ``trainer.save_checkpoint`` calls that the :class:`DCPCheckpointIO`
-plugin writes in the background. Checkpoints are named ``<dirpath>/step_<global step>``.
+The callback translates Lightning's hooks into the questions a :class:`~dcp_plugin.schedule.Schedule`
+answers (*when* to save, *what to keep*); the saves themselves are ordinary ``trainer.save_checkpoint`` calls
+that the :class:`DCPCheckpointIO` plugin writes in the background. Checkpoints are named
+``<dirpath>/step_<global step>``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -25,25 +27,26 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from dcp_plugin.engine import SaveStats
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.policies import (
-    RetentionOptions,
+    RetentionPolicy,
     SaveContext,
     SaveDecision,
     SaveEvent,
     SaveOptions,
-    apply_retention,
+    SavePolicy,
     as_metrics,
-    decide,
-    metric_value,
 )
+from dcp_plugin.retention import RetentionOptions, best_first
+from dcp_plugin.schedule import Schedule
+from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
+HISTORY_LIMIT = 1000
 METRIC_PREFIX = "checkpoint/"
 
 
@@ -135,20 +138,33 @@ class DCPCheckpoint(Checkpoint):
         self.export_final = _check_bool("export_final", export_final)
         self.export_dtype = export_dtype
         self.log_metrics = _check_bool("log_metrics", log_metrics)
-        self.run_id = run_id
-        self.save_policy = self.save_options.build()
-        self.retention = self.retention_options.build()
-        self.history: list[SaveStats] = []
-        """Timings of this callback's finished saves (rank 0)."""
+        self.schedule = Schedule(self.save_options.build(), self.retention_options.build(), run_id)
+        self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
+        """Timings of this callback's finished saves (rank 0; the most recent 1000)."""
         self.last_saved: str | None = None
         """URL of the last checkpoint this callback saved."""
         self._storage: CheckpointStorage | None = None
         self._plugin: DCPCheckpointIO | None = None
-        self._last_saved_step: int | None = None
-        self._blocking: dict[str, float] = {}
+        self._writing: list[tuple[SaveStats, float]] = []  # this callback's saves not yet committed, call time
         self._manifest_metadata: dict[str, Any] | None = None
-        self._retention_due = False
         self._resume_hook_installed = False
+
+    @property
+    def run_id(self) -> str | None:
+        """Identifies this run's checkpoints (retention never deletes others)."""
+        return self.schedule.run_id
+
+    @run_id.setter
+    def run_id(self, run_id: str | None) -> None:
+        self.schedule.run_id = run_id
+
+    @property
+    def save_policy(self) -> SavePolicy | None:
+        return self.schedule.save_policy
+
+    @property
+    def retention(self) -> RetentionPolicy | None:
+        return self.schedule.retention
 
     @property
     def state_key(self) -> str:
@@ -171,31 +187,13 @@ class DCPCheckpoint(Checkpoint):
             return
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
         if self.auto_resume:
-            self._install_resume_hook(trainer)
-        if self.save_policy is not None:
-            self.save_policy.install()
-
-    def _install_resume_hook(self, trainer: pl.Trainer) -> None:
-        # Lightning resolves ckpt_path before any callback runs and has no public way for a callback to
-        # supply one, so the connector's resume_start is wrapped once: when it is called with no path
-        # (the user passed none, or "last" found no ModelCheckpoint file), the latest checkpoint of
-        # dirpath is used. This runs at the point Lightning restores for every strategy.
-        connector = trainer._checkpoint_connector
-        original = connector.resume_start
-
-        def resume_start(checkpoint_path: Any = None, weights_only: Any = None) -> None:
-            self._remove_resume_hook(trainer)
-            if checkpoint_path is None:
-                checkpoint_path = self._resume_path(trainer)
-            return original(checkpoint_path, weights_only=weights_only)
-
-        connector.resume_start = resume_start
-        self._resume_hook_installed = True
+            self._resume_hook_installed = _wrap_resume_start(trainer, self._resume_path)
+        self.schedule.install()
 
     def _remove_resume_hook(self, trainer: pl.Trainer) -> None:
         if self._resume_hook_installed:
             self._resume_hook_installed = False
-            trainer._checkpoint_connector.__dict__.pop("resume_start", None)
+            _unwrap_resume_start(trainer)
 
     def _resume_path(self, trainer: pl.Trainer) -> str | None:
         latest = None
@@ -225,12 +223,9 @@ class DCPCheckpoint(Checkpoint):
             i for i in self._storage.list() if i.manifest.get("run_id") == self.run_id and lay.LAYOUT_KEY in i.metadata
         ]
         monitor = self.retention_options.monitor
-        if monitor:
-            scored = [(metric_value(i, monitor), n, i) for n, i in enumerate(ours)]
-            scored = [t for t in scored if t[0] is not None]
-            if scored:
-                sign = 1 if self.retention_options.mode == "max" else -1
-                return max(scored, key=lambda t: (sign * t[0], t[1]))[2].url
+        best = best_first(ours, monitor, self.retention_options.mode) if monitor else []
+        if best:
+            return best[0].url
         return ours[-1].url if ours else ""
 
     def state_dict(self) -> dict[str, Any]:
@@ -262,7 +257,7 @@ class DCPCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self.save_last and step > 0 and step != self._last_saved_step and not trainer.sanity_checking:
+        if self.save_last and step > 0 and step != self.schedule.last_saved_step and not trainer.sanity_checking:
             self._save(trainer, step, SaveDecision(True, ("last",)))
         if self.export_final:
             self._export(trainer, pl_module, step)
@@ -272,56 +267,47 @@ class DCPCheckpoint(Checkpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_resume_hook(trainer)
-        if self.save_policy is not None:
-            self.save_policy.uninstall()
+        self.schedule.uninstall()
 
     def _maybe_save(self, trainer: pl.Trainer, event: SaveEvent) -> None:
         if self._plugin is None or trainer.sanity_checking:
             return
         step = trainer.global_step
         ctx = SaveContext(step=step, event=event, epoch=trainer.current_epoch, world_size=trainer.world_size)
-        gather = None if event == "exception" else self._plugin.engine(collective=True).all_gather_control
-        decision = decide(self.save_policy, ctx, gather)
-        if event == "exception":
-            if decision and trainer.world_size > 1:
-                log.warning("Not saving on exception: the other ranks cannot join a save now.")
-            elif decision:
-                if step != self._last_saved_step:
-                    self._save(trainer, step, decision)
-                self._flush(trainer)
-            return
-        if decision and step != self._last_saved_step:
-            self._save(trainer, step, decision)
-        if decision and self.save_policy is not None:
-            self.save_policy.saved(ctx)  # also when this step was already saved: a checkpoint exists
-        if decision.preemption:
-            # the save must be durable before the process is told to exit
-            self._flush(trainer)
+        verdict = self.schedule.decide(ctx, self._plugin.checkpointer(collective=True).groups.all_gather_control)
+        if verdict.save:
+            self._save(trainer, step, verdict.decision)
+        self.schedule.acknowledge(ctx, verdict)
+        if verdict.flush:
+            self._flush(trainer)  # the save must be durable before the process goes on (or is told to exit)
+        elif event != "exception":
+            self._after_commit(trainer)
+        if verdict.stop:
             trainer.strategy.barrier("DCPCheckpoint.preemption")
             rank_zero_info(f"DCPCheckpoint: preemption signal received; saved {self.last_saved}, stopping.")
             trainer.should_stop = True
-        else:
-            self._after_commit(trainer)
 
     # -- saving ----------------------------------------------------------------------------------
     def _save(self, trainer: pl.Trainer, step: int, decision: SaveDecision) -> None:
+        assert self._plugin is not None
         storage = self._require_storage()
-        self._adopt_run_id()
         metadata: dict[str, Any] = {"reasons": list(decision.reasons), "run": "DCPCheckpoint"}
         metrics = as_metrics(trainer.callback_metrics)
         if metrics:
             metadata["metrics"] = metrics
         name = trainer.strategy.broadcast(self._free_name(step) if trainer.is_global_zero else None)
+        url = storage.url(name)
         self._manifest_metadata = metadata
         started = time.perf_counter()
         try:
-            trainer.save_checkpoint(storage.url(name))
+            trainer.save_checkpoint(url)
         finally:
             self._manifest_metadata = None
-        self._blocking[storage.url(name)] = time.perf_counter() - started
-        self._last_saved_step = step
-        self.last_saved = storage.url(name)
-        self._retention_due = True
+        stats = self._plugin.stats_for(url)  # None on ranks that did not write (stock strategies: rank 0 writes)
+        if stats is not None:
+            self._writing.append((stats, time.perf_counter() - started))
+        self.schedule.saved(step)
+        self.last_saved = url
 
     def _free_name(self, step: int) -> str:
         """``step_<N>``, or ``step_<N>-v<k>`` when another run already committed that name here."""
@@ -338,6 +324,7 @@ class DCPCheckpoint(Checkpoint):
     ) -> None:
         if self._manifest_metadata is not None:
             checkpoint[lay.MANIFEST_METADATA_KEY] = self._manifest_metadata
+            checkpoint[lay.RUN_ID_KEY] = self.run_id
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         storage = self._require_storage()
@@ -360,13 +347,6 @@ class DCPCheckpoint(Checkpoint):
         trainer.strategy.barrier("DCPCheckpoint.export")
         rank_zero_info(f"DCPCheckpoint: exported the final model to {url}.")
 
-    def _adopt_run_id(self) -> None:
-        # The plugin's managers stamp the manifests; make them stamp this run's id.
-        assert self._plugin is not None and self.run_id is not None
-        root = self._require_storage().root_url
-        for collective in (False, True):  # stock strategies save from rank 0, sharded ones collectively
-            self._plugin.manager_for(root, collective=collective).run_id = self.run_id
-
     # -- after a save ----------------------------------------------------------------------------
     def _flush(self, trainer: pl.Trainer) -> None:
         """Wait until the save in flight is committed, then retention and telemetry."""
@@ -378,18 +358,12 @@ class DCPCheckpoint(Checkpoint):
         plugin = self._plugin
         if plugin is None or plugin.in_flight is not None:
             return
-        finished = plugin.drain_completed()
-        for stats in finished:
-            if stats.url not in self._blocking:
-                continue  # another callback's save through the same plugin
-            stats.blocking_s = self._blocking.pop(stats.url)
+        finished, self._writing = self._writing, []
+        for stats, call_s in finished:
             self.history.append(stats)
             if self.log_metrics and stats.error is None:
-                _log_stats(trainer, stats)
-        if self._retention_due and self.retention is not None and trainer.is_global_zero:
-            self._retention_due = False
-            assert self.run_id is not None
-            apply_retention(self.retention, self._require_storage(), run_id=self.run_id)
+                _log_stats(trainer, stats, call_s)
+        self.schedule.after_commit(self._require_storage(), coordinator=trainer.is_global_zero)
 
     def summary(self) -> str:
         """One line about this callback's saves so far."""
@@ -418,8 +392,8 @@ class DCPCheckpoint(Checkpoint):
         return self._storage
 
 
-def _log_stats(trainer: pl.Trainer, stats: SaveStats) -> None:
-    metrics = {f"{METRIC_PREFIX}blocking_s": stats.blocking_s}
+def _log_stats(trainer: pl.Trainer, stats: SaveStats, call_s: float) -> None:
+    metrics = {f"{METRIC_PREFIX}blocking_s": stats.blocking_s, f"{METRIC_PREFIX}save_call_s": call_s}
     if stats.staging_s is not None:
         metrics[f"{METRIC_PREFIX}staging_s"] = stats.staging_s
     if stats.durable_s is not None:
@@ -430,6 +404,31 @@ def _log_stats(trainer: pl.Trainer, stats: SaveStats) -> None:
         metrics[f"{METRIC_PREFIX}throughput_mib_s"] = stats.throughput_bytes_per_s / 2**20
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=stats.step if stats.step is not None else trainer.global_step)
+
+
+def _wrap_resume_start(trainer: pl.Trainer, find: Callable[[pl.Trainer], str | None]) -> bool:
+    """Make Lightning resume from ``find(trainer)`` when ``fit`` was given no checkpoint path.
+
+    Lightning resolves ``ckpt_path`` before any callback runs and has no public way for a callback to supply
+    one, so the (private) checkpoint connector's ``resume_start`` is wrapped on this instance: when it is
+    called with no path (none passed, or ``"last"`` found no ModelCheckpoint file), ``find`` supplies one.
+    This is the point at which Lightning restores, for every strategy.
+    """
+    connector = trainer._checkpoint_connector
+    original = connector.resume_start
+
+    def resume_start(checkpoint_path: Any = None, weights_only: Any = None) -> None:
+        _unwrap_resume_start(trainer)  # once
+        if checkpoint_path is None:
+            checkpoint_path = find(trainer)
+        return original(checkpoint_path, weights_only=weights_only)
+
+    connector.resume_start = resume_start
+    return True
+
+
+def _unwrap_resume_start(trainer: pl.Trainer) -> None:
+    trainer._checkpoint_connector.__dict__.pop("resume_start", None)
 
 
 def _check_bool(name: str, value: Any) -> bool:
