@@ -26,6 +26,7 @@ from dcp_plugin import encoding, packing
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
 from dcp_plugin.errors import CheckpointLoadError, CheckpointNotFoundError, CheckpointSaveError, ConfigError
+from dcp_plugin.groups import ProcessGroups
 from dcp_plugin.state import models_in, optimizers_in, wrap_state
 from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
@@ -189,14 +190,14 @@ class Checkpointer:
         storage, resolve = self._resolver(ref)
         self.engine.wait()
         for attempt in range(REPLACED_RETRIES + 1):
-            info = self._resolve_on_coordinator(resolve)
+            info = _resolve_on_coordinator(self.groups, resolve)
             try:
-                return self._load_into(storage, state, info, strict=strict, allow_pickle=allow_pickle)
+                return _load_once(self.engine, storage, state, info, strict=strict, allow_pickle=allow_pickle)
             except CheckpointLoadError:
                 # Another process replaced the checkpoint (or deleted it) while we read it. Tensors may have been
                 # partly overwritten in place, but no entry was handed back yet: resolve again and start over.
                 # (If every attempt fails, the live state is undefined and the error says so.)
-                if attempt == REPLACED_RETRIES or not self._replaced_since(storage, info):
+                if attempt == REPLACED_RETRIES or not _replaced_since(self.groups, storage, info):
                     raise
                 log.warning("%s was replaced while being read; reading it again.", info.url)
         raise AssertionError("unreachable")
@@ -210,7 +211,7 @@ class Checkpointer:
         """Read a checkpoint without live objects: every (or the named) entry as plain values, with
         full-size tensors (sharded saves are gathered). For inspection, export and inference."""
         storage, resolve = self._resolver(ref)
-        info = self._resolve_on_coordinator(resolve)
+        info = _resolve_on_coordinator(self.groups, resolve)
         saved = list(info.manifest.get("entries", {}))
         missing = [entry for entry in entries or [] if entry not in saved]
         if missing:
@@ -224,71 +225,6 @@ class Checkpointer:
             return ref[0], ref[1]
         storage, name = self.locate(ref)  # type: ignore[arg-type]
         return storage, lambda: storage.info(name)
-
-    def _resolve_on_coordinator(self, resolve: Resolver) -> CheckpointInfo:
-        result: CheckpointInfo | None = None
-        error: BaseException | None = None
-        if self.groups.is_coordinator:
-            try:
-                result = resolve()
-            except Exception as err:  # noqa: BLE001 - re-raised on every rank
-                error = err
-        result, error = self.groups.broadcast((result, error))
-        if error is not None:
-            raise error
-        assert result is not None
-        return result
-
-    def _replaced_since(self, storage: CheckpointStorage, info: CheckpointInfo) -> bool:
-        """Whether ``info`` is no longer the committed checkpoint under its name (decided on every rank alike)."""
-        try:
-            replaced = _save_id(storage.read_manifest(info.name)) != _save_id(info.manifest)
-        except (FileNotFoundError, ValueError):
-            replaced = True
-        return any(self.groups.all_gather(replaced))
-
-    def _load_into(
-        self,
-        storage: CheckpointStorage,
-        state: MutableMapping[str, Any],
-        info: CheckpointInfo,
-        *,
-        strict: bool,
-        allow_pickle: bool,
-    ) -> CheckpointInfo:
-        engine, groups = self.engine, self.groups
-        source_rank = packing.skeleton_source_rank(groups.rank, int(info.manifest.get("world_size", 1)))
-        metadata, missing = None, None
-        try:
-            metadata = storage.metadata_reader(info.name).read_metadata()
-        except FileNotFoundError as err:
-            missing = f"FileNotFoundError: {err}"
-        missing = next((m for m in groups.all_gather(missing) if m), None)  # every rank fails alike, or none
-        if missing is not None or metadata is None:
-            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
-        skeleton = packing.skeleton_target(metadata, source_rank)
-        engine.load(skeleton, storage.metadata_reader(info.name), url=info.url)
-        wrapped = wrap_state(state)
-        try:
-            document = encoding.loads(next(iter(skeleton.values())))
-        except ValueError as err:  # torn read (replaced underneath us) or a damaged checkpoint
-            plan = packing.LoadPlan(problems=[f"the checkpoint's skeleton is unreadable ({err})"])
-        else:
-            plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
-        all_problems = groups.all_gather(plan.problems)
-        if any(all_problems) and self._replaced_since(storage, info):
-            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
-        if any(all_problems):
-            raise packing.mismatch_error(info.url, all_problems)
-        for warning in plan.warnings:
-            warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
-        engine.load(plan.flat, storage.metadata_reader(info.name), url=info.url)
-        if self._replaced_since(storage, info):  # the reads above may have mixed two checkpoints: never hand out
-            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
-        plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
-        for key, value in plain.items():
-            state[key] = value
-        return info
 
     # -- waiting and closing ---------------------------------------------------------------------
     def wait(self) -> SaveStats | None:
@@ -319,6 +255,75 @@ class Checkpointer:
             for handle in self._staging_hooks.values():
                 handle.remove()
             self._staging_hooks.clear()
+
+
+def _resolve_on_coordinator(groups: ProcessGroups, resolve: Resolver) -> CheckpointInfo:
+    result: CheckpointInfo | None = None
+    error: BaseException | None = None
+    if groups.is_coordinator:
+        try:
+            result = resolve()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank
+            error = err
+    result, error = groups.broadcast((result, error))
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
+
+
+def _replaced_since(groups: ProcessGroups, storage: CheckpointStorage, info: CheckpointInfo) -> bool:
+    """Whether ``info`` is no longer the committed checkpoint under its name (decided on every rank alike)."""
+    try:
+        replaced = _save_id(storage.read_manifest(info.name)) != _save_id(info.manifest)
+    except (FileNotFoundError, ValueError):
+        replaced = True
+    return any(groups.all_gather(replaced))
+
+
+def _load_once(
+    engine: CheckpointEngine,
+    storage: CheckpointStorage,
+    state: MutableMapping[str, Any],
+    info: CheckpointInfo,
+    *,
+    strict: bool,
+    allow_pickle: bool,
+) -> CheckpointInfo:
+    """One attempt: read the skeleton, match it against the live state, read the tensors in place."""
+    groups = engine.groups
+    source_rank = packing.skeleton_source_rank(groups.rank, int(info.manifest.get("world_size", 1)))
+    metadata, missing = None, None
+    try:
+        metadata = storage.metadata_reader(info.name).read_metadata()
+    except FileNotFoundError as err:
+        missing = f"FileNotFoundError: {err}"
+    missing = next((m for m in groups.all_gather(missing) if m), None)  # every rank fails alike, or none
+    if missing is not None or metadata is None:
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
+    skeleton = packing.skeleton_target(metadata, source_rank)
+    engine.load(skeleton, storage.metadata_reader(info.name), url=info.url)
+    wrapped = wrap_state(state)
+    try:
+        document = encoding.loads(next(iter(skeleton.values())))
+    except ValueError as err:  # torn read (replaced underneath us) or a damaged checkpoint
+        plan = packing.LoadPlan(problems=[f"the checkpoint's skeleton is unreadable ({err})"])
+    else:
+        plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
+    all_problems = groups.all_gather(plan.problems)
+    if any(all_problems) and _replaced_since(groups, storage, info):
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
+    if any(all_problems):
+        raise packing.mismatch_error(info.url, all_problems)
+    for warning in plan.warnings:
+        warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
+    engine.load(plan.flat, storage.metadata_reader(info.name), url=info.url)
+    if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
+    plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
+    for key, value in plain.items():
+        state[key] = value
+    return info
 
 
 def locate(

@@ -214,7 +214,7 @@ class CheckpointManager:
         Default: the latest committed checkpoint; or the one of ``step``, or called ``name``. See
         :meth:`Checkpointer.load <dcp_plugin.checkpointer.Checkpointer.load>`.
         """
-        resolve = lambda: self._find(step, name)  # noqa: E731 - asked again if the checkpoint is replaced
+        resolve = lambda: _find(self.storage, step, name)  # noqa: E731 - asked again if the checkpoint is replaced
         return self.checkpointer.load((self.storage, resolve), state, strict=strict, allow_pickle=allow_pickle)
 
     def read(
@@ -227,20 +227,8 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Read a checkpoint without live objects: every (or the named) entry as plain values, with
         full-size tensors (sharded saves are gathered). For inspection, export and inference."""
-        resolve = lambda: self._find(step, name)  # noqa: E731
+        resolve = lambda: _find(self.storage, step, name)  # noqa: E731
         return self.checkpointer.read((self.storage, resolve), entries=entries, allow_pickle=allow_pickle)
-
-    def _find(self, step: int | None, name: str | None) -> CheckpointInfo:
-        if name is not None:
-            return self.storage.info(name)
-        if step is not None:
-            return self.storage.find_step(step)
-        latest = self.storage.latest()
-        if latest is None:
-            leftovers = self.storage.incomplete()
-            detail = f" ({len(leftovers)} incomplete write(s) ignored)" if leftovers else ""
-            raise CheckpointNotFoundError(f"No committed checkpoint in {self.storage.root_url}{detail}.")
-        return latest
 
     # -- listing and deleting --------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
@@ -285,3 +273,17 @@ class CheckpointManager:
                 self.close()
             except Exception as err:  # noqa: BLE001 - keep the original exception primary
                 log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
+
+
+def _find(storage: CheckpointStorage, step: int | None, name: str | None) -> CheckpointInfo:
+    """The checkpoint called ``name``, or of ``step``, or the latest."""
+    if name is not None:
+        return storage.info(name)
+    if step is not None:
+        return storage.find_step(step)
+    latest = storage.latest()
+    if latest is None:
+        leftovers = storage.incomplete()
+        detail = f" ({len(leftovers)} incomplete write(s) ignored)" if leftovers else ""
+        raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}{detail}.")
+    return latest

@@ -93,7 +93,6 @@ class LoadPlan:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     entries: dict[str, Any] = field(default_factory=dict)
-    targets: dict[str, Any] = field(default_factory=dict)
 
 
 def _size(tensor: Any) -> tuple[int, ...]:

@@ -161,9 +161,7 @@ class DCPCheckpointIO(CheckpointIO):
             return _load_torch_file(storage, name, map_location, weights_only)
         info = storage.info(name)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
-        state: dict[str, Any] = {entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY}
-        if layout.rng and self.save_rng:
-            state[lay.RNG_ENTRY] = RNGState()
+        state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and self.save_rng else None)
         self.checkpointer().load((storage, name), state, allow_pickle=self.allow_pickle_for(weights_only))
         checkpoint = lay.join_checkpoint(state, layout)
         if layout.kind == lay.SHARDED:
@@ -180,8 +178,7 @@ class DCPCheckpointIO(CheckpointIO):
         storage, name = self.locate(path)
         url = storage.url(name)
         for checkpointer in list(self._checkpointers.values()):
-            flight = checkpointer.in_flight
-            if flight is not None and flight.url == url:
+            if checkpointer.in_flight is not None and checkpointer.in_flight.url == url:
                 checkpointer.wait()
         try:
             storage.delete(name)
@@ -195,14 +192,7 @@ class DCPCheckpointIO(CheckpointIO):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        first: BaseException | None = None
-        for checkpointer in checkpointers:
-            try:
-                checkpointer.close()
-            except BaseException as err:  # noqa: BLE001 - close the rest, then raise the first
-                first = first or err
-        if first is not None:
-            raise first
+        _close_all(checkpointers)
 
     # -- more public API -------------------------------------------------------------------------
     def checkpointer(self, collective: bool = False) -> Checkpointer:
@@ -243,34 +233,23 @@ class DCPCheckpointIO(CheckpointIO):
     @property
     def in_flight(self) -> SaveStats | None:
         """The save being written right now, if any."""
-        for checkpointer in self._checkpointers.values():
-            if checkpointer.in_flight is not None:
-                return checkpointer.in_flight
-        return None
+        return next((c.in_flight for c in self._checkpointers.values() if c.in_flight is not None), None)
 
     def stats_for(self, path: str | os.PathLike[str]) -> SaveStats | None:
         """The stats of the last save to ``path`` if it was this plugin's latest save (for the caller that
         asked for it; nothing is drained)."""
         storage, name = self.locate(path)
-        url = storage.url(name)
-        for checkpointer in self._checkpointers.values():
-            stats = checkpointer.last_stats
-            if stats is not None and stats.url == url:
-                return stats
-        return None
+        found = [c.last_stats for c in self._checkpointers.values() if c.last_stats is not None]
+        return next((stats for stats in found if stats.url == storage.url(name)), None)
 
     def drain_completed(self) -> list[SaveStats]:
         """Timings of saves finished since the last call; for the plugin's owner (e.g. a logging loop)."""
-        out: list[SaveStats] = []
-        for checkpointer in self._checkpointers.values():
-            out.extend(checkpointer.drain_completed())
-        return out
+        return [stats for c in self._checkpointers.values() for stats in c.drain_completed()]
 
     def manager_for(
         self, directory: str | os.PathLike[str] | CheckpointStorage, *, collective: bool = False
     ) -> CheckpointManager:
-        """Deprecated (removed in the next release): build a ``CheckpointManager(directory,
-        checkpointer=plugin.checkpointer(collective))`` yourself."""
+        """Deprecated (removed in the next release): use ``CheckpointManager(directory, checkpointer=...)``."""
         warnings.warn(
             "DCPCheckpointIO.manager_for() is deprecated: use CheckpointManager(directory, "
             "checkpointer=plugin.checkpointer(collective)).",
@@ -298,8 +277,8 @@ class DCPCheckpointIO(CheckpointIO):
         ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id`` (default: the
         plugin's)."""
         ref = self.locate(path, storage_options)
-        if self.config.async_staging:
-            self._hook_optimizer_steps()
+        if self.config.async_staging and self._step_hook is None:
+            self._step_hook = _wait_for_staging_before_optimizer_steps(self)
         return self.checkpointer(collective).save(
             ref,
             entries,
@@ -309,18 +288,30 @@ class DCPCheckpointIO(CheckpointIO):
             run_id=run_id or self.run_id,
         )
 
-    def _hook_optimizer_steps(self) -> None:
-        # Stock strategies hand us plain state dicts, not the optimizers; a global step pre-hook makes every
-        # optimizer wait until the background copy of the snapshot is done before it changes parameters.
-        if self._step_hook is None:
-            ref = weakref.ref(self)
 
-            def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
-                plugin = ref()
-                if plugin is not None:
-                    plugin.wait_for_staging()
+def _wait_for_staging_before_optimizer_steps(plugin: DCPCheckpointIO) -> Any:
+    """Stock strategies hand the plugin plain state dicts, not the optimizers; a global step pre-hook makes every
+    optimizer wait until the background copy of the snapshot is done before it changes parameters."""
+    ref = weakref.ref(plugin)
 
-            self._step_hook = register_optimizer_step_pre_hook(wait_for_staging)
+    def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
+        live = ref()
+        if live is not None:
+            live.wait_for_staging()
+
+    return register_optimizer_step_pre_hook(wait_for_staging)
+
+
+def _close_all(checkpointers: list[Checkpointer]) -> None:
+    """Close every checkpointer, then raise the first error."""
+    first: BaseException | None = None
+    for checkpointer in checkpointers:
+        try:
+            checkpointer.close()
+        except BaseException as err:  # noqa: BLE001 - close the rest, then raise the first
+            first = first or err
+    if first is not None:
+        raise first
 
 
 def _load_torch_file(

@@ -109,6 +109,14 @@ def step_of(checkpoint: Mapping[str, Any]) -> int:
     return max(step, 0)
 
 
+def load_targets(manifest: Mapping[str, Any], *, rng: Any = None) -> dict[str, Any]:
+    """A state to read every saved entry into as plain values (the RNG entry into ``rng``, or left out)."""
+    state: dict[str, Any] = {entry: None for entry in manifest.get("entries", {}) if entry != RNG_ENTRY}
+    if rng is not None:
+        state[RNG_ENTRY] = rng
+    return state
+
+
 def is_entry_name(key: Any) -> bool:
     return isinstance(key, str) and bool(key) and "/" not in key and not key.startswith("__") and key not in RESERVED
 
