@@ -38,12 +38,26 @@ COMPLETED_LIMIT = 1000
 """At most this many finished saves wait in :meth:`CheckpointEngine.drain_completed` (oldest dropped)."""
 
 
+_SINGLE_PROCESS_NOTICE = "torch.distributed is disabled, unavailable or uninitialized"
+_background_notice_silenced = False
+
+
 @contextlib.contextmanager
 def _single_process_intent() -> Iterator[None]:
     # DCP warns on every non-distributed call that it assumes a single process; that is exactly our intent.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
         yield
+
+
+def _silence_background_single_process_notice() -> None:
+    """DCP's thread executor calls ``dcp.save`` again in its own thread after ``async_save`` returned, where no
+    ``catch_warnings`` around our call reaches. From the first single-process background save on (never at
+    import), ignore exactly that notice, and only when DCP's own modules raise it."""
+    global _background_notice_silenced
+    if not _background_notice_silenced:
+        _background_notice_silenced = True
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE, module=r"torch\.distributed\.checkpoint")
 
 
 def _quiet_discarded_dcp_telemetry() -> None:
@@ -138,6 +152,8 @@ class CheckpointEngine:
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
+        if mode == "thread" and no_dist:
+            _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
         try:
             with _single_process_intent():
                 if mode == "sync":
