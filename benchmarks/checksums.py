@@ -92,7 +92,9 @@ def main() -> None:
         print(f"  dcp-plugin / plain DCP, {label}: {ratio:.3f} ({(ratio - 1) * 100:+.1f} %)")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"gib": args.gib, "repeats": args.repeats, "medians": medians, "ratios": ratios}, handle, indent=1)
+            json.dump(
+                {"gib": args.gib, "repeats": args.repeats, "medians": medians, "ratios": ratios}, handle, indent=1
+            )
 
 
 if __name__ == "__main__":

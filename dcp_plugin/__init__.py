@@ -1,14 +1,28 @@
 """dcp-plugin: asynchronous, sharded, resharding PyTorch Distributed Checkpoint for training loops.
 
-The framework-agnostic core is :class:`CheckpointManager`; Lightning and Accelerate adapters live in
+The framework-agnostic core is :class:`CheckpointManager` (a directory of checkpoints: a :class:`Checkpointer`
+for single checkpoints plus a :class:`Schedule` for when to save and what to keep); Lightning and Accelerate
+adapters live in
 ``dcp_plugin.lightning`` and ``dcp_plugin.accelerate`` (imported on their own, so the core does not import
 Lightning or Accelerate).
 """
 
-from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.checkpointer import Checkpointer
+from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.encoding import EncodingError
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, StorageAccessError
-from dcp_plugin.engine import CheckpointEngine, CheckpointLoadError, CheckpointSaveError, SaveStats
+from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    ConfigError,
+    NotACheckpointError,
+    StorageAccessError,
+    UnsafeCheckpointError,
+)
 from dcp_plugin.manager import CheckpointManager
 from dcp_plugin.packing import StateMismatchError
 from dcp_plugin.policies import (
@@ -25,15 +39,10 @@ from dcp_plugin.policies import (
     SaveOptions,
     SavePolicy,
 )
-from dcp_plugin.safety import UnsafeCheckpointError
+from dcp_plugin.schedule import Schedule
 from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
-from dcp_plugin.storage import (
-    CheckpointExistsError,
-    CheckpointInfo,
-    CheckpointNotFoundError,
-    CheckpointStorage,
-    NotACheckpointError,
-)
+from dcp_plugin.stats import SaveStats
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 __version__ = "0.1.0"
 
@@ -52,9 +61,8 @@ __all__ = [
     "SavePolicy",
     "CheckpointConfig",
     "CheckpointCorruptError",
-    "CheckpointError",
-    "StorageAccessError",
     "CheckpointEngine",
+    "CheckpointError",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointLoadError",
@@ -62,6 +70,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "CheckpointStorage",
+    "Checkpointer",
     "ConfigError",
     "EncodingError",
     "ModelState",
@@ -70,7 +79,9 @@ __all__ = [
     "PerRank",
     "RNGState",
     "SaveStats",
+    "Schedule",
     "StateMismatchError",
+    "StorageAccessError",
     "UnsafeCheckpointError",
     "__version__",
 ]

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.manager import CheckpointManager
 from dcp_plugin.storage import CheckpointStorage, open_url
 
 
@@ -17,9 +17,21 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(args.storage_options) if args.storage_options else {}
 
 
-def _manager(directory: str, args: argparse.Namespace) -> CheckpointManager:
-    config = CheckpointConfig(async_mode="sync", storage_options=_storage_options(args))
-    return CheckpointManager(directory, config, distributed=False)
+def _read(storage: CheckpointStorage, name: str, args: argparse.Namespace, entries: list[str] | None = None) -> dict:
+    """Every (or the named) entry of one checkpoint, read by this process alone."""
+    checkpointer = Checkpointer(
+        CheckpointConfig(async_mode="sync", storage_options=_storage_options(args)), distributed=False
+    )
+    try:
+        return checkpointer.read((storage, name), entries=entries)
+    finally:
+        checkpointer.close()
+
+
+def _data_problems(storage: CheckpointStorage, name: str) -> tuple[list[str], dict[str, int]]:
+    """Data files of a checkpoint that are missing or short, and the bytes each must hold (the one place the
+    command asks storage for a data check)."""
+    return storage.data_problems(name)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -69,10 +81,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check the commit marker, the metadata, that every data file holds its bytes, and (with --load) the tensors."""
     storage, name = open_url(args.checkpoint, _storage_options(args))
     info = storage.info(name)
-    problems, needed = storage.data_problems(info.name)
+    problems, needed = _data_problems(storage, info.name)
     if not problems and args.load:
         try:
-            _manager(storage.root_url, args).read(name=name)
+            _read(storage, name, args)
         except Exception as err:  # noqa: BLE001 - reported as a verification failure
             problems.append(f"loading failed: {err}")
     if problems:
@@ -89,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     storage, name = open_url(args.checkpoint, _storage_options(args))
-    values = _manager(storage.root_url, args).read(name=name, entries=[args.entry])
+    values = _read(storage, name, args, entries=[args.entry])
     value = values[args.entry]
     if args.dtype:
         dtype = getattr(torch, args.dtype)

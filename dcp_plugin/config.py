@@ -23,8 +23,6 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-
-
 @dataclass
 class CheckpointConfig:
     """How checkpoints are written and read.

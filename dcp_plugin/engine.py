@@ -1,41 +1,63 @@
 """The save/load pipeline around ``dcp.save`` / ``dcp.async_save`` / ``dcp.load``.
 
-Owns what must live as long as the run: the staging buffers, the dedicated gloo process group, the one
-save in flight, and the errors raised in the background. Knows nothing about Lightning or Accelerate and
-nothing about paths (it receives DCP writers and readers).
+Owns what must live as long as the run: the staging buffers, the one save in flight, and the errors raised
+in the background. Process groups live in :mod:`dcp_plugin.groups`, the writer daemon in
+:mod:`dcp_plugin.daemon`. Knows nothing about Lightning or Accelerate and nothing about paths (it receives
+DCP writers and readers).
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import dataclasses
-import functools
 import logging
-import os
-import re
-import sys
 import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
+from dcp_plugin import daemon, shutdown
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.errors import CheckpointLoadError, CheckpointSaveError, ConfigError
+from dcp_plugin.errors import CheckpointLoadError, CheckpointSaveError
+from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.stats import SaveStats
 
 log = logging.getLogger(__name__)
 
-# DCP warns on every non-distributed call that it assumes a single process; that is exactly our intent.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+COMPLETED_LIMIT = 1000
+"""At most this many finished saves wait in :meth:`CheckpointEngine.drain_completed` (oldest dropped)."""
+
+
+_SINGLE_PROCESS_NOTICE = "torch.distributed is disabled, unavailable or uninitialized"
+_background_notice_silenced = False
+
+
+@contextlib.contextmanager
+def _single_process_intent() -> Iterator[None]:
+    # DCP warns on every non-distributed call that it assumes a single process; that is exactly our intent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
+        yield
+
+
+def _silence_background_single_process_notice() -> None:
+    """DCP's thread executor calls ``dcp.save`` again in its own thread after ``async_save`` returned, where no
+    ``catch_warnings`` around our call reaches. From the first single-process background save on (never at
+    import), ignore exactly that notice, and only when DCP's own modules raise it."""
+    global _background_notice_silenced
+    if not _background_notice_silenced:
+        _background_notice_silenced = True
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE, module=r"torch\.distributed\.checkpoint")
 
 
 def _quiet_discarded_dcp_telemetry() -> None:
@@ -46,56 +68,6 @@ def _quiet_discarded_dcp_telemetry() -> None:
         telemetry = logging.getLogger(name)
         if telemetry.level <= logging.DEBUG and all(isinstance(h, logging.NullHandler) for h in telemetry.handlers):
             telemetry.setLevel(logging.INFO)
-
-
-
-
-@dataclass
-class SaveStats:
-    """Timings of one save, as the training loop experienced them."""
-
-    name: str
-    url: str
-    step: int | None
-    mode: str
-    blocking_s: float
-    """How long ``save`` kept the caller from continuing."""
-    staging_s: float | None = None
-    """Time to copy the snapshot off the live tensors (measured from the start of ``save``)."""
-    durable_s: float | None = None
-    """Time from the start of ``save`` until the checkpoint was committed (files written and synced)."""
-    bytes_written: int | None = None
-    """Bytes this save wrote (all ranks together)."""
-    staging_wait_s: float = 0.0
-    """With async staging: time the loop later spent in ``wait_for_staging`` for this save."""
-    error: str | None = None
-
-    @property
-    def training_wait_s(self) -> float:
-        """Everything the training loop waited for this save: ``save`` itself plus any staging wait."""
-        return self.blocking_s + self.staging_wait_s
-
-    @property
-    def throughput_bytes_per_s(self) -> float | None:
-        if not self.bytes_written or not self.durable_s:
-            return None
-        return self.bytes_written / self.durable_s
-
-    def summary(self) -> str:
-        parts = [f"{self.name}: blocked {self.blocking_s * 1000:.1f} ms"]
-        if self.staging_wait_s:
-            parts.append(f"+{self.staging_wait_s * 1000:.1f} ms waiting for staging")
-        if self.staging_s is not None:
-            parts.append(f"staged {self.staging_s * 1000:.1f} ms")
-        if self.durable_s is not None:
-            parts.append(f"durable {self.durable_s:.2f} s")
-        if self.bytes_written:
-            parts.append(f"{self.bytes_written / 2**20:.1f} MiB")
-        if self.throughput_bytes_per_s:
-            parts.append(f"{self.throughput_bytes_per_s / 2**20:.0f} MiB/s")
-        if self.error:
-            parts.append(f"FAILED: {self.error}")
-        return ", ".join(parts)
 
 
 @dataclass
@@ -109,7 +81,7 @@ class _InFlight:
 
 
 class CheckpointEngine:
-    """Runs saves and loads with DCP. One engine per trainer process is enough; managers can share it.
+    """Runs saves and loads with DCP: one save in flight, background errors raised by the next call.
 
     Args:
         config: the options (mode, staging, writer threads).
@@ -119,101 +91,49 @@ class CheckpointEngine:
 
     def __init__(self, config: CheckpointConfig | None = None, *, distributed: bool | None = None) -> None:
         self.config = config or CheckpointConfig()
-        self._distributed_request = distributed
-        self._group: dist.ProcessGroup | None = None
-        self._control_group: dist.ProcessGroup | None = None
-        self._group_ready = False
+        self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stager: DefaultStager | None = None
         self._in_flight: _InFlight | None = None
         self._error: BaseException | None = None
-        self._completed: deque[SaveStats] = deque()
+        self._completed: deque[SaveStats] = deque(maxlen=COMPLETED_LIMIT)
         self._lock = threading.Lock()
         self._closed = False
-        self._owns_default_group = False
         _quiet_discarded_dcp_telemetry()
         if self.config.async_mode == "process":
-            _ProcessDaemon.register(self)
+            daemon.register(self)
+        shutdown.track(self)
 
-    # -- process groups --------------------------------------------------------------------------
+    # -- who takes part (see ProcessGroups) ------------------------------------------------------
     @property
     def collective(self) -> bool:
-        """Whether saves and loads are collective over all ranks of the default process group."""
-        if self._distributed_request is False:
-            return False
-        initialized = dist.is_available() and dist.is_initialized()
-        if self._distributed_request is True and not initialized:
-            raise ConfigError("distributed=True but torch.distributed is not initialized.")
-        return initialized and not self._owns_default_group
+        return self.groups.collective
 
     @property
     def rank(self) -> int:
-        return dist.get_rank() if self.collective else 0
+        return self.groups.rank
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size() if self.collective else 1
+        return self.groups.world_size
 
     @property
     def is_coordinator(self) -> bool:
-        return self.rank == 0
-
-    def process_group(self) -> dist.ProcessGroup | None:
-        """The dedicated gloo group for checkpoint collectives (created once, by every rank)."""
-        if self._group_ready:
-            return self._group
-        if self.collective:
-            self._group = dist.new_group(backend="gloo")
-        elif self.config.async_mode == "process":
-            self._group = self._single_process_group()
-        self._group_ready = True
-        return self._group
-
-    def _single_process_group(self) -> dist.ProcessGroup | None:
-        if dist.is_initialized():
-            if dist.get_world_size() > 1:
-                # This rank saves alone (e.g. Lightning's rank 0): give its writer daemon a one-rank group, so
-                # the daemon does not wait for the other ranks of the default group. Only this rank joins it.
-                return dist.new_group(ranks=[dist.get_rank()], backend="gloo", use_local_synchronization=True)
-            return None
-        # DCP's process executor needs an initialized process group even for one process.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        self._owns_default_group = True
-        return None
+        return self.groups.is_coordinator
 
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (identity without a process group)."""
-        if not self.collective:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.process_group())
-        return box[0]
+        """Deprecated: use ``engine.groups.broadcast`` (removed in the next release)."""
+        _moved("broadcast")
+        return self.groups.broadcast(obj)
 
     def all_gather(self, obj: Any) -> list[Any]:
-        if not self.collective:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.process_group())
-        return out
+        """Deprecated: use ``engine.groups.all_gather`` (removed in the next release)."""
+        _moved("all_gather")
+        return self.groups.all_gather(obj)
 
     def all_gather_control(self, obj: Any) -> list[Any]:
-        """``all_gather`` for small control messages (e.g. save decisions), safe while a save is in flight.
-
-        A background save runs collectives on the checkpoint group; issuing others there from the training
-        thread at the same time would interleave them. This uses a second gloo group, created on first use
-        (by every rank, at the same point of the loop).
-        """
-        if not self.collective:
-            return [obj]
-        if self._control_group is None:
-            self._control_group = dist.new_group(backend="gloo")
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._control_group)
-        return out
-
-    def barrier(self) -> None:
-        if self.collective:
-            dist.barrier(group=self.process_group())
+        """Deprecated: use ``engine.groups.all_gather_control`` (removed in the next release)."""
+        _moved("all_gather_control")
+        return self.groups.all_gather_control(obj)
 
     # -- saving ----------------------------------------------------------------------------------
     def save(
@@ -226,43 +146,46 @@ class CheckpointEngine:
         on_failure: Any = None,
     ) -> SaveStats:
         """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate
-        (or, with async staging, once staging was started)."""
+        (or, with async staging, once staging was started). Fills ``stats`` in (now and when done)."""
         self._check_open()
         self.wait()
-        group = self.process_group()
-        no_dist = not self.collective
+        group = self.groups.checkpoint_group()
+        no_dist = not self.groups.collective
         mode = self.config.async_mode
+        if mode == "thread" and no_dist:
+            _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
         try:
-            if mode == "sync":
-                metadata = dcp.save(flat_state, storage_writer=writer, process_group=group, no_dist=no_dist)
-                done = time.perf_counter()
-                stats.blocking_s = stats.staging_s = stats.durable_s = done - started
-                stats.bytes_written = _bytes(metadata)
-                self._completed.append(stats)
-                return stats
-            if mode == "process":
-                _ProcessDaemon.prepare()
-            result = dcp.async_save(
-                flat_state,
-                storage_writer=writer,
-                process_group=group,
-                async_checkpointer_type=AsyncCheckpointerType.PROCESS
-                if mode == "process"
-                else AsyncCheckpointerType.THREAD,
-                async_stager=self._stager_for_save(),
-                no_dist=no_dist,
-            )
+            with _single_process_intent():
+                if mode == "sync":
+                    metadata = dcp.save(flat_state, storage_writer=writer, process_group=group, no_dist=no_dist)
+                else:
+                    if mode == "process":
+                        daemon.prepare()
+                    result = dcp.async_save(
+                        flat_state,
+                        storage_writer=writer,
+                        process_group=group,
+                        async_checkpointer_type=AsyncCheckpointerType.PROCESS
+                        if mode == "process"
+                        else AsyncCheckpointerType.THREAD,
+                        async_stager=self._stager_for_save(),
+                        no_dist=no_dist,
+                    )
         except BaseException as err:
             _cleanup_after_failure(on_failure, stats.url)
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             raise CheckpointSaveError(f"Saving checkpoint {stats.url} failed: {_describe(err)}") from err
+        if mode == "sync":
+            stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
+            stats.bytes_written = _bytes(metadata)
+            self._completed.append(stats)
+            return stats
         if isinstance(result, AsyncSaveResponse):
             staging, upload = result.staging_completion, result.upload_completion
         else:
             staging, upload = None, result
-        returned = time.perf_counter()
-        stats.blocking_s = returned - started
+        stats.blocking_s = time.perf_counter() - started
         if staging is None:
             stats.staging_s = stats.blocking_s
         else:
@@ -332,6 +255,7 @@ class CheckpointEngine:
 
     @property
     def in_flight(self) -> SaveStats | None:
+        """The save being written right now, if any."""
         flight = self._in_flight
         if flight is None or flight.finished.is_set():
             return None
@@ -345,7 +269,7 @@ class CheckpointEngine:
             raise error
 
     def drain_completed(self) -> list[SaveStats]:
-        """Stats of saves finished since the last call (for loggers)."""
+        """Stats of saves finished since the last call (for the owner's logger; at most the last 1000)."""
         out = []
         while self._completed:
             out.append(self._completed.popleft())
@@ -356,14 +280,16 @@ class CheckpointEngine:
         """Load tensors in place (collectively when distributed)."""
         self._check_open()
         self.wait()
+        collective = self.groups.collective
         try:
-            dcp.load(
-                flat_state,
-                storage_reader=reader,
-                planner=DefaultLoadPlanner(allow_partial_load=False),
-                process_group=self.process_group() if self.collective else None,
-                no_dist=not self.collective,
-            )
+            with _single_process_intent():
+                dcp.load(
+                    flat_state,
+                    storage_reader=reader,
+                    planner=DefaultLoadPlanner(allow_partial_load=False),
+                    process_group=self.groups.checkpoint_group() if collective else None,
+                    no_dist=not collective,
+                )
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -382,22 +308,16 @@ class CheckpointEngine:
                 self._stager.close()
                 self._stager = None
             if self.config.async_mode == "process":
-                _ProcessDaemon.unregister(self)
-            for group in (self._group, self._control_group):
-                if group is not None:
-                    try:
-                        dist.destroy_process_group(group)
-                    except Exception:  # noqa: BLE001 - the default group may already be gone
-                        pass
-            self._group = self._control_group = None
-            self._group_ready = False
-            if self._owns_default_group and dist.is_initialized():
-                dist.destroy_process_group()
-                self._owns_default_group = False
+                daemon.unregister(self)
+            self.groups.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("This checkpoint engine was closed; create a new CheckpointManager.")
+
+
+def _moved(name: str) -> None:
+    warnings.warn(f"CheckpointEngine.{name} moved to CheckpointEngine.groups.{name}.", DeprecationWarning, stacklevel=3)
 
 
 def _cleanup_after_failure(on_failure: Any, url: str) -> None:
@@ -435,86 +355,4 @@ def _one_line(err: BaseException) -> str:
     return text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
 
 
-class _ProcessDaemon:
-    """Lifecycle of DCP's writer daemon (one per trainer process, shared by all engines in it).
-
-    DCP starts it on first use and offers no way to stop it or to recover once it died; we do both.
-    """
-
-    _engines: set[int] = set()
-
-    @classmethod
-    def register(cls, engine: CheckpointEngine) -> None:
-        cls._engines.add(id(engine))
-
-    @classmethod
-    def unregister(cls, engine: CheckpointEngine) -> None:
-        cls._engines.discard(id(engine))
-        if not cls._engines:
-            cls.shutdown()
-
-    @classmethod
-    def prepare(cls) -> None:
-        _check_main_guard()
-        from torch.distributed.checkpoint import _async_process_executor as executor
-
-        process = executor._CHECKPOINT_PROCESS
-        if process is not None and not process._save_process.is_alive():
-            log.warning(
-                "The checkpoint writer process (pid %s) died with exit code %s; starting a new one.",
-                process._save_process.pid,
-                process._save_process.exitcode,
-            )
-            executor._CHECKPOINT_PROCESS = None
-
-    @staticmethod
-    def shutdown() -> None:
-        from torch.distributed.checkpoint import _async_process_executor as executor
-
-        process = executor._CHECKPOINT_PROCESS
-        if process is None:
-            return
-        executor._CHECKPOINT_PROCESS = None
-        try:
-            if process._save_process.is_alive():
-                process._send(executor._CheckpointSaveProcessControlOpts.TERMINATE)
-                process._save_process.join(timeout=10)
-        except Exception:  # noqa: BLE001 - pipe already closed
-            pass
-        if process._save_process.is_alive():
-            process._save_process.terminate()
-            process._save_process.join(timeout=5)
-
-
-atexit.register(_ProcessDaemon.shutdown)
-
-_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.MULTILINE)
-
-
-@functools.cache
-def _main_script_has_guard(path: str) -> bool:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return bool(_GUARD.search(handle.read()))
-    except OSError:
-        return True  # cannot tell: let DCP try
-
-
-def _check_main_guard() -> None:
-    """``process`` mode re-imports the main script in the writer process; without the guard it would run
-    training there again (and hang). Detect it before DCP spawns the daemon."""
-    main = sys.modules.get("__main__")
-    if getattr(main, "__name__", "") == "__mp_main__":
-        raise ConfigError(_GUARD_MESSAGE.format(path=getattr(main, "__file__", "your script")))
-    path = getattr(main, "__file__", None)
-    if not path or not path.endswith(".py") or getattr(main, "__spec__", None) is not None:
-        return  # interactive session, `python -m module`, or a console entry point
-    if not _main_script_has_guard(path):
-        raise ConfigError(_GUARD_MESSAGE.format(path=path))
-
-
-_GUARD_MESSAGE = (
-    "async_mode='process' starts a writer process that re-imports {path}; that script has no "
-    '`if __name__ == "__main__":` guard, so the writer would run your training code again and hang. Move the '
-    "script's top-level code under such a guard, or use async_mode='thread'."
-)
+__all__ = ["CheckpointEngine", "CheckpointLoadError", "CheckpointSaveError", "SaveStats"]

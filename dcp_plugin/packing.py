@@ -24,7 +24,6 @@ from dcp_plugin.state import ModelState, defines_structure, is_per_rank
 log = logging.getLogger(__name__)
 
 SKELETON_PREFIX = "__dcp_plugin__/skeleton/rank"
-FORMAT_VERSION = 1
 
 
 class StateMismatchError(KeyError):
@@ -64,7 +63,8 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
             raise encoding.EncodingError(f"State entries collide on checkpoint keys {sorted(clash)[:3]}; rename one.")
         flat.update(encoder.tensors)
         entries[name] = {"per_rank": per_rank, "value": skeleton}
-    document = {"format": FORMAT_VERSION, "rank": rank, "world_size": world_size, "entries": entries}
+    # The checkpoint's format version is recorded once, in the manifest (see dcp_plugin.storage).
+    document = {"rank": rank, "world_size": world_size, "entries": entries}
     flat[skeleton_key(rank)] = encoding.dumps(document)
     return Packed(flat=flat, entries={n: {"per_rank": e["per_rank"]} for n, e in entries.items()})
 
@@ -93,7 +93,6 @@ class LoadPlan:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     entries: dict[str, Any] = field(default_factory=dict)
-    targets: dict[str, Any] = field(default_factory=dict)
 
 
 def _size(tensor: Any) -> tuple[int, ...]:
@@ -143,6 +142,18 @@ def plan_load(
             message = f"{name!r}: missing keys (live state has them, checkpoint does not) {_short(missing, prefix)}"
             (plan.problems if strict else plan.warnings).append(message)
     return plan
+
+
+def mismatch_error(url: str, problems_per_rank: list[list[str]]) -> StateMismatchError:
+    """One error listing every rank's problems, and what to do about them."""
+    lines = []
+    for rank, problems in enumerate(problems_per_rank):
+        prefix = f"rank {rank}: " if len(problems_per_rank) > 1 else ""
+        lines.extend(f"  - {prefix}{p}" for p in problems)
+    return StateMismatchError(
+        f"Checkpoint {url} does not match the state being loaded:\n" + "\n".join(lines) + "\n"
+        "Load with strict=False to take what matches, or pass the state the checkpoint was saved from."
+    )
 
 
 def finish_load(plan: LoadPlan, state: Mapping[str, Any], *, strict: bool, allow_pickle: bool) -> dict[str, Any]:

@@ -1,16 +1,14 @@
-"""When to save and what to keep: small policy objects that compose.
+"""When to save: small policy objects that compose (what to keep lives in :mod:`dcp_plugin.retention`).
 
 Save policies answer "should this step be checkpointed?"; combine them with ``|`` (any of them fires)::
 
     policy = EveryNSteps(500) | EveryNSeconds(1800) | OnPreemption()
 
-Retention policies answer "which committed checkpoints stay?"; combine them with ``|`` (a checkpoint is
-kept if any of them keeps it)::
+Retention policies (``KeepLast``, ``KeepBest``...) are defined in :mod:`dcp_plugin.retention` and
+re-exported here, so ``from dcp_plugin.policies import KeepLast`` keeps working.
 
-    retention = KeepLast(3) | KeepEveryNSteps(10_000) | KeepBest("val_loss", k=2, mode="min")
-
-Both are used by :class:`~dcp_plugin.manager.CheckpointManager` (``save_policy=``, ``retention=``,
-``maybe_save``) and by the Lightning callback. The policies themselves do no I/O and no collectives:
+Both kinds are applied by a :class:`~dcp_plugin.schedule.Schedule` (inside ``CheckpointManager``, the
+Lightning callback and the Accelerate adapter). The policies themselves do no I/O and no collectives:
 each one declares how its local vote is agreed across ranks (:attr:`SavePolicy.agreement`) and
 :func:`decide` gathers all votes in one collective, only when some policy needs it.
 """
@@ -18,16 +16,25 @@ each one declares how its local vote is agreed across ranks (:attr:`SavePolicy.a
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+from dcp_plugin.retention import (
+    KeepAny,
+    KeepBest,
+    KeepEveryNSteps,
+    KeepLast,
+    RetentionOptions,
+    RetentionPolicy,
+    check_positive_int,
+    metric_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +151,7 @@ class EveryNSteps(SavePolicy):
     reason = "every_n_steps"
 
     def __init__(self, n: int) -> None:
-        _check_positive_int("EveryNSteps(n)", n)
+        check_positive_int("EveryNSteps(n)", n)
         self.n = n
 
     def wants_save(self, ctx: SaveContext) -> bool:
@@ -193,7 +200,7 @@ class OnEpochEnd(SavePolicy):
     reason = "epoch_end"
 
     def __init__(self, every_n_epochs: int = 1) -> None:
-        _check_positive_int("OnEpochEnd(every_n_epochs)", every_n_epochs)
+        check_positive_int("OnEpochEnd(every_n_epochs)", every_n_epochs)
         self.every_n_epochs = every_n_epochs
 
     def wants_save(self, ctx: SaveContext) -> bool:
@@ -317,178 +324,6 @@ def decide(
     return SaveDecision(bool(reasons), reasons)
 
 
-# -- what to keep --------------------------------------------------------------------------------
-class RetentionPolicy(ABC):
-    """Chooses which committed checkpoints of a run to keep; the others may be deleted."""
-
-    @abstractmethod
-    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
-        """Names to keep among ``checkpoints`` (committed, written by this run, oldest first)."""
-
-    def leaves(self) -> list[RetentionPolicy]:
-        return [self]
-
-    def __or__(self, other: RetentionPolicy) -> KeepAny:
-        if not isinstance(other, RetentionPolicy):
-            return NotImplemented
-        return KeepAny(self, other)
-
-
-class KeepAny(RetentionPolicy):
-    """Keep a checkpoint when any of the policies keeps it."""
-
-    def __init__(self, *policies: RetentionPolicy) -> None:
-        flat: list[RetentionPolicy] = []
-        for policy in policies:
-            if not isinstance(policy, RetentionPolicy):
-                raise TypeError(f"KeepAny combines RetentionPolicy objects, got {type(policy).__name__}.")
-            flat.extend(policy.leaves())
-        if not flat:
-            raise ValueError("KeepAny needs at least one retention policy.")
-        self.policies = tuple(flat)
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
-        kept: set[str] = set()
-        for policy in self.policies:
-            kept |= policy.keep(checkpoints)
-        return kept
-
-    def leaves(self) -> list[RetentionPolicy]:
-        return list(self.policies)
-
-    def __repr__(self) -> str:
-        return " | ".join(repr(p) for p in self.policies)
-
-
-class KeepLast(RetentionPolicy):
-    """Keep the ``k`` most recent checkpoints."""
-
-    def __init__(self, k: int) -> None:
-        _check_positive_int("KeepLast(k)", k)
-        self.k = k
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
-        return {info.name for info in checkpoints[-self.k :]}
-
-    def __repr__(self) -> str:
-        return f"KeepLast({self.k})"
-
-
-class KeepEveryNSteps(RetentionPolicy):
-    """Keep checkpoints whose step is a multiple of ``n`` (long-term snapshots)."""
-
-    def __init__(self, n: int) -> None:
-        _check_positive_int("KeepEveryNSteps(n)", n)
-        self.n = n
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
-        return {info.name for info in checkpoints if info.step is not None and info.step % self.n == 0}
-
-    def __repr__(self) -> str:
-        return f"KeepEveryNSteps({self.n})"
-
-
-class KeepBest(RetentionPolicy):
-    """Keep the ``k`` checkpoints with the best value of a logged metric.
-
-    The metric is read from the checkpoint's metadata (``metadata["metrics"][metric]``, as written by
-    ``maybe_save(..., metrics=...)``, or ``metadata[metric]``). Checkpoints without it, or with NaN,
-    are not kept by this policy. Ties go to the newer checkpoint.
-    """
-
-    def __init__(self, metric: str, k: int = 1, mode: Literal["min", "max"] = "min") -> None:
-        if not isinstance(metric, str) or not metric:
-            raise ValueError("KeepBest(metric) must name a logged metric, e.g. 'val_loss'.")
-        _check_positive_int("KeepBest(k)", k)
-        if mode not in ("min", "max"):
-            raise ValueError(f"KeepBest(mode) must be 'min' or 'max', got {mode!r}.")
-        self.metric = metric
-        self.k = k
-        self.mode = mode
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
-        scored = []
-        for order, info in enumerate(checkpoints):
-            value = metric_value(info, self.metric)
-            if value is not None:
-                scored.append((value if self.mode == "max" else -value, order, info.name))
-        scored.sort(reverse=True)
-        return {name for _, _, name in scored[: self.k]}
-
-    def __repr__(self) -> str:
-        return f"KeepBest({self.metric!r}, k={self.k}, mode={self.mode!r})"
-
-
-def metric_value(info: CheckpointInfo, metric: str) -> float | None:
-    """The metric recorded with a checkpoint, or ``None`` when it has none (or NaN)."""
-    metadata = info.metadata
-    metrics = metadata.get("metrics")
-    value = metrics.get(metric) if isinstance(metrics, Mapping) else None
-    if value is None:
-        value = metadata.get(metric)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return None
-    return float(value)
-
-
-@dataclass
-class RetentionPlan:
-    """What retention decided for one directory."""
-
-    keep: list[str] = field(default_factory=list)
-    delete: list[str] = field(default_factory=list)
-
-
-def plan_retention(
-    policy: RetentionPolicy,
-    checkpoints: Sequence[CheckpointInfo],
-    *,
-    run_id: str,
-    protected: Iterable[str] = (),
-) -> RetentionPlan:
-    """Which of ``checkpoints`` (a directory listing, oldest first) to delete.
-
-    Only checkpoints written by ``run_id`` are candidates; the newest committed checkpoint of the
-    directory and the names in ``protected`` (a write in flight) are always kept.
-    """
-    ours = [info for info in checkpoints if info.manifest.get("run_id") == run_id]
-    kept = set(policy.keep(ours)) | set(protected)
-    if checkpoints:
-        kept.add(checkpoints[-1].name)
-    if ours:
-        kept.add(ours[-1].name)
-    plan = RetentionPlan()
-    for info in ours:
-        (plan.keep if info.name in kept else plan.delete).append(info.name)
-    return plan
-
-
-def apply_retention(
-    policy: RetentionPolicy,
-    storage: CheckpointStorage,
-    *,
-    run_id: str,
-    protected: Iterable[str] = (),
-) -> RetentionPlan:
-    """Delete what :func:`plan_retention` says in ``storage`` (call on one rank, with no write in flight).
-
-    Never raises for storage problems: a failed listing skips retention, a failed delete is logged and
-    tried again the next time.
-    """
-    try:
-        plan = plan_retention(policy, storage.list(), run_id=run_id, protected=protected)
-    except Exception as err:  # noqa: BLE001 - retention must never stop training
-        log.warning("Retention skipped: listing %s failed: %s", storage.root_url, err)
-        return RetentionPlan()
-    for name in plan.delete:
-        try:
-            storage.delete(name)
-            log.info("Retention deleted %s.", storage.url(name))
-        except Exception as err:  # noqa: BLE001 - a failed delete is retried after the next save
-            log.warning("Retention could not delete %s: %s", storage.url(name), err)
-    return plan
-
-
 @dataclass(frozen=True)
 class SaveOptions:
     """The usual save triggers as plain options (what adapters expose); :meth:`build` makes the policy."""
@@ -510,9 +345,9 @@ class SaveOptions:
 
     def __post_init__(self) -> None:
         if self.every_n_steps is not None:
-            _check_positive_int("every_n_steps", self.every_n_steps)
+            check_positive_int("every_n_steps", self.every_n_steps)
         if self.every_n_epochs is not None:
-            _check_positive_int("every_n_epochs", self.every_n_epochs)
+            check_positive_int("every_n_epochs", self.every_n_epochs)
         if self.every_n_seconds is not None and (
             isinstance(self.every_n_seconds, bool)
             or not isinstance(self.every_n_seconds, (int, float))
@@ -535,45 +370,6 @@ class SaveOptions:
         return AnyOf(*policies) if policies else None
 
 
-@dataclass(frozen=True)
-class RetentionOptions:
-    """The usual retention rules as plain options; :meth:`build` makes the policy (``None``: keep all)."""
-
-    keep_last: int | None = None
-    """Keep the ``keep_last`` most recent checkpoints."""
-    keep_every_n_steps: int | None = None
-    """Also keep checkpoints whose step is a multiple of this."""
-    keep_best: int | None = None
-    """Also keep the ``keep_best`` checkpoints with the best ``monitor`` value."""
-    monitor: str | None = None
-    """The logged metric ``keep_best`` ranks by."""
-    mode: Literal["min", "max"] = "min"
-    """Whether lower (``min``) or higher (``max``) ``monitor`` values are better."""
-
-    def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every_n_steps", "keep_best"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_positive_int(name, value)
-        if self.keep_best is not None and not self.monitor:
-            raise ValueError("keep_best needs monitor=<metric name> (e.g. monitor='val_loss').")
-        if self.monitor is not None and self.keep_best is None:
-            raise ValueError(f"monitor={self.monitor!r} is only used with keep_best=<k>; pass keep_best too.")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
-
-    def build(self) -> RetentionPolicy | None:
-        policies: list[RetentionPolicy] = []
-        if self.keep_last is not None:
-            policies.append(KeepLast(self.keep_last))
-        if self.keep_every_n_steps is not None:
-            policies.append(KeepEveryNSteps(self.keep_every_n_steps))
-        if self.keep_best is not None:
-            assert self.monitor is not None
-            policies.append(KeepBest(self.monitor, self.keep_best, self.mode))
-        return KeepAny(*policies) if policies else None
-
-
 def as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Metrics as plain floats for the manifest (tensors and numpy scalars converted; others dropped)."""
     out: dict[str, float] = {}
@@ -587,9 +383,19 @@ def as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def _check_positive_int(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+# Moved to dcp_plugin.retention (planning and applying retention lives in one module); kept for one release.
+_MOVED_TO_RETENTION = ("RetentionPlan", "plan_retention", "apply_retention")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_RETENTION:
+        warnings.warn(
+            f"dcp_plugin.policies.{name} moved to dcp_plugin.retention.{name}.", DeprecationWarning, stacklevel=2
+        )
+        from dcp_plugin import retention
+
+        return getattr(retention, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -604,16 +410,13 @@ __all__ = [
     "OnException",
     "OnPreemption",
     "RetentionOptions",
-    "RetentionPlan",
     "RetentionPolicy",
     "SaveContext",
     "SaveDecision",
     "SaveEvent",
     "SaveOptions",
     "SavePolicy",
-    "apply_retention",
     "as_metrics",
     "decide",
     "metric_value",
-    "plan_retention",
 ]

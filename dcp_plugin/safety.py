@@ -35,8 +35,6 @@ _ALLOWED: dict[str, set[str]] = {
 }
 
 
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):

@@ -20,9 +20,9 @@ def _release_process_state():
     yield
     import torch.distributed as dist
 
-    from dcp_plugin.engine import _ProcessDaemon
+    from dcp_plugin import daemon
 
-    _ProcessDaemon.shutdown()
+    daemon.shutdown()
     if dist.is_initialized():
         dist.destroy_process_group()
 

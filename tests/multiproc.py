@@ -45,9 +45,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
         traceback.print_exc()
         raise
     finally:
-        from dcp_plugin.engine import _ProcessDaemon
+        from dcp_plugin import daemon
 
-        _ProcessDaemon.shutdown()
+        daemon.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
 

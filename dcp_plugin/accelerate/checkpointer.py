@@ -1,34 +1,40 @@
 """``AccelerateCheckpointer``: what ``save_state`` / ``load_state`` do once the adapter is enabled.
 
-One per ``Accelerator``. It owns one :class:`~dcp_plugin.engine.CheckpointEngine` (one save in flight,
-one staging buffer, one writer daemon) and a :class:`~dcp_plugin.manager.CheckpointManager` per
-directory it saves into, all sharing that engine.
+One per ``Accelerator``. It translates between the ``Accelerator`` and the core: it owns one
+:class:`~dcp_plugin.checkpointer.Checkpointer` (one save in flight, one staging buffer, one writer daemon)
+for every save and load, and, for automatically named checkpoints, a
+:class:`~dcp_plugin.manager.CheckpointManager` over that checkpointer whose
+:class:`~dcp_plugin.schedule.Schedule` applies ``total_limit`` as a ``KeepLast`` retention.
 
 ``ProjectConfiguration`` semantics, made safe for asynchronous saves:
 
 * automatic naming writes ``checkpoint_<iteration>`` under ``<project_dir>/checkpoints`` (or the
   configured directory); ``load_state`` restores ``iteration`` so naming continues after a resume, and
   never below the highest existing checkpoint, so a resume never collides with a newer checkpoint;
-* ``total_limit`` (or ``keep_last``) counts committed checkpoints only and runs when no save is in
-  flight: before a save it keeps ``limit - 1`` (at least 1, so the newest committed checkpoint survives
-  until the new one is committed), and when the save is flushed it trims to ``limit``;
+* ``total_limit`` (or ``keep_last``) counts committed automatically named checkpoints only (of any run) and
+  is applied once a save committed (before the next save starts, and when the save is flushed); the
+  newest committed checkpoint is never deleted;
 * ``load_state()`` without a directory takes the latest *committed* checkpoint.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import re
-import weakref
+import uuid
+import warnings
 from typing import Any
 
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
+from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import ConfigError
 from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.errors import CheckpointExistsError, CheckpointNotFoundError
 from dcp_plugin.manager import CheckpointManager
-from dcp_plugin.storage import CheckpointExistsError, CheckpointInfo, CheckpointNotFoundError, open_url
+from dcp_plugin.retention import KeepLast
+from dcp_plugin.schedule import Schedule
+from dcp_plugin.storage import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +61,14 @@ class AccelerateCheckpointer:
         self.accelerator = accelerator
         self.options = options
         self.config = options.config
-        self.engine = CheckpointEngine(options.config)
-        self._managers: dict[str, CheckpointManager] = {}
+        self.checkpointer = Checkpointer(options.config)
+        self._automatic: CheckpointManager | None = None
         self._closed = False
         self._warned_ignored_dir = False
-        _flush_at_exit(self)
+
+    @property
+    def engine(self) -> CheckpointEngine:
+        return self.checkpointer.engine
 
     # -- where checkpoints go --------------------------------------------------------------------
     @property
@@ -88,17 +97,29 @@ class AccelerateCheckpointer:
             return self.options.keep_last
         return self.accelerator.project_configuration.total_limit
 
-    def manager(self, directory: str) -> CheckpointManager:
-        """The manager of one checkpoint directory (created once, sharing this checkpointer's engine)."""
-        manager = self._managers.get(directory)
-        if manager is None:
-            manager = CheckpointManager(directory, engine=self.engine)
-            self._managers[directory] = manager
-        return manager
+    def automatic_manager(self) -> CheckpointManager:
+        """The manager of the automatically named checkpoints (created once, over this checkpointer)."""
+        if self._automatic is None:
+            limit = self.keep_last
+            retention = KeepLast(limit) if limit is not None else None
+            schedule = Schedule(retention=retention, run_id=uuid.uuid4().hex, owned=_automatically_named)
+            self._automatic = CheckpointManager(
+                self.automatic_directory, checkpointer=self.checkpointer, schedule=schedule
+            )
+        return self._automatic
 
-    def _explicit(self, path: Any) -> tuple[CheckpointManager, str]:
-        storage, name = open_url(str(path), self.config.storage_options)
-        return self.manager(storage.root_url), name
+    def manager(self, directory: str) -> CheckpointManager:
+        """Deprecated (removed in the next release): use :meth:`automatic_manager`, or
+        ``CheckpointManager(directory, checkpointer=self.checkpointer)``."""
+        warnings.warn(
+            "AccelerateCheckpointer.manager() is deprecated: use automatic_manager() or "
+            "CheckpointManager(directory, checkpointer=checkpointer.checkpointer).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if directory == self.automatic_directory:
+            return self.automatic_manager()
+        return CheckpointManager(directory, checkpointer=self.checkpointer)
 
     # -- save --------------------------------------------------------------------------------------
     def save_state(self, output_dir: Any = None) -> str:
@@ -108,7 +129,7 @@ class AccelerateCheckpointer:
         ``process`` mode). A failure of an earlier background write is raised here.
         """
         self._check_usable(self.accelerator._save_model_state_pre_hook, "register_save_state_pre_hook")
-        self.engine.wait()
+        self.checkpointer.wait()
         project = self.accelerator.project_configuration
         iteration = int(project.iteration)
         automatic = self.automatic_naming and (output_dir is None or project.automatic_checkpoint_naming)
@@ -122,17 +143,14 @@ class AccelerateCheckpointer:
                     self.automatic_directory,
                 )
                 self._warned_ignored_dir = True
-            manager, name = self.manager(self.automatic_directory), auto_name(iteration)
-            limit = self.keep_last
-            if limit is not None:
-                self._rotate(manager, keep=max(limit - 1, 1))
+            ref = None
         elif output_dir is None:
             raise ValueError(
                 "save_state() needs an output directory: pass save_state(output_dir), enable "
                 "ProjectConfiguration(automatic_checkpoint_naming=True), or set DCP_PLUGIN_DIR."
             )
         else:
-            manager, name = self._explicit(output_dir)
+            ref = self.checkpointer.locate(str(output_dir))
         state = collect(self.accelerator, iteration)
         metadata = {
             "iteration": iteration,
@@ -140,12 +158,16 @@ class AccelerateCheckpointer:
             "adapter": "accelerate",
         }
         try:
-            # Accelerate overwrites an explicit directory; here the old checkpoint stays until the new
-            # one is committed.
-            stats = manager.save(iteration, state, name=name, overwrite=not automatic, metadata=metadata)
+            if ref is None:
+                stats = self.automatic_manager().save(iteration, state, name=auto_name(iteration), metadata=metadata)
+            else:
+                # Accelerate overwrites an explicit directory; here the old checkpoint stays until the new
+                # one is committed.
+                stats = self.checkpointer.save(ref, state, step=iteration, overwrite=True, metadata=metadata)
         except CheckpointExistsError:
             raise CheckpointExistsError(
-                f"Checkpoint {manager.storage.url(name)} (iteration {iteration}) already exists. Set "
+                f"Checkpoint {self.automatic_manager().storage.url(auto_name(iteration))} (iteration {iteration}) "
+                "already exists. Set "
                 "accelerator.project_configuration.iteration to the next free number, or load_state() first "
                 "(which continues the numbering)."
             ) from None
@@ -162,9 +184,9 @@ class AccelerateCheckpointer:
         self.flush()
         project = self.accelerator.project_configuration
         if input_dir is not None:
-            manager, name = self._explicit(input_dir)
+            load = lambda state: self.checkpointer.load(str(input_dir), state, strict=strict)  # noqa: E731
         elif self.automatic_naming:
-            manager, name = self.manager(self.automatic_directory), None
+            load = lambda state: self.automatic_manager().load(state, strict=strict)  # noqa: E731
         else:
             raise ValueError(
                 "load_state() needs an input directory: pass load_state(input_dir), or enable "
@@ -173,7 +195,7 @@ class AccelerateCheckpointer:
             )
         state = collect(self.accelerator, int(project.iteration), for_load=True)
         try:
-            info = manager.load(state, name=name, strict=strict)
+            info = load(state)
         except CheckpointNotFoundError as err:
             raise CheckpointNotFoundError(
                 f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
@@ -197,35 +219,25 @@ class AccelerateCheckpointer:
         """
         if not self.automatic_naming:
             return None
-        info = self.manager(self.automatic_directory).latest() if self.engine.is_coordinator else None
-        return self.engine.broadcast(info)
+        groups = self.checkpointer.groups
+        return groups.broadcast(self.automatic_manager().latest() if groups.is_coordinator else None)
 
     def _highest_automatic_index(self) -> int | None:
-        manager = self.manager(self.automatic_directory)
+        groups = self.checkpointer.groups
         highest = None
-        if self.engine.is_coordinator:
-            indices = [auto_index(info.name) for info in manager.list()]
+        if groups.is_coordinator:
+            indices = [auto_index(info.name) for info in self.automatic_manager().list()]
             highest = max((i for i in indices if i is not None), default=None)
-        return self.engine.broadcast(highest)
+        return groups.broadcast(highest)
 
     # -- flushing and retention ------------------------------------------------------------------
     def flush(self) -> None:
         """Wait for the save in flight (raising its error), then apply the retention limit."""
         if self._closed:
             return
-        self.engine.wait()
-        limit = self.keep_last
-        if limit is not None and self.automatic_naming:
-            self._rotate(self.manager(self.automatic_directory), keep=limit)
-
-    def _rotate(self, manager: CheckpointManager, keep: int) -> None:
-        if not self.engine.is_coordinator:
-            return
-        automatic = [(auto_index(info.name), info.name) for info in manager.list()]
-        numbered = sorted((index, name) for index, name in automatic if index is not None)
-        for _, name in numbered[: max(len(numbered) - keep, 0)]:
-            log.info("Deleting checkpoint %s (keeping the newest %d).", manager.storage.url(name), keep)
-            manager.delete(name=name)
+        self.checkpointer.wait()
+        if self.automatic_naming:
+            self.automatic_manager().wait()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -236,7 +248,7 @@ class AccelerateCheckpointer:
             self.flush()
         finally:
             self._closed = True
-            self.engine.close()
+            self.checkpointer.close()
 
     @property
     def closed(self) -> bool:
@@ -261,20 +273,6 @@ class AccelerateCheckpointer:
             )
 
 
-_live: weakref.WeakSet[AccelerateCheckpointer] = weakref.WeakSet()
-
-
-def _flush_at_exit(checkpointer: AccelerateCheckpointer) -> None:
-    _live.add(checkpointer)
-
-
-@atexit.register
-def _flush_all() -> None:
-    """A script that never calls end_training() still gets its last save committed (or its error logged)."""
-    for checkpointer in list(_live):
-        if checkpointer.closed:
-            continue
-        try:
-            checkpointer.engine.wait()
-        except BaseException as err:  # noqa: BLE001 - at exit there is nobody left to raise to
-            log.error("The last checkpoint save failed: %s", err)
+def _automatically_named(info: CheckpointInfo) -> bool:
+    """``total_limit`` counts every automatically named checkpoint of the directory, of any run."""
+    return auto_index(info.name) is not None

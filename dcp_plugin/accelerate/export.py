@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from dcp_plugin.accelerate.state import indexed
-from dcp_plugin.manager import CheckpointManager
-from dcp_plugin.storage import open_url
+from dcp_plugin.checkpointer import Checkpointer
+from dcp_plugin.config import CheckpointConfig
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "pytorch_model.bin"
@@ -28,13 +28,12 @@ WEIGHTS_NAME = "pytorch_model.bin"
 
 def load_weights(checkpoint: str, *, model_index: int = 0, storage_options: dict[str, Any] | None = None) -> dict:
     """The full (unsharded) state dict of one model of a checkpoint, read by this process alone."""
-    storage, name = open_url(str(checkpoint), storage_options)
     entry = indexed("model", model_index)
-    manager = CheckpointManager(
-        storage.root_url, distributed=False, async_mode="sync", storage_options=dict(storage_options or {})
-    )
+    config = CheckpointConfig(async_mode="sync", storage_options=dict(storage_options or {}))
+    checkpointer = Checkpointer(config, distributed=False)
     try:
-        info = manager.storage.info(name)
+        storage, name = checkpointer.locate(str(checkpoint))
+        info = storage.info(name)
         entries = info.manifest.get("entries", {})
         if entry not in entries:
             models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
@@ -42,9 +41,9 @@ def load_weights(checkpoint: str, *, model_index: int = 0, storage_options: dict
                 f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
             )
         target: dict[str, Any] = {entry: None}
-        manager.load(target, name=name)
+        checkpointer.load((storage, name), target)
     finally:
-        manager.close()
+        checkpointer.close()
     return target[entry]
 
 

@@ -4,9 +4,10 @@
             callbacks=[DCPCheckpoint(dirpath="s3://bucket/run1", every_n_train_steps=500,
                                      every_n_seconds=1800, keep_last=3, save_on_signal=True)])
 
-The callback decides *when* to save and *what to keep* with the policies of :mod:`dcp_plugin.policies`;
-the saves themselves are ordinary ``trainer.save_checkpoint`` calls that the :class:`DCPCheckpointIO`
-plugin writes in the background. Checkpoints are named ``<dirpath>/step_<global step>``.
+The callback translates Lightning's hooks into the questions a :class:`~dcp_plugin.schedule.Schedule`
+answers (*when* to save, *what to keep*); the saves themselves are ordinary ``trainer.save_checkpoint`` calls
+that the :class:`DCPCheckpointIO` plugin writes in the background. Checkpoints are named
+``<dirpath>/step_<global step>``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -25,26 +26,27 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from dcp_plugin.engine import SaveStats
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
 from dcp_plugin.policies import (
-    RetentionOptions,
+    RetentionPolicy,
     SaveContext,
     SaveDecision,
     SaveEvent,
     SaveOptions,
-    apply_retention,
+    SavePolicy,
     as_metrics,
-    decide,
-    metric_value,
 )
+from dcp_plugin.retention import RetentionOptions, best_first
+from dcp_plugin.schedule import Schedule
+from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
-METRIC_PREFIX = "checkpoint/"
+HISTORY_LIMIT = 1000
 
 
 class DCPCheckpoint(Checkpoint):
@@ -105,63 +107,59 @@ class DCPCheckpoint(Checkpoint):
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if every_n_train_steps is None and every_n_seconds is None and every_n_epochs is None:
-            every_n_epochs = 1
+        no_trigger = every_n_train_steps is None and every_n_seconds is None and every_n_epochs is None
         self.save_options = SaveOptions(
-            every_n_steps=every_n_train_steps,
-            every_n_seconds=every_n_seconds,
-            every_n_epochs=every_n_epochs,
-            on_signal=_check_bool("save_on_signal", save_on_signal),
-            signals=tuple(signal.Signals(s) for s in signals),
-            on_exception=_check_bool("save_on_exception", save_on_exception),
-            clock=clock,
+            every_n_train_steps,
+            every_n_seconds,
+            1 if no_trigger else every_n_epochs,
+            _check_bool("save_on_signal", save_on_signal),
+            tuple(signal.Signals(s) for s in signals),
+            _check_bool("save_on_exception", save_on_exception),
+            clock,
         )
-        self.retention_options = RetentionOptions(
-            keep_last=keep_last,
-            keep_every_n_steps=keep_every_n_steps,
-            keep_best=keep_best,
-            monitor=monitor,
-            mode=mode,
-        )
-        if export_dtype is not None and not (isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point):
-            raise ValueError(
-                f"export_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16): {export_dtype!r}."
-            )
-        if export_dtype is not None and not export_final:
-            raise ValueError("export_dtype only applies to the final export; pass export_final=True too.")
+        self.retention_options = RetentionOptions(keep_last, keep_every_n_steps, keep_best, monitor, mode)
+        _check_export(export_final, export_dtype)
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
         self.save_last = _check_bool("save_last", save_last)
         self.auto_resume = _check_bool("auto_resume", auto_resume)
         self.export_final = _check_bool("export_final", export_final)
         self.export_dtype = export_dtype
         self.log_metrics = _check_bool("log_metrics", log_metrics)
-        self.run_id = run_id
-        self.save_policy = self.save_options.build()
-        self.retention = self.retention_options.build()
-        self.history: list[SaveStats] = []
-        """Timings of this callback's finished saves (rank 0)."""
+        self.schedule = Schedule(self.save_options.build(), self.retention_options.build(), run_id)
+        self.saves = SaveLog(HISTORY_LIMIT)
         self.last_saved: str | None = None
         """URL of the last checkpoint this callback saved."""
         self._storage: CheckpointStorage | None = None
         self._plugin: DCPCheckpointIO | None = None
-        self._last_saved_step: int | None = None
-        self._blocking: dict[str, float] = {}
         self._manifest_metadata: dict[str, Any] | None = None
-        self._retention_due = False
-        self._resume_hook_installed = False
+
+    @property
+    def run_id(self) -> str | None:
+        """Identifies this run's checkpoints (retention never deletes others)."""
+        return self.schedule.run_id
+
+    @run_id.setter
+    def run_id(self, run_id: str | None) -> None:
+        self.schedule.run_id = run_id
+
+    @property
+    def save_policy(self) -> SavePolicy | None:
+        return self.schedule.save_policy
+
+    @property
+    def retention(self) -> RetentionPolicy | None:
+        return self.schedule.retention
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=self.dirpath)
 
-    # -- setup and resume ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         plugin = trainer.strategy.checkpoint_io
         if not isinstance(plugin, DCPCheckpointIO):
             raise TypeError(
                 f"DCPCheckpoint saves through the DCPCheckpointIO plugin, but the trainer uses "
-                f"{type(plugin).__name__}. Pass "
-                "Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
+                f"{type(plugin).__name__}: pass Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
         if self.dirpath is None:
@@ -171,37 +169,11 @@ class DCPCheckpoint(Checkpoint):
             return
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
         if self.auto_resume:
-            self._install_resume_hook(trainer)
-        if self.save_policy is not None:
-            self.save_policy.install()
-
-    def _install_resume_hook(self, trainer: pl.Trainer) -> None:
-        # Lightning resolves ckpt_path before any callback runs and has no public way for a callback to
-        # supply one, so the connector's resume_start is wrapped once: when it is called with no path
-        # (the user passed none, or "last" found no ModelCheckpoint file), the latest checkpoint of
-        # dirpath is used. This runs at the point Lightning restores for every strategy.
-        connector = trainer._checkpoint_connector
-        original = connector.resume_start
-
-        def resume_start(checkpoint_path: Any = None, weights_only: Any = None) -> None:
-            self._remove_resume_hook(trainer)
-            if checkpoint_path is None:
-                checkpoint_path = self._resume_path(trainer)
-            return original(checkpoint_path, weights_only=weights_only)
-
-        connector.resume_start = resume_start
-        self._resume_hook_installed = True
-
-    def _remove_resume_hook(self, trainer: pl.Trainer) -> None:
-        if self._resume_hook_installed:
-            self._resume_hook_installed = False
-            trainer._checkpoint_connector.__dict__.pop("resume_start", None)
+            _wrap_resume_start(trainer, self._resume_path)
+        self.schedule.install()
 
     def _resume_path(self, trainer: pl.Trainer) -> str | None:
-        latest = None
-        if trainer.is_global_zero:
-            latest = self.latest_checkpoint()
-        latest = trainer.strategy.broadcast(latest)
+        latest = trainer.strategy.broadcast(self.latest_checkpoint() if trainer.is_global_zero else None)
         if latest is None:
             return None
         self.run_id = latest.manifest.get("run_id") or self.run_id
@@ -210,8 +182,7 @@ class DCPCheckpoint(Checkpoint):
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
         """The latest committed Lightning checkpoint in ``dirpath`` (any run), or ``None``."""
-        storage = self._require_storage()
-        infos = [info for info in storage.list() if lay.LAYOUT_KEY in info.metadata]
+        infos = lightning_checkpoints(_required(self._storage))
         return infos[-1] if infos else None
 
     @property
@@ -221,31 +192,18 @@ class DCPCheckpoint(Checkpoint):
         Lets ``trainer.test(ckpt_path="best")`` use this callback like ``ModelCheckpoint``."""
         if self._storage is None:
             return ""
-        ours = [
-            i for i in self._storage.list() if i.manifest.get("run_id") == self.run_id and lay.LAYOUT_KEY in i.metadata
-        ]
-        monitor = self.retention_options.monitor
-        if monitor:
-            scored = [(metric_value(i, monitor), n, i) for n, i in enumerate(ours)]
-            scored = [t for t in scored if t[0] is not None]
-            if scored:
-                sign = 1 if self.retention_options.mode == "max" else -1
-                return max(scored, key=lambda t: (sign * t[0], t[1]))[2].url
-        return ours[-1].url if ours else ""
+        options = self.retention_options
+        return best_checkpoint_url(self._storage, self.run_id, options.monitor, options.mode)
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "dirpath": self._storage.root_url if self._storage else self.dirpath}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Resuming from one of this directory's checkpoints continues that run (retention included).
-        if (
-            self._storage is not None
-            and state_dict.get("dirpath") == self._storage.root_url
-            and state_dict.get("run_id")
-        ):
+        ours = self._storage is not None and state_dict.get("dirpath") == self._storage.root_url
+        if ours and state_dict.get("run_id"):
             self.run_id = state_dict["run_id"]
 
-    # -- triggers --------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         self._maybe_save(trainer, "step")
 
@@ -262,174 +220,146 @@ class DCPCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self.save_last and step > 0 and step != self._last_saved_step and not trainer.sanity_checking:
+        if self.save_last and step > 0 and step != self.schedule.last_saved_step and not trainer.sanity_checking:
             self._save(trainer, step, SaveDecision(True, ("last",)))
         if self.export_final:
-            self._export(trainer, pl_module, step)
-        self._flush(trainer)
+            url = _required(self._storage).url(EXPORT_DIR, step_name(step))
+            export_model(trainer, pl_module, url, step=step, dtype=self.export_dtype)
+        self._after_commit(trainer, wait=True)
         if self.log_metrics and trainer.is_global_zero and self.history:
             rank_zero_info(self.summary())
 
+    @property
+    def history(self) -> deque[SaveStats]:
+        """Timings of this callback's finished saves (rank 0; the most recent 1000)."""
+        return self.saves.history
+
+    def summary(self) -> str:
+        """One line about this callback's saves so far."""
+        return summarize(list(self.history), self.dirpath)
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_resume_hook(trainer)
-        if self.save_policy is not None:
-            self.save_policy.uninstall()
+        _unwrap_resume_start(trainer)
+        self.schedule.uninstall()
 
     def _maybe_save(self, trainer: pl.Trainer, event: SaveEvent) -> None:
         if self._plugin is None or trainer.sanity_checking:
             return
         step = trainer.global_step
         ctx = SaveContext(step=step, event=event, epoch=trainer.current_epoch, world_size=trainer.world_size)
-        gather = None if event == "exception" else self._plugin.engine(collective=True).all_gather_control
-        decision = decide(self.save_policy, ctx, gather)
-        if event == "exception":
-            if decision and trainer.world_size > 1:
-                log.warning("Not saving on exception: the other ranks cannot join a save now.")
-            elif decision:
-                if step != self._last_saved_step:
-                    self._save(trainer, step, decision)
-                self._flush(trainer)
-            return
-        if decision and step != self._last_saved_step:
-            self._save(trainer, step, decision)
-        if decision and self.save_policy is not None:
-            self.save_policy.saved(ctx)  # also when this step was already saved: a checkpoint exists
-        if decision.preemption:
-            # the save must be durable before the process is told to exit
-            self._flush(trainer)
+        verdict = self.schedule.decide(ctx, self._plugin.checkpointer(collective=True).groups.all_gather_control)
+        if verdict.save:
+            self._save(trainer, step, verdict.decision)
+        self.schedule.acknowledge(ctx, verdict)
+        if verdict.flush:
+            self._after_commit(trainer, wait=True)  # durable before the process goes on (or is told to exit)
+        elif event != "exception":
+            self._after_commit(trainer)
+        if verdict.stop:
             trainer.strategy.barrier("DCPCheckpoint.preemption")
             rank_zero_info(f"DCPCheckpoint: preemption signal received; saved {self.last_saved}, stopping.")
             trainer.should_stop = True
-        else:
-            self._after_commit(trainer)
 
-    # -- saving ----------------------------------------------------------------------------------
     def _save(self, trainer: pl.Trainer, step: int, decision: SaveDecision) -> None:
-        storage = self._require_storage()
-        self._adopt_run_id()
-        metadata: dict[str, Any] = {"reasons": list(decision.reasons), "run": "DCPCheckpoint"}
+        assert self._plugin is not None
+        storage = _required(self._storage)
         metrics = as_metrics(trainer.callback_metrics)
-        if metrics:
-            metadata["metrics"] = metrics
-        name = trainer.strategy.broadcast(self._free_name(step) if trainer.is_global_zero else None)
+        metadata = {
+            "reasons": list(decision.reasons),
+            "run": "DCPCheckpoint",
+            **({"metrics": metrics} if metrics else {}),
+        }
+        name = trainer.strategy.broadcast(free_name(storage, step, self.run_id) if trainer.is_global_zero else None)
+        url = storage.url(name)
         self._manifest_metadata = metadata
         started = time.perf_counter()
         try:
-            trainer.save_checkpoint(storage.url(name))
+            trainer.save_checkpoint(url)
         finally:
             self._manifest_metadata = None
-        self._blocking[storage.url(name)] = time.perf_counter() - started
-        self._last_saved_step = step
-        self.last_saved = storage.url(name)
-        self._retention_due = True
-
-    def _free_name(self, step: int) -> str:
-        """``step_<N>``, or ``step_<N>-v<k>`` when another run already committed that name here."""
-        storage = self._require_storage()
-        base = name = step_name(step)
-        version = 0
-        while storage.is_committed(name) and storage.info(name).manifest.get("run_id") != self.run_id:
-            version += 1
-            name = f"{base}-v{version}"
-        return name
+        stats = self._plugin.stats_for(url)  # None on ranks that did not write (stock strategies: rank 0 writes)
+        if stats is not None:
+            self.saves.started(stats, time.perf_counter() - started)
+        self.schedule.saved(step)
+        self.last_saved = url
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._manifest_metadata is not None:
             checkpoint[lay.MANIFEST_METADATA_KEY] = self._manifest_metadata
+            checkpoint[lay.RUN_ID_KEY] = self.run_id
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        storage = self._require_storage()
-        weights = trainer.strategy.lightning_module_state_dict()
-        if self.export_dtype is not None:
-            weights = {k: v.to(self.export_dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        checkpoint: dict[str, Any] = {
-            "epoch": trainer.current_epoch,
-            "global_step": step,
-            "pytorch-lightning_version": pl.__version__,
-            "state_dict": weights,
-            lay.MANIFEST_METADATA_KEY: {
-                "export": {"model_only": True, "dtype": str(self.export_dtype) if self.export_dtype else None}
-            },
-        }
-        if pl_module.hparams:
-            checkpoint[pl_module.CHECKPOINT_HYPER_PARAMS_KEY] = dict(pl_module.hparams)
-        url = storage.url(EXPORT_DIR, step_name(step))
-        trainer.strategy.save_checkpoint(checkpoint, url)
-        trainer.strategy.barrier("DCPCheckpoint.export")
-        rank_zero_info(f"DCPCheckpoint: exported the final model to {url}.")
-
-    def _adopt_run_id(self) -> None:
-        # The plugin's managers stamp the manifests; make them stamp this run's id.
-        assert self._plugin is not None and self.run_id is not None
-        root = self._require_storage().root_url
-        for collective in (False, True):  # stock strategies save from rank 0, sharded ones collectively
-            self._plugin.manager_for(root, collective=collective).run_id = self.run_id
-
-    # -- after a save ----------------------------------------------------------------------------
-    def _flush(self, trainer: pl.Trainer) -> None:
-        """Wait until the save in flight is committed, then retention and telemetry."""
-        assert self._plugin is not None
-        self._plugin.wait()
-        self._after_commit(trainer)
-
-    def _after_commit(self, trainer: pl.Trainer) -> None:
+    def _after_commit(self, trainer: pl.Trainer, *, wait: bool = False) -> None:
+        """Once this callback's saves committed (``wait``: wait for that): telemetry, then retention."""
         plugin = self._plugin
+        if plugin is not None and wait:
+            plugin.wait()
         if plugin is None or plugin.in_flight is not None:
             return
-        finished = plugin.drain_completed()
-        for stats in finished:
-            if stats.url not in self._blocking:
-                continue  # another callback's save through the same plugin
-            stats.blocking_s = self._blocking.pop(stats.url)
-            self.history.append(stats)
-            if self.log_metrics and stats.error is None:
-                _log_stats(trainer, stats)
-        if self._retention_due and self.retention is not None and trainer.is_global_zero:
-            self._retention_due = False
-            assert self.run_id is not None
-            apply_retention(self.retention, self._require_storage(), run_id=self.run_id)
-
-    def summary(self) -> str:
-        """One line about this callback's saves so far."""
-        done = [s for s in self.history if s.error is None]
-        if not done:
-            return "DCPCheckpoint: no checkpoint saved."
-        blocked = [s.blocking_s for s in done]
-        durable = [s.durable_s for s in done if s.durable_s is not None]
-        written = sum(s.bytes_written or 0 for s in done)
-        parts = [
-            f"DCPCheckpoint: {len(done)} checkpoint(s) in {self.dirpath}, last {done[-1].name}",
-            f"training blocked {sum(blocked):.3f} s in total (max {max(blocked) * 1000:.1f} ms)",
-        ]
-        if durable:
-            parts.append(f"median time to durable {statistics.median(durable):.2f} s")
-        if written:
-            parts.append(f"{written / 2**20:.1f} MiB written")
-        failed = len(self.history) - len(done)
-        if failed:
-            parts.append(f"{failed} failed")
-        return "; ".join(parts) + "."
-
-    def _require_storage(self) -> CheckpointStorage:
-        if self._storage is None:
-            raise RuntimeError("DCPCheckpoint is not set up yet; it is used by Trainer.fit().")
-        return self._storage
+        self.saves.committed(trainer if self.log_metrics else None)
+        self.schedule.after_commit(_required(self._storage), coordinator=trainer.is_global_zero)
 
 
-def _log_stats(trainer: pl.Trainer, stats: SaveStats) -> None:
-    metrics = {f"{METRIC_PREFIX}blocking_s": stats.blocking_s}
-    if stats.staging_s is not None:
-        metrics[f"{METRIC_PREFIX}staging_s"] = stats.staging_s
-    if stats.durable_s is not None:
-        metrics[f"{METRIC_PREFIX}durable_s"] = stats.durable_s
-    if stats.bytes_written is not None:
-        metrics[f"{METRIC_PREFIX}bytes"] = float(stats.bytes_written)
-    if stats.throughput_bytes_per_s is not None:
-        metrics[f"{METRIC_PREFIX}throughput_mib_s"] = stats.throughput_bytes_per_s / 2**20
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=stats.step if stats.step is not None else trainer.global_step)
+def _required(storage: CheckpointStorage | None) -> CheckpointStorage:
+    if storage is None:
+        raise RuntimeError("DCPCheckpoint is not set up yet; it is used by Trainer.fit().")
+    return storage
+
+
+def lightning_checkpoints(storage: CheckpointStorage) -> list[CheckpointInfo]:
+    """Committed checkpoints in ``storage`` written through the Lightning plugin (any run), oldest first."""
+    return [info for info in storage.list() if lay.LAYOUT_KEY in info.metadata]
+
+
+def best_checkpoint_url(storage: CheckpointStorage, run_id: str | None, monitor: str | None, mode: Any) -> str:
+    """The run's best checkpoint by ``monitor`` (without ``monitor``: the latest); ``""`` if none."""
+    ours = [info for info in lightning_checkpoints(storage) if info.manifest.get("run_id") == run_id]
+    best = best_first(ours, monitor, mode) if monitor else []
+    if best:
+        return best[0].url
+    return ours[-1].url if ours else ""
+
+
+def free_name(storage: CheckpointStorage, step: int, run_id: str | None) -> str:
+    """``step_<N>``, or ``step_<N>-v<k>`` when another run already committed that name here."""
+    base = name = step_name(step)
+    version = 0
+    while storage.is_committed(name) and storage.info(name).manifest.get("run_id") != run_id:
+        version += 1
+        name = f"{base}-v{version}"
+    return name
+
+
+def _wrap_resume_start(trainer: pl.Trainer, find: Callable[[pl.Trainer], str | None]) -> None:
+    """Make Lightning resume from ``find(trainer)`` when ``fit`` was given no checkpoint path.
+
+    Lightning resolves ``ckpt_path`` before any callback runs and has no public way for a callback to supply
+    one, so the (private) checkpoint connector's ``resume_start`` is wrapped on this instance: when it is
+    called with no path (none passed, or ``"last"`` found no ModelCheckpoint file), ``find`` supplies one.
+    This is the point at which Lightning restores, for every strategy.
+    """
+    connector = trainer._checkpoint_connector
+    original = connector.resume_start
+
+    def resume_start(checkpoint_path: Any = None, weights_only: Any = None) -> None:
+        _unwrap_resume_start(trainer)  # once
+        if checkpoint_path is None:
+            checkpoint_path = find(trainer)
+        return original(checkpoint_path, weights_only=weights_only)
+
+    connector.resume_start = resume_start
+
+
+def _unwrap_resume_start(trainer: pl.Trainer) -> None:
+    trainer._checkpoint_connector.__dict__.pop("resume_start", None)
+
+
+def _check_export(export_final: bool, export_dtype: Any) -> None:
+    if export_dtype is not None and not (isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point):
+        raise ValueError(f"export_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16): {export_dtype!r}.")
+    if export_dtype is not None and not export_final:
+        raise ValueError("export_dtype only applies to the final export; pass export_final=True too.")
 
 
 def _check_bool(name: str, value: Any) -> bool:

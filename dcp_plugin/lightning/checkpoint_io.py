@@ -1,16 +1,21 @@
-"""``DCPCheckpointIO``: Lightning's checkpoint plugin, writing through dcp-plugin's engine.
+"""``DCPCheckpointIO``: Lightning's checkpoint plugin, writing through dcp-plugin's :class:`Checkpointer`.
 
 Every checkpoint path Lightning hands over (``.../epoch=0-step=100.ckpt``) becomes a checkpoint
 *directory* of that name, written with DCP in the background (``thread`` or ``process`` mode) or in the
 foreground (``sync``) and committed atomically: a half-written checkpoint is never visible under its
 final name, and saving over an existing path keeps the old checkpoint until the new one is committed.
+
+The plugin only translates: Lightning's dict becomes state entries (:mod:`dcp_plugin.lightning.layout`) and
+the path Lightning gives goes straight to a :class:`~dcp_plugin.checkpointer.Checkpointer`, one for saves a
+lone rank makes (stock strategies save on rank 0) and one for saves every rank joins (sharded strategies).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
+import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Optional
@@ -19,12 +24,15 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from dcp_plugin.checkpointer import Checkpointer, locate
 from dcp_plugin.config import CheckpointConfig, ConfigError
-from dcp_plugin.engine import CheckpointEngine, SaveStats
+from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.manager import CheckpointManager
 from dcp_plugin.state import RNGState
-from dcp_plugin.storage import CheckpointNotFoundError, CheckpointStorage, open_url
+from dcp_plugin.stats import SaveStats
+from dcp_plugin.storage import CheckpointStorage
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +108,10 @@ class DCPCheckpointIO(CheckpointIO):
             raise ConfigError(f"save_rng={save_rng!r} must be True or False.")
         self.config = config
         self.save_rng = save_rng
-        self._engines: dict[bool, CheckpointEngine] = {}
-        self._managers: dict[tuple[str, bool, str], CheckpointManager] = {}
+        self.run_id = uuid.uuid4().hex
+        """Recorded in the manifest of saves whose checkpoint dict names no run (see ``layout.RUN_ID_KEY``)."""
+        self._checkpointers: dict[bool, Checkpointer] = {}
         self._step_hook: Any = None
-        _flush_at_exit.register(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(async_mode={self.config.async_mode!r})"
@@ -111,26 +119,28 @@ class DCPCheckpointIO(CheckpointIO):
     # -- Lightning's CheckpointIO interface ------------------------------------------------------
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Optional[Any] = None
-    ) -> None:
+    ) -> SaveStats:
         """Start saving ``checkpoint`` as the directory ``path``; returns once the snapshot is taken.
 
         ``storage_options``: fsspec options for this save, merged over the plugin's ``storage_options``.
         Errors of the background write are raised by the next save, load, remove or :meth:`teardown`.
+        Returns the save's :class:`SaveStats` (Lightning ignores it; filled in when the write commits).
         """
         checkpoint = dict(checkpoint)
-        metadata = lay.pop_manifest_metadata(checkpoint)
+        metadata, run_id = lay.pop_manifest_metadata(checkpoint)
         entries, has_extra = lay.split_checkpoint(checkpoint)
         if self.save_rng:
             entries[lay.RNG_ENTRY] = RNGState()
         layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
-        self.save_entries(
+        return self.save_entries(
             path,
-            _step_of(checkpoint),
+            lay.step_of(checkpoint),
             entries,
             layout,
             collective=False,
             storage_options=storage_options,
             metadata=metadata,
+            run_id=run_id,
         )
 
     def load_checkpoint(
@@ -146,16 +156,13 @@ class DCPCheckpointIO(CheckpointIO):
         plugin and resume from their old ``.ckpt`` files. ``weights_only=True`` refuses pickled values;
         ``False`` allows them (only for checkpoints you trust); ``None`` follows ``allow_pickle``.
         """
-        storage, name = self._open(path, None)
+        storage, name = self.locate(path)
         if storage.is_file(name):
             return _load_torch_file(storage, name, map_location, weights_only)
-        manager = self.manager_for(storage, collective=False)
         info = storage.info(name)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
-        state: dict[str, Any] = {entry: None for entry in info.manifest.get("entries", {}) if entry != lay.RNG_ENTRY}
-        if layout.rng and self.save_rng:
-            state[lay.RNG_ENTRY] = RNGState()
-        manager.load(state, name=name, allow_pickle=self._allow_pickle(weights_only))
+        state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and self.save_rng else None)
+        self.checkpointer().load((storage, name), state, allow_pickle=self.allow_pickle_for(weights_only))
         checkpoint = lay.join_checkpoint(state, layout)
         if layout.kind == lay.SHARDED:
             # written by a sharded strategy (FQN keys); Optimizer.load_state_dict wants parameter ids
@@ -168,92 +175,89 @@ class DCPCheckpointIO(CheckpointIO):
         If that checkpoint is still being written, waits for the write first, so it cannot reappear
         after the removal.
         """
-        storage, name = self._open(path, None)
-        self._wait_if_writing(storage.url(name))
+        storage, name = self.locate(path)
+        url = storage.url(name)
+        for checkpointer in list(self._checkpointers.values()):
+            if checkpointer.in_flight is not None and checkpointer.in_flight.url == url:
+                checkpointer.wait()
         try:
             storage.delete(name)
         except CheckpointNotFoundError:
-            log.debug("Nothing to remove at %s", storage.url(name))
+            log.debug("Nothing to remove at %s", url)
 
     def teardown(self) -> None:
         """Wait for the save in flight, release staging buffers and the writer process, and raise any
         error of a background save. The plugin can be used again afterwards."""
-        engines, self._engines = list(self._engines.values()), {}
-        managers, self._managers = list(self._managers.values()), {}
+        checkpointers, self._checkpointers = list(self._checkpointers.values()), {}
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        first: BaseException | None = None
-        for manager in managers:
-            try:
-                manager.close()
-            except BaseException as err:  # noqa: BLE001 - close the rest, then raise the first
-                first = first or err
-        for engine in engines:
-            try:
-                engine.close()
-            except BaseException as err:  # noqa: BLE001
-                first = first or err
-        if first is not None:
-            raise first
+        _close_all(checkpointers)
 
     # -- more public API -------------------------------------------------------------------------
+    def checkpointer(self, collective: bool = False) -> Checkpointer:
+        """The checkpointer for lone-rank saves (``collective=False``) or saves every rank joins (created on
+        first use)."""
+        checkpointer = self._checkpointers.get(collective)
+        if checkpointer is None:
+            checkpointer = Checkpointer(self.config, distributed=None if collective else False)
+            self._checkpointers[collective] = checkpointer
+        return checkpointer
+
+    def engine(self, collective: bool = False) -> CheckpointEngine:
+        """The engine of :meth:`checkpointer`."""
+        return self.checkpointer(collective).engine
+
+    def locate(
+        self, path: str | os.PathLike[str], storage_options: Optional[Any] = None
+    ) -> tuple[CheckpointStorage, str]:
+        """``(storage, name)`` of the checkpoint at ``path``; ``storage_options`` are merged over the plugin's."""
+        return locate(path, self.config.storage_options, storage_options)
+
+    def allow_pickle_for(self, weights_only: Optional[bool]) -> bool:
+        """Lightning's ``weights_only`` as ``allow_pickle`` (``None``: the plugin's ``allow_pickle``)."""
+        if weights_only is None:
+            return self.config.allow_pickle
+        return not weights_only
+
     def wait(self) -> None:
         """Block until every save in flight is committed; raise the error of one that failed."""
-        for engine in list(self._engines.values()):
-            engine.wait()
+        for checkpointer in list(self._checkpointers.values()):
+            checkpointer.wait()
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot of the save in flight is copied."""
-        for engine in list(self._engines.values()):
-            engine.wait_for_staging()
+        for checkpointer in list(self._checkpointers.values()):
+            checkpointer.wait_for_staging()
 
     @property
     def in_flight(self) -> SaveStats | None:
         """The save being written right now, if any."""
-        for engine in self._engines.values():
-            if engine.in_flight is not None:
-                return engine.in_flight
-        return None
+        return next((c.in_flight for c in self._checkpointers.values() if c.in_flight is not None), None)
+
+    def stats_for(self, path: str | os.PathLike[str]) -> SaveStats | None:
+        """The stats of the last save to ``path`` if it was this plugin's latest save (for the caller that
+        asked for it; nothing is drained)."""
+        storage, name = self.locate(path)
+        found = [c.last_stats for c in self._checkpointers.values() if c.last_stats is not None]
+        return next((stats for stats in found if stats.url == storage.url(name)), None)
 
     def drain_completed(self) -> list[SaveStats]:
-        """Timings of saves finished since the last call (for logging)."""
-        out: list[SaveStats] = []
-        for engine in self._engines.values():
-            out.extend(engine.drain_completed())
-        return out
+        """Timings of saves finished since the last call; for the plugin's owner (e.g. a logging loop)."""
+        return [stats for c in self._checkpointers.values() for stats in c.drain_completed()]
 
     def manager_for(
         self, directory: str | os.PathLike[str] | CheckpointStorage, *, collective: bool = False
     ) -> CheckpointManager:
-        """The :class:`CheckpointManager` this plugin uses for checkpoints under ``directory``.
-
-        Managers share the plugin's engine (one save in flight, one staging buffer). ``collective=True`` is
-        the manager every rank calls together (sharded strategies); ``False`` the one a lone rank uses.
-        """
-        storage = (
-            directory
-            if isinstance(directory, CheckpointStorage)
-            else CheckpointStorage(directory, self.config.storage_options)
+        """Deprecated (removed in the next release): use ``CheckpointManager(directory, checkpointer=...)``."""
+        warnings.warn(
+            "DCPCheckpointIO.manager_for() is deprecated: use CheckpointManager(directory, "
+            "checkpointer=plugin.checkpointer(collective)).",
+            DeprecationWarning,
+            stacklevel=2,
         )
-        options_key = repr(sorted(storage.storage_options.items()))
-        key = (storage.root_url, collective, options_key)
-        manager = self._managers.get(key)
-        if manager is None:
-            manager = CheckpointManager(storage.root_url, engine=self.engine(collective))
-            if storage.storage_options != self.config.storage_options:
-                # per-save fsspec options (Trainer.save_checkpoint(storage_options=...)) for this directory
-                manager.storage = storage
-            self._managers[key] = manager
-        return manager
-
-    def engine(self, collective: bool = False) -> CheckpointEngine:
-        """The engine for lone-rank saves (``collective=False``) or saves every rank joins."""
-        engine = self._engines.get(collective)
-        if engine is None:
-            engine = CheckpointEngine(self.config, distributed=None if collective else False)
-            self._engines[collective] = engine
-        return engine
+        root = directory.root_url if isinstance(directory, CheckpointStorage) else os.fspath(directory)
+        return CheckpointManager(root, checkpointer=self.checkpointer(collective))
 
     # -- used by the strategy glue ---------------------------------------------------------------
     def save_entries(
@@ -266,74 +270,57 @@ class DCPCheckpointIO(CheckpointIO):
         collective: bool,
         storage_options: Optional[Any] = None,
         metadata: Optional[Mapping[str, Any]] = None,
+        run_id: Optional[str] = None,
     ) -> SaveStats:
         """Save prepared entries as the checkpoint directory ``path`` (overwriting it safely).
 
-        ``metadata`` (JSON-like) is recorded in the manifest next to the layout."""
-        storage, name = self._open(path, storage_options)
-        manager = self.manager_for(storage, collective=collective)
-        if self.config.async_staging:
-            self._hook_optimizer_steps()
-        return manager.save(
-            step,
+        ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id`` (default: the
+        plugin's)."""
+        ref = self.locate(path, storage_options)
+        if self.config.async_staging and self._step_hook is None:
+            self._step_hook = _wait_for_staging_before_optimizer_steps(self)
+        return self.checkpointer(collective).save(
+            ref,
             entries,
-            name=name,
+            step=step,
             overwrite=True,
             metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()},
+            run_id=run_id or self.run_id,
         )
 
-    def _allow_pickle(self, weights_only: Optional[bool]) -> bool:
-        if weights_only is None:
-            return self.config.allow_pickle
-        return not weights_only
 
-    def _open(self, path: str | os.PathLike[str], storage_options: Optional[Any]) -> tuple[CheckpointStorage, str]:
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise TypeError(
-                f"storage_options must be a mapping of fsspec options (got {type(storage_options).__name__}); "
-                "they are merged over DCPCheckpointIO(storage_options=...)."
-            )
-        options = {**self.config.storage_options, **dict(storage_options or {})}
-        return open_url(os.fspath(path), options)
+def _wait_for_staging_before_optimizer_steps(plugin: DCPCheckpointIO) -> Any:
+    """Stock strategies hand the plugin plain state dicts, not the optimizers; a global step pre-hook makes every
+    optimizer wait until the background copy of the snapshot is done before it changes parameters."""
+    ref = weakref.ref(plugin)
 
-    def _wait_if_writing(self, url: str) -> None:
-        for engine in list(self._engines.values()):
-            flight = engine.in_flight
-            if flight is not None and flight.url == url:
-                engine.wait()
+    def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
+        live = ref()
+        if live is not None:
+            live.wait_for_staging()
 
-    def _hook_optimizer_steps(self) -> None:
-        # Stock strategies hand us plain state dicts, not the optimizers; a global step pre-hook makes every
-        # optimizer wait until the background copy of the snapshot is done before it changes parameters.
-        if self._step_hook is None:
-            ref = weakref.ref(self)
-
-            def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
-                plugin = ref()
-                if plugin is not None:
-                    plugin.wait_for_staging()
-
-            self._step_hook = register_optimizer_step_pre_hook(wait_for_staging)
+    return register_optimizer_step_pre_hook(wait_for_staging)
 
 
-def _step_of(checkpoint: Mapping[str, Any]) -> int:
-    step = checkpoint.get("global_step", 0)
-    try:
-        step = int(step)
-    except (TypeError, ValueError):
-        return 0
-    return max(step, 0)
+def _close_all(checkpointers: list[Checkpointer]) -> None:
+    """Close every checkpointer, then raise the first error."""
+    first: BaseException | None = None
+    for checkpointer in checkpointers:
+        try:
+            checkpointer.close()
+        except BaseException as err:  # noqa: BLE001 - close the rest, then raise the first
+            first = first or err
+    if first is not None:
+        raise first
 
 
 def _load_torch_file(
     storage: CheckpointStorage, name: str, map_location: Any, weights_only: Optional[bool]
 ) -> dict[str, Any]:
-    from lightning.fabric.utilities.cloud_io import _load as pl_load
-
     log.info("%s is a file, not a DCP checkpoint directory; reading it with torch.load.", storage.url(name))
     with storage.open_file(name) as handle:
         try:
-            return pl_load(handle, map_location=map_location, weights_only=weights_only)
+            return torch.load(handle, map_location=map_location, weights_only=weights_only)
         except Exception as err:
             raise lay.LightningCheckpointError(
                 f"{storage.url(name)} is a file, not a dcp-plugin checkpoint directory, and torch.load could not "
@@ -367,24 +354,3 @@ def _apply(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, tuple):
         return tuple(_apply(v, fn) for v in value)
     return value
-
-
-class _FlushAtExit:
-    """Waits for saves still in flight when the interpreter exits (strategies that never call teardown)."""
-
-    def __init__(self) -> None:
-        self._plugins: weakref.WeakSet[DCPCheckpointIO] = weakref.WeakSet()
-        atexit.register(self.flush)
-
-    def register(self, plugin: DCPCheckpointIO) -> None:
-        self._plugins.add(plugin)
-
-    def flush(self) -> None:
-        for plugin in list(self._plugins):
-            try:
-                plugin.wait()
-            except BaseException as err:  # noqa: BLE001 - nothing left to raise to at exit
-                log.error("A checkpoint save that was still in flight at exit failed: %s", err)
-
-
-_flush_at_exit = _FlushAtExit()

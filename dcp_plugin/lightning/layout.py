@@ -25,6 +25,9 @@ MANIFEST_METADATA_KEY = "dcp_plugin_manifest_metadata"
 """A top-level key of a Lightning checkpoint dict whose (JSON-like) value goes into the manifest's
 ``metadata`` instead of the checkpoint (e.g. the metrics and save reasons the ``DCPCheckpoint`` callback
 records for retention)."""
+RUN_ID_KEY = "dcp_plugin_run_id"
+"""A top-level key of a Lightning checkpoint dict naming the run that writes it (recorded in the manifest,
+so retention knows the checkpoint is that run's)."""
 EXTRA_ENTRY = "dcp_plugin_extra_keys"
 RNG_ENTRY = "dcp_plugin_rng"
 OPTIMIZER_PREFIX = "optimizer_"
@@ -80,16 +83,38 @@ class Layout:
         )
 
 
-def pop_manifest_metadata(checkpoint: dict[Any, Any]) -> dict[str, Any]:
-    """Remove and return what a callback asked to be recorded in the manifest (see MANIFEST_METADATA_KEY)."""
+def pop_manifest_metadata(checkpoint: dict[Any, Any]) -> tuple[dict[str, Any], str | None]:
+    """Remove and return what a callback asked to be recorded in the manifest: the metadata (see
+    MANIFEST_METADATA_KEY) and the run id (see RUN_ID_KEY)."""
     value = checkpoint.pop(MANIFEST_METADATA_KEY, None)
+    run_id = checkpoint.pop(RUN_ID_KEY, None)
+    if run_id is not None and not isinstance(run_id, str):
+        raise LightningCheckpointError(f"checkpoint[{RUN_ID_KEY!r}] must be a string, got {type(run_id).__name__}.")
     if value is None:
-        return {}
+        return {}, run_id
     if not isinstance(value, Mapping):
         raise LightningCheckpointError(
             f"checkpoint[{MANIFEST_METADATA_KEY!r}] must be a mapping of JSON-like values, got {type(value).__name__}."
         )
-    return {key: item for key, item in value.items() if key != LAYOUT_KEY}
+    return {key: item for key, item in value.items() if key != LAYOUT_KEY}, run_id
+
+
+def step_of(checkpoint: Mapping[str, Any]) -> int:
+    """The checkpoint's ``global_step`` (0 when missing or not a number)."""
+    step = checkpoint.get("global_step", 0)
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        return 0
+    return max(step, 0)
+
+
+def load_targets(manifest: Mapping[str, Any], *, rng: Any = None) -> dict[str, Any]:
+    """A state to read every saved entry into as plain values (the RNG entry into ``rng``, or left out)."""
+    state: dict[str, Any] = {entry: None for entry in manifest.get("entries", {}) if entry != RNG_ENTRY}
+    if rng is not None:
+        state[RNG_ENTRY] = rng
+    return state
 
 
 def is_entry_name(key: Any) -> bool:

@@ -16,14 +16,13 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
-from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
 from dcp_plugin.lightning import layout as lay
-from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO, _step_of
+from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.state import ModelState, OptimizerState, RNGState
 
 
@@ -60,6 +59,8 @@ class _DCPStrategyMixin:
     """Overrides shared by the DCP strategies (placed before the Lightning strategy in the MRO)."""
 
     _checkpoint_io: Any
+    lightning_strategy: type
+    """The Lightning strategy this one extends (named in error messages)."""
 
     @property
     def checkpoint_io(self) -> DCPCheckpointIO:
@@ -70,7 +71,7 @@ class _DCPStrategyMixin:
             raise TypeError(
                 f"{type(self).__name__} saves through DCPCheckpointIO, but the Trainer was given "
                 f"{type(plugin).__name__}. Pass plugins=[DCPCheckpointIO(...)] (or none for the defaults), or use "
-                f"Lightning's own {type(self).__mro__[2].__name__} with other CheckpointIO plugins."
+                f"Lightning's own {self.lightning_strategy.__name__} with other CheckpointIO plugins."
             )
         return plugin
 
@@ -84,7 +85,7 @@ class _DCPStrategyMixin:
 
     def optimizer_state(self, optimizer: Optimizer) -> Any:
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         return LiveOptimizerState(self.model, optimizer)  # type: ignore[attr-defined]
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -104,7 +105,7 @@ class _DCPStrategyMixin:
         plugin = self.checkpoint_io
         path = self.broadcast(os.fspath(filepath))  # type: ignore[attr-defined]
         checkpoint = dict(checkpoint)
-        metadata = lay.pop_manifest_metadata(checkpoint)
+        metadata, run_id = lay.pop_manifest_metadata(checkpoint)
         optimizers = list(checkpoint.get("optimizer_states", []))
         names = tuple(lay.optimizer_entry(i) for i in range(len(optimizers)))
         entries, has_extra = lay.split_checkpoint(checkpoint, skip=("optimizer_states",), reserved=names)
@@ -114,12 +115,13 @@ class _DCPStrategyMixin:
         layout = lay.Layout(kind=lay.SHARDED, optimizers=len(optimizers), rng=plugin.save_rng, extra=has_extra)
         plugin.save_entries(
             path,
-            _step_of(checkpoint),
+            lay.step_of(checkpoint),
             entries,
             layout,
             collective=True,
             storage_options=storage_options,
             metadata=metadata,
+            run_id=run_id,
         )
 
     def remove_checkpoint(self, filepath: str | os.PathLike[str]) -> None:
@@ -132,7 +134,7 @@ class _DCPStrategyMixin:
         fitting), whatever number of ranks wrote the checkpoint."""
         plugin = self.checkpoint_io
         path = self.broadcast(os.fspath(checkpoint_path))  # type: ignore[attr-defined]
-        storage, name = plugin._open(path, None)
+        storage, name = plugin.locate(path)
         if storage.is_file(name) or (not storage.is_committed(name) and _is_lightning_sharded(storage, path)):
             # a torch.save file or Lightning's own sharded format: Lightning's loader handles both
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
@@ -159,8 +161,8 @@ class _DCPStrategyMixin:
             )
         if layout.rng and plugin.save_rng and fitting:
             state[lay.RNG_ENTRY] = RNGState()
-        plugin.manager_for(storage, collective=True).load(
-            state, name=name, strict=module.strict_loading, allow_pickle=plugin._allow_pickle(weights_only)
+        plugin.checkpointer(collective=True).load(
+            (storage, name), state, strict=module.strict_loading, allow_pickle=plugin.allow_pickle_for(weights_only)
         )
 
         values = {k: v for k, v in state.items() if not isinstance(v, (ModelState, OptimizerState, RNGState))}
@@ -180,7 +182,9 @@ class _DCPStrategyMixin:
 
 
 def _is_lightning_sharded(storage: Any, path: str) -> bool:
-    return storage.is_local and _is_sharded_checkpoint(path)
+    """Whether ``path`` holds Lightning's own sharded format: a local directory with a DCP ``.metadata``
+    (the test Lightning's loader applies; written here so no private Lightning helper is needed)."""
+    return storage.is_local and os.path.isfile(os.path.join(path, ".metadata"))
 
 
 class DCPModelParallelStrategy(_DCPStrategyMixin, ModelParallelStrategy):
@@ -191,6 +195,8 @@ class DCPModelParallelStrategy(_DCPStrategyMixin, ModelParallelStrategy):
     (checkpoints are always sharded DCP directories, which any number of ranks can load).
     """
 
+    lightning_strategy = ModelParallelStrategy
+
 
 class DCPFSDPStrategy(_DCPStrategyMixin, FSDPStrategy):
     """``FSDPStrategy`` whose checkpoints go through ``DCPCheckpointIO`` (sharded, asynchronous, resharding).
@@ -198,3 +204,5 @@ class DCPFSDPStrategy(_DCPStrategyMixin, FSDPStrategy):
     Takes the same arguments as ``FSDPStrategy``; ``state_dict_type`` is ignored (checkpoints are always
     sharded DCP directories, which any number of ranks can load).
     """
+
+    lightning_strategy = FSDPStrategy

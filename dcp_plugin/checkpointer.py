@@ -1,0 +1,370 @@
+"""``Checkpointer``: save, load and read ONE checkpoint at a path or URL.
+
+It owns the engine (how DCP writes), applies the checkpoint format (:mod:`dcp_plugin.packing`) and drives
+the storage's commit protocol (``begin_write`` / ``writer`` / ``abort``). It knows nothing about
+directories of checkpoints, schedules or retention (that is :class:`~dcp_plugin.manager.CheckpointManager`)
+and nothing about Lightning or Accelerate.
+
+A checkpoint is named by a reference: a path or URL (``"ckpts/step_000000042"``, ``"s3://b/run/last"``), or
+``(storage, name)`` with a :class:`~dcp_plugin.storage.CheckpointStorage`. For loads the name may also be a
+callable returning the :class:`~dcp_plugin.storage.CheckpointInfo` to read (asked on the coordinator, again
+if the checkpoint is replaced while it is read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, Union
+
+from dcp_plugin import encoding, packing
+from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.errors import CheckpointLoadError, CheckpointNotFoundError, CheckpointSaveError, ConfigError
+from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.state import models_in, optimizers_in, wrap_state
+from dcp_plugin.stats import SaveStats
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
+
+log = logging.getLogger(__name__)
+
+Ref = Union[str, "os.PathLike[str]", tuple[CheckpointStorage, str]]
+Resolver = Callable[[], CheckpointInfo]
+
+# How often a load starts over when the checkpoint it reads is replaced underneath it by another process.
+REPLACED_RETRIES = 4
+
+
+class Checkpointer:
+    """Save, load and read single checkpoints with DCP.
+
+    Args:
+        config: the options (default :class:`CheckpointConfig`); not with ``engine``.
+        engine: use this engine (shared, not closed here) instead of creating one.
+        distributed: ``None`` saves collectively when ``torch.distributed`` is initialized (call every method
+            on every rank); ``False`` makes this process save and load alone.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig | None = None,
+        *,
+        engine: CheckpointEngine | None = None,
+        distributed: bool | None = None,
+    ) -> None:
+        if engine is not None and config is not None:
+            raise ConfigError("Pass either engine= or config=, not both: a shared engine has its own config.")
+        self.engine = engine or CheckpointEngine(config, distributed=distributed)
+        self.config = self.engine.config
+        self.groups = self.engine.groups
+        self._owns_engine = engine is None
+        self._staging_hooks: dict[int, Any] = {}
+        self.last_stats: SaveStats | None = None
+        """The stats of the last save this checkpointer started (filled in further when it commits)."""
+
+    # -- references ------------------------------------------------------------------------------
+    def locate(self, ref: Ref, storage_options: Mapping[str, Any] | None = None) -> tuple[CheckpointStorage, str]:
+        """``(storage, name)`` for a reference; ``storage_options`` are merged over the config's for a URL."""
+        return locate(ref, self.config.storage_options, storage_options)
+
+    def check_storage(self, storage: CheckpointStorage) -> None:
+        """Fail early on a storage this configuration cannot write to."""
+        if self.config.async_mode == "process" and storage.protocol == "memory":
+            raise ConfigError(
+                "memory:// lives inside one process, but async_mode='process' writes from a separate process; "
+                "use async_mode='thread' or 'sync' with memory://."
+            )
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(
+        self,
+        ref: Ref,
+        state: Mapping[str, Any],
+        *,
+        step: int,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        run_id: str | None = None,
+    ) -> SaveStats:
+        """Checkpoint ``state`` as of now at ``ref``; returns when the snapshot is taken (see ``async_mode``).
+
+        Collective when distributed: every rank calls it with the same ``ref``. ``metadata`` (JSON-like) and
+        ``run_id`` go into the manifest. The write continues in the background; the next call on this
+        checkpointer waits for it and raises its error.
+        """
+        started = time.perf_counter()
+        storage, name = self.locate(ref)
+        self.check_storage(storage)
+        self.engine.wait()
+        _check_json(dict(metadata or {}))
+        wrapped = wrap_state(state)
+        if self.config.async_staging:
+            self._hook_staging_waits(wrapped)
+        packed, pending = self._prepare(storage, name, wrapped, overwrite)
+        pending.manifest = {
+            "step": step,
+            "world_size": self.groups.world_size,
+            "created": time.time(),
+            "run_id": run_id,
+            "save_id": uuid.uuid4().hex,
+            "mode": self.config.async_mode,
+            "entries": packed.entries,
+            "metadata": dict(metadata or {}),
+        }
+        writer = storage.writer(
+            pending,
+            thread_count=self.config.thread_count,
+            sync_files=self.config.sync_files,
+            per_thread_copy_ahead=self.config.per_thread_copy_ahead,
+        )
+        stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
+        on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
+        self.engine.save(packed.flat, writer, stats=stats, started=started, on_failure=on_failure)
+        self.last_stats = stats
+        return stats
+
+    def _prepare(
+        self, storage: CheckpointStorage, name: str, wrapped: Mapping[str, Any], overwrite: bool
+    ) -> tuple[packing.Packed, PendingWrite]:
+        """Pack the state on every rank and open the write on the coordinator; any rank's failure fails all."""
+        groups = self.groups
+        packed: packing.Packed | None = None
+        pending: PendingWrite | None = None
+        local_error: BaseException | None = None
+        try:
+            packed = packing.pack(
+                wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
+            )
+            if groups.is_coordinator:
+                pending = storage.begin_write(name, overwrite=overwrite)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            local_error = err
+        outcomes = groups.all_gather((pending, _error_text(local_error)))
+        pending = outcomes[0][0]
+        failures = [(rank, text) for rank, (_, text) in enumerate(outcomes) if text]
+        if failures:
+            if groups.is_coordinator and pending is not None:
+                storage.abort(pending)
+            if local_error is not None:
+                raise local_error
+            raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
+        assert packed is not None and pending is not None
+        return packed, pending
+
+    def _hook_staging_waits(self, state: Mapping[str, Any]) -> None:
+        """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every
+        optimizer step, and the forward pass of models whose buffers change in forward (BatchNorm statistics)."""
+        for optimizer in optimizers_in(state):
+            if id(optimizer) not in self._staging_hooks:
+                handle = optimizer.register_step_pre_hook(lambda *_args, **_kw: self.engine.wait_for_staging())
+                self._staging_hooks[id(optimizer)] = handle
+        for model in models_in(state):
+            if id(model) not in self._staging_hooks and _has_persistent_buffers(model):
+                handle = model.register_forward_pre_hook(lambda *_args: self.engine.wait_for_staging())
+                self._staging_hooks[id(model)] = handle
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(
+        self,
+        ref: Ref | tuple[CheckpointStorage, Resolver],
+        state: MutableMapping[str, Any],
+        *,
+        strict: bool | None = None,
+        allow_pickle: bool | None = None,
+    ) -> CheckpointInfo:
+        """Load the checkpoint at ``ref`` into the live objects in ``state`` (in place) and return its info.
+
+        Stateful objects are loaded in place (sharded models and optimizers reshard to the current layout);
+        plain values are replaced in ``state``. With ``strict`` (the config's default), any missing,
+        unexpected or differently shaped tensor is an error listing all of them; otherwise a warning.
+        A load never hands out a mix of two checkpoints: if another process replaces the checkpoint while
+        it is read, the load starts over.
+        """
+        strict = self.config.strict if strict is None else strict
+        allow_pickle = self.config.allow_pickle if allow_pickle is None else allow_pickle
+        storage, resolve = self._resolver(ref)
+        self.engine.wait()
+        for attempt in range(REPLACED_RETRIES + 1):
+            info = _resolve_on_coordinator(self.groups, resolve)
+            try:
+                return _load_once(self.engine, storage, state, info, strict=strict, allow_pickle=allow_pickle)
+            except CheckpointLoadError:
+                # Another process replaced the checkpoint (or deleted it) while we read it. Tensors may have been
+                # partly overwritten in place, but no entry was handed back yet: resolve again and start over.
+                # (If every attempt fails, the live state is undefined and the error says so.)
+                if attempt == REPLACED_RETRIES or not _replaced_since(self.groups, storage, info):
+                    raise
+                log.warning("%s was replaced while being read; reading it again.", info.url)
+        raise AssertionError("unreachable")
+
+    def read(
+        self,
+        ref: Ref | tuple[CheckpointStorage, Resolver],
+        entries: list[str] | None = None,
+        allow_pickle: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint without live objects: every (or the named) entry as plain values, with
+        full-size tensors (sharded saves are gathered). For inspection, export and inference."""
+        storage, resolve = self._resolver(ref)
+        info = _resolve_on_coordinator(self.groups, resolve)
+        saved = list(info.manifest.get("entries", {}))
+        missing = [entry for entry in entries or [] if entry not in saved]
+        if missing:
+            raise CheckpointNotFoundError(f"{info.url} has no entries {missing}; it has {saved}.")
+        state: dict[str, Any] = {entry: None for entry in (entries or saved)}
+        self.load((storage, resolve), state, allow_pickle=allow_pickle)
+        return state
+
+    def _resolver(self, ref: Ref | tuple[CheckpointStorage, Resolver]) -> tuple[CheckpointStorage, Resolver]:
+        if isinstance(ref, tuple) and callable(ref[1]):
+            return ref[0], ref[1]
+        storage, name = self.locate(ref)  # type: ignore[arg-type]
+        return storage, lambda: storage.info(name)
+
+    # -- waiting and closing ---------------------------------------------------------------------
+    def wait(self) -> SaveStats | None:
+        """Block until the save in flight is committed; raises a failed save's error."""
+        return self.engine.wait()
+
+    def wait_for_staging(self) -> None:
+        """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
+        self.engine.wait_for_staging()
+
+    @property
+    def in_flight(self) -> SaveStats | None:
+        """The save being written right now, if any."""
+        return self.engine.in_flight
+
+    def drain_completed(self) -> list[SaveStats]:
+        """Stats of saves finished since the last call; for the owner of this checkpointer only."""
+        return self.engine.drain_completed()
+
+    def close(self) -> None:
+        """Wait for the save in flight, release the engine (if owned) and hooks; raise any background error."""
+        try:
+            if self._owns_engine:
+                self.engine.close()
+            else:
+                self.engine.wait()
+        finally:
+            for handle in self._staging_hooks.values():
+                handle.remove()
+            self._staging_hooks.clear()
+
+
+def _resolve_on_coordinator(groups: ProcessGroups, resolve: Resolver) -> CheckpointInfo:
+    result: CheckpointInfo | None = None
+    error: BaseException | None = None
+    if groups.is_coordinator:
+        try:
+            result = resolve()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank
+            error = err
+    result, error = groups.broadcast((result, error))
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
+
+
+def _replaced_since(groups: ProcessGroups, storage: CheckpointStorage, info: CheckpointInfo) -> bool:
+    """Whether ``info`` is no longer the committed checkpoint under its name (decided on every rank alike)."""
+    try:
+        replaced = _save_id(storage.read_manifest(info.name)) != _save_id(info.manifest)
+    except (FileNotFoundError, ValueError):
+        replaced = True
+    return any(groups.all_gather(replaced))
+
+
+def _load_once(
+    engine: CheckpointEngine,
+    storage: CheckpointStorage,
+    state: MutableMapping[str, Any],
+    info: CheckpointInfo,
+    *,
+    strict: bool,
+    allow_pickle: bool,
+) -> CheckpointInfo:
+    """One attempt: read the skeleton, match it against the live state, read the tensors in place."""
+    groups = engine.groups
+    source_rank = packing.skeleton_source_rank(groups.rank, int(info.manifest.get("world_size", 1)))
+    metadata, missing = None, None
+    try:
+        metadata = storage.metadata_reader(info.name).read_metadata()
+    except FileNotFoundError as err:
+        missing = f"FileNotFoundError: {err}"
+    missing = next((m for m in groups.all_gather(missing) if m), None)  # every rank fails alike, or none
+    if missing is not None or metadata is None:
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
+    skeleton = packing.skeleton_target(metadata, source_rank)
+    engine.load(skeleton, storage.metadata_reader(info.name), url=info.url)
+    wrapped = wrap_state(state)
+    try:
+        document = encoding.loads(next(iter(skeleton.values())))
+    except ValueError as err:  # torn read (replaced underneath us) or a damaged checkpoint
+        plan = packing.LoadPlan(problems=[f"the checkpoint's skeleton is unreadable ({err})"])
+    else:
+        plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
+    all_problems = groups.all_gather(plan.problems)
+    if any(all_problems) and _replaced_since(groups, storage, info):
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
+    if any(all_problems):
+        raise packing.mismatch_error(info.url, all_problems)
+    for warning in plan.warnings:
+        warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
+    engine.load(plan.flat, storage.metadata_reader(info.name), url=info.url)
+    if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
+    plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
+    for key, value in plain.items():
+        state[key] = value
+    return info
+
+
+def locate(
+    ref: Ref, base_options: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
+) -> tuple[CheckpointStorage, str]:
+    """``(storage, name)`` for a reference; for a path or URL, ``storage_options`` (fsspec options for this
+    call) are merged over ``base_options``."""
+    if isinstance(ref, tuple):
+        storage, name = ref
+        return storage, name
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise TypeError(
+            f"storage_options must be a mapping of fsspec options (got {type(storage_options).__name__}); "
+            "they are merged over the configured storage_options."
+        )
+    return open_url(os.fspath(ref), {**base_options, **dict(storage_options or {})})
+
+
+def _has_persistent_buffers(model: Any) -> bool:
+    """Whether ``model`` has buffers that are saved (persistent buffers are exactly those in its state dict)."""
+    buffers = {name for name, _ in model.named_buffers()}
+    return bool(buffers) and not buffers.isdisjoint(model.state_dict(keep_vars=True))
+
+
+def _save_id(manifest: Mapping[str, Any]) -> Any:
+    return manifest.get("save_id", manifest.get("created"))
+
+
+def _error_text(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    return f"{type(err).__name__}: {err}"
+
+
+def _check_json(value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"Checkpoint metadata must be JSON-serializable (numbers, strings, lists, dicts): {err}"
+        ) from None
+
+
+__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate"]

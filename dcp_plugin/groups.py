@@ -1,0 +1,123 @@
+"""Process groups for checkpoint collectives: who takes part in a save, and the groups they talk on.
+
+DCP's background collectives must not share a group with the training loop (a deadlock with gloo DDP and
+async saves) and, in ``process`` mode, need an initialized process group even for one process. This module
+creates those groups once and releases them in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+from dcp_plugin.errors import ConfigError
+
+
+class ProcessGroups:
+    """The ranks that save together and the dedicated gloo groups they use.
+
+    Args:
+        distributed: ``None`` saves collectively when ``torch.distributed`` is initialized; ``False`` makes
+            this process save alone; ``True`` requires an initialized process group.
+        async_mode: ``"process"`` needs a process group even for one process (created here when missing).
+    """
+
+    def __init__(self, distributed: bool | None = None, *, async_mode: str = "thread") -> None:
+        self._request = distributed
+        self._async_mode = async_mode
+        self._group: dist.ProcessGroup | None = None
+        self._control_group: dist.ProcessGroup | None = None
+        self._group_ready = False
+        self._owns_default_group = False
+
+    @property
+    def collective(self) -> bool:
+        """Whether saves and loads are collective over all ranks of the default process group."""
+        if self._request is False:
+            return False
+        initialized = dist.is_available() and dist.is_initialized()
+        if self._request is True and not initialized:
+            raise ConfigError("distributed=True but torch.distributed is not initialized.")
+        return initialized and not self._owns_default_group
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.collective else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.collective else 1
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint_group(self) -> dist.ProcessGroup | None:
+        """The gloo group DCP's collectives run on (created once, by every rank that takes part)."""
+        if self._group_ready:
+            return self._group
+        if self.collective:
+            self._group = dist.new_group(backend="gloo")
+        elif self._async_mode == "process":
+            self._group = self._single_process_group()
+        self._group_ready = True
+        return self._group
+
+    def _single_process_group(self) -> dist.ProcessGroup | None:
+        if dist.is_initialized():
+            if dist.get_world_size() > 1:
+                # This rank saves alone (e.g. Lightning's rank 0): give its writer daemon a one-rank group, so
+                # the daemon does not wait for the other ranks of the default group. Only this rank joins it.
+                return dist.new_group(ranks=[dist.get_rank()], backend="gloo", use_local_synchronization=True)
+            return None
+        # DCP's process executor needs an initialized process group even for one process.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        self._owns_default_group = True
+        return None
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity without a process group)."""
+        if not self.collective:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.checkpoint_group())
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not self.collective:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.checkpoint_group())
+        return out
+
+    def all_gather_control(self, obj: Any) -> list[Any]:
+        """``all_gather`` for small control messages (e.g. save decisions), safe while a save is in flight.
+
+        A background save runs collectives on the checkpoint group; issuing others there from the training
+        thread at the same time would interleave them. This uses a second gloo group, created on first use
+        (by every rank, at the same point of the loop).
+        """
+        if not self.collective:
+            return [obj]
+        if self._control_group is None:
+            self._control_group = dist.new_group(backend="gloo")
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._control_group)
+        return out
+
+    def close(self) -> None:
+        """Release the groups created here (and the default group, if it was created here)."""
+        for group in (self._group, self._control_group):
+            if group is not None:
+                try:
+                    dist.destroy_process_group(group)
+                except Exception:  # noqa: BLE001 - the default group may already be gone
+                    pass
+        self._group = self._control_group = None
+        self._group_ready = False
+        if self._owns_default_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_default_group = False

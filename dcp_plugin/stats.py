@@ -1,0 +1,53 @@
+"""``SaveStats``: the timings of one save, as the training loop experienced them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SaveStats:
+    """Timings of one save. Returned by every ``save``; the engine fills in the rest when the write ends."""
+
+    name: str
+    url: str
+    step: int | None
+    mode: str
+    blocking_s: float
+    """How long ``save`` kept the caller from continuing (measured by the checkpointer)."""
+    staging_s: float | None = None
+    """Time to copy the snapshot off the live tensors (measured from the start of ``save``)."""
+    durable_s: float | None = None
+    """Time from the start of ``save`` until the checkpoint was committed (files written and synced)."""
+    bytes_written: int | None = None
+    """Bytes this save wrote (all ranks together)."""
+    staging_wait_s: float = 0.0
+    """With async staging: time the loop later spent in ``wait_for_staging`` for this save."""
+    error: str | None = None
+
+    @property
+    def training_wait_s(self) -> float:
+        """Everything the training loop waited for this save: ``save`` itself plus any staging wait."""
+        return self.blocking_s + self.staging_wait_s
+
+    @property
+    def throughput_bytes_per_s(self) -> float | None:
+        if not self.bytes_written or not self.durable_s:
+            return None
+        return self.bytes_written / self.durable_s
+
+    def summary(self) -> str:
+        parts = [f"{self.name}: blocked {self.blocking_s * 1000:.1f} ms"]
+        if self.staging_wait_s:
+            parts.append(f"+{self.staging_wait_s * 1000:.1f} ms waiting for staging")
+        if self.staging_s is not None:
+            parts.append(f"staged {self.staging_s * 1000:.1f} ms")
+        if self.durable_s is not None:
+            parts.append(f"durable {self.durable_s:.2f} s")
+        if self.bytes_written:
+            parts.append(f"{self.bytes_written / 2**20:.1f} MiB")
+        if self.throughput_bytes_per_s:
+            parts.append(f"{self.throughput_bytes_per_s / 2**20:.0f} MiB/s")
+        if self.error:
+            parts.append(f"FAILED: {self.error}")
+        return ", ".join(parts)
