@@ -25,7 +25,14 @@ from typing import Any, Union
 from dcp_plugin import encoding, packing
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.errors import CheckpointLoadError, CheckpointNotFoundError, CheckpointSaveError, ConfigError
+from dcp_plugin.errors import (
+    CheckpointCorruptError,
+    CheckpointLoadError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    ConfigError,
+    UnsafeCheckpointError,
+)
 from dcp_plugin.groups import ProcessGroups
 from dcp_plugin.state import models_in, optimizers_in, wrap_state
 from dcp_plugin.stats import SaveStats
@@ -193,6 +200,11 @@ class Checkpointer:
             info = _resolve_on_coordinator(self.groups, resolve)
             try:
                 return _load_once(self.engine, storage, state, info, strict=strict, allow_pickle=allow_pickle)
+            except CheckpointCorruptError as err:
+                if attempt < REPLACED_RETRIES and _replaced_since(self.groups, storage, info):
+                    log.warning("%s was replaced while being read; reading it again.", info.url)
+                    continue
+                raise CheckpointCorruptError(f"{err} {_fallback_hint(storage, info)}") from None
             except CheckpointLoadError:
                 # Another process replaced the checkpoint (or deleted it) while we read it. Tensors may have been
                 # partly overwritten in place, but no entry was handed back yet: resolve again and start over.
@@ -272,6 +284,13 @@ def _resolve_on_coordinator(groups: ProcessGroups, resolve: Resolver) -> Checkpo
     return result
 
 
+def _fallback_hint(storage: CheckpointStorage, info: CheckpointInfo) -> str:
+    fallback = storage.newest_verified_before(info)
+    if fallback is None:
+        return "No older checkpoint in this directory verifies."
+    return f"The newest older checkpoint that verifies is {fallback.url} (load it by name: {fallback.name!r})."
+
+
 def _replaced_since(groups: ProcessGroups, storage: CheckpointStorage, info: CheckpointInfo) -> bool:
     """Whether ``info`` is no longer the committed checkpoint under its name (decided on every rank alike)."""
     try:
@@ -304,12 +323,22 @@ def _load_once(
     skeleton = packing.skeleton_target(metadata, source_rank)
     engine.load(skeleton, storage.metadata_reader(info.name), url=info.url)
     wrapped = wrap_state(state)
+    damage, plan = None, packing.LoadPlan()
     try:
         document = encoding.loads(next(iter(skeleton.values())))
-    except ValueError as err:  # torn read (replaced underneath us) or a damaged checkpoint
-        plan = packing.LoadPlan(problems=[f"the checkpoint's skeleton is unreadable ({err})"])
-    else:
-        plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
+        damage = packing.document_problem(document)
+        if damage is None:
+            plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # torn read, or a damaged checkpoint
+        damage = f"{type(err).__name__}: {err}"
+    damage = next((d for d in groups.all_gather(damage) if d), None)
+    if damage is not None:
+        if _replaced_since(groups, storage, info):
+            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
+        raise CheckpointCorruptError(
+            f"The skeleton of checkpoint {info.url} (its non-tensor state) is unreadable ({damage}); the checkpoint "
+            "is damaged or forged. Load an earlier checkpoint."
+        )
     all_problems = groups.all_gather(plan.problems)
     if any(all_problems) and _replaced_since(groups, storage, info):
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
@@ -320,7 +349,11 @@ def _load_once(
     engine.load(plan.flat, storage.metadata_reader(info.name), url=info.url)
     if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
-    plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
+    try:
+        plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
+    except encoding.EncodingError as err:
+        kind = UnsafeCheckpointError if "pickle" in str(err).lower() else CheckpointCorruptError
+        raise kind(f"Loading checkpoint {info.url} failed: {err}") from None
     for key, value in plain.items():
         state[key] = value
     return info

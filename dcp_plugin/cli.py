@@ -10,6 +10,7 @@ from typing import Any
 
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.errors import CheckpointError
 from dcp_plugin.storage import CheckpointStorage, open_url
 
 
@@ -28,19 +29,16 @@ def _read(storage: CheckpointStorage, name: str, args: argparse.Namespace, entri
         checkpointer.close()
 
 
-def _data_problems(storage: CheckpointStorage, name: str) -> tuple[list[str], dict[str, int]]:
-    """Data files of a checkpoint that are missing or short, and the bytes each must hold (the one place the
-    command asks storage for a data check)."""
-    return storage.data_problems(name)
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     storage = CheckpointStorage(args.directory, _storage_options(args))
-    infos = storage.list()
+    scan = storage.scan()
+    infos = [storage.info(found.name) for found in scan.found]
     if args.json:
-        print(json.dumps([{"name": i.name, "url": i.url, **i.manifest} for i in infos], indent=1))
+        listed = [{"name": i.name, "url": i.url, **i.manifest} for i in infos]
+        listed += [{"name": name, "url": storage.url(name), "broken": reason} for name, reason in scan.broken]
+        print(json.dumps(listed, indent=1))
         return 0
-    if not infos:
+    if not infos and not scan.broken:
         print(f"no committed checkpoints in {storage.root_url}")
     for info in infos:
         size = info.manifest.get("bytes") or 0
@@ -48,6 +46,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(
             f"{info.name}\tstep={info.step}\tranks={info.manifest.get('world_size')}\t{size / 2**20:.1f} MiB\t{metrics}"
         )
+    for name, reason in scan.broken:
+        print(f"{name}\tBROKEN\t{reason}")
     leftovers = storage.incomplete()
     if leftovers:
         print(
@@ -78,10 +78,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check the commit marker, the metadata, that every data file holds its bytes, and (with --load) the tensors."""
+    """Check the manifest, the metadata (paths, sizes) and the checksum of every file; with --load, read every
+    tensor too. On damage, name the newest older checkpoint that verifies."""
     storage, name = open_url(args.checkpoint, _storage_options(args))
     info = storage.info(name)
-    problems, needed = _data_problems(storage, info.name)
+    files = info.manifest.get("files") or {}
+    total = sum(int(record.get("size", 0)) for record in files.values())
+    with _progress(total, f"verifying {info.name}") as bar:
+        problems = storage.verify(info, progress=bar.update)
     if not problems and args.load:
         try:
             _read(storage, name, args)
@@ -91,9 +95,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{info.url}: BROKEN")
         for problem in problems:
             print(f"  - {problem}")
+        fallback = storage.newest_verified_before(info)
+        print(f"  the newest older checkpoint that verifies: {fallback.url if fallback else 'none'}")
         return 1
-    print(f"{info.url}: OK ({len(needed)} data files, {sum(needed.values()) / 2**20:.1f} MiB)")
+    checked = "checksums match" if files else "written without checksums: sizes checked only"
+    print(f"{info.url}: OK ({len(files)} files, {total / 2**20:.1f} MiB, {checked})")
     return 0
+
+
+def _progress(total: int, description: str) -> Any:
+    """A progress bar on stderr for long work (hidden when stderr is not a terminal or the work is small)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=None if total > 2**28 else True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -155,10 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 ok, 1 a checkpoint is missing, broken or refused, 2 bad input."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, PermissionError) as err:
+    except (CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as err:
+        print(f"dcp-plugin {args.command}: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
         print(f"dcp-plugin {args.command}: {err}", file=sys.stderr)
         return 2
 

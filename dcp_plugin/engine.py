@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType,
 
 from dcp_plugin import daemon, shutdown
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.errors import CheckpointLoadError, CheckpointSaveError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
 from dcp_plugin.stats import SaveStats
 
@@ -175,7 +175,8 @@ class CheckpointEngine:
             _cleanup_after_failure(on_failure, stats.url)
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise CheckpointSaveError(f"Saving checkpoint {stats.url} failed: {_describe(err)}") from err
+            message = f"Saving checkpoint {stats.url} failed: {_describe(err)}"
+            raise _project_error(err, CheckpointSaveError, message) from err
         if mode == "sync":
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata)
@@ -225,7 +226,8 @@ class CheckpointEngine:
                 stats.error = _describe(err)
                 with self._lock:
                     if self._error is None:
-                        self._error = CheckpointSaveError(f"Saving checkpoint {stats.url} failed: {stats.error}")
+                        message = f"Saving checkpoint {stats.url} failed: {stats.error}"
+                        self._error = _project_error(err, CheckpointSaveError, message)
                         self._error.__cause__ = err
                 _cleanup_after_failure(flight.on_failure, stats.url)
             self._completed.append(stats)
@@ -293,7 +295,9 @@ class CheckpointEngine:
         except BaseException as err:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise CheckpointLoadError(f"Loading checkpoint {url} failed: {_describe(err)}") from err
+            raise _project_error(
+                err, CheckpointLoadError, f"Loading checkpoint {url} failed: {_describe(err)}"
+            ) from err
 
     # -- shutdown --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -335,6 +339,25 @@ def _bytes(metadata: Any) -> int | None:
     if not storage:
         return None
     return sum(int(getattr(info, "length", 0)) for info in storage.values())
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """The per-rank causes inside DCP's CheckpointException (or the error itself)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return [failure[0] if isinstance(failure, tuple) else failure for _, failure in sorted(failures.items())]
+    return [err]
+
+
+def _project_error(err: BaseException, fallback: type[CheckpointError], message: str) -> CheckpointError:
+    """Keep the kind of a project error raised inside DCP (a checkpoint committed by another writer, a damaged
+    or unsafe file, unreachable storage), so callers can catch it by type; anything else becomes ``fallback``."""
+    for cause in _causes(err):
+        if isinstance(cause, CheckpointError) and not isinstance(cause, (CheckpointSaveError, CheckpointLoadError)):
+            return type(cause)(message)
+        if isinstance(cause, CheckpointCorruptError):
+            return CheckpointCorruptError(message)
+    return fallback(message)
 
 
 def _describe(err: BaseException) -> str:

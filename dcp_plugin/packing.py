@@ -99,6 +99,16 @@ def _size(tensor: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in tensor.size())
 
 
+def document_problem(document: Any) -> str | None:
+    """What is wrong with a decoded skeleton document's structure, or ``None`` (checked before it is used)."""
+    if not isinstance(document, dict) or not isinstance(document.get("entries", {}), dict):
+        return "the skeleton is not a mapping of entries"
+    for name, entry in document.get("entries", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("per_rank"), bool) or "value" not in entry:
+            return f"entry {name!r} of the skeleton is malformed"
+    return None
+
+
 def plan_load(
     state: Mapping[str, Any], document: dict[str, Any], metadata: Metadata, *, source_rank: int, strict: bool
 ) -> LoadPlan:

@@ -51,5 +51,5 @@ def test_verify_reports_truncated_files_and_purge_cleans_leftovers(ckpt_dir, cap
 
 def test_clear_error_for_a_missing_checkpoint(ckpt_dir, capsys):
     make_checkpoints(ckpt_dir)
-    assert main(["inspect", os.path.join(ckpt_dir, "step_000000009")]) == 2
+    assert main(["inspect", os.path.join(ckpt_dir, "step_000000009")]) == 1
     assert "No checkpoint at" in capsys.readouterr().err

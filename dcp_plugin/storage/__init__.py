@@ -300,12 +300,17 @@ class CheckpointStorage:
             return []  # written before checksums: the metadata checks above are all there is
         return check_files(self.fs, self._directory_of(info), files, is_local=self.is_local, progress=progress)
 
-    def data_problems(self, name: str) -> tuple[list[str], dict[str, int]]:
-        """Problems with checkpoint ``name``'s files, and the bytes each data file holds (for the CLI)."""
-        info = self.info(name)
-        files = info.manifest.get("files") or {}
-        sizes = {k: int(v["size"]) for k, v in files.items() if k != METADATA_NAME}
-        return self.verify(info), sizes
+    def newest_verified_before(self, info: CheckpointInfo, *, limit: int = 3) -> CheckpointInfo | None:
+        """The newest checkpoint older than ``info`` that verifies (checking at most ``limit`` of them), to name
+        a fallback when ``info`` is damaged."""
+        try:
+            older = [i for i in self.list() if (i.step or -1, i.created) < (info.step or -1, info.created)]
+        except CheckpointError:
+            return None
+        for candidate in reversed(older[-limit:]):
+            if not self.verify(candidate):
+                return candidate
+        return None
 
     def is_file(self, name: str) -> bool:
         """Whether ``name`` is a plain file (for example one written by ``torch.save``)."""

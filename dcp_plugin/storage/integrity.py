@@ -133,8 +133,11 @@ def check_files(
             continue
         try:
             size = regular_file_size(fs, path, is_local=is_local)
-            if size != record["size"]:
-                problems.append(f"{relative} has {size} bytes, {record['size']} were committed")
+            if size < record["size"]:
+                problems.append(f"{relative} is truncated ({size} of {record['size']} bytes)")
+                continue
+            if size > record["size"]:
+                problems.append(f"{relative} has {size - record['size']} bytes appended ({record['size']} committed)")
                 continue
             size, digest = hash_file(fs, path, is_local=is_local)
         except FileNotFoundError:
