@@ -313,15 +313,18 @@ def _load_once(
     groups = engine.groups
     source_rank = packing.skeleton_source_rank(groups.rank, int(info.manifest.get("world_size", 1)))
     metadata, missing = None, None
+    reader = storage.metadata_reader(info)
     try:
-        metadata = storage.metadata_reader(info.name).read_metadata()
+        metadata = reader.read_metadata()
     except FileNotFoundError as err:
         missing = f"FileNotFoundError: {err}"
     missing = next((m for m in groups.all_gather(missing) if m), None)  # every rank fails alike, or none
     if missing is not None or metadata is None:
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
     skeleton = packing.skeleton_target(metadata, source_rank)
-    engine.load(skeleton, storage.metadata_reader(info.name), url=info.url)
+    reader.defer_verification = True  # the tensor read below hashes these files anyway; the rest is checked last
+    engine.load(skeleton, reader, url=info.url)
+    reader.defer_verification = False
     wrapped = wrap_state(state)
     damage, plan = None, packing.LoadPlan()
     try:
@@ -346,7 +349,10 @@ def _load_once(
         raise packing.mismatch_error(info.url, all_problems)
     for warning in plan.warnings:
         warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
-    engine.load(plan.flat, storage.metadata_reader(info.name), url=info.url)
+    engine.load(plan.flat, reader, url=info.url)
+    damage = next((d for d in groups.all_gather(reader.finish_verification()) if d), None)
+    if damage is not None:
+        raise CheckpointCorruptError(f"{damage[0]}. It was not loaded.")
     if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
     try:

@@ -41,12 +41,7 @@ from dcp_plugin.storage.commit import (
     check_target_is_replaceable,
     strategy_for,
 )
-from dcp_plugin.storage.dcp_io import (
-    CommittingFileSystemWriter,
-    CommittingFsspecWriter,
-    SafeFileSystemReader,
-    SafeFsspecReader,
-)
+from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter
 from dcp_plugin.storage.integrity import check_files
 from dcp_plugin.storage.listing import Listing, Scan
 from dcp_plugin.storage.names import (
@@ -57,6 +52,7 @@ from dcp_plugin.storage.names import (
     check_name,
     step_name,
 )
+from dcp_plugin.storage.reader import SafeFileSystemReader, SafeFsspecReader
 from dcp_plugin.storage.root import StorageRoot, access_error
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,395 @@
+"""DCP readers that trust nothing in the checkpoint they read.
+
+``.metadata`` is read size-bounded and without running code; every path in it must name one plain file inside
+the checkpoint directory; offsets, lengths and declared tensor sizes are checked against the files before
+anything is allocated; only regular files are opened, never blocking. Each data file is hashed *while* DCP's
+items are read from it (one sequential pass, no second read) and compared with the checksum committed in the
+manifest; a mismatch fails the load naming the file.
+
+A load of dcp-plugin reads twice through one reader: first the small skeleton, then the tensors. The skeleton
+read defers verification (``defer_verification``); :meth:`finish_verification` afterwards hashes any file that
+was used but not fully read and verified by the tensor read, so every byte a load used is checked.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import mmap
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
+
+from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
+from dcp_plugin.safety import loads_metadata
+from dcp_plugin.storage.integrity import ALGORITHM, check_files
+from dcp_plugin.storage.names import METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.root import StorageRoot
+from dcp_plugin.storage.safe_io import MAX_METADATA_BYTES, open_local_regular, read_bounded, regular_file_size
+
+log = logging.getLogger(__name__)
+
+_WARNED_UNCHECKED: set[str] = set()
+_CHUNK = 16 * 2**20
+
+
+class _RegularFilesOnly(FileSystem):
+    """DCP's local filesystem, opening only regular files (no FIFO, device or symbolic link; never blocks)."""
+
+    @contextmanager
+    def create_stream(self, path: Any, mode: str) -> Any:
+        if "r" in mode and "+" not in mode:
+            with open_local_regular(os.fspath(path)) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            yield stream
+
+
+class _Distrustful:
+    """Mixed into DCP readers: see the module docstring."""
+
+    defer_verification = False
+    """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
+
+    def _init_checks(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
+        self._dcp_plugin_root = root
+        self._dcp_plugin_directory = directory
+        self._dcp_plugin_shown = shown
+        files = manifest.get("files")
+        self._dcp_plugin_files: dict[str, Any] | None = dict(files) if isinstance(files, dict) else None
+        self._dcp_plugin_verified: set[str] = set()
+        self._dcp_plugin_used: set[str] = set()
+        if root.is_local:
+            self.fs = _RegularFilesOnly()
+
+    # -- metadata -------------------------------------------------------------------------------------
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        root, directory, shown = self._dcp_plugin_root, self._dcp_plugin_directory, self._dcp_plugin_shown
+        path = f"{directory}/{METADATA_NAME}"
+        shown_path = root.url(path)
+        if self._dcp_plugin_files is not None:
+            self._check_whole_files([METADATA_NAME])
+        data = read_bounded(root.fs, path, is_local=root.is_local, limit=MAX_METADATA_BYTES, what="metadata file")
+        try:
+            metadata = loads_metadata(data)
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"{shown_path}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - any damage to the pickle stream
+            raise CheckpointCorruptError(
+                f"The metadata file {shown_path} of checkpoint {shown} is unreadable ({type(err).__name__}: {err}); "
+                "the checkpoint is damaged. Load an earlier checkpoint."
+            ) from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointCorruptError(f"{shown_path} does not hold DCP metadata; the checkpoint is damaged.")
+        self._check_metadata(metadata, shown_path)
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+        return metadata
+
+    def _check_metadata(self, metadata: Metadata, shown_path: str) -> None:
+        """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; the
+        tensors it declares fit in those bytes (so nothing huge is allocated on a forged size)."""
+        root, directory = self._dcp_plugin_root, self._dcp_plugin_directory
+        sizes: dict[str, int] = {}
+        stored = 0
+        for index, info in (metadata.storage_data or {}).items():
+            relative = getattr(info, "relative_path", None)
+            if not is_safe_data_file(relative):
+                raise UnsafeCheckpointError(
+                    f"{shown_path} points {getattr(index, 'fqn', index)} at {relative!r}, outside the checkpoint "
+                    "directory; refusing to read it."
+                )
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)):
+                raise CheckpointCorruptError(f"{shown_path} has an invalid offset or length for {relative}.")
+            if relative not in sizes:
+                record = (self._dcp_plugin_files or {}).get(relative)
+                try:
+                    sizes[relative] = (
+                        record["size"]
+                        if record is not None
+                        else regular_file_size(root.fs, f"{directory}/{relative}", is_local=root.is_local)
+                    )
+                except FileNotFoundError:
+                    raise CheckpointCorruptError(
+                        f"Data file {root.url(f'{directory}/{relative}')} is missing; the checkpoint is damaged."
+                    ) from None
+            if offset + length > sizes[relative]:
+                raise CheckpointCorruptError(
+                    f"{shown_path} says {relative} holds bytes up to {offset + length}, but it has {sizes[relative]}."
+                )
+            stored += length
+        declared = 0
+        for fqn, item in (metadata.state_dict_metadata or {}).items():
+            if isinstance(item, TensorStorageMetadata):
+                try:
+                    itemsize = item.properties.dtype.itemsize
+                    declared += math.prod(int(d) for d in item.size) * itemsize
+                except (AttributeError, TypeError, ValueError) as err:
+                    raise CheckpointCorruptError(f"{shown_path} declares tensor {fqn} malformed ({err}).") from None
+        if declared > stored + 2**20:
+            raise CheckpointCorruptError(
+                f"{shown_path} declares {declared} bytes of tensors but its files hold only {stored}; "
+                "the metadata is damaged or forged."
+            )
+
+    # -- data -----------------------------------------------------------------------------------------
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        storage_data = self.storage_data  # type: ignore[attr-defined]
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        for relative, items in per_file.items():
+            self._read_file(relative, items, planner)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _read_file(self, relative: str, items: list[Any], planner: Any) -> None:
+        root, directory = self._dcp_plugin_root, self._dcp_plugin_directory
+        path = f"{directory}/{relative}"
+        files = self._dcp_plugin_files
+        record = None if files is None else files.get(relative)
+        if files is not None and record is None:
+            raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} has no checksum for {relative}.")
+        if files is None:
+            self._warn_unchecked()
+        size = regular_file_size(root.fs, path, is_local=root.is_local)
+        if record is not None and size != record["size"]:
+            self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
+        hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
+        storage_data = self.storage_data  # type: ignore[attr-defined]
+        items = sorted(items, key=lambda it: _span(storage_data[it.storage_index]))
+        if root.is_local and size > 0:
+            self._read_mapped(path, relative, items, planner, expected=record if hashing else None)
+        else:
+            self._read_streamed(path, relative, size, items, planner, expected=record if hashing else None)
+        if hashing:
+            self._dcp_plugin_verified.add(relative)
+        elif record is not None and relative not in self._dcp_plugin_verified:
+            self._dcp_plugin_used.add(relative)
+
+    def _read_mapped(self, path: str, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
+        """Local files: verify the whole file before any byte is used, then hand DCP views of a memory mapping
+        (from the page cache the hash just filled: the disk is read once, as by DCP's own reader)."""
+        storage_data = self.storage_data  # type: ignore[attr-defined]
+        with open_local_regular(path) as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                if expected is not None and _hash_by_reading(handle) != expected[ALGORITHM]:
+                    self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
+                for item in items:
+                    info = storage_data[item.storage_index]
+                    if info.offset + info.length > len(view):
+                        self._raise_damaged(f"{relative} ends early (at {len(view)} bytes)")
+                    with _MemoryReader(view[info.offset : info.offset + info.length]) as raw:
+                        self._use(item, info, raw, planner)
+            finally:
+                view.release()
+
+    def _read_streamed(
+        self, path: str, relative: str, size: int, items: list[Any], planner: Any, expected: Any
+    ) -> None:
+        """Remote files: one sequential pass, hashing every byte (gaps included) while items are read."""
+        storage_data = self.storage_data  # type: ignore[attr-defined]
+        hasher = xxhash.xxh3_128() if expected is not None else None
+        hashing = hasher is not None
+        failure: BaseException | None = None
+        with self.fs.create_stream(path, "rb") as stream:  # type: ignore[attr-defined]
+            position, cached_span, data = 0, None, b""
+            for item in items:
+                info = storage_data[item.storage_index]
+                span = _span(info)
+                if span != cached_span:
+                    if info.offset < position:
+                        self._raise_damaged(f"{relative} has overlapping items in the metadata")
+                    position = _advance(stream, hasher, position, info.offset, hashing)
+                    data = _read_exactly(stream, info.length)
+                    if len(data) != info.length:
+                        self._raise_damaged(f"{relative} ends early (at {position + len(data)} bytes)")
+                    if hasher is not None:
+                        hasher.update(data)
+                    position, cached_span = info.offset + info.length, span
+                if failure is None:
+                    try:
+                        self._use(item, info, io.BytesIO(data), planner)
+                    except Exception as err:  # noqa: BLE001 - the checksum decides what to report
+                        failure = err
+            if hasher is not None:
+                _advance(stream, hasher, position, size, True)
+        if hasher is not None and hasher.hexdigest() != expected[ALGORITHM]:
+            self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
+        if failure is not None:
+            raise failure
+
+    def _use(self, item: Any, info: Any, raw: Any, planner: Any) -> None:
+        """Hand one stored item to DCP's planner, as DCP's own reader does."""
+        transforms = self.transforms  # type: ignore[attr-defined]
+        source = transforms.transform_load_stream(item, info.transform_descriptors or (), raw)
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(source.read(-1)))
+            return
+        seekable = source if source.seekable() else io.BytesIO(source.read(-1))
+        tensor = torch.load(seekable, map_location="cpu", weights_only=True)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise CheckpointCorruptError(
+                f"Checkpoint {self._dcp_plugin_shown}: item {item.storage_index.fqn} holds shape "
+                f"{tuple(tensor.size())}, its metadata says {tuple(target.size())}."
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
+    def finish_verification(self) -> list[str]:
+        """Verify the files a deferred read used but no later read hashed; returns the problems found."""
+        todo = sorted(self._dcp_plugin_used - self._dcp_plugin_verified)
+        self._dcp_plugin_used.clear()
+        if not todo or self._dcp_plugin_files is None:
+            return []
+        root = self._dcp_plugin_root
+        problems = check_files(
+            root.fs, self._dcp_plugin_directory, self._dcp_plugin_files, is_local=root.is_local, only=todo
+        )
+        if not problems:
+            self._dcp_plugin_verified.update(todo)
+        return [f"Checkpoint {self._dcp_plugin_shown} is damaged: {p}" for p in problems]
+
+    def _check_whole_files(self, names: list[str]) -> None:
+        todo = [n for n in names if n not in self._dcp_plugin_verified]
+        if not todo or self._dcp_plugin_files is None:
+            return
+        root = self._dcp_plugin_root
+        problems = check_files(
+            root.fs, self._dcp_plugin_directory, self._dcp_plugin_files, is_local=root.is_local, only=todo
+        )
+        if problems:
+            self._raise_damaged("; ".join(problems))
+        self._dcp_plugin_verified.update(todo)
+
+    def _problems(self, names: list[str]) -> list[str]:
+        root = self._dcp_plugin_root
+        records = self._dcp_plugin_files or {}
+        return check_files(root.fs, self._dcp_plugin_directory, records, is_local=root.is_local, only=names)
+
+    def _raise_damaged(self, problem: str) -> None:
+        raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")
+
+    def _warn_unchecked(self) -> None:
+        if self._dcp_plugin_shown not in _WARNED_UNCHECKED:
+            _WARNED_UNCHECKED.add(self._dcp_plugin_shown)
+            log.warning(
+                "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. "
+                "Save it again to protect it.",
+                self._dcp_plugin_shown,
+            )
+
+
+class _MemoryReader(io.RawIOBase):
+    """A seekable binary stream over a memoryview (no copy until ``torch.load`` fills the tensor)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), len(self._view) - self._position))
+        buffer[:count] = self._view[self._position : self._position + count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self._view.release()  # the mapping can only be closed once no view of it is left
+        super().close()
+
+
+def _hash_by_reading(handle: Any) -> str:
+    """Hash a local file with large sequential reads into one reused buffer: the disk is read at full speed
+    (page faults on a fresh mapping read far slower) and the pages stay cached for the items read next."""
+    hasher = xxhash.xxh3_128()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    fd = handle.fileno()
+    offset = 0
+    while True:
+        count = os.preadv(fd, [buffer], offset)
+        if not count:
+            break
+        hasher.update(view[:count])
+        offset += count
+    view.release()
+    return hasher.hexdigest()
+
+
+def _span(info: Any) -> tuple[int, int]:
+    return (info.offset, info.length)
+
+
+def _read_exactly(stream: Any, length: int) -> bytes:
+    parts, left = [], length
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _advance(stream: Any, hasher: Any, position: int, target: int, hashing: bool) -> int:
+    """Move from ``position`` to ``target``: hash the bytes in between when verifying, else seek past them."""
+    if target <= position:
+        return position
+    if not hashing:
+        stream.seek(target)
+        return target
+    while position < target:
+        chunk = stream.read(min(_CHUNK, target - position))
+        if not chunk:
+            break
+        hasher.update(chunk)
+        position += len(chunk)
+    return position
+
+
+class SafeFileSystemReader(_Distrustful, FileSystemReader):
+    def __init__(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
+        FileSystemReader.__init__(self, directory)
+        self._init_checks(root, directory, shown, manifest)
+
+
+class SafeFsspecReader(_Distrustful, FsspecReader):
+    def __init__(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
+        FsspecReader.__init__(self, root.url(directory), **root.storage_options)
+        self._init_checks(root, directory, shown, manifest)
+
+
+__all__ = ["SafeFileSystemReader", "SafeFsspecReader"]
