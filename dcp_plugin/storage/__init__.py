@@ -14,6 +14,7 @@ the only place that handles paths; everything else passes names and URLs around.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import logging
 import os
@@ -200,12 +201,16 @@ class CheckpointStorage:
             thread_count=thread_count,
             per_thread_copy_ahead=per_thread_copy_ahead,
         )
-        common = dict(root=self._root, strategy=self.strategy, pending=pending)
+        root, strategy = self._root, self.strategy
         if self.is_local:
-            return CommittingFileSystemWriter(pending.directory, **common, **kwargs)
+            directory = pending.directory
+            return CommittingFileSystemWriter(directory, root=root, strategy=strategy, pending=pending, **kwargs)
         # Remote files are durable once closed; DCP would fall back to a machine-wide os.sync() per file.
         kwargs["sync_files"] = False
-        return CommittingFsspecWriter(self._root.url(pending.directory), **common, **kwargs, **self.storage_options)
+        url = self._root.url(pending.directory)
+        return CommittingFsspecWriter(
+            url, root=root, strategy=strategy, pending=pending, **kwargs, **self.storage_options
+        )
 
     def abort(self, pending: PendingWrite) -> None:
         """Remove what a failed write left behind (best effort; never touches committed data)."""
@@ -282,7 +287,7 @@ class CheckpointStorage:
         _, path = url_to_fs(info.url, **self.storage_options)
         return path.rstrip("/")
 
-    def verify(self, name: str | CheckpointInfo, progress: Any = None) -> list[str]:
+    def verify(self, name: str | CheckpointInfo, progress: Any = None) -> builtins.list[str]:
         """Every problem found with a committed checkpoint: malformed metadata, paths leaving it, missing or
         changed files (checksums). An empty list means it verifies."""
         try:
@@ -332,7 +337,7 @@ class CheckpointStorage:
         self.strategy.delete(name)
 
     @_storage_errors("list")
-    def incomplete(self) -> list[str]:
+    def incomplete(self) -> builtins.list[str]:
         """Leftovers of writes, replacements and deletions that never finished (paths relative to the root)."""
         return self._listing.leftovers()
 
@@ -341,7 +346,7 @@ class CheckpointStorage:
         self._listing.remove_leftover(entry)
 
     @_storage_errors("clean up")
-    def purge(self) -> list[str]:
+    def purge(self) -> builtins.list[str]:
         """Remove every leftover; returns what was removed. Committed checkpoints are never touched."""
         removed = []
         for entry in self.incomplete():

@@ -60,6 +60,8 @@ def _bytes_written(metadata: Metadata) -> int:
 class _CommitOnFinish:
     """Mixed into DCP writers: hash while writing; in ``finish`` record checksums and commit."""
 
+    fs: Any
+
     def _init_commit(self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite) -> None:
         self._dcp_plugin_root = root
         self._dcp_plugin_strategy = strategy

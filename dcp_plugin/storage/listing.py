@@ -122,10 +122,12 @@ class Listing:
         """Committed copies left aside by an interrupted local replacement while their name is empty: they are
         the checkpoint of that name (newest first). Also v0.1's ``.tmp-``/``.old-`` copies."""
         root = self.root
-        candidates = [(root.work(REPLACED, e), name_of_work_entry(e)) for e in list_dir(root.work(REPLACED))]
+        candidates: list[tuple[str, str | None]] = [
+            (root.work(REPLACED, e), name_of_work_entry(e)) for e in list_dir(root.work(REPLACED))
+        ]
         candidates += [(root.join(e), None) for e in list_dir(root.path) if e.startswith(LEGACY_PREFIXES)]
         found: dict[str, Found] = {}
-        for directory, name in candidates:
+        for directory, known_name in candidates:
             marker = f"{directory}/{MANIFEST_NAME}"
             if not os.path.isdir(directory) or os.path.islink(directory) or not os.path.lexists(marker):
                 continue
@@ -133,7 +135,7 @@ class Listing:
                 manifest = self._read(marker)
             except (CheckpointError, OSError):
                 continue
-            name = name or manifest.get("name")
+            name = known_name or manifest.get("name")
             if not isinstance(name, str) or "-deleting-" in directory or os.path.lexists(root.join(name)):
                 continue
             if name not in found or _created(manifest) > _created(found[name].manifest):

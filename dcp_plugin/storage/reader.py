@@ -61,6 +61,7 @@ class _RegularFilesOnly(FileSystem):
 class _Distrustful:
     """Mixed into DCP readers: see the module docstring."""
 
+    fs: Any
     defer_verification = False
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
 
@@ -96,7 +97,7 @@ class _Distrustful:
             raise CheckpointCorruptError(f"{shown_path} does not hold DCP metadata; the checkpoint is damaged.")
         self._check_metadata(metadata, shown_path)
         if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+            metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined,union-attr]
         return metadata
 
     def _check_metadata(self, metadata: Metadata, shown_path: str) -> None:
@@ -112,9 +113,11 @@ class _Distrustful:
                     f"{shown_path} points {getattr(index, 'fqn', index)} at {relative!r}, outside the checkpoint "
                     "directory; refusing to read it."
                 )
-            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)):
+            relative = str(relative)
+            raw_offset, raw_length = getattr(info, "offset", None), getattr(info, "length", None)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (raw_offset, raw_length)):
                 raise CheckpointCorruptError(f"{shown_path} has an invalid offset or length for {relative}.")
+            offset, length = int(raw_offset), int(raw_length)  # type: ignore[arg-type]
             if relative not in sizes:
                 record = (self._dcp_plugin_files or {}).get(relative)
                 try:
