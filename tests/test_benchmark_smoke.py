@@ -83,3 +83,24 @@ def test_every_registered_contender_is_described():
     assert "torch.save" in CONTENDERS and "dcp-plugin process+staging" in CONTENDERS
     for info in CONTENDERS.values():
         assert info.description and isinstance(info.background, bool) and isinstance(info.fsyncs, bool)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_goodput_benchmark_at_tiny_size_reports_every_contender_against_the_baseline(tmp_path):
+    from benchmarks import goodput
+
+    out = tmp_path / "goodput"
+    contenders = ["torch.save", "dcp-plugin thread+staging"]
+    argv = ["--state-mib", "2", "--steps", "4", "--every", "2", "--repeats", "1", "--dir", str(tmp_path / "ckpt")]
+    for name in contenders:
+        argv += ["--contender", name]
+    assert goodput.main([*argv, "--out", str(out)]) == 0
+
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert list(summary) == [goodput.BASELINE, *contenders]
+    assert summary[goodput.BASELINE]["extra"] == 0.0
+    for name in contenders:
+        assert summary[name]["saves"] == 2 and summary[name]["train_s"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in contenders)
