@@ -9,7 +9,7 @@ import pytest
 import dcp_plugin.storage.commit as commit
 from dcp_plugin import CheckpointExistsError, CheckpointNotFoundError
 from dcp_plugin.storage import CheckpointStorage, MarkerCommit, RenameCommit
-from dcp_plugin.storage.faults import reached
+from dcp_plugin.storage.faults import POINTS, reached
 
 NAME = "step_000000001"
 
@@ -108,5 +108,6 @@ def test_delete_hides_first_and_purge_never_touches_committed_data(tmp_path):
 def test_crash_points_are_inert_unless_armed(monkeypatch):
     monkeypatch.delenv("DCP_PLUGIN_CRASH_AT", raising=False)
     reached("save.sealed")  # returns: nothing armed
-    monkeypatch.setenv("DCP_PLUGIN_CRASH_AT", "save.committed")
-    reached("save.sealed")  # another point: returns
+    monkeypatch.setenv("DCP_PLUGIN_CRASH_AT", "no.such.point")  # armed elsewhere: every real point returns
+    for point in POINTS:
+        reached(point)
