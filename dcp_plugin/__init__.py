@@ -7,6 +7,7 @@ adapters live in
 Lightning or Accelerate).
 """
 
+from dcp_plugin.budget import OverheadBudget
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.encoding import EncodingError
@@ -55,6 +56,7 @@ __all__ = [
     "OnEpochEnd",
     "OnException",
     "OnPreemption",
+    "OverheadBudget",
     "RetentionOptions",
     "RetentionPolicy",
     "SaveOptions",
