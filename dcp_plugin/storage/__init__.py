@@ -55,6 +55,7 @@ from dcp_plugin.storage.names import (
 )
 from dcp_plugin.storage.reader import SafeFileSystemReader, SafeFsspecReader
 from dcp_plugin.storage.root import StorageRoot, access_error
+from dcp_plugin.storage.transfer import copy_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +386,7 @@ __all__ = [
     "RenameCommit",
     "StorageAccessError",
     "UnsafeCheckpointError",
+    "copy_checkpoint",
     "manifests",
     "open_url",
     "step_name",
