@@ -28,14 +28,14 @@ def _release_process_state():
 
 
 @contextlib.contextmanager
-def _moto_server(**extra_env: str):
-    """moto's S3 server on a free loopback port; stopped by its own pid."""
+def moto_server(port: int | None = None, **extra_env: str):
+    """moto's S3 server on a loopback port (default: a free one); stopped by its own pid."""
     import urllib.error
     import urllib.request
 
     pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     env.update(extra_env)
     server = subprocess.Popen(
@@ -70,14 +70,14 @@ def _moto_server(**extra_env: str):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto) on 127.0.0.1 for the whole session."""
-    with _moto_server() as endpoint:
+    with moto_server() as endpoint:
         yield endpoint
 
 
 @pytest.fixture(scope="session")
 def s3_server_with_auth():
     """An S3 server that checks credentials (and knows none): every request is refused as unauthorised."""
-    with _moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
         yield endpoint
 
 
