@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from dcp_plugin import CheckpointManager, KeepLast
-from dcp_plugin.replication import Replicator, ReplicationError
+from dcp_plugin.replication import ReplicationError, Replicator
 from dcp_plugin.storage import CheckpointStorage
 from tests.conftest import moto_server
 from tests.models import assert_same, make_training, snapshot, train_step
@@ -30,9 +30,8 @@ def create_bucket(endpoint: str, bucket: str | None = None) -> str:
     import boto3
 
     bucket = bucket or f"tier-{uuid.uuid4().hex[:10]}"
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    ).create_bucket(Bucket=bucket)
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    boto3.client("s3", endpoint_url=endpoint, **credentials).create_bucket(Bucket=bucket)
     return bucket
 
 
@@ -96,4 +95,3 @@ def test_a_remote_outage_is_surfaced_and_replication_catches_up_when_it_is_back(
         replicator.close()
         assert [i.step for i in remote.list()] == [1, 2]
         assert replicator.busy() == set()
-
