@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dcp_plugin.checkpointer import Checkpointer
+from dcp_plugin.cli_copy import add_copy_command
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointError
 from dcp_plugin.storage import CheckpointStorage, open_url
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("directory")
     purge.add_argument("--dry-run", action="store_true")
     purge.set_defaults(func=cmd_purge)
+    add_copy_command(sub)
     return parser
 
 

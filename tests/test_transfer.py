@@ -73,3 +73,18 @@ def test_a_damaged_source_is_refused_and_nothing_is_committed(tmp_path):
         copy_checkpoint(CheckpointStorage(str(tmp_path / "a")), NAME, target)
     assert target.list() == [] and target.incomplete() == []
     assert not os.path.exists(tmp_path / "b" / NAME)
+
+
+def test_the_cp_command_copies_and_refuses_to_replace(tmp_path, capsys):
+    from dcp_plugin.cli import main
+
+    expected = saved(str(tmp_path / "a"), {})
+    source = str(tmp_path / "a" / NAME)
+    assert main(["cp", source, str(tmp_path / "b")]) == 0
+    assert "checksums verified" in capsys.readouterr().out
+    loads_exactly(str(tmp_path / "b"), {}, expected)
+    assert main(["cp", source, str(tmp_path / "b")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["cp", source, str(tmp_path / "b"), "--name", "best", "--json"]) == 0
+    assert '"target"' in capsys.readouterr().out
+    assert main(["cp", source, str(tmp_path / "b"), "--target-options", "[1]"]) == 2
