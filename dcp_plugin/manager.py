@@ -16,11 +16,12 @@ from typing import Any
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.errors import CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.schedule import Schedule
 from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
+from dcp_plugin.tiers import TwoTiers
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ class CheckpointManager:
             coordinator after each save committed. ``None`` keeps everything.
         checkpointer: share a :class:`Checkpointer` (not closed by :meth:`close`) instead of creating one.
         schedule: a ready :class:`Schedule` instead of ``save_policy`` / ``retention`` / ``run_id``.
+        remote: a second tier (e.g. ``s3://bucket/run``): committed checkpoints are copied there in the
+            background (see :mod:`dcp_plugin.tiers`); :meth:`load` falls back to it when the local tier lacks a
+            checkpoint; :meth:`close` waits for the copies.
+        remote_storage_options: fsspec options for ``remote`` (default: ``storage_options``).
+        replicate: which checkpoints to copy, e.g. ``EveryNSteps(1000)`` (``None``: every one).
+        remote_retention: which replicated checkpoints of this run the remote tier keeps (``None``: all). The
+            local tier's ``retention`` never deletes a checkpoint still waiting to be copied.
 
     ``state`` passed to :meth:`save` and :meth:`load` maps names to models, optimizers, other
     ``Stateful`` objects (anything with ``state_dict``/``load_state_dict``) and plain values.
@@ -63,6 +71,10 @@ class CheckpointManager:
         retention: RetentionPolicy | None = None,
         checkpointer: Checkpointer | None = None,
         schedule: Schedule | None = None,
+        remote: str | None = None,
+        remote_storage_options: dict[str, Any] | None = None,
+        replicate: SavePolicy | None = None,
+        remote_retention: RetentionPolicy | None = None,
         **overrides: Any,
     ) -> None:
         if schedule is not None and (save_policy is not None or retention is not None or run_id is not None):
@@ -84,6 +96,19 @@ class CheckpointManager:
         self.checkpointer.check_storage(self.storage)
         self.storage.check_root()
         self.schedule = schedule
+        self._protected: set[str] = set()
+        self.tiers: TwoTiers | None = None
+        """With ``remote``: the local and remote tiers and the replication between them."""
+        if remote is not None:
+            options = self.config.storage_options if remote_storage_options is None else remote_storage_options
+            self.tiers = TwoTiers(
+                self.storage,
+                CheckpointStorage(remote, options),
+                replicate=replicate,
+                remote_retention=remote_retention,
+                run_id=schedule.run_id,
+            )
+            self._catch_up()
         self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
         """Stats of this manager's most recent saves (oldest dropped after 1000)."""
         self.should_stop = False
@@ -146,6 +171,8 @@ class CheckpointManager:
         )
         self.history.append(stats)
         self.schedule.saved(step)
+        if self.tiers is not None and self.checkpointer.groups.is_coordinator:
+            self.tiers.saved(step, name or step_name(step))
         return stats
 
     def maybe_save(
@@ -183,11 +210,29 @@ class CheckpointManager:
         return stats
 
     def _after_commit(self) -> None:
-        self.schedule.after_commit(
-            self.storage,
-            coordinator=self.checkpointer.groups.is_coordinator,
-            writing=self.checkpointer.in_flight is not None,
-        )
+        coordinator = self.checkpointer.groups.is_coordinator
+        writing = self.checkpointer.in_flight is not None
+        protected = self.tiers.protected() if self.tiers is not None else set()
+        if self._protected - protected:  # copies finished: what retention had to keep may go now
+            self.schedule.request_retention()
+        self._protected = protected
+        self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing, protected=protected)
+        if self.tiers is not None and coordinator and not writing:
+            self.tiers.committed()
+
+    def _catch_up(self) -> None:
+        """Replicate what an earlier run committed locally but never copied (a remote outage is not fatal)."""
+        assert self.tiers is not None
+        if not self.checkpointer.groups.is_coordinator:
+            return
+        try:
+            missing = self.tiers.catch_up()
+        except CheckpointError as err:
+            remote = self.tiers.remote.root_url
+            log.warning("The remote tier %s is not reachable now (%s); replication resumes later.", remote, err)
+            return
+        if missing:
+            log.info("Replicating %d checkpoint(s) missing from %s.", len(missing), self.tiers.remote.root_url)
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
@@ -214,8 +259,24 @@ class CheckpointManager:
         Default: the latest committed checkpoint; or the one of ``step``, or called ``name``. See
         :meth:`Checkpointer.load <dcp_plugin.checkpointer.Checkpointer.load>`.
         """
+        if self.tiers is not None:
+            return self._load_from_tiers(state, step, name, strict=strict, allow_pickle=allow_pickle)
         resolve = lambda: _find(self.storage, step, name)  # noqa: E731 - asked again if the checkpoint is replaced
         return self.checkpointer.load((self.storage, resolve), state, strict=strict, allow_pickle=allow_pickle)
+
+    def _load_from_tiers(
+        self, state: MutableMapping[str, Any], step: int | None, name: str | None, **options: Any
+    ) -> CheckpointInfo:
+        """The local copy when present; the remote one when not, or when the local one is damaged."""
+        assert self.tiers is not None
+        storage, chosen = self.tiers.choose(step, name)
+        try:
+            return self.checkpointer.load((storage, chosen), state, **options)
+        except CheckpointCorruptError as err:
+            if storage is not self.tiers.local or not self.tiers.remote_copy_of(chosen):
+                raise
+            log.warning("%s; loading the remote copy instead.", err)
+            return self.checkpointer.load((self.tiers.remote, chosen), state, **options)
 
     def read(
         self,
@@ -227,16 +288,26 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Read a checkpoint without live objects: every (or the named) entry as plain values, with
         full-size tensors (sharded saves are gathered). For inspection, export and inference."""
-        resolve = lambda: _find(self.storage, step, name)  # noqa: E731
-        return self.checkpointer.read((self.storage, resolve), entries=entries, allow_pickle=allow_pickle)
+        storage, chosen = (self.storage, None) if self.tiers is None else self.tiers.choose(step, name)
+        resolve = lambda: _find(storage, step, chosen or name)  # noqa: E731
+        return self.checkpointer.read((storage, resolve), entries=entries, allow_pickle=allow_pickle)
 
     # -- listing and deleting --------------------------------------------------------------------
     def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first."""
+        """Committed checkpoints, oldest first (with ``remote``: of both tiers; see :meth:`locations`)."""
+        if self.tiers is not None:
+            return [located.info for located in self.tiers.list()]
         return self.storage.list()
 
+    def locations(self) -> dict[str, tuple[str, ...]]:
+        """Where each committed checkpoint lives: ``("local",)``, ``("remote",)`` or both."""
+        if self.tiers is None:
+            return {info.name: ("local",) for info in self.storage.list()}
+        return {located.info.name: located.tiers for located in self.tiers.list()}
+
     def latest(self) -> CheckpointInfo | None:
-        return self.storage.latest()
+        infos = self.list()
+        return infos[-1] if infos else None
 
     @property
     def steps(self) -> list[int]:
@@ -256,6 +327,9 @@ class CheckpointManager:
         try:
             try:
                 self.wait()
+                if self.tiers is not None:
+                    self.tiers.close()  # waits for the replication of everything committed
+                    self._after_commit()  # retention of what was kept only until it was copied
             finally:
                 if self._owns_checkpointer:
                     self.checkpointer.close()

@@ -17,7 +17,7 @@ The save decision (:meth:`Schedule.decide`) is made here and only here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -120,15 +120,26 @@ class Schedule:
         self.last_saved_step = step
         self._retention_due = True
 
+    def request_retention(self) -> None:
+        """Apply retention at the next :meth:`after_commit` even without a new save (e.g. a checkpoint that
+        retention had to keep is no longer protected)."""
+        self._retention_due = True
+
     # -- after-commit work ------------------------------------------------------------------------
     def after_commit(
-        self, storage: CheckpointStorage, *, coordinator: bool = True, writing: bool = False
+        self,
+        storage: CheckpointStorage,
+        *,
+        coordinator: bool = True,
+        writing: bool = False,
+        protected: Iterable[str] = (),
     ) -> RetentionPlan | None:
-        """Apply retention once a save committed: on the coordinator only, never while a write is in flight."""
+        """Apply retention once a save committed: on the coordinator only, never while a write is in flight,
+        never to the names in ``protected`` (e.g. checkpoints still being replicated)."""
         if self.retention is None or not self._retention_due or not coordinator or writing:
             return None
         self._retention_due = False
-        return apply_retention(self.retention, storage, run_id=self.run_id, owned=self.owned)
+        return apply_retention(self.retention, storage, run_id=self.run_id, owned=self.owned, protected=protected)
 
 
 __all__ = ["Schedule", "Verdict"]

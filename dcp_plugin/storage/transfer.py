@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from dcp_plugin.errors import CheckpointCorruptError
+from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ALGORITHM, check_files
 from dcp_plugin.storage.names import MANIFEST_NAME, METADATA_NAME, check_name
 from dcp_plugin.storage.safe_io import open_local_regular, regular_file_size
@@ -70,6 +71,7 @@ def copy_checkpoint(
                     f"The copy of {source.url(info.name)} at {target.url(target_name)} does not read back as written: "
                     f"{'; '.join(problems)}."
                 )
+        reached("copy.written")
         manifest = {k: v for k, v in info.manifest.items() if k not in ("location", "checksum", "committed")}
         manifest.update(name=target_name, files=copied, copied_from=source.url(info.name), copied=time.time(), format=2)
         target.strategy.commit(pending, manifest)
