@@ -64,7 +64,8 @@ class TwoTiers:
         """The saves started so far have committed locally: hand them to the replicator."""
         due, self._due = self._due, []
         for name in due:
-            self.replicator.submit(name)
+            if self.local.is_committed(name):  # a save that failed has nothing to copy (its error is raised)
+                self.replicator.submit(name)
 
     def protected(self) -> set[str]:
         """Local checkpoints retention must keep: chosen for replication and not yet copied."""
