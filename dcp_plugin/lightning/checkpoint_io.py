@@ -63,24 +63,29 @@ class DCPCheckpointIO(CheckpointIO):
         save_rng: also store every rank's random generator states and restore them when a checkpoint is
             loaded (Lightning's own checkpoint does not include them), so a resumed run repeats the
             uninterrupted one exactly.
+
+    Every argument left out (``None``) is taken from its ``DCP_PLUGIN_*`` environment variable when set
+    (``DCP_PLUGIN_ASYNC_MODE=sync``...), else from :class:`~dcp_plugin.CheckpointConfig`'s default
+    (``async_mode="thread"``...). ``pinned_memory`` / ``shared_memory`` left out mean "automatic".
     """
 
     def __init__(
         self,
-        async_mode: Literal["sync", "thread", "process"] = "thread",
+        async_mode: Optional[Literal["sync", "thread", "process"]] = None,
         *,
-        async_staging: bool = False,
-        reuse_buffers: bool = True,
-        thread_count: int = 2,
-        sync_files: bool = True,
-        strict: bool = True,
-        allow_pickle: bool = False,
+        async_staging: Optional[bool] = None,
+        reuse_buffers: Optional[bool] = None,
+        thread_count: Optional[int] = None,
+        sync_files: Optional[bool] = None,
+        strict: Optional[bool] = None,
+        allow_pickle: Optional[bool] = None,
         storage_options: Optional[dict[str, Any]] = None,
         pinned_memory: Optional[bool] = None,
         shared_memory: Optional[bool] = None,
         save_rng: bool = True,
     ) -> None:
-        config = CheckpointConfig(
+        # Arguments left at None were not given: DCP_PLUGIN_* variables fill them, then the defaults.
+        config = CheckpointConfig.resolve(
             async_mode=async_mode,
             async_staging=async_staging,
             reuse_buffers=reuse_buffers,
@@ -88,7 +93,7 @@ class DCPCheckpointIO(CheckpointIO):
             sync_files=sync_files,
             strict=strict,
             allow_pickle=allow_pickle,
-            storage_options=dict(storage_options or {}),
+            storage_options=None if storage_options is None else dict(storage_options),
             pinned_memory=pinned_memory,
             shared_memory=shared_memory,
         )
