@@ -25,6 +25,7 @@ import uuid
 import warnings
 from typing import Any
 
+from dcp_plugin.accelerate import hooks
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
 from dcp_plugin.checkpointer import Checkpointer
@@ -61,14 +62,38 @@ class AccelerateCheckpointer:
         self.accelerator = accelerator
         self.options = options
         self.config = options.config
-        self.checkpointer = Checkpointer(options.config)
+        self._checkpointer: Checkpointer | None = None
         self._automatic: CheckpointManager | None = None
         self._closed = False
         self._warned_ignored_dir = False
+        self.installed_automatically = False
+        """Installed by ``DCP_PLUGIN_ENABLE=1`` (zero-code); a script's own ``enable()`` replaces it."""
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The :class:`Checkpointer` every save and load of this ``Accelerator`` goes through (created on
+        first use)."""
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self.config)
+        return self._checkpointer
 
     @property
     def engine(self) -> CheckpointEngine:
         return self.checkpointer.engine
+
+    # -- copying -----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` keep the options, not the runtime: no writer, no save in flight.
+
+        The copy starts fresh (its checkpointer is created on first use); a save in flight stays with the
+        original."""
+        state = dict(self.__dict__)
+        state["_checkpointer"] = None
+        state["_automatic"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # -- where checkpoints go --------------------------------------------------------------------
     @property
@@ -128,7 +153,7 @@ class AccelerateCheckpointer:
         Returns when the snapshot is taken; the write continues in the background (in ``thread`` or
         ``process`` mode). A failure of an earlier background write is raised here.
         """
-        self._check_usable(self.accelerator._save_model_state_pre_hook, "register_save_state_pre_hook")
+        self._check_usable()
         self.checkpointer.wait()
         project = self.accelerator.project_configuration
         iteration = int(project.iteration)
@@ -151,7 +176,8 @@ class AccelerateCheckpointer:
             )
         else:
             ref = self.checkpointer.locate(str(output_dir))
-        state = collect(self.accelerator, iteration)
+        models, hook_files = hooks.run_save_hooks(self.accelerator, self.checkpointer.groups.all_gather)
+        state = collect(self.accelerator, iteration, models=models, hook_files=hook_files)
         metadata = {
             "iteration": iteration,
             "accelerator_step": int(self.accelerator.step),
@@ -180,27 +206,35 @@ class AccelerateCheckpointer:
 
         ``input_dir=None`` takes the latest committed automatically named checkpoint.
         """
-        self._check_usable(self.accelerator._load_model_state_pre_hook, "register_load_state_pre_hook")
+        self._check_usable()
         self.flush()
         project = self.accelerator.project_configuration
-        if input_dir is not None:
-            load = lambda state: self.checkpointer.load(str(input_dir), state, strict=strict)  # noqa: E731
-        elif self.automatic_naming:
-            load = lambda state: self.automatic_manager().load(state, strict=strict)  # noqa: E731
-        else:
+        if input_dir is None and not self.automatic_naming:
             raise ValueError(
                 "load_state() needs an input directory: pass load_state(input_dir), or enable "
                 "ProjectConfiguration(automatic_checkpoint_naming=True) / set DCP_PLUGIN_DIR to load "
                 "the latest."
             )
-        state = collect(self.accelerator, int(project.iteration), for_load=True)
+        hook_dir = None
         try:
-            info = load(state)
-        except CheckpointNotFoundError as err:
-            raise CheckpointNotFoundError(
-                f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
-                "DCP_PLUGIN_ENABLE=0 or after dcp_plugin.accelerate.disable(accelerator)."
-            ) from None
+            try:
+                if self.accelerator._load_model_state_pre_hook:
+                    ref, models, hook_dir = self._run_load_hooks(input_dir)
+                    state = collect(self.accelerator, int(project.iteration), for_load=True, models=models)
+                    info = self.checkpointer.load(ref, state, strict=strict)
+                else:
+                    state = collect(self.accelerator, int(project.iteration), for_load=True)
+                    if input_dir is not None:
+                        info = self.checkpointer.load(str(input_dir), state, strict=strict)
+                    else:
+                        info = self.automatic_manager().load(state, strict=strict)
+            except CheckpointNotFoundError as err:
+                raise CheckpointNotFoundError(
+                    f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
+                    "DCP_PLUGIN_ENABLE=0 or after dcp_plugin.accelerate.disable(accelerator)."
+                ) from None
+        finally:
+            hooks.cleanup(hook_dir)
         saved = state[ACCELERATOR_ENTRY]
         self.accelerator.step = int(saved["step"])
         next_iteration = int(saved["iteration"]) + 1
@@ -210,6 +244,34 @@ class AccelerateCheckpointer:
                 next_iteration = max(next_iteration, highest + 1)
         project.iteration = next_iteration
         return info
+
+    def _run_load_hooks(self, input_dir: Any) -> tuple[Any, set[int], str | None]:
+        """Fix which checkpoint is loaded, hand the files its save hooks wrote to the load hooks; returns the
+        checkpoint, the models left to load and the hooks' temporary directory."""
+        groups = self.checkpointer.groups
+        if input_dir is None:
+            storage = self.automatic_manager().storage
+            info = self.latest()
+            if info is None:
+                raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}.")
+        else:
+            storage, name = self.checkpointer.locate(str(input_dir))
+            found: Any = None
+            if groups.is_coordinator:
+                try:
+                    found = storage.info(name)
+                except CheckpointNotFoundError as err:
+                    found = str(err)
+            found = groups.broadcast(found)
+            if isinstance(found, str):
+                raise CheckpointNotFoundError(found)
+            info = found
+        ref = (storage, info.name)
+        files = None
+        if hooks.HOOK_FILES_ENTRY in info.manifest.get("entries", {}):
+            files = self.checkpointer.read(ref, entries=[hooks.HOOK_FILES_ENTRY])[hooks.HOOK_FILES_ENTRY]
+        models, directory = hooks.run_load_hooks(self.accelerator, files)
+        return ref, models, directory
 
     def latest(self) -> CheckpointInfo | None:
         """The latest committed automatically named checkpoint, or ``None`` (same answer on every rank).
@@ -233,8 +295,8 @@ class AccelerateCheckpointer:
     # -- flushing and retention ------------------------------------------------------------------
     def flush(self) -> None:
         """Wait for the save in flight (raising its error), then apply the retention limit."""
-        if self._closed:
-            return
+        if self._closed or self._checkpointer is None:
+            return  # nothing was saved through this checkpointer yet
         self.checkpointer.wait()
         if self.automatic_naming:
             self.automatic_manager().wait()
@@ -248,28 +310,19 @@ class AccelerateCheckpointer:
             self.flush()
         finally:
             self._closed = True
-            self.checkpointer.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _check_usable(self, hooks: dict, register_name: str) -> None:
+    def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeError(
                 "dcp-plugin checkpointing for this Accelerator was closed by end_training(); enable "
                 "it again with "
                 "dcp_plugin.accelerate.enable(accelerator) to save or load."
-            )
-        if hooks:
-            raise ConfigError(
-                f"Hooks registered with accelerator.{register_name} are not supported with "
-                "dcp-plugin: they write "
-                "files into the checkpoint directory, which dcp-plugin creates atomically when the "
-                "save commits. "
-                "Remove the hooks (register extra state with accelerator.register_for_checkpointing "
-                "instead), or "
-                "disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
             )
 
 
