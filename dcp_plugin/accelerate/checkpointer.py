@@ -219,7 +219,7 @@ class AccelerateCheckpointer:
         try:
             try:
                 if self.accelerator._load_model_state_pre_hook:
-                    ref, models, hook_dir = self._run_load_hooks(input_dir)
+                    ref, models, hook_dir = hooks.prepare_load(self, input_dir)
                     state = collect(self.accelerator, int(project.iteration), for_load=True, models=models)
                     info = self.checkpointer.load(ref, state, strict=strict)
                 else:
@@ -244,34 +244,6 @@ class AccelerateCheckpointer:
                 next_iteration = max(next_iteration, highest + 1)
         project.iteration = next_iteration
         return info
-
-    def _run_load_hooks(self, input_dir: Any) -> tuple[Any, set[int], str | None]:
-        """Fix which checkpoint is loaded, hand the files its save hooks wrote to the load hooks; returns the
-        checkpoint, the models left to load and the hooks' temporary directory."""
-        groups = self.checkpointer.groups
-        if input_dir is None:
-            storage = self.automatic_manager().storage
-            info = self.latest()
-            if info is None:
-                raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}.")
-        else:
-            storage, name = self.checkpointer.locate(str(input_dir))
-            found: Any = None
-            if groups.is_coordinator:
-                try:
-                    found = storage.info(name)
-                except CheckpointNotFoundError as err:
-                    found = str(err)
-            found = groups.broadcast(found)
-            if isinstance(found, str):
-                raise CheckpointNotFoundError(found)
-            info = found
-        ref = (storage, info.name)
-        files = None
-        if hooks.HOOK_FILES_ENTRY in info.manifest.get("entries", {}):
-            files = self.checkpointer.read(ref, entries=[hooks.HOOK_FILES_ENTRY])[hooks.HOOK_FILES_ENTRY]
-        models, directory = hooks.run_load_hooks(self.accelerator, files)
-        return ref, models, directory
 
     def latest(self) -> CheckpointInfo | None:
         """The latest committed automatically named checkpoint, or ``None`` (same answer on every rank).

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from dcp_plugin.errors import CheckpointNotFoundError
+
 HOOK_FILES_ENTRY = "save_state_hook_files"
 
 
@@ -76,6 +78,36 @@ def run_load_hooks(accelerator: Any, files: list[dict] | None) -> tuple[set[int]
         hook(remaining, directory)
     kept = {id(m) for m in remaining}
     return {i for i, model in enumerate(models) if id(model) in kept}, directory
+
+
+def prepare_load(checkpointer: Any, input_dir: Any) -> tuple[Any, set[int], str | None]:
+    """For ``AccelerateCheckpointer.load_state`` with load hooks: fix which checkpoint is loaded (the same on
+    every rank), hand the files its save hooks wrote to the load hooks; returns the checkpoint's ``(storage,
+    name)``, the models left for dcp-plugin to load and the hooks' temporary directory."""
+    groups = checkpointer.checkpointer.groups
+    if input_dir is None:
+        storage = checkpointer.automatic_manager().storage
+        info = checkpointer.latest()
+        if info is None:
+            raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}.")
+    else:
+        storage, name = checkpointer.checkpointer.locate(str(input_dir))
+        found: Any = None
+        if groups.is_coordinator:
+            try:
+                found = storage.info(name)
+            except CheckpointNotFoundError as err:
+                found = str(err)
+        found = groups.broadcast(found)
+        if isinstance(found, str):
+            raise CheckpointNotFoundError(found)
+        info = found
+    ref = (storage, info.name)
+    files = None
+    if HOOK_FILES_ENTRY in info.manifest.get("entries", {}):
+        files = checkpointer.checkpointer.read(ref, entries=[HOOK_FILES_ENTRY])[HOOK_FILES_ENTRY]
+    models, directory = run_load_hooks(checkpointer.accelerator, files)
+    return ref, models, directory
 
 
 def cleanup(directory: str | None) -> None:

@@ -45,7 +45,7 @@ class DCPCheckpointIO(CheckpointIO):
     :class:`~dcp_plugin.lightning.DCPModelParallelStrategy` / :class:`~dcp_plugin.lightning.DCPFSDPStrategy`
     so every rank writes its own shards.
 
-    Args:
+    Args (left out: ``DCP_PLUGIN_*`` variables, else the defaults):
         async_mode: ``"sync"`` (write before returning), ``"thread"`` (snapshot, then write in a background
             thread) or ``"process"`` (write in a background daemon process; scripts need an
             ``if __name__ == "__main__":`` guard).
@@ -63,10 +63,6 @@ class DCPCheckpointIO(CheckpointIO):
         save_rng: also store every rank's random generator states and restore them when a checkpoint is
             loaded (Lightning's own checkpoint does not include them), so a resumed run repeats the
             uninterrupted one exactly.
-
-    Every argument left out (``None``) is taken from its ``DCP_PLUGIN_*`` environment variable when set
-    (``DCP_PLUGIN_ASYNC_MODE=sync``...), else from :class:`~dcp_plugin.CheckpointConfig`'s default
-    (``async_mode="thread"``...). ``pinned_memory`` / ``shared_memory`` left out mean "automatic".
     """
 
     def __init__(
@@ -84,7 +80,6 @@ class DCPCheckpointIO(CheckpointIO):
         shared_memory: Optional[bool] = None,
         save_rng: bool = True,
     ) -> None:
-        # Arguments left at None were not given: DCP_PLUGIN_* variables fill them, then the defaults.
         config = CheckpointConfig.resolve(
             async_mode=async_mode,
             async_staging=async_staging,
