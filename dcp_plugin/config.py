@@ -7,6 +7,7 @@ environment variables (which ``torchrun`` and ``accelerate launch`` pass to ever
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,11 +129,30 @@ class CheckpointConfig:
             if name not in fields:
                 if name in NON_CONFIG_ENV_NAMES:
                     continue
-                known = ", ".join(prefix + n.upper() for n in fields)
-                raise ConfigError(f"Unknown environment variable {key}; known ones are: {known}.")
+                raise ConfigError(unknown_variable_message(key, prefix))
             values[name] = _parse_env_value(key, raw, fields[name].default)
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def resolve(cls, environ: Mapping[str, str] | None = None, **arguments: Any) -> CheckpointConfig:
+        """The one rule of every entry point: arguments that were given (not ``None``) win, then
+        ``DCP_PLUGIN_*`` variables, then the defaults."""
+        return cls.from_env(environ, **{name: value for name, value in arguments.items() if value is not None})
+
+
+def known_variables(prefix: str = ENV_PREFIX) -> list[str]:
+    """Every ``DCP_PLUGIN_*`` variable dcp-plugin reads."""
+    names = [f.name for f in dataclasses.fields(CheckpointConfig)] + sorted(NON_CONFIG_ENV_NAMES)
+    return [prefix + name.upper() for name in names]
+
+
+def unknown_variable_message(key: str, prefix: str = ENV_PREFIX) -> str:
+    """Names the closest known variable (difflib) and lists them all."""
+    known = known_variables(prefix)
+    close = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    return f"Unknown environment variable {key}.{hint} Known ones are: {', '.join(known)}."
 
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).

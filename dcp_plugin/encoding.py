@@ -14,15 +14,24 @@ user opted into ``allow_pickle``.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
+import enum
 import importlib
+import inspect
 import json
+import logging
 import math
+import pathlib
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 TAG = "__t"
 
@@ -79,19 +88,29 @@ class Encoder:
         self.prefix = prefix
         self.allow_pickle = allow_pickle
         self.tensors: dict[str, Any] = {}
+        self.paths: dict[str, tuple[str, ...]] = {}
+        """Each tensor key's path in the nested state (``("optimizer", "state", "w", "exp_avg")``)."""
 
     def encode(self, value: Any) -> Any:
-        return self._encode(value, self.prefix)
+        return self._encode(value, (self.prefix,))
 
-    def _encode(self, value: Any, path: str) -> Any:
+    def _encode(self, value: Any, path: tuple[str, ...]) -> Any:
         if is_tensor(value):
-            if path in self.tensors:
+            key = ".".join(path)
+            if key in self.tensors:
                 raise EncodingError(
-                    f"Two tensors map to the checkpoint key {path!r}; rename one of the keys "
-                    "(keys are joined with '.')."
+                    f"Two tensors map to the checkpoint key {key!r}; rename one of the keys (keys are joined with '.')."
                 )
-            self.tensors[path] = value
-            return {TAG: "tensor", "k": path}
+            self.tensors[key] = value
+            self.paths[key] = path
+            return {TAG: "tensor", "k": key}
+        if isinstance(value, enum.Enum):
+            return {
+                TAG: "enum",
+                "cls": _class_path(type(value)),
+                "name": value.name,
+                "v": self._encode(value.value, path),
+            }
         if value is None or isinstance(value, (bool, str)):
             return value
         numpy_value = _encode_numpy(value)
@@ -105,11 +124,14 @@ class Encoder:
             return {TAG: "float", "v": repr(float(value))}
         if isinstance(value, Mapping) and (type(value) is dict or _dict_class_name(value) is not None):
             return self._encode_dict(value, path)
+        rich = self._encode_rich(value, path)
+        if rich is not None:
+            return rich
         if type(value) in (list, tuple):
-            items = [self._encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+            items = [self._encode(v, (*path, str(i))) for i, v in enumerate(value)]
             return items if type(value) is list else {TAG: "tuple", "v": items}
         if type(value) in (set, frozenset):
-            items = [self._encode(v, f"{path}.{i}") for i, v in enumerate(sorted(value, key=repr))]
+            items = [self._encode(v, (*path, str(i))) for i, v in enumerate(sorted(value, key=repr))]
             return {TAG: type(value).__name__, "v": items}
         if isinstance(value, bytes):
             return {TAG: "bytes", "v": base64.b64encode(value).decode("ascii")}
@@ -123,17 +145,33 @@ class Encoder:
             return {TAG: "pickle", "v": base64.b64encode(pickle.dumps(value)).decode("ascii")}
         raise EncodingError(
             f"Cannot store a value of type {type(value).__module__}.{type(value).__qualname__} at "
-            f"{path!r} without pickle. Convert it to tensors or JSON-like data (dict, list, str, numbers), "
+            f"{'.'.join(path)!r} without pickle. Convert it to tensors or JSON-like data (dict, list, str, numbers), "
             "give its owner state_dict()/load_state_dict(), or set allow_pickle=True if every reader of "
             "this checkpoint trusts it."
         )
 
-    def _encode_dict(self, value: Mapping, path: str) -> Any:
+    def _encode_rich(self, value: Any, path: tuple[str, ...]) -> dict | None:
+        """What Lightning commonly stores in a checkpoint's hyper-parameters, tagged so it comes back as the
+        same type: OmegaConf containers, ``argparse.Namespace``, ``pathlib`` paths, dataclass instances."""
+        omegaconf_kind = _omegaconf_kind(value)
+        if omegaconf_kind is not None:
+            container = sys.modules["omegaconf"].OmegaConf.to_container(value, resolve=False)
+            return {TAG: "omegaconf", "kind": omegaconf_kind, "v": self._encode(container, path)}
+        if isinstance(value, argparse.Namespace) and type(value) is argparse.Namespace:
+            return {TAG: "namespace", "v": self._encode(dict(vars(value)), path)}
+        if isinstance(value, pathlib.PurePath):
+            return {TAG: "path", "kind": _path_kind(value), "v": str(value)}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            return {TAG: "dataclass", "cls": _class_path(type(value)), "v": self._encode(fields, path)}
+        return None
+
+    def _encode_dict(self, value: Mapping, path: tuple[str, ...]) -> Any:
         cls_name = _dict_class_name(value)
         plain_keys = all(isinstance(k, str) for k in value) and TAG not in value
         if plain_keys and cls_name is None:
-            return {k: self._encode(v, f"{path}.{k}") for k, v in value.items()}
-        items = [[self._encode(k, f"{path}.<key>"), self._encode(v, f"{path}.{k}")] for k, v in value.items()]
+            return {k: self._encode(v, (*path, str(k))) for k, v in value.items()}
+        items = [[self._encode(k, (*path, "<key>")), self._encode(v, (*path, str(k)))] for k, v in value.items()]
         encoded: dict[str, Any] = {TAG: "dict", "v": items}
         if cls_name is not None:
             encoded["cls"] = cls_name
@@ -206,6 +244,8 @@ def decode(skeleton: Any, resolve_tensor: Callable[[str], Any], allow_pickle: bo
         if tag == "npscalar":
             return np.frombuffer(raw, dtype=dtype)[0]
         return np.frombuffer(raw, dtype=dtype).reshape(skeleton["shape"]).copy()
+    if tag in _RICH_DECODERS:
+        return _RICH_DECODERS[tag](skeleton, decode(value, resolve_tensor, allow_pickle))
     if tag == "pickle":
         if not allow_pickle:
             raise EncodingError(
@@ -214,6 +254,116 @@ def decode(skeleton: Any, resolve_tensor: Callable[[str], Any], allow_pickle: bo
             )
         return pickle.loads(base64.b64decode(value))
     raise EncodingError(f"Unknown value tag {tag!r} in checkpoint skeleton; was it written by a newer dcp-plugin?")
+
+
+# -- rich values: what comes back as what -------------------------------------------------------------
+# Classes are looked up only among modules already imported (``sys.modules``): a checkpoint never makes us
+# import a module, and nothing it names is called. Enum members are looked up by name; dataclass instances are
+# rebuilt field by field without running ``__init__`` / ``__post_init__``. When the class is not found (or is
+# not what the checkpoint says), the plain value comes back instead: an enum's value, a dataclass's fields as a
+# dict, an OmegaConf container as a dict or list.
+
+_PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _omegaconf_kind(value: Any) -> str | None:
+    module = sys.modules.get("omegaconf")
+    if module is None or not type(value).__module__.startswith("omegaconf"):
+        return None
+    if isinstance(value, module.DictConfig):
+        return "dict"
+    if isinstance(value, module.ListConfig):
+        return "list"
+    return None
+
+
+def _path_kind(value: pathlib.PurePath) -> str:
+    for name in _PATH_CLASSES:
+        if isinstance(value, getattr(pathlib, name)):
+            return name
+    return "PurePosixPath"
+
+
+def _imported_class(path: Any) -> type | None:
+    """The class ``module:qualname`` if its module is already imported; never imports, never calls."""
+    if not isinstance(path, str) or ":" not in path:
+        return None
+    module_name, _, qualname = path.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        if obj is None or part == "<locals>":
+            return None
+        obj = inspect.getattr_static(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
+def _decode_enum(skeleton: dict, value: Any) -> Any:
+    cls = _imported_class(skeleton.get("cls"))
+    name = skeleton.get("name")
+    if cls is not None and issubclass(cls, enum.Enum) and isinstance(name, str):
+        member = vars(cls).get("_member_map_", {}).get(name)
+        if isinstance(member, cls):
+            return member
+    log.warning("Enum %s is not imported; its member %s loads as its value.", skeleton.get("cls"), skeleton.get("name"))
+    return value
+
+
+def _decode_dataclass(skeleton: dict, fields: Any) -> Any:
+    cls = _imported_class(skeleton.get("cls"))
+    same_fields = (
+        cls is not None
+        and dataclasses.is_dataclass(cls)
+        and isinstance(fields, dict)
+        and {f.name for f in dataclasses.fields(cls)} == set(fields)
+    )
+    if same_fields:
+        try:
+            obj = object.__new__(cls)
+            for name, field_value in fields.items():
+                object.__setattr__(obj, name, field_value)
+        except (TypeError, AttributeError):  # e.g. a dataclass over a builtin type
+            pass
+        else:
+            return obj
+    log.warning("Dataclass %s is not imported (or has other fields); it loads as a dict.", skeleton.get("cls"))
+    return fields
+
+
+def _decode_omegaconf(skeleton: dict, container: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        return container  # a plain dict or list
+    return OmegaConf.create(container)
+
+
+def _decode_namespace(skeleton: dict, attributes: Any) -> Any:
+    if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
+        raise EncodingError("Malformed argparse.Namespace in checkpoint skeleton.")
+    return argparse.Namespace(**attributes)
+
+
+def _decode_path(skeleton: dict, text: Any) -> Any:
+    kind = skeleton.get("kind")
+    if kind not in _PATH_CLASSES or not isinstance(text, str):
+        raise EncodingError("Malformed path in checkpoint skeleton.")
+    try:
+        return getattr(pathlib, kind)(text)
+    except NotImplementedError:  # a WindowsPath on POSIX, or the other way round
+        return getattr(pathlib, "Pure" + kind if not kind.startswith("Pure") else kind)(text)
+
+
+_RICH_DECODERS: dict[str, Callable[[dict, Any], Any]] = {
+    "enum": _decode_enum,
+    "dataclass": _decode_dataclass,
+    "omegaconf": _decode_omegaconf,
+    "namespace": _decode_namespace,
+    "path": _decode_path,
+}
 
 
 def tensor_keys(skeleton: Any) -> list[str]:

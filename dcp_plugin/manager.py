@@ -34,7 +34,8 @@ class CheckpointManager:
 
     Args:
         directory: local path or fsspec URL (``s3://bucket/run``, ``memory://run``...). Created if missing.
-        config: options; keyword arguments (e.g. ``async_mode="process"``) override its fields.
+        config: options; keyword arguments (e.g. ``async_mode="process"``) override its fields. Without
+            ``config``, options not given here come from ``DCP_PLUGIN_*`` variables, then the defaults.
         engine: share one :class:`CheckpointEngine` between managers (one staging buffer, one daemon).
         distributed: ``None`` saves collectively when ``torch.distributed`` is initialized (call every
             method on every rank); ``False`` makes this process save and load alone.
@@ -85,7 +86,8 @@ class CheckpointManager:
             raise ConfigError(f"Pass either {shared[0]}= or config options, not both: it has its own config.")
         if checkpointer is None:
             if engine is None:
-                config = (config or CheckpointConfig()).replace(**overrides) if overrides else config
+                # explicit arguments win, then DCP_PLUGIN_* variables, then the defaults
+                config = config.replace(**overrides) if config is not None else CheckpointConfig.resolve(**overrides)
             checkpointer = Checkpointer(config, engine=engine, distributed=distributed)
             self._owns_checkpointer = True
         else:

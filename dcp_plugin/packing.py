@@ -45,14 +45,26 @@ def entry_prefix(name: str, per_rank: bool, rank: int) -> str:
 class Packed:
     """What one rank hands to DCP for a save."""
 
-    flat: dict[str, Any]
+    tensors: dict[str, Any]
+    """Every tensor under its checkpoint key (``model.layer.weight``, ``optimizer.state.layer.weight.exp_avg``)."""
+    state_dict: dict[str, Any]
+    """The same tensors nested by their path (``{"model": {"layer.weight": ...}, "optimizer": {"state": ...}}``):
+    what DCP is handed. DCP's own flattening turns it into exactly the keys of :attr:`tensors` and records the
+    nesting in ``.metadata`` (``planner_data``), so DCP's tools (``dcp_to_torch_save``, ``accelerate merge-weights``)
+    rebuild ``{"model": ..., "optimizer": ...}`` instead of one flat mapping."""
     entries: dict[str, dict[str, Any]]
+
+    @property
+    def flat(self) -> dict[str, Any]:
+        """What the engine hands to DCP (the nested :attr:`state_dict`; DCP flattens it itself)."""
+        return self.state_dict
 
 
 def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: bool) -> Packed:
     """Expand Stateful objects and encode everything into a flat ``{key: tensor}`` dict."""
     expanded = _stateful_to_state_dict(dict(state))
     flat: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name, value in expanded.items():
         per_rank = is_per_rank(state[name])
@@ -62,11 +74,26 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
         if clash:
             raise encoding.EncodingError(f"State entries collide on checkpoint keys {sorted(clash)[:3]}; rename one.")
         flat.update(encoder.tensors)
+        for key, path in encoder.paths.items():
+            _insert(nested, path, encoder.tensors[key])
         entries[name] = {"per_rank": per_rank, "value": skeleton}
     # The checkpoint's format version is recorded once, in the manifest (see dcp_plugin.storage).
     document = {"rank": rank, "world_size": world_size, "entries": entries}
-    flat[skeleton_key(rank)] = encoding.dumps(document)
-    return Packed(flat=flat, entries={n: {"per_rank": e["per_rank"]} for n, e in entries.items()})
+    flat[skeleton_key(rank)] = nested[skeleton_key(rank)] = encoding.dumps(document)
+    return Packed(tensors=flat, state_dict=nested, entries={n: {"per_rank": e["per_rank"]} for n, e in entries.items()})
+
+
+def _insert(nested: dict[str, Any], path: tuple[str, ...], tensor: Any) -> None:
+    """Put ``tensor`` at ``path`` in ``nested`` (dicts only, string keys: DCP joins them with '.' to the key)."""
+    node = nested
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):  # pragma: no cover - a tensor path is never a prefix of another
+            raise encoding.EncodingError(f"Checkpoint key {'.'.join(path)!r} runs through a tensor.")
+        node = child
+    if path[-1] in node:  # pragma: no cover - keys are unique, so paths are too
+        raise encoding.EncodingError(f"Two tensors map to the checkpoint key {'.'.join(path)!r}.")
+    node[path[-1]] = tensor
 
 
 def skeleton_source_rank(rank: int, saved_world_size: int) -> int:

@@ -48,3 +48,58 @@ def test_from_env_rejects_typos():
         CheckpointConfig.from_env({"DCP_PLUGIN_ASYNC_MOD": "thread"})
     with pytest.raises(ConfigError, match="integer"):
         CheckpointConfig.from_env({"DCP_PLUGIN_THREAD_COUNT": "many"})
+
+
+def test_a_misspelt_variable_names_the_closest_one_and_all_known():
+    with pytest.raises(ConfigError) as info:
+        CheckpointConfig.from_env({"DCP_PLUGIN_ASYNC_MOD": "sync"})
+    message = str(info.value)
+    assert "Did you mean DCP_PLUGIN_ASYNC_MODE?" in message
+    for known in ("DCP_PLUGIN_THREAD_COUNT", "DCP_PLUGIN_ENABLE", "DCP_PLUGIN_KEEP_LAST", "DCP_PLUGIN_DIR"):
+        assert known in message
+    with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_KEEP_LAST"):
+        CheckpointConfig.from_env({"DCP_PLUGIN_KEEPLAST": "3"})
+
+
+def test_arguments_win_then_environment_then_defaults():
+    env = {"DCP_PLUGIN_ASYNC_MODE": "sync", "DCP_PLUGIN_THREAD_COUNT": "5"}
+    config = CheckpointConfig.resolve(env, async_mode=None, thread_count=3, strict=None)
+    assert (config.async_mode, config.thread_count, config.strict) == ("sync", 3, True)
+    assert CheckpointConfig.resolve({}, async_mode=None).async_mode == "thread"
+
+
+def test_checkpoint_manager_reads_the_environment(tmp_path, monkeypatch):
+    from dcp_plugin import CheckpointManager
+
+    monkeypatch.setenv("DCP_PLUGIN_ASYNC_MODE", "sync")
+    monkeypatch.setenv("DCP_PLUGIN_THREAD_COUNT", "3")
+    manager = CheckpointManager(str(tmp_path / "a"), thread_count=1)
+    try:
+        assert manager.config.async_mode == "sync" and manager.config.thread_count == 1
+    finally:
+        manager.close()
+    explicit = CheckpointManager(str(tmp_path / "b"), CheckpointConfig(async_mode="thread"))
+    try:
+        assert explicit.config.async_mode == "thread"  # a config given in code is explicit
+    finally:
+        explicit.close()
+    monkeypatch.setenv("DCP_PLUGIN_ASYNC_MOOD", "sync")
+    with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_ASYNC_MODE"):
+        CheckpointManager(str(tmp_path / "c"))
+
+
+def test_lightning_plugin_reads_the_environment(monkeypatch):
+    import inspect
+
+    from dcp_plugin.lightning import DCPCheckpointIO
+
+    monkeypatch.setenv("DCP_PLUGIN_ASYNC_MODE", "sync")
+    monkeypatch.setenv("DCP_PLUGIN_ALLOW_PICKLE", "1")
+    plugin = DCPCheckpointIO()
+    assert plugin.config.async_mode == "sync" and plugin.config.allow_pickle is True
+    assert DCPCheckpointIO(async_mode="process").config.async_mode == "process"
+    # LightningCLI (jsonargparse) represents every default: they are plain None, no enum or object
+    defaults = [p.default for p in inspect.signature(DCPCheckpointIO.__init__).parameters.values()][1:]
+    assert all(d is None or isinstance(d, bool) for d in defaults)
+    monkeypatch.delenv("DCP_PLUGIN_ASYNC_MODE")
+    assert DCPCheckpointIO().config.async_mode == "thread"

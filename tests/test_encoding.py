@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
+import enum
 import math
+import pathlib
 import random
 
 import numpy as np
@@ -82,3 +86,120 @@ def test_pickle_is_opt_in_on_both_sides():
 def test_colliding_keys_are_reported():
     with pytest.raises(encoding.EncodingError, match="entry.a.b"):
         roundtrip({"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}})
+
+
+# -- what Lightning puts in hyper-parameters, without pickle -----------------------------------------
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = 2
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    lr: float = 0.1
+    betas: tuple = (0.9, 0.99)
+    name: str = "adam"
+
+    def __post_init__(self):  # never run on load
+        raise AssertionError("called")  # pragma: no cover - only when constructed normally
+
+
+def _optim() -> Optim:
+    obj = object.__new__(Optim)
+    for name, value in (("lr", 0.1), ("betas", (0.9, 0.99)), ("name", "adam")):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+def test_hyper_parameters_lightning_stores_come_back_as_the_same_types():
+    from lightning.fabric.utilities.data import AttributeDict
+
+    value = {
+        "namespace": argparse.Namespace(lr=0.1, layers=[1, 2], nested=argparse.Namespace(a=1)),
+        "posix": pathlib.Path("/data/x"),
+        "pure": pathlib.PurePosixPath("a/b"),
+        "windows": pathlib.PureWindowsPath("C:/x"),
+        "colour": Colour.BLUE,
+        "level": Level.LOW,
+        "optim": _optim(),
+        "attrs": AttributeDict(a=1, b=Colour.RED),
+    }
+    out, _ = roundtrip(value)
+    assert type(out["namespace"]) is argparse.Namespace and out["namespace"] == value["namespace"]
+    assert type(out["namespace"].nested) is argparse.Namespace
+    for key in ("posix", "pure", "windows"):
+        assert type(out[key]) is type(value[key]) and out[key] == value[key]
+    assert out["colour"] is Colour.BLUE and out["level"] is Level.LOW
+    assert type(out["optim"]) is Optim and out["optim"] == value["optim"]
+    assert type(out["attrs"]) is AttributeDict and out["attrs"]["b"] is Colour.RED
+
+
+def test_classes_are_never_imported_or_called_from_a_checkpoint(monkeypatch):
+    import sys
+
+    skeleton = encoding.Encoder("e").encode({"colour": Colour.RED, "optim": _optim()})
+    # a checkpoint naming a module that is not imported, or something that is not an Enum / dataclass
+    skeleton["colour"]["cls"] = "not_imported_module_xyz:Colour"
+    skeleton["optim"]["cls"] = "os:system"
+    before = set(sys.modules)
+    decoded = encoding.decode(encoding.loads(encoding.dumps(skeleton)), {}.__getitem__)
+    assert "not_imported_module_xyz" not in sys.modules and set(sys.modules) == before
+    assert decoded["colour"] == "red"  # the enum's value
+    assert decoded["optim"] == {"lr": 0.1, "betas": (0.9, 0.99), "name": "adam"}  # the fields as a dict
+    # a module that is imported but a class that is not an Enum: the plain value, nothing called
+    skeleton["colour"]["cls"] = "collections:OrderedDict"
+    assert encoding.decode(encoding.loads(encoding.dumps(skeleton)), {}.__getitem__)["colour"] == "red"
+
+
+def test_omegaconf_containers_are_stored_without_pickle():
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create(
+        {"model": {"lr": 0.1, "layers": [1, 2], "ref": "${model.lr}"}, "tags": ["a"], "colour": Colour.RED}
+    )
+    listed = omegaconf.OmegaConf.create([1, {"a": None}])
+    out, _ = roundtrip({"cfg": cfg, "list": listed})
+    assert isinstance(out["cfg"], omegaconf.DictConfig) and isinstance(out["list"], omegaconf.ListConfig)
+    assert omegaconf.OmegaConf.to_container(out["cfg"]) == omegaconf.OmegaConf.to_container(cfg)
+    assert out["cfg"].model.ref == 0.1  # interpolations are kept, not resolved at save time
+    assert out["cfg"].colour is Colour.RED
+    assert list(out["list"]) == list(listed)
+
+
+def test_omegaconf_containers_load_as_plain_containers_without_omegaconf(monkeypatch):
+    omegaconf = pytest.importorskip("omegaconf")
+    skeleton = encoding.Encoder("e").encode({"cfg": omegaconf.OmegaConf.create({"a": [1]})})
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_omegaconf(name, *args, **kwargs):
+        if name.startswith("omegaconf"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_omegaconf)
+    assert encoding.decode(encoding.loads(encoding.dumps(skeleton)), {}.__getitem__) == {"cfg": {"a": [1]}}
+
+
+def test_lightning_hyper_parameters_with_a_dictconfig_save_and_load_without_pickle(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    from dcp_plugin.lightning import DCPCheckpointIO
+
+    hparams = {"cfg": omegaconf.OmegaConf.create({"lr": 0.1, "data": {"root": "/x"}}), "path": pathlib.Path("/y")}
+    checkpoint = {
+        "epoch": 0,
+        "global_step": 1,
+        "pytorch-lightning_version": "2.6.6",
+        "state_dict": {"w": torch.ones(2)},
+        "hyper_parameters": hparams,
+    }
+    plugin = DCPCheckpointIO(async_mode="sync", allow_pickle=False)
+    plugin.save_checkpoint(checkpoint, tmp_path / "a.ckpt")
+    loaded = plugin.load_checkpoint(tmp_path / "a.ckpt")
+    plugin.teardown()
+    assert isinstance(loaded["hyper_parameters"]["cfg"], omegaconf.DictConfig)
+    assert loaded["hyper_parameters"]["cfg"] == hparams["cfg"] and loaded["hyper_parameters"]["path"] == hparams["path"]

@@ -25,14 +25,14 @@ def metadata_of(flat: dict) -> Metadata:
 def round_trip(saved_state: dict, live_state: dict, *, rank: int = 0, strict: bool = True) -> tuple[dict, list]:
     """Pack ``saved_state``, then plan, "load" (copy tensors in place, as DCP would) and finish into ``live_state``."""
     packed = packing.pack(wrap_state(saved_state), rank=rank, world_size=1, allow_pickle=False)
-    metadata = metadata_of(packed.flat)
-    document = encoding.loads(packed.flat[packing.skeleton_key(rank)])
+    metadata = metadata_of(packed.tensors)
+    document = encoding.loads(packed.tensors[packing.skeleton_key(rank)])
     wrapped = wrap_state(live_state)
     plan = packing.plan_load(wrapped, document, metadata, source_rank=rank, strict=strict)
     if plan.problems:
         return {}, plan.problems
     for key, target in plan.flat.items():
-        target.copy_(packed.flat[key])
+        target.copy_(packed.tensors[key])
     return packing.finish_load(plan, wrapped, strict=strict, allow_pickle=False), plan.warnings
 
 
@@ -49,13 +49,13 @@ def test_models_and_plain_values_round_trip_exactly():
 
 def test_tensor_keys_are_the_ones_dcp_would_use():
     packed = packing.pack(wrap_state({"model": make_model()}), rank=0, world_size=1, allow_pickle=False)
-    assert "model.0.weight" in packed.flat and packing.skeleton_key(0) in packed.flat
+    assert "model.0.weight" in packed.tensors and packing.skeleton_key(0) in packed.tensors
     assert packed.entries == {"model": {"per_rank": False}}
 
 
 def test_per_rank_entries_are_stored_under_their_rank():
     packed = packing.pack({"gen": PerRank({"t": torch.zeros(2)})}, rank=3, world_size=4, allow_pickle=False)
-    assert "gen/rank3.t" in packed.flat and packed.entries == {"gen": {"per_rank": True}}
+    assert "gen/rank3.t" in packed.tensors and packed.entries == {"gen": {"per_rank": True}}
     assert packing.skeleton_source_rank(3, saved_world_size=4) == 3
     assert packing.skeleton_source_rank(5, saved_world_size=4) == 0  # ranks that did not exist take rank 0's
 

@@ -25,6 +25,7 @@ import uuid
 import warnings
 from typing import Any
 
+from dcp_plugin.accelerate import hooks
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
 from dcp_plugin.checkpointer import Checkpointer
@@ -61,14 +62,38 @@ class AccelerateCheckpointer:
         self.accelerator = accelerator
         self.options = options
         self.config = options.config
-        self.checkpointer = Checkpointer(options.config)
+        self._checkpointer: Checkpointer | None = None
         self._automatic: CheckpointManager | None = None
         self._closed = False
         self._warned_ignored_dir = False
+        self.installed_automatically = False
+        """Installed by ``DCP_PLUGIN_ENABLE=1`` (zero-code); a script's own ``enable()`` replaces it."""
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The :class:`Checkpointer` every save and load of this ``Accelerator`` goes through (created on
+        first use)."""
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self.config)
+        return self._checkpointer
 
     @property
     def engine(self) -> CheckpointEngine:
         return self.checkpointer.engine
+
+    # -- copying -----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` keep the options, not the runtime: no writer, no save in flight.
+
+        The copy starts fresh (its checkpointer is created on first use); a save in flight stays with the
+        original."""
+        state = dict(self.__dict__)
+        state["_checkpointer"] = None
+        state["_automatic"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # -- where checkpoints go --------------------------------------------------------------------
     @property
@@ -128,7 +153,7 @@ class AccelerateCheckpointer:
         Returns when the snapshot is taken; the write continues in the background (in ``thread`` or
         ``process`` mode). A failure of an earlier background write is raised here.
         """
-        self._check_usable(self.accelerator._save_model_state_pre_hook, "register_save_state_pre_hook")
+        self._check_usable()
         self.checkpointer.wait()
         project = self.accelerator.project_configuration
         iteration = int(project.iteration)
@@ -151,7 +176,8 @@ class AccelerateCheckpointer:
             )
         else:
             ref = self.checkpointer.locate(str(output_dir))
-        state = collect(self.accelerator, iteration)
+        models, hook_files = hooks.run_save_hooks(self.accelerator, self.checkpointer.groups.all_gather)
+        state = collect(self.accelerator, iteration, models=models, hook_files=hook_files)
         metadata = {
             "iteration": iteration,
             "accelerator_step": int(self.accelerator.step),
@@ -180,27 +206,35 @@ class AccelerateCheckpointer:
 
         ``input_dir=None`` takes the latest committed automatically named checkpoint.
         """
-        self._check_usable(self.accelerator._load_model_state_pre_hook, "register_load_state_pre_hook")
+        self._check_usable()
         self.flush()
         project = self.accelerator.project_configuration
-        if input_dir is not None:
-            load = lambda state: self.checkpointer.load(str(input_dir), state, strict=strict)  # noqa: E731
-        elif self.automatic_naming:
-            load = lambda state: self.automatic_manager().load(state, strict=strict)  # noqa: E731
-        else:
+        if input_dir is None and not self.automatic_naming:
             raise ValueError(
                 "load_state() needs an input directory: pass load_state(input_dir), or enable "
                 "ProjectConfiguration(automatic_checkpoint_naming=True) / set DCP_PLUGIN_DIR to load "
                 "the latest."
             )
-        state = collect(self.accelerator, int(project.iteration), for_load=True)
+        hook_dir = None
         try:
-            info = load(state)
-        except CheckpointNotFoundError as err:
-            raise CheckpointNotFoundError(
-                f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
-                "DCP_PLUGIN_ENABLE=0 or after dcp_plugin.accelerate.disable(accelerator)."
-            ) from None
+            try:
+                if self.accelerator._load_model_state_pre_hook:
+                    ref, models, hook_dir = hooks.prepare_load(self, input_dir)
+                    state = collect(self.accelerator, int(project.iteration), for_load=True, models=models)
+                    info = self.checkpointer.load(ref, state, strict=strict)
+                else:
+                    state = collect(self.accelerator, int(project.iteration), for_load=True)
+                    if input_dir is not None:
+                        info = self.checkpointer.load(str(input_dir), state, strict=strict)
+                    else:
+                        info = self.automatic_manager().load(state, strict=strict)
+            except CheckpointNotFoundError as err:
+                raise CheckpointNotFoundError(
+                    f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
+                    "DCP_PLUGIN_ENABLE=0 or after dcp_plugin.accelerate.disable(accelerator)."
+                ) from None
+        finally:
+            hooks.cleanup(hook_dir)
         saved = state[ACCELERATOR_ENTRY]
         self.accelerator.step = int(saved["step"])
         next_iteration = int(saved["iteration"]) + 1
@@ -233,8 +267,8 @@ class AccelerateCheckpointer:
     # -- flushing and retention ------------------------------------------------------------------
     def flush(self) -> None:
         """Wait for the save in flight (raising its error), then apply the retention limit."""
-        if self._closed:
-            return
+        if self._closed or self._checkpointer is None:
+            return  # nothing was saved through this checkpointer yet
         self.checkpointer.wait()
         if self.automatic_naming:
             self.automatic_manager().wait()
@@ -248,28 +282,19 @@ class AccelerateCheckpointer:
             self.flush()
         finally:
             self._closed = True
-            self.checkpointer.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def _check_usable(self, hooks: dict, register_name: str) -> None:
+    def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeError(
                 "dcp-plugin checkpointing for this Accelerator was closed by end_training(); enable "
                 "it again with "
                 "dcp_plugin.accelerate.enable(accelerator) to save or load."
-            )
-        if hooks:
-            raise ConfigError(
-                f"Hooks registered with accelerator.{register_name} are not supported with "
-                "dcp-plugin: they write "
-                "files into the checkpoint directory, which dcp-plugin creates atomically when the "
-                "save commits. "
-                "Remove the hooks (register extra state with accelerator.register_for_checkpointing "
-                "instead), or "
-                "disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
             )
 
 

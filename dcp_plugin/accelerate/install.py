@@ -9,7 +9,6 @@ loaded), and the write is synchronous, local-disk only and not crash-safe.
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 from accelerate import Accelerator
@@ -18,7 +17,6 @@ from accelerate.utils import DistributedType
 from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.config import CheckpointConfig, ConfigError
-from dcp_plugin.storage import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,10 @@ def enable(
     """
     if not isinstance(accelerator, Accelerator):
         raise TypeError(f"enable() takes an accelerate.Accelerator, got {type(accelerator).__name__}.")
-    if getattr(accelerator, ATTRIBUTE, None) is not None:
+    existing = getattr(accelerator, ATTRIBUTE, None)
+    if existing is not None and existing.installed_automatically:
+        disable(accelerator)  # DCP_PLUGIN_ENABLE=1 enabled it; the script's own call and options win
+    elif existing is not None:
         raise RuntimeError(
             "dcp-plugin is already enabled on this Accelerator; call "
             "dcp_plugin.accelerate.disable(accelerator) first to change its options."
@@ -89,6 +90,17 @@ def enable(
     return checkpointer
 
 
+def enable_automatically(accelerator: Accelerator) -> AccelerateCheckpointer | None:
+    """What ``DCP_PLUGIN_ENABLE=1`` does for every new ``Accelerator`` (see ``_dcp_plugin_autoload``): enable
+    dcp-plugin with options from ``DCP_PLUGIN_*`` variables, unless it is enabled already."""
+    if getattr(accelerator, ATTRIBUTE, None) is not None:
+        return None
+    checkpointer = enable(accelerator)
+    if checkpointer is not None:
+        checkpointer.installed_automatically = True
+    return checkpointer
+
+
 def disable(accelerator: Accelerator) -> None:
     """Flush the save in flight, stop the writer and give ``accelerator`` its own methods back."""
     checkpointer = getattr(accelerator, ATTRIBUTE, None)
@@ -108,47 +120,82 @@ def checkpointer_of(accelerator: Accelerator) -> AccelerateCheckpointer | None:
 
 
 def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> None:
-    cls = type(accelerator)
-    original_wait = cls.wait_for_everyone
-    original_end = cls.end_training
-
-    def save_state(self: Accelerator, output_dir: Any = None, safe_serialization: bool = True, **kwargs: Any) -> str:
-        """DCP-backed :meth:`accelerate.Accelerator.save_state` (dcp-plugin); returns the checkpoint's URL."""
-        if kwargs:
-            raise TypeError(
-                f"save_state() got {sorted(kwargs)}: these are for DeepSpeed's save_checkpoint, which "
-                "dcp-plugin does not use. Remove them, or disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
-            )
-        return checkpointer.save_state(output_dir)
-
-    def load_state(
-        self: Accelerator, input_dir: Any = None, load_kwargs: dict | None = None, **kwargs: Any
-    ) -> CheckpointInfo:
-        """DCP-backed :meth:`accelerate.Accelerator.load_state` (dcp-plugin): loads in place, resharding."""
-        strict = kwargs.pop("strict", None)
-        kwargs.pop("map_location", None)  # tensors load into the live (already placed) objects
-        if kwargs or load_kwargs:
-            raise TypeError(
-                f"load_state() got {sorted(kwargs) + sorted(load_kwargs or {})}; dcp-plugin loads in "
-                "place and accepts only strict= (and ignores map_location)."
-            )
-        return checkpointer.load_state(input_dir, strict=strict)
-
-    def wait_for_everyone(self: Accelerator) -> None:
-        """Wait for the checkpoint save in flight on this rank, then for all processes (dcp-plugin)."""
-        checkpointer.flush()
-        original_wait(self)
-
-    def end_training(self: Accelerator) -> None:
-        """Commit the last checkpoint and stop its writer, then Accelerate's own end_training (dcp-plugin)."""
-        try:
-            checkpointer.close()
-        finally:
-            original_end(self)
-
-    for function in (save_state, load_state, wait_for_everyone, end_training):
-        setattr(accelerator, function.__name__, types.MethodType(function, accelerator))
+    for name in _WRAPPED:
+        setattr(accelerator, name, _Method(accelerator, name))
     setattr(accelerator, ATTRIBUTE, checkpointer)
+
+
+class _Method:
+    """One DCP-backed method on one ``Accelerator`` instance.
+
+    A plain object rather than a closure, so that an ``Accelerator`` with dcp-plugin enabled can still be
+    pickled and deep-copied (the copy gets its own methods, bound to the copy, and a fresh checkpointer).
+    """
+
+    def __init__(self, accelerator: Accelerator, name: str) -> None:
+        self.accelerator = accelerator
+        self.name = name
+        self.__doc__ = getattr(_IMPLEMENTATIONS[name], "__doc__", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _IMPLEMENTATIONS[self.name](self.accelerator, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<dcp-plugin {self.name} of {type(self.accelerator).__name__}>"
+
+
+def _checkpointer(accelerator: Accelerator) -> AccelerateCheckpointer:
+    checkpointer = getattr(accelerator, ATTRIBUTE, None)
+    if checkpointer is None:  # pragma: no cover - the methods are removed together with it
+        raise RuntimeError("dcp-plugin is not enabled on this Accelerator.")
+    return checkpointer
+
+
+def _save_state(
+    accelerator: Accelerator, output_dir: Any = None, safe_serialization: bool = True, **kwargs: Any
+) -> str:
+    """DCP-backed :meth:`accelerate.Accelerator.save_state` (dcp-plugin); returns the checkpoint's URL."""
+    if kwargs:
+        raise TypeError(
+            f"save_state() got {sorted(kwargs)}: these are for DeepSpeed's save_checkpoint, which "
+            "dcp-plugin does not use. Remove them, or disable dcp-plugin (DCP_PLUGIN_ENABLE=0)."
+        )
+    return _checkpointer(accelerator).save_state(output_dir)
+
+
+def _load_state(accelerator: Accelerator, input_dir: Any = None, load_kwargs: dict | None = None, **kwargs: Any) -> Any:
+    """DCP-backed :meth:`accelerate.Accelerator.load_state` (dcp-plugin): loads in place, resharding."""
+    strict = kwargs.pop("strict", None)
+    kwargs.pop("map_location", None)  # tensors load into the live (already placed) objects
+    if kwargs or load_kwargs:
+        raise TypeError(
+            f"load_state() got {sorted(kwargs) + sorted(load_kwargs or {})}; dcp-plugin loads in "
+            "place and accepts only strict= (and ignores map_location)."
+        )
+    return _checkpointer(accelerator).load_state(input_dir, strict=strict)
+
+
+def _wait_for_everyone(accelerator: Accelerator) -> None:
+    """Wait for the checkpoint save in flight on this rank (it is committed when this returns), then for
+    all processes (dcp-plugin)."""
+    _checkpointer(accelerator).flush()
+    type(accelerator).wait_for_everyone(accelerator)
+
+
+def _end_training(accelerator: Accelerator) -> None:
+    """Commit the last checkpoint and stop its writer, then Accelerate's own end_training (dcp-plugin)."""
+    try:
+        _checkpointer(accelerator).close()
+    finally:
+        type(accelerator).end_training(accelerator)
+
+
+_IMPLEMENTATIONS = {
+    "save_state": _save_state,
+    "load_state": _load_state,
+    "wait_for_everyone": _wait_for_everyone,
+    "end_training": _end_training,
+}
 
 
 class DCPAccelerator(Accelerator):

@@ -74,7 +74,7 @@ class AccelerateOptions:
         """
         environ = os.environ if environ is None else environ
         if config is None:
-            config = CheckpointConfig.from_env(environ, **config_overrides)
+            config = CheckpointConfig.resolve(environ, **config_overrides)
         elif config_overrides:
             config = config.replace(**config_overrides)
         if enable is None and ENABLE_ENV in environ:

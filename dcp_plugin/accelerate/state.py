@@ -13,6 +13,7 @@ entry                      content                                              
 ``scaler``                 ``GradScaler.state_dict()``                                 no
 ``custom_checkpoint_0``..  objects passed to ``register_for_checkpointing``            no
 ``random_states``          Python, NumPy, torch (and CUDA) generators                  yes
+``save_state_hook_files``  files written by ``register_save_state_pre_hook`` hooks       no
 ``accelerator``            ``accelerator.step`` and the save ``iteration``            no
 =========================  =========================================================  ==========
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dcp_plugin.accelerate.hooks import HOOK_FILES_ENTRY
 from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
 
 ACCELERATOR_ENTRY = "accelerator"
@@ -101,30 +103,50 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _model_for(optimizer: torch.optim.Optimizer, models: list[torch.nn.Module], index: int) -> torch.nn.Module:
+def _model_for(optimizer: torch.optim.Optimizer, models: list[torch.nn.Module]) -> torch.nn.Module:
+    """The module whose parameter names key ``optimizer``'s state: the prepared model holding all its
+    parameters or, for an optimizer over several prepared models (allowed by Accelerate), a container of those
+    models named as Accelerate names them (``model.<param>``, ``model_1.<param>``)."""
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for model in models:
         if wanted <= {id(p) for p in model.parameters()}:
             return model
-    raise ValueError(
-        f"Optimizer {index} trains parameters that no single prepared model holds "
-        f"({len(models)} model(s) prepared). dcp-plugin keys optimizer state by parameter name and needs the "
-        "model of each optimizer: prepare the model together with its optimizer (one optimizer per model)."
-    )
+    owners = {
+        indexed("model", i): model for i, model in enumerate(models) if wanted & {id(p) for p in model.parameters()}
+    }
+    held = set().union(*({id(p) for p in m.parameters()} for m in owners.values())) if owners else set()
+    if not wanted <= held:
+        raise ValueError(
+            f"An optimizer trains {len(wanted - held)} parameter(s) that no prepared model holds: prepare every "
+            "model whose parameters an optimizer trains (accelerator.prepare(model, optimizer))."
+        )
+    return torch.nn.ModuleDict(owners)
 
 
-def collect(accelerator: Any, iteration: int, *, for_load: bool = False) -> dict[str, Any]:
-    """The state mapping for ``CheckpointManager.save`` / ``load`` (live objects, loaded in place)."""
+def collect(
+    accelerator: Any,
+    iteration: int,
+    *,
+    for_load: bool = False,
+    models: set[int] | None = None,
+    hook_files: list | None = None,
+) -> dict[str, Any]:
+    """The state mapping for ``CheckpointManager.save`` / ``load`` (live objects, loaded in place).
+
+    ``models``: indices of the prepared models to include (default all; Accelerate's state hooks may take some
+    over). ``hook_files``: what save hooks wrote (see :mod:`dcp_plugin.accelerate.hooks`).
+    """
     state: dict[str, Any] = {}
-    models = list(accelerator._models)
-    for i, model in enumerate(models):
-        state[indexed("model", i)] = ModelState(model)
+    prepared = list(accelerator._models)
+    for i, model in enumerate(prepared):
+        if models is None or i in models:
+            state[indexed("model", i)] = ModelState(model)
     # GradScaler before the optimizers: loading a sharded optimizer may step it (see Accelerate's FSDP2 note).
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler
     for i, optimizer in enumerate(accelerator._optimizers):
         inner = _inner_optimizer(optimizer)
-        state[indexed("optimizer", i)] = OptimizerState(_model_for(inner, models, i), inner)
+        state[indexed("optimizer", i)] = OptimizerState(_model_for(inner, prepared), inner)
     for i, scheduler in enumerate(accelerator._schedulers):
         state[indexed("scheduler", i)] = scheduler
     for i, dataloader in enumerate(accelerator._dataloaders):
@@ -133,6 +155,8 @@ def collect(accelerator: Any, iteration: int, *, for_load: bool = False) -> dict
             state[indexed("dataloader_state", i)] = PerRank(dataloader)
     for i, obj in enumerate(accelerator._custom_objects):
         state[f"custom_checkpoint_{i}"] = obj
+    if hook_files is not None:
+        state[HOOK_FILES_ENTRY] = hook_files
     state[RNG_ENTRY] = RNGState()
     state[ACCELERATOR_ENTRY] = {"step": int(accelerator.step), "iteration": int(iteration)}
     return state

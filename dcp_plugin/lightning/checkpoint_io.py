@@ -45,7 +45,7 @@ class DCPCheckpointIO(CheckpointIO):
     :class:`~dcp_plugin.lightning.DCPModelParallelStrategy` / :class:`~dcp_plugin.lightning.DCPFSDPStrategy`
     so every rank writes its own shards.
 
-    Args:
+    Args (left out: ``DCP_PLUGIN_*`` variables, else the defaults):
         async_mode: ``"sync"`` (write before returning), ``"thread"`` (snapshot, then write in a background
             thread) or ``"process"`` (write in a background daemon process; scripts need an
             ``if __name__ == "__main__":`` guard).
@@ -67,20 +67,20 @@ class DCPCheckpointIO(CheckpointIO):
 
     def __init__(
         self,
-        async_mode: Literal["sync", "thread", "process"] = "thread",
+        async_mode: Optional[Literal["sync", "thread", "process"]] = None,
         *,
-        async_staging: bool = False,
-        reuse_buffers: bool = True,
-        thread_count: int = 2,
-        sync_files: bool = True,
-        strict: bool = True,
-        allow_pickle: bool = False,
+        async_staging: Optional[bool] = None,
+        reuse_buffers: Optional[bool] = None,
+        thread_count: Optional[int] = None,
+        sync_files: Optional[bool] = None,
+        strict: Optional[bool] = None,
+        allow_pickle: Optional[bool] = None,
         storage_options: Optional[dict[str, Any]] = None,
         pinned_memory: Optional[bool] = None,
         shared_memory: Optional[bool] = None,
         save_rng: bool = True,
     ) -> None:
-        config = CheckpointConfig(
+        config = CheckpointConfig.resolve(
             async_mode=async_mode,
             async_staging=async_staging,
             reuse_buffers=reuse_buffers,
@@ -88,7 +88,7 @@ class DCPCheckpointIO(CheckpointIO):
             sync_files=sync_files,
             strict=strict,
             allow_pickle=allow_pickle,
-            storage_options=dict(storage_options or {}),
+            storage_options=None if storage_options is None else dict(storage_options),
             pinned_memory=pinned_memory,
             shared_memory=shared_memory,
         )
