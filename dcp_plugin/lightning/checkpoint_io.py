@@ -144,7 +144,7 @@ class DCPCheckpointIO(CheckpointIO):
             entries[lay.RNG_ENTRY] = RNGState()
         layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
         step = lay.step_of(checkpoint)
-        options = {"storage_options": storage_options, "metadata": metadata, "run_id": run_id}
+        options: dict[str, Any] = {"storage_options": storage_options, "metadata": metadata, "run_id": run_id}
         return self.save_entries(path, step, entries, layout, collective=False, **options)
 
     def load_checkpoint(

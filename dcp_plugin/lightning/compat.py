@@ -69,8 +69,8 @@ def _is_plugin(plugin: Any) -> bool:
 
 
 def _is_writing(trainer: Any, filepath: Any) -> bool:
-    plugin = getattr(trainer.strategy, "checkpoint_io", None)
-    if not _is_plugin(plugin):
+    plugin: Any = getattr(trainer.strategy, "checkpoint_io", None)
+    if plugin is None or not _is_plugin(plugin):
         return False
     try:
         storage, name = plugin.locate(filepath)
