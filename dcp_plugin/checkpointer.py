@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Union
 
-from dcp_plugin import encoding, packing
+from dcp_plugin import encoding, inflight, packing
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
 from dcp_plugin.errors import (
@@ -108,6 +108,7 @@ class Checkpointer:
         storage, name = self.locate(ref)
         self.check_storage(storage)
         self.engine.wait()
+        inflight.wait_for(storage.url(name))  # another instance's write of this name: ours comes after it
         _check_json(dict(metadata or {}))
         wrapped = wrap_state(state)
         if self.config.async_staging:
@@ -196,6 +197,7 @@ class Checkpointer:
         allow_pickle = self.config.allow_pickle if allow_pickle is None else allow_pickle
         storage, resolve = self._resolver(ref)
         self.engine.wait()
+        self._wait_for_writes(ref, storage)
         for attempt in range(REPLACED_RETRIES + 1):
             info = _resolve_on_coordinator(self.groups, resolve)
             try:
@@ -223,6 +225,7 @@ class Checkpointer:
         """Read a checkpoint without live objects: every (or the named) entry as plain values, with
         full-size tensors (sharded saves are gathered). For inspection, export and inference."""
         storage, resolve = self._resolver(ref)
+        self._wait_for_writes(ref, storage)
         info = _resolve_on_coordinator(self.groups, resolve)
         saved = list(info.manifest.get("entries", {}))
         missing = [entry for entry in entries or [] if entry not in saved]
@@ -231,6 +234,15 @@ class Checkpointer:
         state: dict[str, Any] = {entry: None for entry in (entries or saved)}
         self.load((storage, resolve), state, allow_pickle=allow_pickle)
         return state
+
+    def _wait_for_writes(self, ref: Any, storage: CheckpointStorage) -> None:
+        """Before reading: wait for this process's writes of the checkpoint (or, when a resolver chooses it later,
+        of any checkpoint in its directory), whichever engine started them."""
+        if isinstance(ref, tuple) and callable(ref[1]):
+            inflight.wait_under(storage.root_url)
+        else:
+            located, name = self.locate(ref)
+            inflight.wait_for(located.url(name))
 
     def _resolver(self, ref: Ref | tuple[CheckpointStorage, Resolver]) -> tuple[CheckpointStorage, Resolver]:
         if isinstance(ref, tuple) and callable(ref[1]):

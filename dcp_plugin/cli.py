@@ -126,6 +126,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_lightning(args: argparse.Namespace) -> int:
+    """Write a checkpoint saved through the Lightning plugin as one Lightning .ckpt file."""
+    from dcp_plugin.lightning.inference import to_lightning_file
+
+    weights_only = False if args.allow_pickle else None
+    to_lightning_file(args.checkpoint, args.output, weights_only=weights_only, storage_options=_storage_options(args))
+    print(f"wrote {args.output} (a Lightning checkpoint file: load_from_checkpoint and torch.load read it)")
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     storage = CheckpointStorage(args.directory, _storage_options(args))
     leftovers = storage.incomplete()
@@ -162,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--entry", default="model")
     export.add_argument("--dtype", help="convert floating tensors, e.g. bfloat16")
     export.set_defaults(func=cmd_export)
+    convert = sub.add_parser(
+        "convert-lightning", help="write a Lightning plugin checkpoint as one .ckpt file (for load_from_checkpoint)"
+    )
+    convert.add_argument("checkpoint")
+    convert.add_argument("output")
+    convert.add_argument("--allow-pickle", action="store_true", help="also convert pickled values (trusted files)")
+    convert.set_defaults(func=cmd_convert_lightning)
     purge = sub.add_parser("purge", help="remove leftovers of writes that never committed")
     purge.add_argument("directory")
     purge.add_argument("--dry-run", action="store_true")

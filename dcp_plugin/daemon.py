@@ -4,6 +4,10 @@ DCP starts the daemon on first use and offers no way to stop it, nor to recover 
 DCP's private ``_async_process_executor`` module (its ``_CHECKPOINT_PROCESS`` global), which is touched
 only here. The daemon re-imports ``__main__``; a script without the ``if __name__ == "__main__":`` guard
 would run training again in it and hang, so that is checked before the daemon is started.
+
+DCP's daemon logs several INFO lines per save to its own stderr handler; the daemons started through this
+module (and by DCP itself once :func:`prepare` ran) log warnings and errors only. :func:`start` starts the
+daemon ahead of the first save, in the background, so that save does not wait for it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import functools
 import logging
 import re
 import sys
+import threading
 from typing import Any
 
 from dcp_plugin.errors import ConfigError
@@ -19,6 +24,8 @@ from dcp_plugin.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _users: set[int] = set()
+_starting: threading.Thread | None = None
+_start_error: BaseException | None = None
 
 
 def register(user: Any) -> None:
@@ -39,9 +46,82 @@ def _executor() -> Any:
     return _async_process_executor
 
 
+def _quiet_daemon_main(pg_init_info: Any, parent_conn: Any) -> None:
+    """The daemon's entry point: DCP's own, with its logging at WARNING instead of INFO."""
+    executor = _executor()
+    executor._init_logger = _warnings_only_logger
+    _loud_class()._checkpointing_subprocess(pg_init_info, parent_conn)
+
+
+def _warnings_only_logger(rank: int) -> None:
+    root = logging.getLogger()  # DCP's daemon logs to the root logger of its own process
+    root.setLevel(logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"[{rank}] %(asctime)s - dcp writer - %(levelname)s - %(message)s"))
+    root.addHandler(handler)
+
+
+@functools.cache
+def _loud_class() -> Any:
+    return _executor()._AsyncCheckpointProcess
+
+
+@functools.cache
+def _quiet_class() -> Any:
+    class QuietCheckpointProcess(_loud_class()):  # type: ignore[misc, valid-type]
+        _checkpointing_subprocess = staticmethod(_quiet_daemon_main)
+
+    return QuietCheckpointProcess
+
+
+def _use_quiet_daemon() -> None:
+    """Make DCP start the quiet daemon whenever it starts one (it looks the class up when it does)."""
+    executor = _executor()
+    _loud_class()
+    executor._AsyncCheckpointProcess = _quiet_class()
+
+
+def start(group: Any) -> None:
+    """Start the daemon now, in the background, if none runs (every rank of ``group`` calls it, like a save).
+
+    The next :func:`prepare` waits for it; an error starting it is raised there."""
+    global _starting
+    prepare()
+    executor = _executor()
+    if executor._CHECKPOINT_PROCESS is not None or _starting is not None:
+        return
+    info = executor._ProcessGroupInitInfo(group)  # collective: on the calling thread, like DCP does
+
+    def run() -> None:
+        global _start_error
+        try:
+            process = _quiet_class()(info)
+        except BaseException as err:  # noqa: BLE001 - raised by the next prepare()
+            _start_error = err
+            return
+        if executor._CHECKPOINT_PROCESS is None:
+            executor._CHECKPOINT_PROCESS = process
+
+    _starting = threading.Thread(target=run, name="dcp-plugin-daemon-start", daemon=True)
+    _starting.start()
+
+
+def _finish_start() -> None:
+    global _starting, _start_error
+    if _starting is not None:
+        _starting.join()
+        _starting = None
+    error, _start_error = _start_error, None
+    if error is not None:
+        log.warning("Starting the checkpoint writer process ahead of time failed (%s); DCP starts one itself.", error)
+
+
 def prepare() -> None:
     """Before a ``process`` save: check the ``__main__`` guard and forget a daemon that died."""
     check_main_guard()
+    _use_quiet_daemon()
+    _finish_start()
     executor = _executor()
     process = executor._CHECKPOINT_PROCESS
     if process is not None and not process._save_process.is_alive():
@@ -55,6 +135,7 @@ def prepare() -> None:
 
 def shutdown() -> None:
     """Stop the daemon if it runs (asks it to terminate, then terminates it)."""
+    _finish_start()
     executor = _executor()
     process = executor._CHECKPOINT_PROCESS
     if process is None:

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
-from dcp_plugin import daemon, shutdown
+from dcp_plugin import daemon, inflight, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
@@ -77,6 +77,7 @@ class _InFlight:
     upload: Future
     staging: Future | None
     on_failure: Any
+    writing: str
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
@@ -100,6 +101,7 @@ class CheckpointEngine:
         self._closed = False
         _quiet_discarded_dcp_telemetry()
         if self.config.async_mode == "process":
+            daemon.check_main_guard()  # at construction, not at the first save
             daemon.register(self)
         shutdown.track(self)
 
@@ -136,6 +138,12 @@ class CheckpointEngine:
         return self.groups.all_gather_control(obj)
 
     # -- saving ----------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """``process`` mode: start the writer daemon now, in the background (every saving rank calls it)."""
+        if self.config.async_mode == "process":
+            self._check_open()
+            daemon.start(self.groups.checkpoint_group())
+
     def save(
         self,
         flat_state: dict[str, Any],
@@ -154,6 +162,7 @@ class CheckpointEngine:
         mode = self.config.async_mode
         if mode == "thread" and no_dist:
             _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
+        writing = inflight.begin(stats.url)  # visible to every instance in this process until committed
         try:
             with _single_process_intent():
                 if mode == "sync":
@@ -173,11 +182,13 @@ class CheckpointEngine:
                     )
         except BaseException as err:
             _cleanup_after_failure(on_failure, stats.url)
+            inflight.finish(writing)
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             message = f"Saving checkpoint {stats.url} failed: {_describe(err)}"
             raise _project_error(err, CheckpointSaveError, message) from err
         if mode == "sync":
+            inflight.finish(writing)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata)
             self._completed.append(stats)
@@ -191,7 +202,7 @@ class CheckpointEngine:
             stats.staging_s = stats.blocking_s
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
-        flight = _InFlight(stats=stats, started=started, upload=upload, staging=staging, on_failure=on_failure)
+        flight = _InFlight(stats, started, upload, staging, on_failure, writing)
         self._in_flight = flight
         upload.add_done_callback(lambda future: self._upload_done(flight, future))
         return stats
@@ -232,6 +243,7 @@ class CheckpointEngine:
                 _cleanup_after_failure(flight.on_failure, stats.url)
             self._completed.append(stats)
         finally:
+            inflight.finish(flight.writing)
             flight.finished.set()  # whatever happened above, wait() must not hang
 
     def wait_for_staging(self) -> None:

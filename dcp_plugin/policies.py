@@ -249,6 +249,10 @@ class OnPreemption(SavePolicy):
         self._acted = False
         self._previous: dict[signal.Signals, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy has installed no handlers and received no signal (the handlers saved here may not pickle).
+        return {**self.__dict__, "_previous": {}, "_received": None, "_acted": False}
+
     @property
     def received(self) -> signal.Signals | None:
         """The signal received by this process, if any."""

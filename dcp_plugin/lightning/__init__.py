@@ -6,7 +6,7 @@ checkpoint directory, written in the background and committed atomically. See ``
 
 from dcp_plugin.lightning.callback import DCPCheckpoint
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-from dcp_plugin.lightning.inference import load_lightning_module
+from dcp_plugin.lightning.inference import load_lightning_module, to_lightning_file
 from dcp_plugin.lightning.layout import LightningCheckpointError
 from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
 
@@ -17,4 +17,5 @@ __all__ = [
     "DCPModelParallelStrategy",
     "LightningCheckpointError",
     "load_lightning_module",
+    "to_lightning_file",
 ]

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,15 +25,17 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from dcp_plugin import inflight
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.compat import warm_up
+from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
 from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
 from dcp_plugin.policies import (
     RetentionPolicy,
     SaveContext,
     SaveDecision,
     SaveEvent,
-    SaveOptions,
     SavePolicy,
     as_metrics,
 )
@@ -64,6 +65,8 @@ class DCPCheckpoint(Checkpoint):
             given.
         save_on_signal: on SIGTERM/SIGUSR1 (``signals``) on any rank, save at the end of the current batch,
             wait until it is committed, then stop training. Composes with Lightning's own SIGTERM handling.
+        signals: which signals mean preemption: names (``"SIGTERM"``, ``"USR1"``), numbers or
+            ``signal.Signals`` values.
         save_on_exception: save while an exception ends ``fit`` (single-process runs only).
         save_last: save once more when training finishes (unless that step was just saved).
         keep_last: keep only the N most recent checkpoints of this run.
@@ -75,7 +78,8 @@ class DCPCheckpoint(Checkpoint):
             checkpoint in ``dirpath``.
         export_final: at the end of training, also write a model-only checkpoint (weights and
             hyper-parameters) under ``<dirpath>/export/step_<N>``.
-        export_dtype: convert the exported floating-point weights to this dtype (e.g. ``torch.bfloat16``).
+        export_dtype: convert the exported floating-point weights to this dtype (``torch.bfloat16`` or
+            ``"bfloat16"``).
         log_metrics: log each save's timings (``checkpoint/blocking_s``, ``checkpoint/durable_s``,
             ``checkpoint/bytes``, ``checkpoint/throughput_mib_s``) to the trainer's loggers, and a summary
             line at the end of training.
@@ -92,7 +96,7 @@ class DCPCheckpoint(Checkpoint):
         every_n_seconds: float | None = None,
         every_n_epochs: int | None = None,
         save_on_signal: bool = True,
-        signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1),
+        signals: Sequence[int | str] = ("SIGTERM", "SIGUSR1"),
         save_on_exception: bool = False,
         save_last: bool = True,
         keep_last: int | None = None,
@@ -102,36 +106,31 @@ class DCPCheckpoint(Checkpoint):
         mode: Literal["min", "max"] = "min",
         auto_resume: bool = True,
         export_final: bool = False,
-        export_dtype: torch.dtype | None = None,
+        export_dtype: torch.dtype | str | None = None,
         log_metrics: bool = True,
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        no_trigger = every_n_train_steps is None and every_n_seconds is None and every_n_epochs is None
-        self.save_options = SaveOptions(
-            every_n_train_steps,
-            every_n_seconds,
-            1 if no_trigger else every_n_epochs,
-            _check_bool("save_on_signal", save_on_signal),
-            tuple(signal.Signals(s) for s in signals),
-            _check_bool("save_on_exception", save_on_exception),
-            clock,
-        )
+        triggers = (every_n_train_steps, every_n_seconds, every_n_epochs)
+        self.save_options = save_options(*triggers, save_on_signal, signals, save_on_exception, clock)
         self.retention_options = RetentionOptions(keep_last, keep_every_n_steps, keep_best, monitor, mode)
-        _check_export(export_final, export_dtype)
+        export_dtype = checked_export_dtype(export_final, export_dtype)
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
-        self.save_last = _check_bool("save_last", save_last)
-        self.auto_resume = _check_bool("auto_resume", auto_resume)
-        self.export_final = _check_bool("export_final", export_final)
+        self.save_last = check_bool("save_last", save_last)
+        self.auto_resume = check_bool("auto_resume", auto_resume)
+        self.export_final = check_bool("export_final", export_final)
         self.export_dtype = export_dtype
-        self.log_metrics = _check_bool("log_metrics", log_metrics)
+        self.log_metrics = check_bool("log_metrics", log_metrics)
         self.schedule = Schedule(self.save_options.build(), self.retention_options.build(), run_id)
         self.saves = SaveLog(HISTORY_LIMIT)
-        self.last_saved: str | None = None
-        """URL of the last checkpoint this callback saved."""
+        self.last_saved: str | None = None  # URL of the last checkpoint this callback saved
         self._storage: CheckpointStorage | None = None
         self._plugin: DCPCheckpointIO | None = None
         self._manifest_metadata: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies keep options and run; not the trainer's plugin, storage or signal handlers (set up afresh)."""
+        return {**self.__dict__, "_storage": None, "_plugin": None, "_manifest_metadata": None}
 
     @property
     def run_id(self) -> str | None:
@@ -162,11 +161,11 @@ class DCPCheckpoint(Checkpoint):
                 f"{type(plugin).__name__}: pass Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
-        if self.dirpath is None:
-            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         self._storage = CheckpointStorage(self.dirpath, plugin.config.storage_options)
         if stage != "fit":
             return
+        warm_up(trainer, plugin)
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
         if self.auto_resume:
             _wrap_resume_start(trainer, self._resume_path)
@@ -177,8 +176,9 @@ class DCPCheckpoint(Checkpoint):
         if latest is None:
             return None
         self.run_id = latest.manifest.get("run_id") or self.run_id
-        rank_zero_info(f"DCPCheckpoint: resuming from {latest.url} (the latest checkpoint in {self.dirpath}).")
-        return latest.url
+        url = _required(self._storage).url(latest.name)  # the checkpoint's name (on object stores not its data)
+        rank_zero_info(f"DCPCheckpoint: resuming from {url} (the latest checkpoint in {self.dirpath}).")
+        return url
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
         """The latest committed Lightning checkpoint in ``dirpath`` (any run), or ``None``."""
@@ -308,7 +308,9 @@ def _required(storage: CheckpointStorage | None) -> CheckpointStorage:
 
 
 def lightning_checkpoints(storage: CheckpointStorage) -> list[CheckpointInfo]:
-    """Committed checkpoints in ``storage`` written through the Lightning plugin (any run), oldest first."""
+    """Committed checkpoints in ``storage`` written through the Lightning plugin (any run), oldest first; saves into
+    it still in flight in this process are waited for first."""
+    inflight.wait_under(storage.root_url)
     return [info for info in storage.list() if lay.LAYOUT_KEY in info.metadata]
 
 
@@ -317,8 +319,8 @@ def best_checkpoint_url(storage: CheckpointStorage, run_id: str | None, monitor:
     ours = [info for info in lightning_checkpoints(storage) if info.manifest.get("run_id") == run_id]
     best = best_first(ours, monitor, mode) if monitor else []
     if best:
-        return best[0].url
-    return ours[-1].url if ours else ""
+        return storage.url(best[0].name)
+    return storage.url(ours[-1].name) if ours else ""
 
 
 def free_name(storage: CheckpointStorage, step: int, run_id: str | None) -> str:
@@ -353,19 +355,6 @@ def _wrap_resume_start(trainer: pl.Trainer, find: Callable[[pl.Trainer], str | N
 
 def _unwrap_resume_start(trainer: pl.Trainer) -> None:
     trainer._checkpoint_connector.__dict__.pop("resume_start", None)
-
-
-def _check_export(export_final: bool, export_dtype: Any) -> None:
-    if export_dtype is not None and not (isinstance(export_dtype, torch.dtype) and export_dtype.is_floating_point):
-        raise ValueError(f"export_dtype must be a floating-point torch.dtype (e.g. torch.bfloat16): {export_dtype!r}.")
-    if export_dtype is not None and not export_final:
-        raise ValueError("export_dtype only applies to the final export; pass export_final=True too.")
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}.")
-    return value
 
 
 __all__ = ["DCPCheckpoint"]

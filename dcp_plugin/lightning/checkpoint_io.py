@@ -15,24 +15,25 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-import warnings
-import weakref
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from dcp_plugin import daemon, inflight
 from dcp_plugin.checkpointer import Checkpointer, locate
 from dcp_plugin.config import CheckpointConfig, ConfigError
 from dcp_plugin.engine import CheckpointEngine
 from dcp_plugin.errors import CheckpointNotFoundError
+from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
-from dcp_plugin.manager import CheckpointManager
+from dcp_plugin.lightning import plugin_support as support
 from dcp_plugin.state import RNGState
 from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointStorage
+
+if TYPE_CHECKING:
+    from dcp_plugin.manager import CheckpointManager
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,16 @@ class DCPCheckpointIO(CheckpointIO):
         """Recorded in the manifest of saves whose checkpoint dict names no run (see ``layout.RUN_ID_KEY``)."""
         self._checkpointers: dict[bool, Checkpointer] = {}
         self._step_hook: Any = None
+        if config.async_mode == "process":
+            daemon.check_main_guard()  # now, not at the first save
+        compat.install()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the configuration; writers, staging buffers and hooks are not copied."""
+        return {"config": self.config, "save_rng": self.save_rng, "run_id": self.run_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _checkpointers={}, _step_hook=None)  # the copy starts fresh
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(async_mode={self.config.async_mode!r})"
@@ -132,16 +143,9 @@ class DCPCheckpointIO(CheckpointIO):
         if self.save_rng:
             entries[lay.RNG_ENTRY] = RNGState()
         layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
-        return self.save_entries(
-            path,
-            lay.step_of(checkpoint),
-            entries,
-            layout,
-            collective=False,
-            storage_options=storage_options,
-            metadata=metadata,
-            run_id=run_id,
-        )
+        step = lay.step_of(checkpoint)
+        options: dict[str, Any] = {"storage_options": storage_options, "metadata": metadata, "run_id": run_id}
+        return self.save_entries(path, step, entries, layout, collective=False, **options)
 
     def load_checkpoint(
         self,
@@ -157,17 +161,11 @@ class DCPCheckpointIO(CheckpointIO):
         ``False`` allows them (only for checkpoints you trust); ``None`` follows ``allow_pickle``.
         """
         storage, name = self.locate(path)
+        inflight.wait_for(storage.url(name))  # a save of this path still in flight, by any instance
         if storage.is_file(name):
-            return _load_torch_file(storage, name, map_location, weights_only)
-        info = storage.info(name)
-        layout = lay.Layout.from_manifest(info.manifest, info.url)
-        state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and self.save_rng else None)
-        self.checkpointer().load((storage, name), state, allow_pickle=self.allow_pickle_for(weights_only))
-        checkpoint = lay.join_checkpoint(state, layout)
-        if layout.kind == lay.SHARDED:
-            # written by a sharded strategy (FQN keys); Optimizer.load_state_dict wants parameter ids
-            checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]]
-        return _map_tensors(checkpoint, map_location)
+            return support.load_torch_file(storage, name, map_location, weights_only)
+        checkpoint = support.load_dict(self, storage, name, allow_pickle=self.allow_pickle_for(weights_only))
+        return support.map_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Delete the checkpoint at ``path`` (a missing path is not an error).
@@ -177,9 +175,7 @@ class DCPCheckpointIO(CheckpointIO):
         """
         storage, name = self.locate(path)
         url = storage.url(name)
-        for checkpointer in list(self._checkpointers.values()):
-            if checkpointer.in_flight is not None and checkpointer.in_flight.url == url:
-                checkpointer.wait()
+        support.wait_for_write(list(self._checkpointers.values()), url)
         try:
             storage.delete(name)
         except CheckpointNotFoundError:
@@ -192,7 +188,7 @@ class DCPCheckpointIO(CheckpointIO):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        _close_all(checkpointers)
+        support.close_all(checkpointers)
 
     # -- more public API -------------------------------------------------------------------------
     def checkpointer(self, collective: bool = False) -> Checkpointer:
@@ -250,14 +246,7 @@ class DCPCheckpointIO(CheckpointIO):
         self, directory: str | os.PathLike[str] | CheckpointStorage, *, collective: bool = False
     ) -> CheckpointManager:
         """Deprecated (removed in the next release): use ``CheckpointManager(directory, checkpointer=...)``."""
-        warnings.warn(
-            "DCPCheckpointIO.manager_for() is deprecated: use CheckpointManager(directory, "
-            "checkpointer=plugin.checkpointer(collective)).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        root = directory.root_url if isinstance(directory, CheckpointStorage) else os.fspath(directory)
-        return CheckpointManager(root, checkpointer=self.checkpointer(collective))
+        return support.deprecated_manager_for(self.checkpointer(collective), directory)
 
     # -- used by the strategy glue ---------------------------------------------------------------
     def save_entries(
@@ -272,85 +261,27 @@ class DCPCheckpointIO(CheckpointIO):
         metadata: Optional[Mapping[str, Any]] = None,
         run_id: Optional[str] = None,
     ) -> SaveStats:
-        """Save prepared entries as the checkpoint directory ``path`` (overwriting it safely).
+        """Save prepared entries as the checkpoint directory ``path``.
 
-        ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id`` (default: the
-        plugin's)."""
-        ref = self.locate(path, storage_options)
+        What is at ``path`` when the save starts (a committed checkpoint, a link, a ``torch.save`` file) is
+        replaced, as Lightning's default plugin would overwrite it, once the new checkpoint commits; a save
+        still in flight to ``path`` finishes first. Nothing committed by someone else in the meantime is
+        replaced. ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id``
+        (default: the plugin's)."""
+        storage, name = ref = self.locate(path, storage_options)
         if self.config.async_staging and self._step_hook is None:
-            self._step_hook = _wait_for_staging_before_optimizer_steps(self)
-        return self.checkpointer(collective).save(
+            self._step_hook = support.wait_for_staging_before_optimizer_steps(self)
+        checkpointer = self.checkpointer(collective)
+        checkpointer.wait()
+        inflight.wait_for(storage.url(name))
+        stats = checkpointer.save(
             ref,
             entries,
             step=step,
-            overwrite=True,
+            overwrite=support.occupied(storage, name),
             metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()},
             run_id=run_id or self.run_id,
         )
-
-
-def _wait_for_staging_before_optimizer_steps(plugin: DCPCheckpointIO) -> Any:
-    """Stock strategies hand the plugin plain state dicts, not the optimizers; a global step pre-hook makes every
-    optimizer wait until the background copy of the snapshot is done before it changes parameters."""
-    ref = weakref.ref(plugin)
-
-    def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
-        live = ref()
-        if live is not None:
-            live.wait_for_staging()
-
-    return register_optimizer_step_pre_hook(wait_for_staging)
-
-
-def _close_all(checkpointers: list[Checkpointer]) -> None:
-    """Close every checkpointer, then raise the first error."""
-    first: BaseException | None = None
-    for checkpointer in checkpointers:
-        try:
-            checkpointer.close()
-        except BaseException as err:  # noqa: BLE001 - close the rest, then raise the first
-            first = first or err
-    if first is not None:
-        raise first
-
-
-def _load_torch_file(
-    storage: CheckpointStorage, name: str, map_location: Any, weights_only: Optional[bool]
-) -> dict[str, Any]:
-    log.info("%s is a file, not a DCP checkpoint directory; reading it with torch.load.", storage.url(name))
-    with storage.open_file(name) as handle:
-        try:
-            return torch.load(handle, map_location=map_location, weights_only=weights_only)
-        except Exception as err:
-            raise lay.LightningCheckpointError(
-                f"{storage.url(name)} is a file, not a dcp-plugin checkpoint directory, and torch.load could not "
-                f"read it ({type(err).__name__}: {err}). If you trust the file and it holds Python objects, load "
-                "it with weights_only=False; otherwise pass the directory of a checkpoint written by DCPCheckpointIO."
-            ) from err
-
-
-def _map_tensors(value: Any, map_location: Any) -> Any:
-    if map_location is None or callable(map_location):
-        return value  # loaded on CPU; torch.load-style callables have no storages to remap here
-    if isinstance(map_location, Mapping):
-        target = map_location.get("cpu")
-        if target is None:
-            return value
-        map_location = target
-    device = torch.device(map_location)
-    if device.type == "cpu":
-        return value
-    return _apply(value, lambda t: t.to(device))
-
-
-def _apply(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        mapped = {k: _apply(v, fn) for k, v in value.items()}
-        return mapped if type(value) is dict else type(value)(mapped)
-    if isinstance(value, list):
-        return [_apply(v, fn) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_apply(v, fn) for v in value)
-    return value
+        if checkpointer.groups.is_coordinator:
+            support.log_save(stats, self.config.async_mode)
+        return stats

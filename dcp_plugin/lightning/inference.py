@@ -1,12 +1,15 @@
-"""Load a checkpoint directory into a LightningModule outside a Trainer (for inference).
+"""Use checkpoint directories outside a Trainer: build a LightningModule from one, or convert one to a file.
 
 ``LightningModule.load_from_checkpoint`` reads files with ``torch.load`` and raises ``IsADirectoryError``
-on the directories this plugin writes; :func:`load_lightning_module` is its counterpart for them.
+on the directories this plugin writes (Lightning has no hook to change that). :func:`load_lightning_module` is
+its counterpart for them; :func:`to_lightning_file` writes the single ``.ckpt`` file that
+``load_from_checkpoint`` and ``torch.load`` read.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any, Optional, TypeVar
 
 import lightning.pytorch as pl
@@ -47,3 +50,47 @@ def load_lightning_module(
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         module = module.to(map_location)
     return module  # type: ignore[return-value]
+
+
+def to_lightning_file(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    weights_only: Optional[bool] = None,
+    storage_options: Optional[dict[str, Any]] = None,
+) -> str:
+    """Write the checkpoint directory at ``path`` as one Lightning ``.ckpt`` file at ``output``; returns ``output``.
+
+    The file holds what Lightning's default plugin would have written (weights, optimizer and scheduler
+    states, loops, callbacks, hyper-parameters, hook-added keys; sharded checkpoints are assembled into full
+    tensors), so ``MyModule.load_from_checkpoint(output)``, ``Trainer.fit(ckpt_path=output)`` and
+    ``torch.load(output)`` accept it. The random-generator states dcp-plugin adds are not part of it.
+    ``weights_only=False`` also converts pickled values (only for checkpoints you trust). A local ``output``
+    appears complete or not at all.
+    """
+    import fsspec
+    import torch
+
+    plugin = DCPCheckpointIO(async_mode="sync", storage_options=storage_options, save_rng=False)
+    try:
+        checkpoint = plugin.load_checkpoint(path, weights_only=weights_only)
+    finally:
+        plugin.teardown()
+    target = os.fspath(output)
+    if "://" in target and not target.startswith("file://"):
+        with fsspec.open(target, "wb", **(storage_options or {})) as handle:
+            torch.save(checkpoint, handle)
+        return target
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    partial = os.path.join(directory, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target

@@ -12,7 +12,9 @@ optional (defaults apply without it).
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -21,9 +23,12 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
+from dcp_plugin import inflight
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.state import ModelState, OptimizerState, RNGState
+
+log = logging.getLogger(__name__)
 
 
 class _LiveState(Mapping):
@@ -134,7 +139,9 @@ class _DCPStrategyMixin:
         fitting), whatever number of ranks wrote the checkpoint."""
         plugin = self.checkpoint_io
         path = self.broadcast(os.fspath(checkpoint_path))  # type: ignore[attr-defined]
+        started = time.perf_counter()
         storage, name = plugin.locate(path)
+        inflight.wait_for(storage.url(name))  # a save of this path still in flight in this process
         if storage.is_file(name) or (not storage.is_committed(name) and _is_lightning_sharded(storage, path)):
             # a torch.save file or Lightning's own sharded format: Lightning's loader handles both
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
@@ -169,6 +176,8 @@ class _DCPStrategyMixin:
         checkpoint = lay.join_checkpoint(values, layout)
         checkpoint["state_dict"] = ModelState(self.model).state_dict()  # type: ignore[attr-defined]
         checkpoint["optimizer_states"] = [OptimizerState(self.model, o).state_dict() for o in live_optimizers]  # type: ignore[attr-defined]
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            log.info("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
         return checkpoint
 
     # -- lifecycle -------------------------------------------------------------------------------

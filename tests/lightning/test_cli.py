@@ -9,7 +9,7 @@ pytest.importorskip("jsonargparse")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from dcp_plugin import CheckpointStorage  # noqa: E402
-from dcp_plugin.lightning import DCPCheckpointIO  # noqa: E402
+from dcp_plugin.lightning import DCPCheckpoint, DCPCheckpointIO  # noqa: E402
 from tests.lightning.helpers import TinyModule, loader  # noqa: E402
 
 
@@ -44,9 +44,18 @@ model:
 """
 
 
-def _run(tmp_path, epochs: int, *extra: str) -> LightningCLI:
+CALLBACK = """
+    - class_path: dcp_plugin.lightning.DCPCheckpoint
+      init_args:
+        dirpath: {root}/dcp
+        every_n_train_steps: 2
+        signals: [SIGTERM, USR1, 12]
+"""
+
+
+def _run(tmp_path, epochs: int, *extra: str, config_text: str = CONFIG) -> LightningCLI:
     config = tmp_path / f"config{epochs}.yaml"
-    config.write_text(CONFIG.format(root=tmp_path, epochs=epochs))
+    config.write_text(config_text.format(root=tmp_path, epochs=epochs))
     return LightningCLI(
         CLIModule, args=["fit", "--config", str(config), *extra], save_config_kwargs={"overwrite": True}
     )
@@ -65,3 +74,13 @@ def test_plugin_from_yaml_trains_and_resumes(tmp_path):
     resumed = _run(tmp_path, 2, "--ckpt_path", "last")
     assert resumed.trainer.global_step == 8
     assert resumed.model.extra_seen["steps"] == 4
+
+
+def test_callback_from_yaml_with_signal_names(tmp_path):
+    # every argument must be representable in YAML (the saved config.yaml included): signals as names/numbers
+    start = CONFIG.index("    - class_path: lightning.pytorch.callbacks.ModelCheckpoint")
+    cli = _run(tmp_path, 1, config_text=CONFIG[:start] + CALLBACK + "model:\n  lr: 0.02\n")
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, DCPCheckpoint))
+    assert [int(s) for s in callback.save_options.signals] == [15, 10, 12]
+    assert {i.step for i in CheckpointStorage(str(tmp_path / "dcp")).list()} == {2, 4}
+    assert "SIGTERM" in (tmp_path / "config.yaml").read_text()  # the config Lightning saved

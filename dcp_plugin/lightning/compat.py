@@ -1,0 +1,82 @@
+"""Where Lightning's own code must see dcp-plugin's saves that are still being written.
+
+``ModelCheckpoint`` picks ``-vN`` names by asking whether a path exists (``file_exists``, decided on rank 0). A
+background save becomes visible under its name only when it commits, so without help a second save in the
+same name would be chosen while the first is in flight, and would replace it. :func:`install` makes
+``file_exists`` also answer yes for a path that the trainer's :class:`DCPCheckpointIO` (or any other instance in
+this process) is still writing. Nothing changes for other plugins, or when no write is in flight.
+
+``ModelCheckpoint.setup`` (``fit`` only, with a :class:`DCPCheckpointIO` in ``process`` mode) also starts the
+writer daemon in the background, as ``DCPCheckpoint`` does, so the first save does not wait for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dcp_plugin import inflight
+
+_MARK = "__dcp_plugin_sees_writes__"
+
+
+def install() -> None:
+    """Make ``ModelCheckpoint.file_exists`` count saves in flight as existing (once per process)."""
+    original = ModelCheckpoint.file_exists
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def file_exists(self: ModelCheckpoint, filepath: Any, trainer: Any) -> bool:
+        if trainer.is_global_zero and _is_writing(trainer, filepath):
+            # Every rank still takes part in the same reduction as the original.
+            return bool(trainer.strategy.reduce_boolean_decision(True, all=False))
+        return original(self, filepath, trainer)
+
+    setattr(file_exists, _MARK, True)
+    ModelCheckpoint.file_exists = file_exists  # type: ignore[method-assign]
+    original_setup = ModelCheckpoint.setup
+
+    @functools.wraps(original_setup)
+    def setup(self: ModelCheckpoint, trainer: Any, pl_module: Any, stage: str) -> None:
+        original_setup(self, trainer, pl_module, stage)
+        plugin = getattr(trainer.strategy, "checkpoint_io", None)
+        if stage == "fit" and _is_plugin(plugin):
+            warm_up(trainer, plugin)
+
+    ModelCheckpoint.setup = setup  # type: ignore[method-assign]
+
+
+def warm_up(trainer: Any, plugin: Any) -> None:
+    """Start the writer daemon (``process`` mode) at setup, on the ranks that will save, so the first save does
+    not wait for it."""
+    if plugin.config.async_mode != "process":
+        return
+    from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
+
+    if isinstance(trainer.strategy, (DCPFSDPStrategy, DCPModelParallelStrategy)):
+        plugin.engine(collective=True).warm_up()
+    elif trainer.is_global_zero:  # stock strategies save on global rank 0 only
+        plugin.engine(collective=False).warm_up()
+
+
+def _is_plugin(plugin: Any) -> bool:
+    from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+
+    return isinstance(plugin, DCPCheckpointIO)
+
+
+def _is_writing(trainer: Any, filepath: Any) -> bool:
+    plugin: Any = getattr(trainer.strategy, "checkpoint_io", None)
+    if plugin is None or not _is_plugin(plugin):
+        return False
+    try:
+        storage, name = plugin.locate(filepath)
+    except (ValueError, TypeError):
+        return False
+    return inflight.is_writing(storage.url(name))
+
+
+__all__ = ["install", "warm_up"]
