@@ -91,7 +91,7 @@ class CheckpointEngine:
     """
 
     def __init__(self, config: CheckpointConfig | None = None, *, distributed: bool | None = None) -> None:
-        self.config = config or CheckpointConfig()
+        self.config = config or CheckpointConfig.resolve()  # arguments, then DCP_PLUGIN_* variables, then defaults
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stager: DefaultStager | None = None
         self._in_flight: _InFlight | None = None

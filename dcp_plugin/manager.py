@@ -97,6 +97,8 @@ class CheckpointManager:
         self.storage = CheckpointStorage(directory, self.config.storage_options)
         self.checkpointer.check_storage(self.storage)
         self.storage.check_root()
+        if self._owns_checkpointer:
+            self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
         self._protected: set[str] = set()
         self.tiers: TwoTiers | None = None
