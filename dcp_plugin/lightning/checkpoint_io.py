@@ -278,7 +278,7 @@ class DCPCheckpointIO(CheckpointIO):
             ref,
             entries,
             step=step,
-            overwrite=support.occupied(storage, name),
+            overwrite=storage.is_occupied(name),
             metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()},
             run_id=run_id or self.run_id,
         )

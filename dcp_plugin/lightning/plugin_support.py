@@ -19,7 +19,7 @@ from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.state import RNGState
 from dcp_plugin.stats import SaveStats
-from dcp_plugin.storage import MANIFEST_NAME, CheckpointStorage
+from dcp_plugin.storage import CheckpointStorage
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,6 @@ def lightning_dict(entries: Mapping[str, Any], layout: lay.Layout) -> dict[str, 
     if layout.kind == lay.SHARDED:  # written by a sharded strategy with FQN keys
         checkpoint["optimizer_states"] = [lay.id_keyed_optimizer_state(o) for o in checkpoint["optimizer_states"]]
     return checkpoint
-
-
-def occupied(storage: CheckpointStorage, name: str) -> bool:
-    """Whether something is at ``name`` that a save there replaces: a checkpoint (even a damaged one), a symbolic
-    link (``save_last="link"``) or a plain file (a ``torch.save`` checkpoint of a run that switched plugins).
-    A directory without a manifest is not: a save there fails rather than replace what it holds."""
-    if storage.is_committed(name) or storage.is_file(name):
-        return True
-    path = f"{storage.root}/{name}"
-    if storage.is_local:
-        return os.path.islink(path) or os.path.lexists(f"{path}/{MANIFEST_NAME}")
-    return bool(storage.fs.exists(f"{path}/{MANIFEST_NAME}"))
 
 
 def log_save(stats: SaveStats, mode: str) -> None:

@@ -314,6 +314,17 @@ class CheckpointStorage:
                 return candidate
         return None
 
+    def is_occupied(self, name: str) -> bool:
+        """Whether something is at ``name`` that a save there would replace: a checkpoint (even a damaged one), a
+        symbolic link (``save_last="link"``) or a plain file (e.g. a ``torch.save`` checkpoint). A directory
+        without a manifest is not: a save there fails rather than replace what it holds."""
+        if self.is_committed(name) or self.is_file(name):
+            return True
+        path = self._root.join(name)
+        if self.is_local:
+            return os.path.islink(path) or os.path.lexists(f"{path}/{MANIFEST_NAME}")
+        return bool(self.fs.exists(f"{path}/{MANIFEST_NAME}"))
+
     def is_file(self, name: str) -> bool:
         """Whether ``name`` is a plain file (for example one written by ``torch.save``)."""
         self._root.forget_listings()
