@@ -81,17 +81,22 @@ def s3_server_with_auth():
         yield endpoint
 
 
+def s3_options(endpoint: str) -> dict:
+    """fsspec options for the local S3 server at ``endpoint`` (moto accepts any credentials)."""
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "use_listings_cache": False,
+    }
+
+
 @pytest.fixture()
 def s3_url(s3_server):
     """A fresh bucket on the local S3 server; returns (url, storage_options)."""
     import boto3
 
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
-        "use_listings_cache": False,
-    }
+    options = s3_options(s3_server)
     bucket = f"test-{uuid.uuid4().hex[:10]}"
     boto3.client(
         "s3",

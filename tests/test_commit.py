@@ -23,7 +23,7 @@ def write(storage: CheckpointStorage, name: str, payload: bytes, *, overwrite: b
 
 def data_of(storage: CheckpointStorage, name: str) -> bytes:
     info = storage.info(name)
-    return storage.fs.cat_file(f"{storage._directory_of(info)}/.metadata")
+    return storage.fs.cat_file(f"{storage.data_path(info)}/.metadata")
 
 
 def test_strategy_follows_the_kind_of_storage(tmp_path, memory_url):

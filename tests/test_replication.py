@@ -10,20 +10,11 @@ import pytest
 from dcp_plugin import CheckpointManager, KeepLast
 from dcp_plugin.replication import ReplicationError, Replicator
 from dcp_plugin.storage import CheckpointStorage
-from tests.conftest import moto_server
+from tests.conftest import moto_server, s3_options
 from tests.models import assert_same, make_training, snapshot, train_step
 from tests.multiproc import free_port
 
 pytestmark = pytest.mark.s3
-
-
-def s3_options(endpoint: str) -> dict:
-    return {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        "use_listings_cache": False,
-    }
 
 
 def create_bucket(endpoint: str, bucket: str | None = None) -> str:

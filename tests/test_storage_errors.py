@@ -6,20 +6,12 @@ import pytest
 import torch
 
 from dcp_plugin import CheckpointManager, StorageAccessError
+from tests.conftest import s3_options
 from tests.multiproc import free_port
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(90)]
 
 OPERATIONS = ["save", "load", "list", "latest"]
-
-
-def _options(endpoint: str) -> dict:
-    return {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        "use_listings_cache": False,
-    }
 
 
 def _use(url: str, options: dict, operation: str) -> None:
@@ -40,15 +32,15 @@ def test_missing_bucket_is_named_and_never_created(operation, s3_server):
 
     url = "s3://no-such-bucket-dcp/run"
     with pytest.raises(StorageAccessError, match=r"s3://no-such-bucket-dcp/run.*bucket does not exist.*create it"):
-        _use(url, _options(s3_server), operation)
-    fs = s3fs.S3FileSystem(**_options(s3_server), skip_instance_cache=True)
+        _use(url, s3_options(s3_server), operation)
+    fs = s3fs.S3FileSystem(**s3_options(s3_server), skip_instance_cache=True)
     assert not fs.exists("no-such-bucket-dcp")
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_wrong_credentials_are_named(operation, s3_server_with_auth):
     with pytest.raises(StorageAccessError, match=r"s3://some-bucket/run.*access was denied.*credentials"):
-        _use("s3://some-bucket/run", _options(s3_server_with_auth), operation)
+        _use("s3://some-bucket/run", s3_options(s3_server_with_auth), operation)
 
 
 @pytest.mark.slow  # the client retries a refused connection for several seconds before giving up
@@ -56,4 +48,4 @@ def test_wrong_credentials_are_named(operation, s3_server_with_auth):
 def test_unreachable_endpoint_is_named(operation):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(StorageAccessError, match=r"s3://some-bucket/run.*could not be reached.*endpoint_url"):
-        _use("s3://some-bucket/run", _options(endpoint), operation)
+        _use("s3://some-bucket/run", s3_options(endpoint), operation)

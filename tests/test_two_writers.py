@@ -87,5 +87,5 @@ def test_no_replace_is_enforced_at_commit_time(backend, tmp_path, request):
     with pytest.raises(CheckpointExistsError, match="step_000000001"):
         storage.strategy.commit(second, {**manifest, "name": "step_000000001"})
     info = storage.info("step_000000001")
-    assert storage.fs.cat_file(f"{storage._directory_of(info)}/.metadata") == b"first"
+    assert storage.fs.cat_file(f"{storage.data_path(info)}/.metadata") == b"first"
     assert storage.incomplete() == []

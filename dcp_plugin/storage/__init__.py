@@ -275,14 +275,13 @@ class CheckpointStorage:
         """A DCP reader for a committed checkpoint: ``.metadata`` read without running code, paths confined to
         the checkpoint, checksums verified before data is used."""
         info = name if isinstance(name, CheckpointInfo) else self.info(name)
-        directory = self._directory_of(info)
+        directory = self.data_path(info)
         if self.is_local:
             return SafeFileSystemReader(self._root, directory, info.url, info.manifest)
         return SafeFsspecReader(self._root, directory, info.url, info.manifest)
 
-    reader = metadata_reader
-
-    def _directory_of(self, info: CheckpointInfo) -> str:
+    def data_path(self, info: CheckpointInfo) -> str:
+        """Where a committed checkpoint's files are, as a filesystem path without protocol (for ``self.fs``)."""
         if self.is_local:
             return info.url
         _, path = url_to_fs(info.url, **self.storage_options)
@@ -300,7 +299,7 @@ class CheckpointStorage:
         files = info.manifest.get("files")
         if not isinstance(files, dict):
             return []  # written before checksums: the metadata checks above are all there is
-        return check_files(self.fs, self._directory_of(info), files, is_local=self.is_local, progress=progress)
+        return check_files(self.fs, self.data_path(info), files, is_local=self.is_local, progress=progress)
 
     def newest_verified_before(self, info: CheckpointInfo, *, limit: int = 3) -> CheckpointInfo | None:
         """The newest checkpoint older than ``info`` that verifies (checking at most ``limit`` of them), to name

@@ -48,7 +48,7 @@ def copy_checkpoint(
     info = source.info(name)
     target_name = check_name(target_name or info.name)
     records = info.manifest.get("files")
-    source_dir = _directory(source, info)
+    source_dir = source.data_path(info)
     names = sorted(records) if isinstance(records, dict) else _files_of_unchecked(source, source_dir)
     pending = target.begin_write(target_name, overwrite=overwrite)
     try:
@@ -79,14 +79,6 @@ def copy_checkpoint(
         target.abort(pending)
         raise
     return target.info(target_name)
-
-
-def _directory(storage: CheckpointStorage, info: CheckpointInfo) -> str:
-    from fsspec.core import url_to_fs
-
-    if storage.is_local:
-        return info.url
-    return url_to_fs(info.url, **storage.storage_options)[1].rstrip("/")
 
 
 def _files_of_unchecked(storage: CheckpointStorage, directory: str) -> list[str]:
