@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -36,20 +37,26 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
 
     os.environ.update(rank_env(rank, world_size, port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    succeeded = False
     try:
         result = fn(rank, world_size, *args)
         import torch
 
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        succeeded = True
     except BaseException:
         traceback.print_exc()
-        raise
     finally:
         from dcp_plugin import daemon
 
         daemon.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo's and DCP's native threads can abort a process while static
+    # destructors run ("terminate called without an active exception") after the rank's work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if succeeded else 1)
 
 
 def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 300) -> list[Any]:
