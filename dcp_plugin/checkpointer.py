@@ -34,9 +34,11 @@ from dcp_plugin.errors import (
     UnsafeCheckpointError,
 )
 from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.incremental import IncrementalTracker
 from dcp_plugin.state import models_in, optimizers_in, wrap_state
 from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
+from dcp_plugin.storage.blobs import release
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Checkpointer:
         self.groups = self.engine.groups
         self._owns_engine = engine is None
         self._staging_hooks: dict[int, Any] = {}
+        self._incremental = IncrementalTracker(self.config)
         self.last_stats: SaveStats | None = None
         """The stats of the last save this checkpointer started (filled in further when it commits)."""
 
@@ -124,15 +127,20 @@ class Checkpointer:
             "entries": packed.entries,
             "metadata": dict(metadata or {}),
         }
+        plan, held = self._incremental.plan(storage, pending, packed.tensors, wrapped, self.groups.rank)
         writer = storage.writer(
             pending,
             thread_count=self.config.thread_count,
             sync_files=self.config.sync_files,
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
+            incremental=plan,
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
-        self.engine.save(packed.flat, writer, stats=stats, started=started, on_failure=on_failure)
+        self.engine.save(
+            packed.flat, writer, stats=stats, started=started, on_failure=on_failure, on_done=lambda: release(held)
+        )
+        self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
         return stats
 
@@ -201,7 +209,9 @@ class Checkpointer:
         for attempt in range(REPLACED_RETRIES + 1):
             info = _resolve_on_coordinator(self.groups, resolve)
             try:
-                return _load_once(self.engine, storage, state, info, strict=strict, allow_pickle=allow_pickle)
+                loaded = _load_once(self.engine, storage, state, info, strict=strict, allow_pickle=allow_pickle)
+                self._incremental.loaded(storage, loaded)
+                return loaded
             except CheckpointCorruptError as err:
                 if attempt < REPLACED_RETRIES and _replaced_since(self.groups, storage, info):
                     log.warning("%s was replaced while being read; reading it again.", info.url)

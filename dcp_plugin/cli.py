@@ -83,7 +83,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     tensor too. On damage, name the newest older checkpoint that verifies."""
     storage, name = open_url(args.checkpoint, _storage_options(args))
     info = storage.info(name)
-    files = info.manifest.get("files") or {}
+    files = {**(info.manifest.get("blobs") or {}), **(info.manifest.get("files") or {})}
     total = sum(int(record.get("size", 0)) for record in files.values())
     with _progress(total, f"verifying {info.name}") as bar:
         problems = storage.verify(info, progress=bar.update)

@@ -72,6 +72,14 @@ class CheckpointConfig:
     """Let values that are neither tensors nor JSON-like data (plain Python objects) be stored with
     pickle. Loading such a checkpoint then runs code from it; only enable for checkpoints you trust."""
 
+    incremental: bool = True
+    """Write only what changed: tensors that stay the same between saves (frozen parameters, and tensors unchanged
+    since the previous save) are kept in shared files that later checkpoints refer to instead of writing them
+    again. Every checkpoint stays complete to every reader; see docs/incremental.md."""
+
+    full_save_every: int | None = None
+    """With ``incremental``: every Nth save refers to no earlier checkpoint's data (``None``: only the first)."""
+
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem (for example ``{"endpoint_url": ...}`` for s3)."""
 
@@ -82,7 +90,16 @@ class CheckpointConfig:
             raise ConfigError(f"thread_count={self.thread_count!r} must be an integer >= 1.")
         if not isinstance(self.per_thread_copy_ahead, int) or self.per_thread_copy_ahead < 1:
             raise ConfigError(f"per_thread_copy_ahead={self.per_thread_copy_ahead!r} must be a positive integer.")
-        for name in ("async_staging", "reuse_buffers", "sync_files", "strict", "allow_pickle"):
+        if self.full_save_every is not None and (
+            isinstance(self.full_save_every, bool)
+            or not isinstance(self.full_save_every, int)
+            or self.full_save_every < 1
+        ):
+            raise ConfigError(
+                f"full_save_every={self.full_save_every!r} must be a positive integer (every Nth save writes "
+                "everything) or None."
+            )
+        for name in ("async_staging", "reuse_buffers", "sync_files", "strict", "allow_pickle", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         for name in ("pinned_memory", "shared_memory"):
@@ -169,6 +186,13 @@ def _parse_env_value(key: str, raw: str, default: Any) -> Any:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{key} must be a JSON object: {err}") from None
         return parsed
+    if key.endswith("FULL_SAVE_EVERY"):
+        if text.lower() in {"", "none"}:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} must be a positive integer or 'none'.") from None
     if default is None or isinstance(default, bool):
         lowered = text.lower()
         if default is None and lowered in {"", "auto", "none"}:

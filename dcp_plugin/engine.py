@@ -78,6 +78,7 @@ class _InFlight:
     staging: Future | None
     on_failure: Any
     writing: str
+    on_done: Any = None
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
@@ -152,9 +153,11 @@ class CheckpointEngine:
         stats: SaveStats,
         started: float,
         on_failure: Any = None,
+        on_done: Any = None,
     ) -> SaveStats:
         """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate
-        (or, with async staging, once staging was started). Fills ``stats`` in (now and when done)."""
+        (or, with async staging, once staging was started). Fills ``stats`` in (now and when done).
+        ``on_done`` is called once the write committed or failed."""
         self._check_open()
         self.wait()
         group = self.groups.checkpoint_group()
@@ -183,12 +186,14 @@ class CheckpointEngine:
         except BaseException as err:
             _cleanup_after_failure(on_failure, stats.url)
             inflight.finish(writing)
+            _call_done(on_done)
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             message = f"Saving checkpoint {stats.url} failed: {_describe(err)}"
             raise _project_error(err, CheckpointSaveError, message) from err
         if mode == "sync":
             inflight.finish(writing)
+            _call_done(on_done)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata)
             self._completed.append(stats)
@@ -202,7 +207,7 @@ class CheckpointEngine:
             stats.staging_s = stats.blocking_s
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
-        flight = _InFlight(stats, started, upload, staging, on_failure, writing)
+        flight = _InFlight(stats, started, upload, staging, on_failure, writing, on_done)
         self._in_flight = flight
         upload.add_done_callback(lambda future: self._upload_done(flight, future))
         return stats
@@ -244,6 +249,7 @@ class CheckpointEngine:
             self._completed.append(stats)
         finally:
             inflight.finish(flight.writing)
+            _call_done(flight.on_done)
             flight.finished.set()  # whatever happened above, wait() must not hang
 
     def wait_for_staging(self) -> None:
@@ -344,6 +350,15 @@ def _cleanup_after_failure(on_failure: Any, url: str) -> None:
         on_failure()
     except Exception as cleanup_error:  # noqa: BLE001
         log.warning("Cleanup after the failed save of %s failed: %s", url, cleanup_error)
+
+
+def _call_done(on_done: Any) -> None:
+    if on_done is None:
+        return
+    try:
+        on_done()
+    except Exception as err:  # noqa: BLE001 - bookkeeping must not replace the save's outcome
+        log.warning("Finishing the bookkeeping of a save failed: %s", err)
 
 
 def _bytes(metadata: Any) -> int | None:

@@ -210,6 +210,11 @@ def apply_retention(
             log.info("Retention deleted %s.", storage.url(name))
         except Exception as err:  # noqa: BLE001 - a failed delete is retried after the next save
             log.warning("Retention could not delete %s: %s", storage.url(name), err)
+    if plan.delete:
+        try:
+            storage.collect_blobs()  # shared data of incremental checkpoints that no kept checkpoint uses
+        except Exception as err:  # noqa: BLE001 - collected again after the next deletion, or by purge
+            log.warning("Retention could not remove unused shared data in %s: %s", storage.root_url, err)
     return plan
 
 

@@ -60,3 +60,31 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b or (a != a and b != b), f"{path}: {a!r} vs {b!r}"
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen base layer plus a small trainable low-rank adapter (as in LoRA fine-tuning)."""
+
+    def __init__(self, width: int, rank: int) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(width, width)
+        self.base.requires_grad_(False)
+        self.a = torch.nn.Parameter(torch.randn(rank, width) * 0.01)
+        self.b = torch.nn.Parameter(torch.randn(width, rank) * 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.a.t() @ self.b.t()
+
+
+def make_lora(seed: int = 0, width: int = 384, layers: int = 4, rank: int = 4) -> torch.nn.Module:
+    """A LoRA-style model: the frozen base holds ~95 % of the bytes of model and optimizer state together."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[LoRALinear(width, rank) for _ in range(layers)])
+
+
+def lora_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    width = model[0].base.in_features
+    loss = model(torch.randn(4, width)).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()

@@ -42,10 +42,11 @@ from dcp_plugin.storage.commit import (
     check_target_is_replaceable,
     strategy_for,
 )
-from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter
-from dcp_plugin.storage.integrity import check_files
+from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter, IncrementalPlan
+from dcp_plugin.storage.integrity import check_checkpoint_files
 from dcp_plugin.storage.listing import Listing, Scan
 from dcp_plugin.storage.names import (
+    BLOBS,
     FORMAT_VERSION,
     MANIFEST_NAME,
     METADATA_NAME,
@@ -194,13 +195,23 @@ class CheckpointStorage:
             check_target_is_replaceable(self._root, name)
         return self.strategy.begin(name, overwrite)
 
-    def writer(self, pending: PendingWrite, *, thread_count: int, sync_files: bool, per_thread_copy_ahead: int) -> Any:
-        """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written."""
+    def writer(
+        self,
+        pending: PendingWrite,
+        *,
+        thread_count: int,
+        sync_files: bool,
+        per_thread_copy_ahead: int,
+        incremental: IncrementalPlan | None = None,
+    ) -> Any:
+        """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written; with
+        ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged."""
         kwargs: dict[str, Any] = dict(
             single_file_per_rank=True,
             sync_files=sync_files,
             thread_count=thread_count,
             per_thread_copy_ahead=per_thread_copy_ahead,
+            incremental=incremental,
         )
         root, strategy = self._root, self.strategy
         if self.is_local:
@@ -299,7 +310,20 @@ class CheckpointStorage:
         files = info.manifest.get("files")
         if not isinstance(files, dict):
             return []  # written before checksums: the metadata checks above are all there is
-        return check_files(self.fs, self.data_path(info), files, is_local=self.is_local, progress=progress)
+        return check_checkpoint_files(
+            self.fs,
+            self.data_path(info),
+            files,
+            blob_area=self.blob_area,
+            blobs=info.manifest.get("blobs") or {},
+            is_local=self.is_local,
+            progress=progress,
+        )
+
+    @property
+    def blob_area(self) -> str:
+        """Where the shared blobs of incremental checkpoints are (a path for ``self.fs``)."""
+        return self._root.work(BLOBS)
 
     def newest_verified_before(self, info: CheckpointInfo, *, limit: int = 3) -> CheckpointInfo | None:
         """The newest checkpoint older than ``info`` that verifies (checking at most ``limit`` of them), to name
@@ -357,6 +381,12 @@ class CheckpointStorage:
         self._listing.remove_leftover(entry)
 
     @_storage_errors("clean up")
+    def collect_blobs(self) -> builtins.list[str]:
+        """Remove the shared blobs of incremental checkpoints that no committed checkpoint uses any more and no
+        write in flight creates or refers to (retention calls it after deleting); returns their names."""
+        return self._listing.collect_blobs()
+
+    @_storage_errors("clean up")
     def purge(self) -> builtins.list[str]:
         """Remove every leftover; returns what was removed. Committed checkpoints are never touched."""
         removed = []
@@ -382,6 +412,7 @@ def open_url(
 
 __all__ = [
     "FORMAT_VERSION",
+    "IncrementalPlan",
     "MANIFEST_NAME",
     "METADATA_NAME",
     "STEP_NAME",

@@ -40,7 +40,7 @@ from typing import Any
 from dcp_plugin.errors import CheckpointExistsError, NotACheckpointError
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.names import MANIFEST_NAME, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR, work_name
+from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR, work_name
 from dcp_plugin.storage.root import StorageRoot
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def remove_tree(root: StorageRoot, path: str) -> None:
 
 def tidy_work_dir(root: StorageRoot) -> None:
     """Remove the empty work folders, so a quiet root holds only checkpoints (only empty folders go)."""
-    for area in (STAGING, TRASH, REPLACED, ""):
+    for area in (STAGING, TRASH, REPLACED, BLOBS, ""):
         try:
             os.rmdir(root.work(area) if area else root.join(WORK_DIR))
         except OSError:

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from torch.distributed.checkpoint.filesystem import _split_by_size_and_type, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from dcp_plugin.storage.commit import CommitStrategy, PendingWrite
+from dcp_plugin.errors import CheckpointSaveError
+from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint
+from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
-from dcp_plugin.storage.names import METADATA_NAME
+from dcp_plugin.storage.names import BLOBS, METADATA_NAME
 from dcp_plugin.storage.root import StorageRoot
+from dcp_plugin.storage.safe_io import regular_file_size
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,20 @@ class _HashingFileSystem:
                 hashing.close()
 
 
+@dataclass
+class IncrementalPlan:
+    """What one rank's writer needs for an incremental save (picklable: it travels to the writer daemon).
+
+    ``blob_keys``: the tensors (by DCP key) to keep in blobs; ``reuse``: per chunk (``chunk_key``), where its bytes
+    already are and their fingerprint; ``records``: the committed size and checksum of each of those blobs."""
+
+    write_id: str
+    rank: int
+    blob_keys: frozenset[str] = frozenset()
+    reuse: dict[str, tuple[_StorageInfo, str]] = field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 def _bytes_written(metadata: Metadata) -> int:
     return sum(int(getattr(info, "length", 0)) for info in (metadata.storage_data or {}).values())
 
@@ -62,64 +83,148 @@ class _CommitOnFinish:
 
     fs: Any
 
-    def _init_commit(self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite) -> None:
+    def _init_commit(
+        self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, incremental: IncrementalPlan | None
+    ) -> None:
         self._dcp_plugin_root = root
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
+        self._dcp_plugin_incremental = incremental
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         sink = ChecksumSink()
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink)
+        incremental = self._dcp_plugin_incremental
+        report: dict[str, Any] = {"new_blobs": [], "used_blobs": {}, "fingerprints": {}}
         try:
-            future = super().write_data(plan, planner)  # type: ignore[misc]
+            if incremental is None:
+                future = super().write_data(plan, planner)  # type: ignore[misc]
+                reused: list[WriteResult] = []
+            else:
+                future, reused = self._write_incrementally(plan, planner, incremental, report)
         finally:
             self.fs = original
-        results = list(future.wait())
-        results.append(WriteResult(index=MetadataIndex(_CHECKSUMS_FQN), size_in_bytes=0, storage_data=sink.files))
+        results = list(future.wait()) + reused
+        report["files"] = sink.files
+        results.append(WriteResult(index=MetadataIndex(_CHECKSUMS_FQN), size_in_bytes=0, storage_data=report))
         out: Future = Future()
         out.set_result(results)
         return out
 
+    def _write_incrementally(
+        self, plan: Any, planner: Any, incremental: IncrementalPlan, report: dict[str, Any]
+    ) -> tuple[Future, list[WriteResult]]:
+        """Chunks whose fingerprint matches bytes already in a blob are not written (their storage entry points
+        at those bytes); other chunks kept in blobs go to new blob files; everything else to the usual files."""
+        own, fresh, reused = [], [], []
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO or item.index.fqn not in incremental.blob_keys:
+                own.append(item)
+                continue
+            digest = fingerprint(planner.resolve_data(item))
+            if digest is None:
+                own.append(item)
+                continue
+            key = chunk_key(item.index.fqn, item.index.offset)
+            report["fingerprints"][key] = digest
+            earlier = incremental.reuse.get(key)
+            if earlier is not None and earlier[1] == digest:
+                info = earlier[0]
+                reused.append(WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info))
+                report["used_blobs"][info.relative_path] = incremental.records[info.relative_path]
+            else:
+                fresh.append(item)
+        files: queue.Queue = queue.Queue()
+        prefix = plan.storage_data.prefix
+        for number, bucket in enumerate(b for b in _split_by_size_and_type(self.thread_count, own) if b):  # type: ignore[attr-defined]
+            name = f"{prefix}{number}.distcp"
+            files.put((self.fs.concat_path(self.path, name), name, bucket))  # type: ignore[attr-defined]
+        if fresh:
+            root = self._dcp_plugin_root
+            area = root.url(root.work(BLOBS))
+            area_path = type(self.path)(area)  # type: ignore[attr-defined]
+            self.fs.mkdir(area_path)
+            for number, bucket in enumerate(b for b in _split_by_size_and_type(self.thread_count, fresh) if b):  # type: ignore[attr-defined]
+                name = blob_name(incremental.write_id, incremental.rank, number)
+                report["new_blobs"].append(name)
+                files.put((self.fs.concat_path(area_path, name), name, bucket))
+        return self._write_data(planner, files), reused  # type: ignore[attr-defined]
+
     def finish(self, metadata: Metadata, results: list) -> None:  # type: ignore[override]
         files: dict[str, dict[str, Any]] = {}
+        blobs: dict[str, dict[str, Any]] = {}
+        fingerprints: dict[str, str] = {}
         data_results = []
         for rank_results in results:
             kept = []
             for result in rank_results:
-                if result.index.fqn == _CHECKSUMS_FQN:
-                    files.update(result.storage_data)
-                else:
+                if result.index.fqn != _CHECKSUMS_FQN:
                     kept.append(result)
+                    continue
+                report = result.storage_data
+                for name, record in report["files"].items():
+                    (blobs if name in report["new_blobs"] else files)[name] = record
+                blobs.update(report["used_blobs"])
+                fingerprints.update(report["fingerprints"])
             data_results.append(kept)
         super().finish(metadata, data_results)  # type: ignore[misc]
         reached("save.written")
         root, pending = self._dcp_plugin_root, self._dcp_plugin_pending
         needed = {str(info.relative_path) for info in (metadata.storage_data or {}).values()}
-        unhashed = sorted(needed - set(files))
+        unhashed = sorted(needed - set(files) - set(blobs))
         if unhashed:
             raise RuntimeError(f"No checksum was recorded for {unhashed[:3]}; the checkpoint is not committed.")
         size, digest = hash_file(root.fs, f"{pending.directory}/{METADATA_NAME}", is_local=root.is_local)
         files[METADATA_NAME] = {"size": size, "xxh3_128": digest}
         manifest = dict(pending.manifest)
         manifest.update(bytes=_bytes_written(metadata), committed=time.time(), files=files)
+        if self._dcp_plugin_incremental is not None:
+            _check_blobs_present(root, blobs, pending)
+            written = sum(r["size"] for r in files.values())
+            written += sum(r["size"] for n, r in blobs.items() if _write_id_matches(n, pending))
+            manifest.update(blobs=blobs, fingerprints=fingerprints, bytes_new=written)
         self._dcp_plugin_strategy.commit(pending, manifest)
+
+
+def _write_id_matches(name: str, pending: PendingWrite) -> bool:
+    return name.startswith(f"blob_{pending.write_name.rsplit('.', 1)[-1]}_")
+
+
+def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:
+    """Every blob the checkpoint will list is there with its committed size (and durable), or nothing commits."""
+    area = root.work(BLOBS)
+    for name, record in sorted(blobs.items()):
+        try:
+            size = regular_file_size(root.fs, f"{area}/{name}", is_local=root.is_local)
+        except FileNotFoundError:
+            size = -1
+        if size != record["size"]:
+            raise CheckpointSaveError(
+                f"The shared data file {root.url(f'{area}/{name}')} this save refers to was removed or changed while "
+                f"it was written (a purge by another process?); {pending.name} was not committed. Save again: the "
+                "next save writes those tensors afresh."
+            )
+    if root.is_local and blobs:
+        fsync_dir(area)
 
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
     def __init__(
         self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
     ) -> None:
+        incremental = kwargs.pop("incremental", None)
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending)
+        self._init_commit(root, strategy, pending, incremental)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
     def __init__(
         self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
     ) -> None:
+        incremental = kwargs.pop("incremental", None)
         FsspecWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending)
+        self._init_commit(root, strategy, pending, incremental)
 
 
 __all__ = ["CommittingFileSystemWriter", "CommittingFsspecWriter"]

@@ -21,6 +21,7 @@ POINTS = (
     "replace.old_moved",  # local without atomic exchange: the old copy moved aside, the new not yet in place
     "save.committed",  # the new checkpoint is visible; a superseded copy is not yet removed
     "delete.hidden",  # a deleted checkpoint is no longer visible; its data is not yet removed
+    "blobs.collecting",  # one unreferenced shared blob removed, the others not yet
     "copy.written",  # a copy to another storage is written and read back, not yet committed there
 )
 

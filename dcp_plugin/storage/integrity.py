@@ -153,4 +153,26 @@ def check_files(
     return problems
 
 
-__all__ = ["ALGORITHM", "ChecksumSink", "HashingStream", "check_files", "hash_file"]
+def check_checkpoint_files(
+    fs: Any,
+    directory: str,
+    files: Mapping[str, Mapping[str, Any]],
+    *,
+    blob_area: str,
+    blobs: Mapping[str, Mapping[str, Any]],
+    is_local: bool,
+    only: Iterable[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """:func:`check_files` for a checkpoint whose files are partly in its directory (``files``) and partly shared
+    blobs in ``blob_area`` (``blobs``, used by incremental checkpoints); a name in ``files`` is in the directory."""
+    names = (set(files) | set(blobs)) if only is None else set(only)
+    shared = sorted(n for n in names if n not in files and n in blobs)
+    own = sorted(names - set(shared))
+    problems = check_files(fs, directory, files, is_local=is_local, only=own, progress=progress) if own else []
+    if shared:
+        problems += check_files(fs, blob_area, blobs, is_local=is_local, only=shared, progress=progress)
+    return problems
+
+
+__all__ = ["ALGORITHM", "ChecksumSink", "HashingStream", "check_checkpoint_files", "check_files", "hash_file"]

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_plugin.errors import CheckpointError, UnsafeCheckpointError
+from dcp_plugin.storage import blobs as shared
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage.commit import CommitStrategy, list_dir, remove_tree, tidy_work_dir
+from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.names import (
+    BLOBS,
     LEGACY_PREFIXES,
     MANIFEST_NAME,
     METADATA_NAME,
@@ -169,6 +172,8 @@ class Listing:
         root.forget_listings()
         if not root.fs.exists(root.path):
             return []
+        blob_names = self._work_entries(BLOBS)  # before the scan: a blob committed after it is listed by it
+        protected = shared.held(root.url_root)
         scan = self.scan()
         in_use = {root.relative(f.directory) for f in scan.found}
         broken = {name for name, _ in scan.broken}
@@ -181,7 +186,32 @@ class Listing:
                 out.append(relative)
         if root.is_local:
             out += [e for e in list_dir(root.path) if e.startswith(LEGACY_PREFIXES) and e not in in_use]
+        if not scan.broken:  # a manifest that cannot be read may list any blob: keep them all
+            found = [f.manifest for f in scan.found]
+            out += [f"{WORK_DIR}/{BLOBS}/{n}" for n in shared.unreferenced(blob_names, found, protected)]
         return sorted(out)
+
+    def collect_blobs(self) -> list[str]:
+        """Remove the shared blobs that no committed checkpoint lists and no write in flight (in this process,
+        or with a work entry from another process) creates; returns their names. Safe while others write."""
+        root = self.root
+        root.forget_listings()
+        blob_names = self._work_entries(BLOBS)
+        if not blob_names:
+            return []
+        protected = shared.held(root.url_root)
+        protected |= {shared.write_id_of_entry(e) for a in (STAGING, OBJECTS) for e in self._work_entries(a)}
+        scan = self.scan()
+        if scan.broken:
+            return []
+        doomed = shared.unreferenced(blob_names, [f.manifest for f in scan.found], protected)
+        for number, name in enumerate(doomed):
+            remove_tree(root, root.work(BLOBS, name))
+            if number == 0:
+                reached("blobs.collecting")
+        if root.is_local:
+            tidy_work_dir(root)
+        return doomed
 
     def _work_entries(self, area: str) -> list[str]:
         root = self.root

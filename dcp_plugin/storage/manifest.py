@@ -13,6 +13,7 @@ from typing import Any
 import xxhash
 
 from dcp_plugin.errors import CheckpointCorruptError, NotACheckpointError
+from dcp_plugin.storage.blobs import is_blob
 from dcp_plugin.storage.names import FORMAT_VERSION, OBJECTS, WORK_DIR, is_safe_data_file
 
 CHECKSUM_KEY = "checksum"
@@ -32,6 +33,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "metadata": (dict,),
     "bytes": (int, type(None)),
     "files": (dict,),
+    "blobs": (dict,),
+    "fingerprints": (dict,),
+    "bytes_new": (int,),
     "location": (str,),
     CHECKSUM_KEY: (str,),
 }
@@ -82,6 +86,25 @@ def _checksum(body: dict[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(canonical.encode("utf-8"))
 
 
+def _record_problems(records: Any, *, allowed: tuple[str, ...], where: str) -> list[str]:
+    """File records (``{name: {"size", "xxh3_128"}}``): plain names only, well-formed records."""
+    problems: list[str] = []
+    if not isinstance(records, dict):
+        return problems
+    for relative, record in records.items():
+        if not is_safe_data_file(relative) and relative not in allowed:
+            problems.append(f"file name {relative!r} leaves {where}")
+        elif not (
+            isinstance(record, dict)
+            and isinstance(record.get("size"), int)
+            and not isinstance(record.get("size"), bool)
+            and record["size"] >= 0
+            and isinstance(record.get("xxh3_128"), str)
+        ):
+            problems.append(f"the record of file {relative!r} is malformed")
+    return problems
+
+
 def _type_problems(manifest: dict[str, Any]) -> list[str]:
     problems = []
     for key, types in _FIELD_TYPES.items():
@@ -99,19 +122,14 @@ def _type_problems(manifest: dict[str, Any]) -> list[str]:
         value = manifest.get(key)
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f'"{key}" is not a finite number')
-    files = manifest.get("files")
-    if isinstance(files, dict):
-        for relative, record in files.items():
-            if not is_safe_data_file(relative) and relative != ".metadata":
-                problems.append(f"file name {relative!r} leaves the checkpoint directory")
-            elif not (
-                isinstance(record, dict)
-                and isinstance(record.get("size"), int)
-                and not isinstance(record.get("size"), bool)
-                and record["size"] >= 0
-                and isinstance(record.get("xxh3_128"), str)
-            ):
-                problems.append(f"the record of file {relative!r} is malformed")
+    problems += _record_problems(manifest.get("files"), allowed=(".metadata",), where="the checkpoint directory")
+    problems += _record_problems(manifest.get("blobs"), allowed=(), where="the shared data area")
+    blobs = manifest.get("blobs")
+    if isinstance(blobs, dict):
+        problems += [f"shared data file name {name!r} is not a blob name" for name in blobs if not is_blob(name)]
+    fingerprints = manifest.get("fingerprints")
+    if isinstance(fingerprints, dict) and not all(isinstance(v, str) for v in fingerprints.values()):
+        problems.append('"fingerprints" has values that are not strings')
     location = manifest.get("location")
     if isinstance(location, str):
         parts = location.split("/")

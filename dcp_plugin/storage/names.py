@@ -27,6 +27,11 @@ OBJECTS = "objects"
 """``<root>/.dcp-plugin/objects/<name>.<id>``: data of a checkpoint on an object store; ``<root>/<name>/`` holds
 only the manifest (the commit marker), which names this location."""
 
+BLOBS = "blobs"
+"""``<root>/.dcp-plugin/blobs/<blob>``: tensor data shared by incremental checkpoints. A blob is named by the write
+that created it (``blob_<id>_r<rank>_<n>.distcp``); every checkpoint that uses it lists it in its manifest's
+``blobs``. It is removed once no committed checkpoint lists it."""
+
 LEGACY_PREFIXES = (".tmp-", ".old-")
 """Work names of v0.1, directly in the root."""
 

@@ -34,8 +34,8 @@ from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.safety import loads_metadata
-from dcp_plugin.storage.integrity import ALGORITHM, check_files
-from dcp_plugin.storage.names import METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
+from dcp_plugin.storage.names import BLOBS, METADATA_NAME, is_safe_data_file
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import MAX_METADATA_BYTES, open_local_regular, read_bounded, regular_file_size
 
@@ -71,6 +71,8 @@ class _Distrustful:
         self._dcp_plugin_shown = shown
         files = manifest.get("files")
         self._dcp_plugin_files: dict[str, Any] | None = dict(files) if isinstance(files, dict) else None
+        blobs = manifest.get("blobs")
+        self._dcp_plugin_blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
         self._dcp_plugin_verified: set[str] = set()
         self._dcp_plugin_used: set[str] = set()
         if root.is_local:
@@ -100,10 +102,23 @@ class _Distrustful:
             metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined,union-attr]
         return metadata
 
+    def _path(self, relative: str) -> str:
+        """Where a data file named in the metadata is: the checkpoint directory, or (a blob that an incremental
+        checkpoint lists in its manifest) the root's shared blob area. Nothing else can be named."""
+        if relative in (self._dcp_plugin_files or {}) or relative not in self._dcp_plugin_blobs:
+            return f"{self._dcp_plugin_directory}/{relative}"
+        return self._dcp_plugin_root.work(BLOBS, relative)
+
+    def _record(self, relative: str) -> Any:
+        files = self._dcp_plugin_files
+        if files is None:
+            return None
+        return files[relative] if relative in files else self._dcp_plugin_blobs.get(relative)
+
     def _check_metadata(self, metadata: Metadata, shown_path: str) -> None:
         """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; the
         tensors it declares fit in those bytes (so nothing huge is allocated on a forged size)."""
-        root, directory = self._dcp_plugin_root, self._dcp_plugin_directory
+        root = self._dcp_plugin_root
         sizes: dict[str, int] = {}
         stored = 0
         for index, info in (metadata.storage_data or {}).items():
@@ -119,16 +134,16 @@ class _Distrustful:
                 raise CheckpointCorruptError(f"{shown_path} has an invalid offset or length for {relative}.")
             offset, length = int(raw_offset), int(raw_length)  # type: ignore[arg-type]
             if relative not in sizes:
-                record = (self._dcp_plugin_files or {}).get(relative)
+                record = self._record(relative)
                 try:
                     sizes[relative] = (
                         record["size"]
                         if record is not None
-                        else regular_file_size(root.fs, f"{directory}/{relative}", is_local=root.is_local)
+                        else regular_file_size(root.fs, self._path(relative), is_local=root.is_local)
                     )
                 except FileNotFoundError:
                     raise CheckpointCorruptError(
-                        f"Data file {root.url(f'{directory}/{relative}')} is missing; the checkpoint is damaged."
+                        f"Data file {root.url(self._path(relative))} is missing; the checkpoint is damaged."
                     ) from None
             if offset + length > sizes[relative]:
                 raise CheckpointCorruptError(
@@ -162,15 +177,18 @@ class _Distrustful:
         return done
 
     def _read_file(self, relative: str, items: list[Any], planner: Any) -> None:
-        root, directory = self._dcp_plugin_root, self._dcp_plugin_directory
-        path = f"{directory}/{relative}"
+        root = self._dcp_plugin_root
+        path = self._path(relative)
         files = self._dcp_plugin_files
-        record = None if files is None else files.get(relative)
+        record = self._record(relative)
         if files is not None and record is None:
             raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} has no checksum for {relative}.")
         if files is None:
             self._warn_unchecked()
-        size = regular_file_size(root.fs, path, is_local=root.is_local)
+        try:
+            size = regular_file_size(root.fs, path, is_local=root.is_local)
+        except FileNotFoundError:
+            self._raise_damaged(f"{relative} is missing")
         if record is not None and size != record["size"]:
             self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
@@ -263,10 +281,7 @@ class _Distrustful:
         self._dcp_plugin_used.clear()
         if not todo or self._dcp_plugin_files is None:
             return []
-        root = self._dcp_plugin_root
-        problems = check_files(
-            root.fs, self._dcp_plugin_directory, self._dcp_plugin_files, is_local=root.is_local, only=todo
-        )
+        problems = self._check(todo)
         if not problems:
             self._dcp_plugin_verified.update(todo)
         return [f"Checkpoint {self._dcp_plugin_shown} is damaged: {p}" for p in problems]
@@ -275,18 +290,22 @@ class _Distrustful:
         todo = [n for n in names if n not in self._dcp_plugin_verified]
         if not todo or self._dcp_plugin_files is None:
             return
-        root = self._dcp_plugin_root
-        problems = check_files(
-            root.fs, self._dcp_plugin_directory, self._dcp_plugin_files, is_local=root.is_local, only=todo
-        )
+        problems = self._check(todo)
         if problems:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
 
-    def _problems(self, names: list[str]) -> list[str]:
+    def _check(self, names: list[str]) -> list[str]:
         root = self._dcp_plugin_root
-        records = self._dcp_plugin_files or {}
-        return check_files(root.fs, self._dcp_plugin_directory, records, is_local=root.is_local, only=names)
+        return check_checkpoint_files(
+            root.fs,
+            self._dcp_plugin_directory,
+            self._dcp_plugin_files or {},
+            blob_area=root.work(BLOBS),
+            blobs=self._dcp_plugin_blobs,
+            is_local=root.is_local,
+            only=names,
+        )
 
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")

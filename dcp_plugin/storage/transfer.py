@@ -50,13 +50,18 @@ def copy_checkpoint(
     records = info.manifest.get("files")
     source_dir = source.data_path(info)
     names = sorted(records) if isinstance(records, dict) else _files_of_unchecked(source, source_dir)
+    # An incremental checkpoint's shared blobs are copied into the copy's own directory: the copy is
+    # self-contained (materialised) and refers to nothing else at the target.
+    shared = {n: r for n, r in (info.manifest.get("blobs") or {}).items() if n not in (records or {})}
+    if isinstance(records, dict):
+        records = {**shared, **records}
+        names = sorted(records)
     pending = target.begin_write(target_name, overwrite=overwrite)
     try:
         copied: dict[str, dict[str, Any]] = {}
         for relative in names:
-            size, digest = _copy_file(
-                source, f"{source_dir}/{relative}", target, f"{pending.directory}/{relative}", progress
-            )
+            origin = f"{source.blob_area}/{relative}" if relative in shared else f"{source_dir}/{relative}"
+            size, digest = _copy_file(source, origin, target, f"{pending.directory}/{relative}", progress)
             record = records.get(relative) if isinstance(records, dict) else None
             if record is not None and (size != record["size"] or digest != record[ALGORITHM]):
                 raise CheckpointCorruptError(
@@ -72,7 +77,8 @@ def copy_checkpoint(
                     f"{'; '.join(problems)}."
                 )
         reached("copy.written")
-        manifest = {k: v for k, v in info.manifest.items() if k not in ("location", "checksum", "committed")}
+        dropped = ("location", "checksum", "committed", "blobs", "fingerprints")
+        manifest = {k: v for k, v in info.manifest.items() if k not in dropped}
         manifest.update(name=target_name, files=copied, copied_from=source.url(info.name), copied=time.time(), format=2)
         target.strategy.commit(pending, manifest)
     except BaseException:

@@ -1,0 +1,152 @@
+"""Incremental saves: which tensors a save keeps in shared blobs, and which earlier bytes it may refer to.
+
+The rule (see docs/incremental.md):
+
+* **Placement** (cost only, never correctness): a tensor is kept in a shared blob when it is a frozen parameter
+  (``requires_grad=False``) of a model in the state, or when its identity (storage, offset, shape, strides,
+  dtype, device and version counter) did not change since this checkpointer's previous save. Everything else
+  goes to the checkpoint's own files, as without incremental saves.
+* **Reuse** (correctness): a chunk kept in a blob is not written again only when the fingerprint of the bytes
+  being saved (xxh3-128 of dtype, shape and content, computed by the writer on the snapshot) equals the
+  fingerprint recorded when those blob bytes were committed, in the base checkpoint this save refers to. A
+  changed tensor never matches, however it was changed (in place under ``no_grad``, through ``.data``,
+  ``load_state_dict``, a new dtype or device).
+* The **base** is the checkpoint this checkpointer last saved or loaded in the same root, only while it is
+  still committed with the same ``save_id`` and its blobs are there with their committed sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.errors import CheckpointError
+from dcp_plugin.state import models_in
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, IncrementalPlan, PendingWrite
+from dcp_plugin.storage import blobs as shared
+from dcp_plugin.storage.safe_io import regular_file_size
+
+log = logging.getLogger(__name__)
+
+_Token = tuple[Any, ...]
+
+
+class IncrementalTracker:
+    """One checkpointer's memory between saves: the base checkpoint and the identity of each saved tensor."""
+
+    def __init__(self, config: CheckpointConfig) -> None:
+        self.enabled = config.incremental
+        self.full_save_every = config.full_save_every
+        self._base: tuple[str, str, str] | None = None  # (root URL, name, save_id)
+        self._tokens: dict[str, _Token] = {}
+        self._saves = 0
+
+    def plan(
+        self,
+        storage: CheckpointStorage,
+        pending: PendingWrite,
+        tensors: Mapping[str, Any],
+        state: Mapping[str, Any],
+        rank: int,
+    ) -> tuple[IncrementalPlan | None, list[tuple[str, str]]]:
+        """The writer's plan for this save and the blobs it holds until the save is done (release them then)."""
+        if not self.enabled:
+            return None, []
+        write_id = shared.write_id_of_entry(pending.write_name)
+        held = shared.hold(storage.root_url, [write_id])
+        frozen = _frozen_storages(state)
+        tokens = {key: _token(value) for key, value in tensors.items() if isinstance(value, torch.Tensor)}
+        keys = {k for k, t in tokens.items() if t[:4] in frozen or self._tokens.get(k) == t}
+        full = self.full_save_every is not None and self._saves % self.full_save_every == 0
+        reuse: dict[str, Any] = {}
+        records: dict[str, Any] = {}
+        if not full and self._base is not None and self._base[0] == storage.root_url:
+            reuse, records = _reusable(storage, self._base[1], self._base[2])
+            held += shared.hold(storage.root_url, records)
+            keys |= {key.rsplit("@", 1)[0] for key in reuse}
+        self._tokens = tokens
+        self._saves += 1
+        plan = IncrementalPlan(write_id, rank, frozenset(k for k in keys if k in tokens), reuse, records)
+        return plan, held
+
+    def saved(self, storage: CheckpointStorage, name: str, save_id: str) -> None:
+        """The next save may refer to this one (checked against the storage when it does)."""
+        if self.enabled:
+            self._base = (storage.root_url, name, save_id)
+
+    def loaded(self, storage: CheckpointStorage, info: CheckpointInfo) -> None:
+        """A resumed run's first save may refer to the checkpoint it resumed from."""
+        save_id = info.manifest.get("save_id")
+        if self.enabled and isinstance(save_id, str):
+            self._base = (storage.root_url, info.name, save_id)
+
+
+def _reusable(storage: CheckpointStorage, name: str, save_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per chunk key, where the base keeps its bytes in a blob and their fingerprint; and those blobs' records.
+    Empty when the base is gone, replaced or unreadable (the save then writes everything)."""
+    try:
+        info = storage.info(name)
+        manifest = info.manifest
+        fingerprints, blobs = manifest.get("fingerprints") or {}, manifest.get("blobs") or {}
+        if manifest.get("save_id") != save_id or not fingerprints or not blobs:
+            return {}, {}
+        present = {n: r for n, r in blobs.items() if _has_size(storage, n, r["size"])}
+        metadata = storage.metadata_reader(info).read_metadata()
+    except (CheckpointError, OSError, ValueError) as err:
+        log.info("Writing every tensor of this save: the previous checkpoint %s cannot be used (%s).", name, err)
+        return {}, {}
+    own = manifest.get("files") or {}
+    reuse: dict[str, Any] = {}
+    records: dict[str, Any] = {}
+    for index, where in (metadata.storage_data or {}).items():
+        relative = where.relative_path
+        key = shared.chunk_key(index.fqn, index.offset)
+        if relative in present and relative not in own and key in fingerprints:
+            reuse[key] = (where, fingerprints[key])
+            records[relative] = present[relative]
+    return reuse, records
+
+
+def _has_size(storage: CheckpointStorage, name: str, size: int) -> bool:
+    try:
+        return regular_file_size(storage.fs, f"{storage.blob_area}/{name}", is_local=storage.is_local) == size
+    except (OSError, ValueError, CheckpointError):
+        return False
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _token(tensor: torch.Tensor) -> _Token:
+    local = _local(tensor)
+    try:
+        where = local.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        where = id(local)
+    return (
+        where,
+        local.storage_offset(),
+        tuple(local.shape),
+        local.dtype,
+        tuple(local.stride()),
+        str(local.device),
+        local._version,
+    )
+
+
+def _frozen_storages(state: Mapping[str, Any]) -> set[_Token]:
+    frozen = set()
+    for model in models_in(state):
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                frozen.add(_token(parameter.detach())[:4])
+    return frozen
+
+
+__all__ = ["IncrementalTracker"]

@@ -1,0 +1,316 @@
+"""Incremental checkpoints: unchanged tensors are written once, every checkpoint stays complete to every reader.
+
+A LoRA-style model (frozen base ~95 % of the bytes) is saved for real; bytes written are measured as the sizes of
+the files that a save added to the directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dcp_plugin import CheckpointConfig, Checkpointer, CheckpointManager, KeepLast, ModelState, OptimizerState
+from dcp_plugin.errors import CheckpointCorruptError, ConfigError, UnsafeCheckpointError
+from dcp_plugin.storage import CheckpointStorage, copy_checkpoint, manifests
+from dcp_plugin.storage.names import MANIFEST_NAME
+from tests.models import assert_same, lora_step, make_lora, snapshot
+
+
+def files_in(directory: str) -> dict[str, int]:
+    found = {}
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(folder, name)
+            found[path] = os.path.getsize(path)
+    return found
+
+
+def new_bytes(before: dict[str, int], after: dict[str, int]) -> int:
+    return sum(size for path, size in after.items() if path not in before)
+
+
+def lora_training(seed: int = 0):
+    model = make_lora(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer
+
+
+def state_of(model, optimizer) -> dict:
+    return {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
+
+
+def blob_files(storage: CheckpointStorage) -> set[str]:
+    area = storage.blob_area
+    return set(os.listdir(area)) if os.path.isdir(area) else set()
+
+
+def referenced(storage: CheckpointStorage) -> set[str]:
+    return {name for info in storage.list() for name in info.manifest.get("blobs", {})}
+
+
+def storage_of(storage: CheckpointStorage, name: str, fqn: str) -> str:
+    metadata = storage.metadata_reader(name).read_metadata()
+    return next(str(info.relative_path) for index, info in metadata.storage_data.items() if index.fqn == fqn)
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread", pytest.param("process", marks=pytest.mark.slow)])
+def test_second_save_of_a_lora_model_writes_a_fraction_and_loads_exactly(ckpt_dir, mode):
+    model, optimizer = lora_training()
+    lora_step(model, optimizer)
+    with CheckpointManager(ckpt_dir, async_mode=mode) as manager:
+        before = files_in(ckpt_dir)
+        manager.save(1, state_of(model, optimizer))
+        manager.wait()
+        first = files_in(ckpt_dir)
+        lora_step(model, optimizer)
+        manager.save(2, state_of(model, optimizer))
+        manager.wait()
+        second = files_in(ckpt_dir)
+        expected = snapshot(model, optimizer)
+        written_first, written_second = new_bytes(before, first), new_bytes(first, second)
+        assert written_second <= 0.15 * written_first, (written_first, written_second)
+        manifest_size = second[os.path.join(ckpt_dir, "step_000000002", MANIFEST_NAME)]
+        assert manager.storage.read_manifest("step_000000002")["bytes_new"] == written_second - manifest_size
+
+        fresh, fresh_optimizer = lora_training(seed=9)
+        manager.load(state_of(fresh, fresh_optimizer), step=2)
+        assert_same(snapshot(fresh, fresh_optimizer), expected)
+        assert manager.storage.verify("step_000000002") == []
+
+
+def _no_grad_in_place(model):
+    with torch.no_grad():
+        model[0].base.weight.add_(1.0)
+
+
+def _in_place_through_data(model):
+    model[0].base.weight.data.mul_(2.0)  # .data has its own version counter: only the content tells
+
+
+def _data_assignment(model):
+    model[0].base.weight.data = torch.randn_like(model[0].base.weight)
+
+
+def _load_state_dict(model):
+    changed = {key: value.clone() for key, value in model.state_dict().items()}
+    changed["0.base.weight"] = torch.randn_like(changed["0.base.weight"])
+    model.load_state_dict(changed)
+
+
+def _dtype(model):
+    model[0].base.to(torch.float64)
+
+
+CHANGES = {
+    "no_grad_in_place": _no_grad_in_place,
+    "in_place_through_data": _in_place_through_data,
+    "data_assignment": _data_assignment,
+    "load_state_dict": _load_state_dict,
+    "dtype": _dtype,
+}
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ckpt_dir, change, mode):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode=mode) as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.save(2, state_of(model, optimizer))  # unchanged: refers to the bytes of step 1
+        manager.wait()
+        storage = manager.storage
+        earlier = set(storage.read_manifest("step_000000001")["blobs"])
+        assert storage_of(storage, "step_000000002", "model.0.base.weight") in earlier
+        CHANGES[change](model)
+        manager.save(3, state_of(model, optimizer))
+        manager.wait()
+        assert storage_of(storage, "step_000000003", "model.0.base.weight") not in earlier
+        assert storage_of(storage, "step_000000003", "model.1.base.weight") in earlier  # unchanged ones still refer
+
+        fresh, fresh_optimizer = lora_training(seed=9)
+        if change == "dtype":
+            fresh[0].base.to(torch.float64)
+        manager.load(state_of(fresh, fresh_optimizer), step=3)
+        assert_same(snapshot(fresh), snapshot(model))
+        old, old_optimizer = lora_training(seed=9)
+        manager.load(state_of(old, old_optimizer), step=2)
+        assert_same(snapshot(old), snapshot(make_lora(0)))  # the older checkpoint still holds the old values
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_frozen_tensor_moved_to_another_device_and_changed_is_rewritten(ckpt_dir):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="thread") as manager:
+        manager.save(1, state_of(model, optimizer))
+        model.cuda()
+        with torch.no_grad():
+            model[0].base.weight.add_(1.0)
+        manager.save(2, state_of(model, optimizer))
+        fresh, fresh_optimizer = lora_training(seed=9)
+        manager.load(state_of(fresh, fresh_optimizer), step=2)
+    assert_same(snapshot(fresh), {"model": {k: v.cpu() for k, v in snapshot(model)["model"].items()}})
+
+
+def test_keep_last_over_ten_incremental_saves_leaves_only_referenced_data(ckpt_dir):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="thread", retention=KeepLast(1)) as manager:
+        for step in range(1, 11):
+            lora_step(model, optimizer)
+            if step in (4, 7):
+                _no_grad_in_place(model)  # some shared data stops being used
+            manager.save(step, state_of(model, optimizer))
+        manager.wait()
+        expected = snapshot(model, optimizer)
+    storage = CheckpointStorage(ckpt_dir)
+    storage.purge()
+    assert [info.name for info in storage.list()] == ["step_000000010"]
+    assert blob_files(storage) == referenced(storage) != set()
+    assert storage.incomplete() == []
+    assert storage.verify("step_000000010") == []
+    fresh, fresh_optimizer = lora_training(seed=9)
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.load(state_of(fresh, fresh_optimizer))
+    assert_same(snapshot(fresh, fresh_optimizer), expected)
+
+
+def test_retention_never_removes_data_a_save_in_flight_refers_to(ckpt_dir):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="thread") as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.wait()
+        manager.save(2, state_of(model, optimizer))  # refers to step 1's blobs while it is written
+        manager.storage.delete("step_000000001")
+        manager.storage.collect_blobs()
+        manager.wait()
+        assert manager.storage.verify("step_000000002") == []
+        fresh, fresh_optimizer = lora_training(seed=9)
+        manager.load(state_of(fresh, fresh_optimizer), step=2)
+    assert_same(snapshot(fresh), snapshot(model))
+
+
+def test_full_save_every_n_refers_to_no_earlier_data(ckpt_dir):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="sync", full_save_every=2) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, state_of(model, optimizer))
+        storage = manager.storage
+        first, second, third = (set(storage.read_manifest(f"step_00000000{s}")["blobs"]) for s in (1, 2, 3))
+    assert second & first  # the second save refers to the first one's data
+    assert not third & (first | second)  # the third is a full save
+
+
+def test_incremental_off_writes_self_contained_checkpoints(ckpt_dir, monkeypatch):
+    monkeypatch.setenv("DCP_PLUGIN_INCREMENTAL", "0")
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        assert manager.config.incremental is False
+        manager.save(1, state_of(model, optimizer))
+        manager.save(2, state_of(model, optimizer))
+        assert "blobs" not in manager.storage.read_manifest("step_000000002")
+    assert not os.path.exists(os.path.join(ckpt_dir, ".dcp-plugin"))
+
+
+def test_options_come_from_the_environment_and_are_checked():
+    config = CheckpointConfig.resolve({"DCP_PLUGIN_FULL_SAVE_EVERY": "5", "DCP_PLUGIN_INCREMENTAL": "no"})
+    assert (config.incremental, config.full_save_every) == (False, 5)
+    assert CheckpointConfig.resolve({"DCP_PLUGIN_FULL_SAVE_EVERY": "none"}).full_save_every is None
+    assert CheckpointConfig().incremental is True
+    with pytest.raises(ConfigError, match="full_save_every"):
+        CheckpointConfig(full_save_every=0)
+    with pytest.raises(ConfigError, match="DCP_PLUGIN_FULL_SAVE_EVERY"):
+        CheckpointConfig.resolve({"DCP_PLUGIN_FULL_SAVE_EVERY": "often"})
+
+
+def test_a_copy_is_self_contained(ckpt_dir, tmp_path):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.save(2, state_of(model, optimizer))
+    target = CheckpointStorage(str(tmp_path / "copies"))
+    copied = copy_checkpoint(CheckpointStorage(ckpt_dir), "step_000000002", target)
+    assert "blobs" not in copied.manifest
+    import shutil
+
+    shutil.rmtree(ckpt_dir)
+    assert target.verify("step_000000002") == []
+    fresh, fresh_optimizer = lora_training(seed=9)
+    Checkpointer(CheckpointConfig(async_mode="sync")).load(
+        target.url("step_000000002"), state_of(fresh, fresh_optimizer)
+    )
+    assert_same(snapshot(fresh), snapshot(model))
+
+
+# -- hostile and damaged references -------------------------------------------------------------------------
+def _two_saves(ckpt_dir) -> CheckpointStorage:
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.save(2, state_of(model, optimizer))
+    return CheckpointStorage(ckpt_dir)
+
+
+def _load_step_2(ckpt_dir):
+    fresh, fresh_optimizer = lora_training(seed=9)
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.load(state_of(fresh, fresh_optimizer), step=2)
+
+
+def _forge(storage: CheckpointStorage, name: str, change) -> None:
+    """Rewrite a manifest as a forger would (a valid checksum over the changed content)."""
+    path = os.path.join(storage.url(name), MANIFEST_NAME)
+    with open(path, "rb") as handle:
+        manifest = manifests.decode(handle.read(), path)
+    change(manifest)
+    with open(path, "wb") as handle:
+        handle.write(manifests.encode(manifest))
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "..", "blob_aaaaaaaaaaaa_r0_0.distcp/x"])
+def test_a_manifest_naming_shared_data_outside_the_blob_area_is_refused(ckpt_dir, name):
+    storage = _two_saves(ckpt_dir)
+    _forge(storage, "step_000000002", lambda m: m["blobs"].update({name: {"size": 1, "xxh3_128": "0"}}))
+    with pytest.raises(CheckpointCorruptError, match="malformed"):
+        storage.info("step_000000002")
+    assert [info.name for info in storage.list()] == ["step_000000001"]
+
+
+def test_a_missing_shared_file_fails_the_load_and_verify_names_it(ckpt_dir):
+    storage = _two_saves(ckpt_dir)
+    used = sorted(storage.read_manifest("step_000000002")["blobs"])
+    os.remove(os.path.join(storage.blob_area, used[0]))
+    assert any(f"{used[0]} is missing" in p for p in storage.verify("step_000000002"))
+    with pytest.raises(CheckpointCorruptError, match="missing"):
+        _load_step_2(ckpt_dir)
+
+
+def test_a_shared_file_of_the_wrong_size_fails_the_load(ckpt_dir):
+    storage = _two_saves(ckpt_dir)
+    blobs = storage.read_manifest("step_000000002")["blobs"]
+    largest = max(blobs, key=lambda n: blobs[n]["size"])
+    with open(os.path.join(storage.blob_area, largest), "ab") as handle:
+        handle.write(b"\0" * 16)
+    assert any("appended" in p for p in storage.verify("step_000000002"))
+    with pytest.raises(CheckpointCorruptError, match=largest):
+        _load_step_2(ckpt_dir)
+
+
+def test_a_shared_file_replaced_by_a_link_is_never_followed(ckpt_dir, tmp_path):
+    storage = _two_saves(ckpt_dir)
+    blobs = storage.read_manifest("step_000000002")["blobs"]
+    largest = max(blobs, key=lambda n: blobs[n]["size"])
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"x" * blobs[largest]["size"])
+    path = os.path.join(storage.blob_area, largest)
+    os.remove(path)
+    os.symlink(outside, path)
+    with pytest.raises((CheckpointCorruptError, UnsafeCheckpointError)):
+        _load_step_2(ckpt_dir)
+
+
+def test_metadata_pointing_at_a_blob_the_manifest_does_not_list_is_refused(ckpt_dir):
+    storage = _two_saves(ckpt_dir)
+    _forge(storage, "step_000000002", lambda m: m.update(blobs={}))
+    with pytest.raises(CheckpointCorruptError, match="step_000000002/blob_.* is missing"):
+        _load_step_2(ckpt_dir)
