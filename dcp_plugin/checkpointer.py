@@ -122,7 +122,7 @@ class Checkpointer:
             "world_size": self.groups.world_size,
             "created": time.time(),
             "run_id": run_id,
-            "save_id": uuid.uuid4().hex,
+            "save_id": pending.manifest["save_id"],  # the coordinator's, the same on every rank
             "mode": self.config.async_mode,
             "entries": packed.entries,
             "metadata": dict(metadata or {}),
@@ -158,6 +158,7 @@ class Checkpointer:
             )
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
+                pending.manifest["save_id"] = uuid.uuid4().hex
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             local_error = err
         outcomes = groups.all_gather((pending, _error_text(local_error)))

@@ -2,10 +2,10 @@
 
 The rule (see docs/incremental.md):
 
-* **Placement** (cost only, never correctness): a tensor is kept in a shared blob when it is a frozen parameter
-  (``requires_grad=False``) of a model in the state, or when its identity (storage, offset, shape, strides,
-  dtype, device and version counter) did not change since this checkpointer's previous save. Everything else
-  goes to the checkpoint's own files, as without incremental saves.
+* **Placement** (cost only, never correctness): a tensor is kept in a shared blob when it views the bytes of a
+  frozen parameter (``requires_grad=False``) of a model in the state (``ModelState``, or a module passed to
+  ``save``), or when the base checkpoint kept it in a blob. Everything else goes to the checkpoint's own
+  files, as without incremental saves; a state without frozen parameters is saved exactly as before.
 * **Reuse** (correctness): a chunk kept in a blob is not written again only when the fingerprint of the bytes
   being saved (xxh3-128 of dtype, shape and content, computed by the writer on the snapshot) equals the
   fingerprint recorded when those blob bytes were committed, in the base checkpoint this save refers to. A
@@ -32,8 +32,6 @@ from dcp_plugin.storage.safe_io import regular_file_size
 
 log = logging.getLogger(__name__)
 
-_Token = tuple[Any, ...]
-
 
 class IncrementalTracker:
     """One checkpointer's memory between saves: the base checkpoint and the identity of each saved tensor."""
@@ -42,7 +40,6 @@ class IncrementalTracker:
         self.enabled = config.incremental
         self.full_save_every = config.full_save_every
         self._base: tuple[str, str, str] | None = None  # (root URL, name, save_id)
-        self._tokens: dict[str, _Token] = {}
         self._saves = 0
 
     def plan(
@@ -59,8 +56,8 @@ class IncrementalTracker:
         write_id = shared.write_id_of_entry(pending.write_name)
         held = shared.hold(storage.root_url, [write_id])
         frozen = _frozen_storages(state)
-        tokens = {key: _token(value) for key, value in tensors.items() if isinstance(value, torch.Tensor)}
-        keys = {k for k, t in tokens.items() if t[:4] in frozen or self._tokens.get(k) == t}
+        tensor_keys = {key for key, value in tensors.items() if isinstance(value, torch.Tensor)}
+        keys = {key for key in tensor_keys if _identity(tensors[key]) in frozen}
         full = self.full_save_every is not None and self._saves % self.full_save_every == 0
         reuse: dict[str, Any] = {}
         records: dict[str, Any] = {}
@@ -68,9 +65,8 @@ class IncrementalTracker:
             reuse, records = _reusable(storage, self._base[1], self._base[2])
             held += shared.hold(storage.root_url, records)
             keys |= {key.rsplit("@", 1)[0] for key in reuse}
-        self._tokens = tokens
         self._saves += 1
-        plan = IncrementalPlan(write_id, rank, frozenset(k for k in keys if k in tokens), reuse, records)
+        plan = IncrementalPlan(write_id, rank, frozenset(keys & tensor_keys), reuse, records)
         return plan, held
 
     def saved(self, storage: CheckpointStorage, name: str, save_id: str) -> None:
@@ -123,30 +119,23 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def _token(tensor: torch.Tensor) -> _Token:
+def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Which bytes a tensor views: storage, offset, shape, dtype (a state dict's tensor views its parameter's)."""
     local = _local(tensor)
     try:
         where = local.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         where = id(local)
-    return (
-        where,
-        local.storage_offset(),
-        tuple(local.shape),
-        local.dtype,
-        tuple(local.stride()),
-        str(local.device),
-        local._version,
-    )
+    return (where, local.storage_offset(), tuple(local.shape), local.dtype)
 
 
-def _frozen_storages(state: Mapping[str, Any]) -> set[_Token]:
-    frozen = set()
-    for model in models_in(state):
-        for parameter in model.parameters():
-            if not parameter.requires_grad:
-                frozen.add(_token(parameter.detach())[:4])
-    return frozen
+def _frozen_storages(state: Mapping[str, Any]) -> set[tuple[Any, ...]]:
+    return {
+        _identity(parameter.detach())
+        for model in models_in(state)
+        for parameter in model.parameters()
+        if not parameter.requires_grad
+    }
 
 
 __all__ = ["IncrementalTracker"]

@@ -314,3 +314,87 @@ def test_metadata_pointing_at_a_blob_the_manifest_does_not_list_is_refused(ckpt_
     _forge(storage, "step_000000002", lambda m: m.update(blobs={}))
     with pytest.raises(CheckpointCorruptError, match="step_000000002/blob_.* is missing"):
         _load_step_2(ckpt_dir)
+
+
+# -- object stores and several ranks -------------------------------------------------------------------------
+def test_incremental_saves_on_s3_refer_to_shared_data_and_are_collected(s3_url):
+    url, options = s3_url
+    model, optimizer = lora_training()
+    with CheckpointManager(url, async_mode="thread", storage_options=options, retention=KeepLast(1)) as manager:
+        manager.save(1, state_of(model, optimizer))
+        lora_step(model, optimizer)
+        _no_grad_in_place(model)
+        manager.save(2, state_of(model, optimizer))
+        manager.wait()
+        lora_step(model, optimizer)
+        manager.save(3, state_of(model, optimizer))
+        manager.wait()
+        storage = manager.storage
+        first = storage.read_manifest("step_000000003")  # step 1 and 2 were deleted by retention
+        assert manager.steps == [3]
+        expected = snapshot(model, optimizer)
+    assert first["bytes_new"] <= 0.15 * first["bytes"]
+    storage.purge()
+    storage.fs.invalidate_cache()
+    stored = {p.rsplit("/", 1)[-1] for p in storage.fs.ls(storage.blob_area, detail=False)}
+    assert stored == set(first["blobs"])
+    assert storage.verify("step_000000003") == []
+    fresh, fresh_optimizer = lora_training(seed=9)
+    with CheckpointManager(url, async_mode="sync", storage_options=options) as manager:
+        manager.load(state_of(fresh, fresh_optimizer))
+    assert_same(snapshot(fresh, fresh_optimizer), expected)
+
+
+def _sharded_lora(world_size: int):
+    import torch.distributed as dist
+
+    model, optimizer = lora_training()
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return model, optimizer
+
+
+def _full_model_state(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {key: value.detach().clone() for key, value in full.items()}
+
+
+def two_rank_incremental_saves(rank, world_size, directory):
+    model, optimizer = _sharded_lora(world_size)
+    torch.manual_seed(5)
+    with CheckpointManager(directory, async_mode="thread") as manager:
+        manager.save(1, {"model": ModelState(model)})
+        lora_step(model, optimizer)
+        manager.save(2, {"model": ModelState(model)})
+        manager.wait()
+        manifests_ = [manager.storage.read_manifest(f"step_00000000{s}") for s in (1, 2)]
+    return {"full": _full_model_state(model), "manifests": manifests_}
+
+
+def one_rank_load(rank, world_size, directory):
+    model, _ = _sharded_lora(world_size)
+    with CheckpointManager(directory, async_mode="sync") as manager:
+        manager.load({"model": ModelState(model)}, step=2)
+    return {"full": _full_model_state(model)}
+
+
+@pytest.mark.slow
+def test_two_rank_incremental_saves_write_a_fraction_and_reshard_to_one_rank(tmp_path):
+    from tests.multiproc import run_ranks
+
+    directory = str(tmp_path / "ckpts")
+    saved = run_ranks(two_rank_incremental_saves, directory, world_size=2)
+    first, second = saved[0]["manifests"]
+    assert {name.split("_r")[1][0] for name in first["blobs"]} == {"0", "1"}  # both ranks wrote shared data
+    assert second["bytes_new"] <= 0.15 * first["bytes_new"]
+    loaded = run_ranks(one_rank_load, directory, world_size=1)
+    assert_same(loaded[0]["full"], saved[0]["full"])
