@@ -398,3 +398,25 @@ def test_two_rank_incremental_saves_write_a_fraction_and_reshard_to_one_rank(tmp
     assert second["bytes_new"] <= 0.15 * first["bytes_new"]
     loaded = run_ranks(one_rank_load, directory, world_size=1)
     assert_same(loaded[0]["full"], saved[0]["full"])
+
+
+def test_the_command_line_reads_through_references(ckpt_dir, tmp_path, capsys):
+    from dcp_plugin.cli import main
+
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, {"model": model})
+        with torch.no_grad():
+            model[2].a.add_(1.0)
+        manager.save(2, {"model": model})
+        manager.delete(1)  # step 2's frozen weights are in step 1's write: still there
+    checkpoint = os.path.join(ckpt_dir, "step_000000002")
+    assert main(["verify", "--load", checkpoint]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["inspect", checkpoint]) == 0
+    assert "model.0.base.weight\t(384, 384)\ttorch.float32" in capsys.readouterr().out
+    target = tmp_path / "model.pt"
+    assert main(["export", checkpoint, str(target)]) == 0
+    assert_same(torch.load(target, weights_only=True), dict(model.state_dict()))
+    assert main(["purge", ckpt_dir]) == 0
+    assert main(["verify", checkpoint]) == 0
