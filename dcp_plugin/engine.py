@@ -79,6 +79,7 @@ class _InFlight:
     on_failure: Any
     writing: str
     on_done: Any = None
+    writer: Any = None
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
@@ -195,7 +196,7 @@ class CheckpointEngine:
             inflight.finish(writing)
             _call_done(on_done)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
-            stats.bytes_written = _bytes(metadata)
+            stats.bytes_written = _bytes(metadata, writer)
             self._completed.append(stats)
             return stats
         if isinstance(result, AsyncSaveResponse):
@@ -207,7 +208,7 @@ class CheckpointEngine:
             stats.staging_s = stats.blocking_s
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
-        flight = _InFlight(stats, started, upload, staging, on_failure, writing, on_done)
+        flight = _InFlight(stats, started, upload, staging, on_failure, writing, on_done, writer)
         self._in_flight = flight
         upload.add_done_callback(lambda future: self._upload_done(flight, future))
         return stats
@@ -237,7 +238,7 @@ class CheckpointEngine:
             stats.durable_s = time.perf_counter() - flight.started
             try:
                 metadata = future.result()
-                stats.bytes_written = _bytes(metadata)
+                stats.bytes_written = _bytes(metadata, flight.writer)
             except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
                 stats.error = _describe(err)
                 with self._lock:
@@ -361,10 +362,14 @@ def _call_done(on_done: Any) -> None:
         log.warning("Finishing the bookkeeping of a save failed: %s", err)
 
 
-def _bytes(metadata: Any) -> int | None:
+def _bytes(metadata: Any, writer: Any = None) -> int | None:
+    """Bytes of tensor data the save wrote (a writer that refers to earlier data says how much it added)."""
     storage = getattr(metadata, "storage_data", None)
     if not storage:
         return None
+    added = getattr(writer, "bytes_added", None)
+    if callable(added):
+        return int(added(metadata))
     return sum(int(getattr(info, "length", 0)) for info in storage.values())
 
 

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointSaveError
-from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint
+from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id_of
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
@@ -151,6 +151,15 @@ class _CommitOnFinish:
                 files.put((self.fs.concat_path(area_path, name), name, bucket))
         return self._write_data(planner, files), reused  # type: ignore[attr-defined]
 
+    def bytes_added(self, metadata: Metadata) -> int:
+        """Bytes of tensor data this save wrote itself (chunks that refer to earlier blobs are not counted)."""
+        plan = self._dcp_plugin_incremental
+        return sum(
+            int(info.length)
+            for info in (metadata.storage_data or {}).values()
+            if plan is None or write_id_of(str(info.relative_path)) in (None, plan.write_id)
+        )
+
     def finish(self, metadata: Metadata, results: list) -> None:  # type: ignore[override]
         files: dict[str, dict[str, Any]] = {}
         blobs: dict[str, dict[str, Any]] = {}
@@ -182,13 +191,11 @@ class _CommitOnFinish:
         if self._dcp_plugin_incremental is not None:
             _check_blobs_present(root, blobs, pending)
             written = sum(r["size"] for r in files.values())
-            written += sum(r["size"] for n, r in blobs.items() if _write_id_matches(n, pending))
+            written += sum(
+                r["size"] for n, r in blobs.items() if write_id_of(n) == self._dcp_plugin_incremental.write_id
+            )
             manifest.update(blobs=blobs, fingerprints=fingerprints, bytes_new=written)
         self._dcp_plugin_strategy.commit(pending, manifest)
-
-
-def _write_id_matches(name: str, pending: PendingWrite) -> bool:
-    return name.startswith(f"blob_{pending.write_name.rsplit('.', 1)[-1]}_")
 
 
 def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:
