@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -68,6 +69,25 @@ def _quiet_discarded_dcp_telemetry() -> None:
         telemetry = logging.getLogger(name)
         if telemetry.level <= logging.DEBUG and all(isinstance(h, logging.NullHandler) for h in telemetry.handlers):
             telemetry.setLevel(logging.INFO)
+
+
+@functools.cache
+def stager_survives_reuse() -> bool:
+    """Whether this torch's ``DefaultStager`` can stage again after a stage.
+
+    Some releases (2.11 among them) tear the stager's internals down at the end of every stage: the cached
+    buffers are dropped anyway and the next stage of any dict fails with ``KeyError: <class 'type'>``. There
+    a fresh stager is made for each save. Probed once, on a tiny state.
+    """
+    probe = DefaultStager(StagingOptions(False, False, False, False))
+    try:
+        for _ in range(2):
+            probe.stage({"probe": [torch.zeros(1)]})
+        return True
+    except Exception:
+        return False
+    finally:
+        probe.close()
 
 
 @dataclass
@@ -208,7 +228,7 @@ class CheckpointEngine:
         return stats
 
     def _stager_for_save(self) -> DefaultStager:
-        if self._stager is not None and self.config.reuse_buffers:
+        if self._stager is not None and self.config.reuse_buffers and stager_survives_reuse():
             return self._stager
         cuda = torch.cuda.is_available()
         pinned = cuda if self.config.pinned_memory is None else self.config.pinned_memory
