@@ -48,8 +48,9 @@ class _Block:
 class StagingPool:
     """A fixed host arena of ``budget`` bytes that hands out exact-size tensors, and waits when it is full.
 
-    Counts the bytes it hands out (``live_bytes`` now, ``peak_bytes`` since :meth:`reset_peak`), so the bound
-    can be checked. The arena is allocated at the first allocation and kept until :meth:`close`.
+    Counts the bytes it hands out (``live_bytes`` now, ``peak_bytes`` since :meth:`reset_peak`, the largest
+    single tensor in ``largest_bytes``), so the bound can be checked. The arena is allocated at the first
+    allocation and kept until :meth:`close`.
     """
 
     def __init__(self, budget: int, *, pinned: bool = False) -> None:
@@ -61,10 +62,12 @@ class StagingPool:
         self._cond = threading.Condition()
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.largest_bytes = 0
 
     def reset_peak(self) -> None:
         with self._cond:
             self.peak_bytes = self.live_bytes
+            self.largest_bytes = 0
 
     def allocate(self, nbytes: int, give_up: Callable[[], bool]) -> _Block | None:
         """Wait for room for ``nbytes`` and take it; ``None`` when ``give_up()`` became true while waiting."""
@@ -76,6 +79,7 @@ class StagingPool:
                 if block is not None:
                     self.live_bytes += nbytes
                     self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+                    self.largest_bytes = max(self.largest_bytes, nbytes)
                     return block
                 self._cond.wait()
 

@@ -9,11 +9,20 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter, filesystem
 
 import tests.faultyfs  # noqa: F401 - registers faulty://
-from dcp_plugin import CheckpointConfig, CheckpointManager, CheckpointSaveError, ConfigError, SaveStats
+from dcp_plugin import (
+    CheckpointConfig,
+    CheckpointManager,
+    CheckpointSaveError,
+    ConfigError,
+    ModelState,
+    OptimizerState,
+    SaveStats,
+)
 from dcp_plugin.engine import CheckpointEngine
 from dcp_plugin.staging_pool import StagingPool
 from dcp_plugin.storage.integrity import HashingStream
 from tests.models import assert_same, make_training, snapshot, train_step
+from tests.multiproc import run_ranks
 
 BUDGET = 64 * 1024
 
@@ -228,3 +237,37 @@ def test_the_pool_waits_for_room_and_coalesces_what_comes_back():
     for block in (c, took[0], second[0]):
         pool.release(block)
     assert pool.live_bytes == 0 and pool._free == [(0, 1024)]
+
+
+# -- two ranks, sharded (FSDP2 DTensors) -----------------------------------------------------------------
+
+
+def fsdp_save_bounded(rank, world_size, directory):
+    from tests.test_distributed import _fsdp_training, _full_state
+
+    model, optimizer = _fsdp_training(0)
+    torch.manual_seed(11)
+    for _ in range(2):
+        train_step(model, optimizer)
+    with CheckpointManager(directory, async_mode="thread") as manager:  # the budget comes from the environment
+        assert manager.config.max_staging_bytes == 1024
+        manager.save(2, {"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
+        manager.wait()
+        pool = pool_of(manager)
+        local_shards = sum(t.to_local().nbytes for t in model.state_dict().values())
+    return {"full": _full_state(model, optimizer), "pool": (pool.peak_bytes, pool.largest_bytes), "local": local_shards}
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_stage_their_shards_through_the_pool_and_reshard_on_load(tmp_path, monkeypatch):
+    from tests.test_distributed import fsdp_load
+
+    directory = str(tmp_path / "ckpts")
+    monkeypatch.setenv("DCP_PLUGIN_MAX_STAGING_BYTES", "1KiB")  # the spawned ranks inherit it
+    saved = run_ranks(fsdp_save_bounded, directory)
+    for rank in range(2):
+        peak, largest = saved[rank]["pool"]
+        assert 0 < peak <= 1024 + largest and peak < 3 * saved[rank]["local"]  # model + two AdamW moments
+    monkeypatch.delenv("DCP_PLUGIN_MAX_STAGING_BYTES")
+    loaded = run_ranks(fsdp_load, directory, "thread", world_size=1)
+    assert_same(loaded[0]["full"], saved[0]["full"])
