@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter, filesystem
@@ -21,6 +22,8 @@ from dcp_plugin import (
 from dcp_plugin.engine import CheckpointEngine
 from dcp_plugin.staging_pool import StagingPool
 from dcp_plugin.storage.integrity import HashingStream
+from tests.lightning.helpers import TinyModule, full, loader
+from tests.lightning.helpers import trainer as lightning_trainer
 from tests.models import assert_same, make_training, snapshot, train_step
 from tests.multiproc import run_ranks
 
@@ -271,3 +274,39 @@ def test_two_sharded_ranks_stage_their_shards_through_the_pool_and_reshard_on_lo
     monkeypatch.delenv("DCP_PLUGIN_MAX_STAGING_BYTES")
     loaded = run_ranks(fsdp_load, directory, "thread", world_size=1)
     assert_same(loaded[0]["full"], saved[0]["full"])
+
+
+# -- Lightning ---------------------------------------------------------------------------------------------------
+
+
+class _SnapshotAtSave(pl.Callback):
+    """Copies the weights and optimizer state at every step, just before ModelCheckpoint saves them."""
+
+    def __init__(self) -> None:
+        self.at_step: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        optimizer = trainer.optimizers[0]
+        self.at_step[trainer.global_step] = {
+            "weights": full({k: v.detach().clone() for k, v in module.state_dict().items()}),
+            "optimizer": full(optimizer.state_dict()["state"]),
+        }
+
+
+def test_a_lightning_run_with_bounded_async_staging_saves_what_each_step_had(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dcp_plugin.lightning import DCPCheckpointIO
+
+    plugin = DCPCheckpointIO(async_mode="thread", async_staging=True, max_staging_bytes=256)
+    snapshots = _SnapshotAtSave()
+    saves = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), every_n_train_steps=1, save_top_k=-1)
+    run = lightning_trainer(str(tmp_path), plugin, max_epochs=1, callbacks=[snapshots, saves])
+    run.fit(TinyModule(), loader())
+    assert len(snapshots.at_step) > 2
+    reader = DCPCheckpointIO()
+    for step, expected in snapshots.at_step.items():
+        (path,) = (tmp_path / "ckpts").glob(f"*step={step}.ckpt")
+        checkpoint = reader.load_checkpoint(str(path))
+        assert_same(full(checkpoint["state_dict"]), expected["weights"])
+        assert_same(full(checkpoint["optimizer_states"][0]["state"]), expected["optimizer"])
