@@ -160,6 +160,7 @@ class StagingSession:
         self._staged: dict[Any, tuple[Any, _Block | None, int]] = {}  # index -> (data, block, bucket)
         self._held: dict[int, _Block] = {}  # writer thread -> the block it is writing (or wrote last)
         self._ahead: list[int] = []  # bytes staged but not yet taken, per file
+        self._queues: list[deque] = []  # per file, the tensor items not yet staged, in writing order
         self._error: BaseException | None = None
         self._stopping = False
         self._done_staging = False
@@ -179,8 +180,10 @@ class StagingSession:
         """Stage ``buckets`` (each file's write items in writing order) while the body writes them through the
         planner this yields. Raises the first error of the staging or any writer thread."""
         self._ahead = [0] * len(buckets)
+        self._queues = [deque(item for item in bucket if item.type != WriteItemType.BYTE_IO) for bucket in buckets]
+        small = [(b, item) for b, bucket in enumerate(buckets) for item in bucket if item.type == WriteItemType.BYTE_IO]
         self._thread = threading.Thread(
-            target=self._stage_all, args=(buckets, planner), name="dcp-plugin-staging", daemon=True
+            target=self._stage_all, args=(small, planner), name="dcp-plugin-staging", daemon=True
         )
         self._thread.start()
         try:
@@ -202,6 +205,12 @@ class StagingSession:
                     raise RuntimeError(f"Staging stopped before {item.index.fqn} was copied") from self._error
                 if self._done_staging:
                     raise RuntimeError(f"{item.index.fqn} was not among the tensors staged for this save.")
+                if self._out_of_order(item):  # waiting could never end: fail clearly instead of hanging
+                    raise RuntimeError(
+                        f"DCP's writer asked for {item.index.fqn} before the tensors written ahead of it in its file; "
+                        f"this torch version ({torch.__version__}) writes in another order than bounded staging "
+                        "expects. Leave max_staging_bytes unset."
+                    )
                 self._cond.wait()
             data, block, bucket = self._staged.pop(item.index)
             if block is not None:
@@ -225,18 +234,23 @@ class StagingSession:
         self.pool.wake()
 
     # -- the staging thread ------------------------------------------------------------------------
-    def _stage_all(self, buckets: Sequence[Sequence[Any]], planner: Any) -> None:
+    def _out_of_order(self, item: Any) -> bool:
+        """Whether ``item`` waits in a file's queue behind other tensors (under the lock)."""
+        return any(
+            queue and queue[0].index != item.index and any(i.index == item.index for i in queue)
+            for queue in self._queues
+        )
+
+    def _stage_all(self, small: Sequence[tuple[int, Any]], planner: Any) -> None:
         try:
-            queues = [deque(bucket) for bucket in buckets]
-            for b, queue in enumerate(queues):  # non-tensor items are small: snapshot them first
-                for item in [i for i in queue if i.type == WriteItemType.BYTE_IO]:
-                    queue.remove(item)
-                    self._publish(item, planner.resolve_data(item), None, b)
+            for b, item in small:  # non-tensor items are small: snapshot them first
+                self._publish(item, planner.resolve_data(item), None, b)
+            queues = self._queues
             with self._device_stream():
                 while any(queues) and not self._stopped():
                     with self._cond:  # the file with the fewest bytes waiting goes next
                         b = min((i for i, q in enumerate(queues) if q), key=lambda i: self._ahead[i])
-                    item = queues[b].popleft()
+                        item = queues[b].popleft()
                     source = planner.resolve_data(item).detach()
                     block = self.pool.allocate(source.nbytes, self._stopped)
                     if block is None:

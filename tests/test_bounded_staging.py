@@ -310,3 +310,21 @@ def test_a_lightning_run_with_bounded_async_staging_saves_what_each_step_had(tmp
         checkpoint = reader.load_checkpoint(str(path))
         assert_same(full(checkpoint["state_dict"]), expected["weights"])
         assert_same(full(checkpoint["optimizer_states"][0]["state"]), expected["optimizer"])
+
+
+def test_a_writer_that_writes_in_another_order_fails_the_save_instead_of_hanging(tmp_path, monkeypatch):
+    from dcp_plugin.storage import dcp_io
+
+    def reversed_files(self, plan):  # as if DCP's writer threads took a file's tensors in another order
+        return [list(reversed(files)) for files in original(self, plan)]
+
+    original = dcp_io._CommitOnFinish._files_in_writing_order
+    monkeypatch.setattr(dcp_io._CommitOnFinish, "_files_in_writing_order", reversed_files)
+    state = {"extra": {f"t{i}": torch.full((100,), float(i)) for i in range(4)}}  # each larger than the pool
+    with CheckpointManager(str(tmp_path), max_staging_bytes=64, thread_count=1) as manager:
+        manager.save(1, {"a": torch.ones(3)})  # the skeleton and one tensor: fine in either order
+        manager.wait()
+        manager.save(2, state)
+        with pytest.raises(CheckpointSaveError, match="writes in another order than bounded staging expects"):
+            manager.wait()
+        assert manager.steps == [1]
