@@ -70,7 +70,8 @@ class CheckpointConfig:
     such as ``"512MiB"`` / ``"2GB"``), copied and written in waves, instead of one host copy of the whole
     state. Peak extra host memory is this budget plus at most one tensor larger than it. ``save`` returns (or,
     with ``async_staging``, the next optimizer step waits) once every tensor is in the pool, i.e. when all but
-    the last ``max_staging_bytes`` are written. ``None``: no bound (the whole state is staged at once)."""
+    the last ``max_staging_bytes`` are written. The pool is kept between saves (whatever ``reuse_buffers``
+    says). ``None``: no bound (the whole state is staged at once)."""
 
     strict: bool = True
     """On load, a tensor the live state expects but the checkpoint lacks (or has with another shape) is an
