@@ -9,7 +9,7 @@ import queue
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -28,6 +28,9 @@ from dcp_plugin.storage.names import BLOBS, METADATA_NAME
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import regular_file_size
 
+if TYPE_CHECKING:
+    from dcp_plugin.staging_pool import StagingSession
+
 log = logging.getLogger(__name__)
 
 _WARNED_UNCHECKED: set[str] = set()
@@ -38,11 +41,13 @@ taken out before DCP builds ``.metadata``."""
 
 # -- writing --------------------------------------------------------------------------------------------
 class _HashingFileSystem:
-    """Wraps a DCP filesystem so every stream opened for writing is hashed into ``sink``."""
+    """Wraps a DCP filesystem so every stream opened for writing is hashed into ``sink`` (and, with a staging
+    pool, the pool hears when a writer thread closed its file, and of the error that closed it)."""
 
-    def __init__(self, inner: Any, sink: ChecksumSink) -> None:
+    def __init__(self, inner: Any, sink: ChecksumSink, staging: StagingSession | None = None) -> None:
         self._inner = inner
         self._sink = sink
+        self._staging = staging
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -54,10 +59,16 @@ class _HashingFileSystem:
                 yield stream
                 return
             hashing = HashingStream(stream, self._sink.recorder(os.path.basename(os.fspath(path))))
+            error: BaseException | None = None
             try:
                 yield hashing
+            except BaseException as err:
+                error = err
+                raise
             finally:
                 hashing.close()
+                if self._staging is not None:
+                    self._staging.stream_closed(error)
 
 
 @dataclass
@@ -91,18 +102,28 @@ class _CommitOnFinish:
         self._dcp_plugin_pending = pending
         self._dcp_plugin_incremental = incremental
 
+    def attach_staging(self, session: StagingSession) -> None:
+        """Write this save's tensors from a bounded staging pool (``max_staging_bytes``)."""
+        self._dcp_plugin_staging: StagingSession | None = session
+        self.per_thread_copy_ahead = 0  # DCP's copy-ahead loader would take tensors before they are written
+
     def write_data(self, plan: Any, planner: Any) -> Any:
         sink = ChecksumSink()
+        staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
-        self.fs = _HashingFileSystem(original, sink)
-        incremental = self._dcp_plugin_incremental
+        self.fs = _HashingFileSystem(original, sink, staging)
+        # A bounded staging pool hands tensors out in writing order only: such saves write everything.
+        incremental = self._dcp_plugin_incremental if staging is None else None
         report: dict[str, Any] = {"new_blobs": [], "used_blobs": {}, "fingerprints": {}}
+        reused: list[WriteResult] = []
         try:
-            if incremental is None:
-                future = super().write_data(plan, planner)  # type: ignore[misc]
-                reused: list[WriteResult] = []
-            else:
+            if incremental is not None:
                 future, reused = self._write_incrementally(plan, planner, incremental, report)
+            elif staging is None:
+                future = super().write_data(plan, planner)  # type: ignore[misc]
+            else:
+                with staging.writing(self._files_in_writing_order(plan), planner) as pool_planner:
+                    future = super().write_data(plan, pool_planner)  # type: ignore[misc]
         finally:
             self.fs = original
         results = list(future.wait()) + reused
@@ -159,6 +180,13 @@ class _CommitOnFinish:
             for info in (metadata.storage_data or {}).values()
             if plan is None or write_id_of(str(info.relative_path)) in (None, plan.write_id)
         )
+
+    def _files_in_writing_order(self, plan: Any) -> list[list[Any]]:
+        """The write items of each file, in the order DCP's writer threads write them (as its ``write_data``
+        splits them: one file per thread; one file per item, taken in plan order, otherwise)."""
+        if self.single_file_per_rank:  # type: ignore[attr-defined]
+            return _split_by_size_and_type(self.thread_count, plan.items)  # type: ignore[attr-defined]
+        return [list(plan.items)]
 
     def finish(self, metadata: Metadata, results: list) -> None:  # type: ignore[override]
         files: dict[str, dict[str, Any]] = {}

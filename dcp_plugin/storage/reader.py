@@ -194,14 +194,14 @@ class _Distrustful:
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
         storage_data = self.storage_data  # type: ignore[attr-defined]
         items = sorted(items, key=lambda it: _span(storage_data[it.storage_index]))
+        if not hashing and record is not None and relative not in self._dcp_plugin_verified:
+            self._dcp_plugin_used.add(relative)  # before the read: a read that fails on damaged bytes is checked too
         if root.is_local and size > 0:
             self._read_mapped(path, relative, items, planner, expected=record if hashing else None)
         else:
             self._read_streamed(path, relative, size, items, planner, expected=record if hashing else None)
         if hashing:
             self._dcp_plugin_verified.add(relative)
-        elif record is not None and relative not in self._dcp_plugin_verified:
-            self._dcp_plugin_used.add(relative)
 
     def _read_mapped(self, path: str, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
         """Local files: verify the whole file before any byte is used, then hand DCP views of a memory mapping
