@@ -421,3 +421,17 @@ def test_the_command_line_reads_through_references(ckpt_dir, tmp_path, capsys):
     assert_same(torch.load(target, weights_only=True), dict(model.state_dict()))
     assert main(["purge", ckpt_dir]) == 0
     assert main(["verify", checkpoint]) == 0
+
+
+def test_a_save_with_bounded_staging_writes_everything_and_loads_exactly(ckpt_dir):
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode="thread", max_staging_bytes=2**20) as manager:
+        manager.save(1, state_of(model, optimizer))
+        lora_step(model, optimizer)
+        manager.save(2, state_of(model, optimizer))
+        manager.wait()
+        manifest = manager.storage.read_manifest("step_000000002")
+        assert not manifest["blobs"] and manifest["bytes_new"] >= manifest["bytes"]
+        fresh, fresh_optimizer = lora_training(seed=9)
+        manager.load(state_of(fresh, fresh_optimizer), step=2)
+    assert_same(snapshot(fresh, fresh_optimizer), snapshot(model, optimizer))

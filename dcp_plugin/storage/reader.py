@@ -58,6 +58,38 @@ class _RegularFilesOnly(FileSystem):
             yield stream
 
 
+class _Places:
+    """Where each data file named in a checkpoint's metadata is, and its committed record: in the checkpoint
+    directory (``files``), or a blob an incremental checkpoint lists (``blobs``) in the root's shared blob area.
+    Nothing else can be named."""
+
+    def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
+        self.root, self.directory, self.files = root, directory, files
+        self.blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
+
+    def path(self, relative: str) -> str:
+        if relative in (self.files or {}) or relative not in self.blobs:
+            return f"{self.directory}/{relative}"
+        return self.root.work(BLOBS, relative)
+
+    def record(self, relative: str) -> Any:
+        if self.files is None:
+            return None
+        return self.files[relative] if relative in self.files else self.blobs.get(relative)
+
+    def check(self, names: list[str]) -> list[str]:
+        root = self.root
+        return check_checkpoint_files(
+            root.fs,
+            self.directory,
+            self.files or {},
+            blob_area=root.work(BLOBS),
+            blobs=self.blobs,
+            is_local=root.is_local,
+            only=names,
+        )
+
+
 class _Distrustful:
     """Mixed into DCP readers: see the module docstring."""
 
@@ -71,8 +103,7 @@ class _Distrustful:
         self._dcp_plugin_shown = shown
         files = manifest.get("files")
         self._dcp_plugin_files: dict[str, Any] | None = dict(files) if isinstance(files, dict) else None
-        blobs = manifest.get("blobs")
-        self._dcp_plugin_blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
+        self._dcp_plugin_places = _Places(root, directory, self._dcp_plugin_files, manifest.get("blobs"))
         self._dcp_plugin_verified: set[str] = set()
         self._dcp_plugin_used: set[str] = set()
         if root.is_local:
@@ -102,19 +133,6 @@ class _Distrustful:
             metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined,union-attr]
         return metadata
 
-    def _path(self, relative: str) -> str:
-        """Where a data file named in the metadata is: the checkpoint directory, or (a blob that an incremental
-        checkpoint lists in its manifest) the root's shared blob area. Nothing else can be named."""
-        if relative in (self._dcp_plugin_files or {}) or relative not in self._dcp_plugin_blobs:
-            return f"{self._dcp_plugin_directory}/{relative}"
-        return self._dcp_plugin_root.work(BLOBS, relative)
-
-    def _record(self, relative: str) -> Any:
-        files = self._dcp_plugin_files
-        if files is None:
-            return None
-        return files[relative] if relative in files else self._dcp_plugin_blobs.get(relative)
-
     def _check_metadata(self, metadata: Metadata, shown_path: str) -> None:
         """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; the
         tensors it declares fit in those bytes (so nothing huge is allocated on a forged size)."""
@@ -134,17 +152,16 @@ class _Distrustful:
                 raise CheckpointCorruptError(f"{shown_path} has an invalid offset or length for {relative}.")
             offset, length = int(raw_offset), int(raw_length)  # type: ignore[arg-type]
             if relative not in sizes:
-                record = self._record(relative)
+                record = self._dcp_plugin_places.record(relative)
                 try:
                     sizes[relative] = (
                         record["size"]
                         if record is not None
-                        else regular_file_size(root.fs, self._path(relative), is_local=root.is_local)
+                        else regular_file_size(root.fs, self._dcp_plugin_places.path(relative), is_local=root.is_local)
                     )
                 except FileNotFoundError:
-                    raise CheckpointCorruptError(
-                        f"Data file {root.url(self._path(relative))} is missing; the checkpoint is damaged."
-                    ) from None
+                    shown = root.url(self._dcp_plugin_places.path(relative))
+                    raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
             if offset + length > sizes[relative]:
                 raise CheckpointCorruptError(
                     f"{shown_path} says {relative} holds bytes up to {offset + length}, but it has {sizes[relative]}."
@@ -178,9 +195,9 @@ class _Distrustful:
 
     def _read_file(self, relative: str, items: list[Any], planner: Any) -> None:
         root = self._dcp_plugin_root
-        path = self._path(relative)
+        path = self._dcp_plugin_places.path(relative)
         files = self._dcp_plugin_files
-        record = self._record(relative)
+        record = self._dcp_plugin_places.record(relative)
         if files is not None and record is None:
             raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} has no checksum for {relative}.")
         if files is None:
@@ -281,7 +298,7 @@ class _Distrustful:
         self._dcp_plugin_used.clear()
         if not todo or self._dcp_plugin_files is None:
             return []
-        problems = self._check(todo)
+        problems = self._dcp_plugin_places.check(todo)
         if not problems:
             self._dcp_plugin_verified.update(todo)
         return [f"Checkpoint {self._dcp_plugin_shown} is damaged: {p}" for p in problems]
@@ -290,22 +307,10 @@ class _Distrustful:
         todo = [n for n in names if n not in self._dcp_plugin_verified]
         if not todo or self._dcp_plugin_files is None:
             return
-        problems = self._check(todo)
+        problems = self._dcp_plugin_places.check(todo)
         if problems:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
-
-    def _check(self, names: list[str]) -> list[str]:
-        root = self._dcp_plugin_root
-        return check_checkpoint_files(
-            root.fs,
-            self._dcp_plugin_directory,
-            self._dcp_plugin_files or {},
-            blob_area=root.work(BLOBS),
-            blobs=self._dcp_plugin_blobs,
-            is_local=root.is_local,
-            only=names,
-        )
 
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")
