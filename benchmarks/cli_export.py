@@ -6,8 +6,9 @@ Start time: wall time of ``dcp-plugin --help`` and ``dcp-plugin ls DIR`` in fres
 ``--runs``), and whether torch was imported. Export: a checkpoint of ``--state-mib`` float32 weights in
 ``--tensors`` equal tensors is exported in a fresh process per case; the process's memory growth during the
 export is reported twice: peak RSS (``VmHWM``, includes the pages of the checkpoint files mapped while they are
-read) and peak anonymous memory (``RssAnon``, sampled every 2 ms: what the export itself allocates). The target is
-peak <= 1.2 x the largest tensor + 64 MiB.
+read) and peak anonymous memory (``RssAnon``, sampled every 2 ms: what the export itself allocates). Every module
+the export uses is imported (a tiny export runs first) before the baseline. The target (safetensors) is
+peak <= 1.2 x the largest tensor + 64 MiB; ``torch`` is shown for contrast (torch.save needs the whole entry).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def _status(field: str) -> int:
 
 
 def child_export(checkpoint: str, output: str, fmt: str, dtype: str | None) -> dict:
-    import torch  # noqa: F401 - imported before the baseline, as any caller has it
-
     from dcp_plugin.export import export_checkpoint
+
+    warm = tempfile.mkdtemp(dir=os.path.dirname(output))
+    tiny, _ = make_checkpoint(warm, 1, 1)  # every module the export uses is imported before the baseline
+    export_checkpoint(tiny, os.path.join(warm, "out"), format=fmt, dtype=dtype)
 
     peak_anon = [_status("RssAnon")]
     done = threading.Event()
@@ -119,7 +122,7 @@ def main() -> None:
             )
             result = json.loads(done.stdout.strip().splitlines()[-1])
             row = {key: value / 2**20 if key.startswith("peak") else value for key, value in result.items()}
-            row["anon_within_target"] = result["peak_anon_growth"] <= target
+            row["within_target"] = max(result["peak_rss_growth"], result["peak_anon_growth"]) <= target
             report[f"{fmt}/{dtype}"] = row
             os.remove(output)
     print(json.dumps(report, indent=1))

@@ -145,7 +145,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         emit_json({**_row(info), "manifest": info.manifest, "tensors": tensors})
         return 0
     manifest = info.manifest
-    summary = [
+    summary: list[list[Any]] = [
         ["checkpoint", info.url],
         ["step", info.step if info.step is not None else "-"],
         ["created", iso_time(info.created)],

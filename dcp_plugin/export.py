@@ -129,17 +129,23 @@ def _export_safetensors(
             stream = SafetensorsStream(handle, specs, {"format": "pt"})
             total = stream.bytes_written + sum(spec.nbytes for spec in specs)
             for batch in read_batches(engine, reader, info, tensors):
-                for key, tensor in batch.items():
-                    stream.write(key[len(entry) + 1 :], tensor)
-                    if progress is not None:
-                        progress(stream.bytes_written, total)
-                batch.clear()
+                _write_batch(stream, batch, len(entry) + 1, progress, total)
             stream.finish()
             _check_unchanged(storage, info)
     finally:
         engine.close()
     log.info("exported %s of %s to %s (%d tensors)", entry, info.url, output, len(specs))
     return ExportResult(output, "safetensors", info.url, entry, len(specs), stream.bytes_written)
+
+
+def _write_batch(stream: Any, batch: dict[str, Any], cut: int, progress: Progress | None, total: int) -> None:
+    """Append a batch and let go of it (a function, so no loop variable keeps the last tensor alive while the
+    next batch is read)."""
+    while batch:
+        key = next(iter(batch))
+        stream.write(key[cut:], batch.pop(key))
+        if progress is not None:
+            progress(stream.bytes_written, total)
 
 
 def entry_tensors(metadata: Any, entry: str) -> list[tuple[str, tuple[tuple[int, ...], Any]]]:
@@ -182,9 +188,41 @@ def read_batches(
 def _read(engine: Any, reader: Any, info: CheckpointInfo, batch: list[tuple[str, tuple[Any, Any]]]) -> dict[str, Any]:
     import torch
 
-    state = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in batch}
-    engine.load(state, reader, url=info.url)
-    return state
+    shapes = {key: (tuple(shape), dtype) for key, (shape, dtype) in batch}
+    planner = _keep_what_is_read_planner(shapes)
+    # Shapes for DCP's plan without memory: one element broadcast to the full shape (never written into).
+    state = {key: torch.empty((), dtype=dtype).expand(shape) for key, (shape, dtype) in shapes.items()}
+    engine.load(state, reader, url=info.url, planner=planner)
+    empty = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in shapes.items() if 0 in shape}
+    return {key: planner.read[key] if key in planner.read else empty[key] for key in shapes}  # no bytes, no read
+
+
+def _keep_what_is_read_planner(shapes: dict[str, tuple[tuple[int, ...], Any]]) -> Any:
+    """A DCP load planner for exports: a tensor stored whole is kept as the reader decoded it (no copy into a
+    preallocated tensor, so it is in memory once); a tensor stored in shards is assembled into a tensor
+    allocated at its first shard."""
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class KeepWhatIsRead(DefaultLoadPlanner):
+        def __init__(self) -> None:
+            super().__init__(allow_partial_load=False)
+            self.read: dict[str, torch.Tensor] = {}
+
+        def take_tensor(self, item: Any, tensor: torch.Tensor) -> bool:
+            fqn = item.dest_index.fqn
+            if tuple(tensor.shape) != shapes[fqn][0] or fqn in self.read:
+                return False
+            self.read[fqn] = tensor
+            return True
+
+        def lookup_tensor(self, index: Any) -> torch.Tensor:
+            if index.fqn not in self.read:
+                shape, dtype = shapes[index.fqn]
+                self.read[index.fqn] = torch.empty(shape, dtype=dtype)
+            return self.read[index.fqn]
+
+    return KeepWhatIsRead()
 
 
 def _engine() -> Any:

@@ -156,7 +156,7 @@ def converted_pieces(tensor: torch.Tensor, dtype: torch.dtype) -> Iterator[memor
         piece = flat[start : start + step]
         if piece.dtype != dtype:
             piece = piece.to(dtype)
-        yield memoryview(piece.view(torch.uint8).numpy()).cast("B")
+        yield memoryview(piece.view(torch.uint8).numpy().data).cast("B")
 
 
 __all__ = ["CHUNK_BYTES", "SafetensorsStream", "TensorSpec", "converted_pieces", "is_remote", "open_output"]
