@@ -140,3 +140,16 @@ def test_accelerate_exporter_runs_as_a_module_without_warnings(ckpt_dir, tmp_pat
     assert "Warning" not in done.stderr, done.stderr
     assert done.stdout.strip() == str(tmp_path / "merged" / "model.safetensors")
     assert_same(load_file(tmp_path / "merged" / "model.safetensors"), model.state_dict())
+
+
+@pytest.mark.slow
+def test_a_checkpoint_sharded_over_two_ranks_exports_full_tensors(tmp_path):
+    from tests.multiproc import run_ranks
+    from tests.test_distributed import fsdp_save
+
+    directory = str(tmp_path / "ckpts")
+    saved = run_ranks(fsdp_save, directory, "sync", world_size=2)
+    path = os.path.join(directory, "step_000000002")
+    export_checkpoint(path, tmp_path / "model.safetensors", dtype="bfloat16")
+    expected = {k: v.to(torch.bfloat16) for k, v in saved[0]["full"]["model"].items()}
+    assert_same(load_file(tmp_path / "model.safetensors"), expected)

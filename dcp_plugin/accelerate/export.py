@@ -19,26 +19,31 @@ from typing import Any
 from dcp_plugin.accelerate.state import indexed
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.storage import open_url
+from dcp_plugin.storage import CheckpointInfo, open_url
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "pytorch_model.bin"
 
 
+def _model_entry(info: CheckpointInfo, model_index: int) -> str:
+    """The entry of the ``model_index``-th prepared model; a KeyError naming the models saved otherwise."""
+    entry = indexed("model", model_index)
+    entries = info.manifest.get("entries", {})
+    if entry not in entries:
+        models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
+        raise KeyError(
+            f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
+        )
+    return entry
+
+
 def load_weights(checkpoint: str, *, model_index: int = 0, storage_options: dict[str, Any] | None = None) -> dict:
     """The full (unsharded) state dict of one model of a checkpoint, read by this process alone."""
-    entry = indexed("model", model_index)
     config = CheckpointConfig(async_mode="sync", storage_options=dict(storage_options or {}))
     checkpointer = Checkpointer(config, distributed=False)
     try:
         storage, name = checkpointer.locate(str(checkpoint))
-        info = storage.info(name)
-        entries = info.manifest.get("entries", {})
-        if entry not in entries:
-            models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
-            raise KeyError(
-                f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
-            )
+        entry = _model_entry(storage.info(name), model_index)
         target: dict[str, Any] = {entry: None}
         checkpointer.load((storage, name), target)
     finally:
@@ -62,15 +67,8 @@ def export_weights(
     """
     from dcp_plugin.export import export_checkpoint
 
-    entry = indexed("model", model_index)
     storage, name = open_url(checkpoint, storage_options)
-    info = storage.info(name)
-    entries = info.manifest.get("entries", {})
-    if entry not in entries:
-        models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
-        raise KeyError(
-            f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
-        )
+    entry = _model_entry(storage.info(name), model_index)
     path = os.path.join(output_dir, SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME)
     fmt = "safetensors" if safe_serialization else "torch"
     export_checkpoint(checkpoint, path, format=fmt, entry=entry, storage_options=storage_options)
