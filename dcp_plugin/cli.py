@@ -74,9 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (0 ok, 1 missing or broken, 2 bad usage)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()  # the reader (e.g. `| head`) has what it wanted
+        return EXIT_OK
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version (0) or a usage error (2, already printed)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     for name, default in _GLOBAL_DEFAULTS.items():
@@ -86,18 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.progress = False
     try:
         logs.configure_cli(args.verbose)
-        code = args.func(args)
-        sys.stdout.flush()
-        return int(code)
-    except BrokenPipeError:
-        _silence_stdout()  # the reader (e.g. `| head`) has what it wanted
-        return EXIT_OK
+        return int(args.func(args))
     except KeyboardInterrupt:
         print(f"dcp-plugin {args.command}: interrupted", file=sys.stderr)
         return 130
     except ConfigError as err:
         return _fail(args, err, EXIT_USAGE)
     except (CheckpointError, OSError) as err:
+        if isinstance(err, BrokenPipeError):
+            raise
         return _fail(args, err, EXIT_FAILED)
     except ValueError as err:
         return _fail(args, err, EXIT_USAGE)

@@ -47,19 +47,24 @@ def apply_environment_level() -> None:
 
 
 def configure_cli(verbosity: int) -> int:
-    """The command's logging: ``-v`` INFO, ``-vv`` DEBUG, else ``DCP_PLUGIN_LOG_LEVEL``, else WARNING; one handler
-    on stderr for dcp-plugin's records (and WARNING and above from the libraries it uses). Returns the level."""
+    """The command's logging: ``-v`` INFO, ``-vv`` DEBUG, else ``DCP_PLUGIN_LOG_LEVEL``, else WARNING, on one
+    handler on stderr for dcp-plugin's records (replaced, not added, when called again). Returns the level."""
+    global _cli_handler
     if verbosity > 0:
         level = logging.INFO if verbosity == 1 else logging.DEBUG
     else:
         level = environment_level() or logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger(ROOT).setLevel(level)
+    logger = logging.getLogger(ROOT)
+    if _cli_handler is not None:
+        logger.removeHandler(_cli_handler)
+    _cli_handler = logging.StreamHandler(sys.stderr)
+    _cli_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(_cli_handler)
+    logger.setLevel(level)
     return level
+
+
+_cli_handler: logging.Handler | None = None
 
 
 __all__ = ["LEVEL_VARIABLE", "apply_environment_level", "configure_cli", "environment_level", "parse_level"]

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dcp_plugin import CheckpointManager, __version__
+from dcp_plugin import CheckpointConfig, CheckpointManager, ConfigError, __version__
 from dcp_plugin.cli import main
 from tests.models import assert_same, make_model
 
@@ -192,6 +192,10 @@ def test_verbosity_and_log_level_variable(ckpt_dir, capsys, monkeypatch):
         monkeypatch.setenv("DCP_PLUGIN_LOG_LEVEL", "info")
         assert main(["ls", ckpt_dir]) == 0
         assert logger.level == logging.INFO
+        assert len(logger.handlers) == 1  # the command's one handler, replaced on each run
+        assert CheckpointConfig.from_env().async_mode  # a known variable for the misspelling check
+        with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_LOG_LEVEL"):
+            CheckpointConfig.from_env({"DCP_PLUGIN_LOG_LEVLE": "info"})
         monkeypatch.setenv("DCP_PLUGIN_LOG_LEVEL", "loud")
         assert main(["ls", ckpt_dir]) == 2
         assert "DCP_PLUGIN_LOG_LEVEL='loud' is not a log level" in capsys.readouterr().err
@@ -206,13 +210,15 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
 
 
-def test_output_into_a_closed_pipe_is_quiet(ckpt_dir):
+@pytest.mark.parametrize("command", ["inspect", "--help"])
+def test_output_into_a_closed_pipe_is_quiet(ckpt_dir, command):
     make_checkpoints(ckpt_dir)
+    argv = ["inspect", os.path.join(ckpt_dir, "step_000000002")] if command == "inspect" else ["--help"]
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head` that already exited
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "dcp_plugin.cli", "inspect", os.path.join(ckpt_dir, "step_000000002")],
+            [sys.executable, "-m", "dcp_plugin.cli", *argv],
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
