@@ -39,6 +39,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             entry=args.entry,
             dtype=args.dtype,
             storage_options=shared,
+            output_options={**shared, **parse_options(args.output_options, "--output-options")},
             progress=advance,
         )
     if args.json:
@@ -90,6 +91,9 @@ def add_export_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> Non
     )
     export.add_argument("--entry", help="which entry (default: model, or state_dict for Lightning checkpoints)")
     export.add_argument("--dtype", choices=DTYPES, help="convert floating tensors to this type")
+    export.add_argument(
+        "--output-options", metavar="JSON", help="fsspec options for OUTPUT, as JSON (over --storage-options)"
+    )
     export.set_defaults(func=cmd_export)
     convert = sub.add_parser(
         "convert-lightning",

@@ -65,28 +65,31 @@ def export_checkpoint(
     entry: str | None = None,
     dtype: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    output_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write one entry of the checkpoint at ``checkpoint`` (a path or URL) to ``output`` (a path or fsspec URL).
 
     ``entry`` defaults to ``model`` (Accelerate, plain loops) or ``state_dict`` (Lightning). ``dtype`` converts
-    floating tensors (``float32``, ``bfloat16``, ``float16``). ``storage_options`` apply to both sides.
+    floating tensors (``float32``, ``bfloat16``, ``float16``). ``storage_options`` are the fsspec options of the
+    checkpoint's storage, ``output_options`` those of the output (default: the same).
     ``progress(written, total)`` is called with byte counts as a safetensors export advances. The output
     appears complete or not at all, and only once every byte read was checked against the checkpoint's checksums.
     """
     check_options(format, dtype, entry)
     options = dict(storage_options or {})
+    out_options = dict(output_options) if output_options is not None else options
     if format == "lightning":
         from dcp_plugin.lightning.inference import to_lightning_file
 
-        written = to_lightning_file(checkpoint, output, storage_options=options)
+        written = to_lightning_file(checkpoint, output, storage_options=options, output_options=out_options)
         return ExportResult(written, format, os.fspath(checkpoint), None, 0, 0)
     storage, name = open_url(checkpoint, options)
     info = storage.info(name)
     chosen = choose_entry(info, entry)
     if format == "torch":
-        return _export_torch(storage, info, chosen, os.fspath(output), dtype, options)
-    return _export_safetensors(storage, info, chosen, os.fspath(output), dtype, options, progress)
+        return _export_torch(storage, info, chosen, os.fspath(output), dtype, out_options)
+    return _export_safetensors(storage, info, chosen, os.fspath(output), dtype, out_options, progress)
 
 
 def choose_entry(info: CheckpointInfo, entry: str | None) -> str:
@@ -255,7 +258,7 @@ def _export_torch(
     from dcp_plugin.config import CheckpointConfig
     from dcp_plugin.export_io import open_output
 
-    checkpointer = Checkpointer(CheckpointConfig(async_mode="sync", storage_options=options), distributed=False)
+    checkpointer = Checkpointer(CheckpointConfig(async_mode="sync"), distributed=False)  # reads through `storage`
     try:
         value = checkpointer.read((storage, info.name), entries=[entry])[entry]
     finally:

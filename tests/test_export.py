@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,24 @@ def test_a_checkpoint_sharded_over_two_ranks_exports_full_tensors(tmp_path):
     export_checkpoint(path, tmp_path / "model.safetensors", dtype="bfloat16")
     expected = {k: v.to(torch.bfloat16) for k, v in saved[0]["full"]["model"].items()}
     assert_same(load_file(tmp_path / "model.safetensors"), expected)
+
+
+def test_safetensors_to_s3_appear_whole_or_not_at_all(ckpt_dir, tmp_path, s3_url):
+    import s3fs
+
+    from dcp_plugin.cli import main
+
+    url, options = s3_url
+    model = make_model()
+    path = saved(ckpt_dir, {"model": model})
+    target = f"{url}/model.safetensors"
+    assert main(["export", path, target, "--output-options", json.dumps(options)]) == 0
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    assert_same(load(fs.cat(target)), model.state_dict())
+    with open(os.path.join(path, "__0_1.distcp"), "r+b") as handle:
+        handle.seek(200)
+        handle.write(b"\x00" * 16)
+    broken = f"{url}/broken.safetensors"
+    with pytest.raises(CheckpointCorruptError):
+        export_checkpoint(path, broken, output_options=options)
+    assert not fs.exists(broken)

@@ -57,6 +57,7 @@ def to_lightning_file(
     *,
     weights_only: Optional[bool] = None,
     storage_options: Optional[dict[str, Any]] = None,
+    output_options: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write the checkpoint directory at ``path`` as one Lightning ``.ckpt`` file at ``output``; returns ``output``.
 
@@ -65,7 +66,7 @@ def to_lightning_file(
     tensors), so ``MyModule.load_from_checkpoint(output)``, ``Trainer.fit(ckpt_path=output)`` and
     ``torch.load(output)`` accept it. The random-generator states dcp-plugin adds are not part of it.
     ``weights_only=False`` also converts pickled values (only for checkpoints you trust). ``output`` (a path or
-    fsspec URL) appears complete or not at all.
+    fsspec URL, with ``output_options``, by default ``storage_options``) appears complete or not at all.
     """
     import torch
 
@@ -77,6 +78,6 @@ def to_lightning_file(
     finally:
         plugin.teardown()
     target = os.fspath(output)
-    with open_output(target, storage_options) as handle:
+    with open_output(target, output_options if output_options is not None else storage_options) as handle:
         torch.save(checkpoint, handle)
     return target
