@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         StorageAccessError,
         UnsafeCheckpointError,
     )
+    from dcp_plugin.export import ExportResult, export_checkpoint
     from dcp_plugin.manager import CheckpointManager
     from dcp_plugin.packing import StateMismatchError
     from dcp_plugin.policies import (
@@ -63,6 +64,8 @@ _LAZY = {
     "CheckpointConfig": "dcp_plugin.config",
     "EncodingError": "dcp_plugin.encoding",
     "CheckpointEngine": "dcp_plugin.engine",
+    "ExportResult": "dcp_plugin.export",
+    "export_checkpoint": "dcp_plugin.export",
     "CheckpointCorruptError": "dcp_plugin.errors",
     "CheckpointError": "dcp_plugin.errors",
     "CheckpointExistsError": "dcp_plugin.errors",
@@ -141,6 +144,7 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "EncodingError",
+    "ExportResult",
     "ModelState",
     "NotACheckpointError",
     "OptimizerState",
@@ -152,4 +156,5 @@ __all__ = [
     "StorageAccessError",
     "UnsafeCheckpointError",
     "__version__",
+    "export_checkpoint",
 ]
