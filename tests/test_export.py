@@ -12,8 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from dcp_plugin import CheckpointCorruptError, CheckpointManager, CheckpointNotFoundError, ConfigError
-from dcp_plugin import export_checkpoint
+from dcp_plugin import (
+    CheckpointCorruptError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    ConfigError,
+    export_checkpoint,
+)
 from tests.models import assert_same, make_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
