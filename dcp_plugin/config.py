@@ -184,7 +184,7 @@ def unknown_variable_message(key: str, prefix: str = ENV_PREFIX) -> str:
 
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).
-NON_CONFIG_ENV_NAMES = {"enable", "dir", "keep_last", "crash_at", "crash_group"}
+NON_CONFIG_ENV_NAMES = {"enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"}
 
 
 def _parse_env_value(key: str, raw: str, default: Any) -> Any:

@@ -326,8 +326,8 @@ class CheckpointEngine:
         return out
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, flat_state: dict[str, Any], reader: Any, *, url: str) -> None:
-        """Load tensors in place (collectively when distributed)."""
+    def load(self, flat_state: dict[str, Any], reader: Any, *, url: str, planner: Any = None) -> None:
+        """Load tensors in place (collectively when distributed); ``planner`` replaces DCP's default one."""
         self._check_open()
         self.wait()
         collective = self.groups.collective
@@ -336,7 +336,7 @@ class CheckpointEngine:
                 dcp.load(
                     flat_state,
                     storage_reader=reader,
-                    planner=DefaultLoadPlanner(allow_partial_load=False),
+                    planner=planner if planner is not None else DefaultLoadPlanner(allow_partial_load=False),
                     process_group=self.groups.checkpoint_group() if collective else None,
                     no_dist=not collective,
                 )

@@ -26,8 +26,9 @@ import torch
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointError
 from dcp_plugin.state import models_in
-from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, IncrementalPlan, PendingWrite
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite
 from dcp_plugin.storage import blobs as shared
+from dcp_plugin.storage.dcp_io import IncrementalPlan
 from dcp_plugin.storage.safe_io import regular_file_size
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -42,7 +42,6 @@ from dcp_plugin.storage.commit import (
     check_target_is_replaceable,
     strategy_for,
 )
-from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter, IncrementalPlan
 from dcp_plugin.storage.integrity import check_checkpoint_files
 from dcp_plugin.storage.listing import Listing, Scan
 from dcp_plugin.storage.names import (
@@ -54,9 +53,11 @@ from dcp_plugin.storage.names import (
     check_name,
     step_name,
 )
-from dcp_plugin.storage.reader import SafeFileSystemReader, SafeFsspecReader
 from dcp_plugin.storage.root import StorageRoot, access_error
 from dcp_plugin.storage.transfer import copy_checkpoint
+
+if TYPE_CHECKING:
+    from dcp_plugin.storage.dcp_io import IncrementalPlan
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,8 @@ class CheckpointStorage:
     ) -> Any:
         """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written; with
         ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged."""
+        from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter  # imports torch
+
         kwargs: dict[str, Any] = dict(
             single_file_per_rank=True,
             sync_files=sync_files,
@@ -285,6 +288,8 @@ class CheckpointStorage:
     def metadata_reader(self, name: str | CheckpointInfo) -> Any:
         """A DCP reader for a committed checkpoint: ``.metadata`` read without running code, paths confined to
         the checkpoint, checksums verified before data is used."""
+        from dcp_plugin.storage.reader import SafeFileSystemReader, SafeFsspecReader  # imports torch
+
         info = name if isinstance(name, CheckpointInfo) else self.info(name)
         directory = self.data_path(info)
         if self.is_local:
@@ -412,7 +417,6 @@ def open_url(
 
 __all__ = [
     "FORMAT_VERSION",
-    "IncrementalPlan",
     "MANIFEST_NAME",
     "METADATA_NAME",
     "STEP_NAME",

@@ -18,10 +18,12 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 _BLOB = re.compile(r"^blob_([0-9a-f]{12})_r(\d+)_(\d+)\.distcp$")
 _held: Counter[tuple[str, str]] = Counter()
@@ -86,6 +88,8 @@ def unreferenced(blobs: Iterable[str], manifests: Iterable[dict[str, Any]], prot
 def fingerprint(tensor: torch.Tensor) -> str | None:
     """xxh3-128 of a tensor's dtype, shape and bytes: equal fingerprints mean equal content (``None`` where the
     bytes cannot be read, which makes the tensor be written)."""
+    import torch
+
     try:
         data = tensor.detach()
         if data.device.type != "cpu":

@@ -155,7 +155,7 @@ class Listing:
         if not root.fs.isdir(path):
             return (
                 f"{shown} is a file, not a dcp-plugin checkpoint directory. If it was written by torch.save, load "
-                "it with torch.load (resuming from it with dcp-plugin works; the next save replaces it)."
+                "it with torch.load; dcp-plugin reads the checkpoint directories it wrote."
             )
         if root.fs.exists(f"{path}/{METADATA_NAME}"):
             return (
