@@ -16,7 +16,7 @@ from typing import Any
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.schedule import Schedule
 from dcp_plugin.stats import SaveStats
@@ -111,6 +111,7 @@ class CheckpointManager:
                 replicate=replicate,
                 remote_retention=remote_retention,
                 run_id=schedule.run_id,
+                groups=self.checkpointer.groups,
             )
             self._catch_up()
         self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
@@ -175,7 +176,7 @@ class CheckpointManager:
         )
         self.history.append(stats)
         self.schedule.saved(step)
-        if self.tiers is not None and self.checkpointer.groups.is_coordinator:
+        if self.tiers is not None:  # every rank: on several ranks each uploads its own files
             self.tiers.saved(step, name or step_name(step))
         return stats
 
@@ -221,21 +222,14 @@ class CheckpointManager:
             self.schedule.request_retention()
         self._protected = protected
         self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing, protected=protected)
-        if self.tiers is not None and coordinator and not writing:
+        if self.tiers is not None and not writing:
             self.tiers.committed()
 
     def _catch_up(self) -> None:
         """Replicate what an earlier run committed locally but never copied (a remote outage is not fatal)."""
         assert self.tiers is not None
-        if not self.checkpointer.groups.is_coordinator:
-            return
-        try:
-            missing = self.tiers.catch_up()
-        except CheckpointError as err:
-            remote = self.tiers.remote.root_url
-            log.warning("The remote tier %s is not reachable now (%s); replication resumes later.", remote, err)
-            return
-        if missing:
+        missing = self.tiers.catch_up(self.checkpointer.groups)
+        if missing and self.checkpointer.groups.is_coordinator:
             log.info("Replicating %d checkpoint(s) missing from %s.", len(missing), self.tiers.remote.root_url)
 
     def wait_for_staging(self) -> None:

@@ -94,38 +94,3 @@ def test_sigkill_during_replication_leaves_only_committed_remote_checkpoints_and
     with CheckpointManager(local, async_mode="sync", remote=url, remote_storage_options=options) as manager:
         pass  # a new run replicates what is missing
     assert manager.locations() == {"step_000000001": ("local", "remote")}
-
-
-def _fsdp_save_two_tiers(rank, world_size, local, url, options):
-    from dcp_plugin import ModelState, OptimizerState
-    from tests.test_distributed import _fsdp_training, _full_state
-
-    model, optimizer = _fsdp_training(0)
-    train_step(model, optimizer)
-    with CheckpointManager(local, async_mode="thread", remote=url, remote_storage_options=options) as manager:
-        manager.save(1, {"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
-    return _full_state(model, optimizer)
-
-
-def _load_from_remote(rank, world_size, fresh, url, options):
-    from dcp_plugin import ModelState, OptimizerState
-    from tests.test_distributed import _full_state, _plain_training
-
-    model, optimizer = _plain_training(9)
-    with CheckpointManager(fresh, async_mode="sync", remote=url, remote_storage_options=options) as manager:
-        where = manager.locations()
-        manager.load({"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
-    return {"where": where, "full": _full_state(model, optimizer)}
-
-
-@pytest.mark.slow
-def test_two_ranks_save_with_replication_one_process_resumes_from_s3(tmp_path, s3_url):
-    from tests.multiproc import run_ranks
-
-    url, options = s3_url
-    saved = run_ranks(_fsdp_save_two_tiers, str(tmp_path / "local"), url, options)
-    shutil.rmtree(tmp_path / "local")  # the nodes' disks are gone
-    [loaded] = run_ranks(_load_from_remote, str(tmp_path / "fresh"), url, options, world_size=1)
-    assert loaded["where"] == {"step_000000001": ("remote",)}
-    assert_same(loaded["full"]["model"], saved[0]["model"])
-    assert_same(loaded["full"]["optim"], saved[0]["optim"])
