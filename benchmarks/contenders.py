@@ -67,9 +67,13 @@ class ContenderInfo:
     """The write is fsynced, so 'durable' really is durable (False: data may still be in the page cache)."""
     requires: list[str] = field(default_factory=list)
     """Modules that must be importable (an adapter not built yet is skipped, with the reason)."""
+    requires_env: list[str] = field(default_factory=list)
+    """Environment variables that must be set (e.g. a server that ``benchmarks/replication.py`` starts)."""
 
     def unavailable(self) -> str | None:
-        missing = [m for m in self.requires if not _importable(m)]
+        missing = [m for m in self.requires if not _importable(m)] + [
+            v for v in self.requires_env if v not in os.environ
+        ]
         return f"needs {', '.join(missing)}" if missing else None
 
 
@@ -77,12 +81,19 @@ CONTENDERS: dict[str, ContenderInfo] = {}
 
 
 def contender(
-    name: str, description: str, *, background: bool, fsyncs: bool, requires: tuple[str, ...] = ()
+    name: str,
+    description: str,
+    *,
+    background: bool,
+    fsyncs: bool,
+    requires: tuple[str, ...] = (),
+    requires_env: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Context], Contender]], Callable[[Context], Contender]]:
     """Register a contender factory under ``name`` (the order of registration is the report's order)."""
 
     def register(factory: Callable[[Context], Contender]) -> Callable[[Context], Contender]:
-        CONTENDERS[name] = ContenderInfo(name, factory, description, background, fsyncs, list(requires))
+        info = ContenderInfo(name, factory, description, background, fsyncs, list(requires), list(requires_env))
+        CONTENDERS[name] = info
         return factory
 
     return register
@@ -315,6 +326,29 @@ _plugin(
     async_mode="process",
     async_staging=True,
 )
+
+
+REMOTE_URL_ENV = "BENCH_REMOTE_URL"
+REMOTE_OPTIONS_ENV = "BENCH_REMOTE_OPTIONS"
+
+
+@contender(
+    "dcp-plugin thread+staging, replicated",
+    "CheckpointManager(async_mode='thread', async_staging=True, remote=$BENCH_REMOTE_URL): every checkpoint is "
+    "copied to the remote tier in the background (benchmarks/replication.py starts an S3 server for it)",
+    background=True,
+    fsyncs=True,
+    requires_env=(REMOTE_URL_ENV,),
+)
+def replicated(ctx: Context) -> Contender:
+    import json
+    import uuid
+
+    remote = f"{os.environ[REMOTE_URL_ENV].rstrip('/')}/{uuid.uuid4().hex[:8]}"
+    options = json.loads(os.environ.get(REMOTE_OPTIONS_ENV) or "{}")
+    return _manager_contender(
+        ctx, async_mode="thread", async_staging=True, remote=remote, remote_storage_options=options
+    )
 
 
 @contender(

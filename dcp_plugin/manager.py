@@ -100,7 +100,6 @@ class CheckpointManager:
         if self._owns_checkpointer:
             self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
-        self._protected: set[str] = set()
         self.tiers: TwoTiers | None = None
         """With ``remote``: the local and remote tiers and the replication between them."""
         if remote is not None:
@@ -217,13 +216,10 @@ class CheckpointManager:
     def _after_commit(self) -> None:
         coordinator = self.checkpointer.groups.is_coordinator
         writing = self.checkpointer.in_flight is not None
-        protected = self.tiers.protected() if self.tiers is not None else set()
-        if self._protected - protected:  # copies finished: what retention had to keep may go now
-            self.schedule.request_retention()
-        self._protected = protected
-        self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing, protected=protected)
-        if self.tiers is not None and not writing:
-            self.tiers.committed()
+        if self.tiers is not None:
+            self.tiers.after_commit(self.schedule, coordinator=coordinator, writing=writing)
+        else:
+            self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing)
 
     def _catch_up(self) -> None:
         """Replicate what an earlier run committed locally but never copied (a remote outage is not fatal)."""

@@ -85,6 +85,11 @@ class Replicator:
     def submit(self, name: str) -> None:
         """Replicate committed checkpoint ``name`` (returns at once); raises an earlier replication's error
         (after queueing ``name``)."""
+        self.enqueue(name)
+        self.raise_error()
+
+    def enqueue(self, name: str) -> None:
+        """Queue committed checkpoint ``name`` for replication (returns at once; raises nothing earlier)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("This replicator was closed.")
@@ -94,7 +99,6 @@ class Replicator:
             self._failed.discard(name)
             self._ensure_thread()
             self._lock.notify_all()
-        self.raise_error()
 
     def catch_up(self) -> list[str]:
         """Queue every committed local checkpoint that the remote tier lacks (or lacks in this version)."""
@@ -213,6 +217,8 @@ class Replicator:
         return None if existing.manifest.get("save_id") == info.manifest.get("save_id") else True
 
     def _begin(self, name: str) -> CopyPlan | None:
+        if not self.local.is_committed(name):
+            return None  # its save failed: nothing to copy (the save's error is raised)
         overwrite = self._replaces(name)
         return None if overwrite is None else begin_copy(self.local, name, self.remote, overwrite=overwrite)
 

@@ -30,6 +30,7 @@ from dcp_plugin.policies import EveryNSteps, SaveContext, SavePolicy, decide
 from dcp_plugin.rank_copy import RankCopies
 from dcp_plugin.replication import Replicator
 from dcp_plugin.retention import KeepLast, RetentionPolicy
+from dcp_plugin.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class TwoTiers:
         """On several ranks: the exchange through which each rank uploads its own files."""
         self.replicator = Replicator(local, remote, retention=remote_retention, run_id=run_id, ranks=self.ranks)
         self._due: list[str] = []
+        self._protected: set[str] = set()
 
     # -- replication ----------------------------------------------------------------------------------
     def saved(self, step: int, name: str) -> None:
@@ -80,8 +82,21 @@ class TwoTiers:
         """The saves started so far have committed locally: hand them to the replicator."""
         due, self._due = self._due, []
         for name in due:
-            if self.local.is_committed(name):  # a save that failed has nothing to copy (its error is raised)
-                self.replicator.submit(name)
+            # a save that failed has nothing to copy (its error is raised); on several ranks rank 0 checks that,
+            # as the others may get here before rank 0 committed
+            if self.ranks is not None or self.local.is_committed(name):
+                self.replicator.enqueue(name)  # all of them: on several ranks the queues must stay alike
+        self.replicator.raise_error()
+
+    def after_commit(self, schedule: Schedule, *, coordinator: bool, writing: bool) -> None:
+        """Retention of the local tier (never of what is still to be copied), then hand over what committed."""
+        protected = self.protected()
+        if self._protected - protected:  # copies finished: what retention had to keep may go now
+            schedule.request_retention()
+        self._protected = protected
+        schedule.after_commit(self.local, coordinator=coordinator, writing=writing, protected=protected)
+        if not writing:
+            self.committed()
 
     def protected(self) -> set[str]:
         """Local checkpoints retention must keep: chosen for replication and not yet copied."""
@@ -100,13 +115,15 @@ class TwoTiers:
         if groups is not None:
             missing = groups.broadcast(missing)
         for name in missing:
-            self.replicator.submit(name)
+            self.replicator.enqueue(name)
         return missing
 
     def close(self) -> None:
         try:
-            self.committed()
-            self.replicator.close()
+            try:
+                self.committed()
+            finally:
+                self.replicator.close()  # waits for every copy queued, on every rank
         finally:
             if self.ranks is not None:
                 self.ranks.close()
@@ -221,6 +238,15 @@ class RemoteTier:
             given["storage_options"] = dict(given["storage_options"])
         return cls(**given)
 
+    def manager_options(self) -> dict[str, Any]:
+        """The ``CheckpointManager`` arguments for this remote tier (``remote=None`` without ``url``)."""
+        return {
+            "remote": self.url,
+            "remote_storage_options": self.storage_options,
+            "replicate": None if self.replicate_every_n_steps is None else EveryNSteps(self.replicate_every_n_steps),
+            "remote_retention": None if self.keep_last is None else KeepLast(self.keep_last),
+        }
+
     def open(
         self,
         local: CheckpointStorage,
@@ -232,12 +258,13 @@ class RemoteTier:
         """The two tiers over ``local`` (``None`` without ``url``); collective when ``groups`` is."""
         if self.url is None:
             return None
-        options = dict(local_options) if self.storage_options is None else self.storage_options
+        options = self.manager_options()
+        remote_options = dict(local_options) if self.storage_options is None else self.storage_options
         return TwoTiers(
             local,
-            CheckpointStorage(self.url, options),
-            replicate=None if self.replicate_every_n_steps is None else EveryNSteps(self.replicate_every_n_steps),
-            remote_retention=None if self.keep_last is None else KeepLast(self.keep_last),
+            CheckpointStorage(self.url, remote_options),
+            replicate=options["replicate"],
+            remote_retention=options["remote_retention"],
             run_id=run_id,
             groups=groups,
         )

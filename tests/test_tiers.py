@@ -94,3 +94,45 @@ def test_sigkill_during_replication_leaves_only_committed_remote_checkpoints_and
     with CheckpointManager(local, async_mode="sync", remote=url, remote_storage_options=options) as manager:
         pass  # a new run replicates what is missing
     assert manager.locations() == {"step_000000001": ("local", "remote")}
+
+
+# -- the options the adapters share --------------------------------------------------------------------------
+def test_remote_options_resolve_arguments_over_variables():
+    from dcp_plugin.tiers import RemoteTier
+
+    environ = {
+        "DCP_PLUGIN_REMOTE": "s3://bucket/env",
+        "DCP_PLUGIN_REMOTE_STORAGE_OPTIONS": '{"anon": true}',
+        "DCP_PLUGIN_REPLICATE_EVERY_N_STEPS": "100",
+        "DCP_PLUGIN_REMOTE_KEEP_LAST": "3",
+    }
+    tier = RemoteTier.resolve(environ, remote="s3://bucket/code", remote_keep_last=5)
+    assert tier == RemoteTier("s3://bucket/code", {"anon": True}, 100, 5)
+    options = tier.manager_options()
+    assert options["replicate"].n == 100 and options["remote_retention"].k == 5
+    assert RemoteTier.resolve({}) == RemoteTier()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environ", "message"),
+    [
+        ({"remote_keep_last": 0, "remote": "s3://b/r"}, {}, "remote_keep_last=0 must be an integer >= 1"),
+        ({"replicate_every_n_steps": 10}, {}, "without a remote tier: pass remote="),
+        ({}, {"DCP_PLUGIN_REMOTE": "s3://b/r", "DCP_PLUGIN_REMOTE_KEEP_LAST": "two"}, "must be an integer"),
+        ({}, {"DCP_PLUGIN_REMOTE": "s3://b/r", "DCP_PLUGIN_REMOTE_STORAGE_OPTIONS": "{"}, "must be a JSON object"),
+    ],
+)
+def test_bad_remote_options_say_what_is_wrong(arguments, environ, message):
+    from dcp_plugin import ConfigError
+    from dcp_plugin.tiers import RemoteTier
+
+    with pytest.raises(ConfigError, match=message):
+        RemoteTier.resolve(environ, **arguments)
+
+
+def test_a_misspelt_remote_variable_names_the_right_one():
+    from dcp_plugin import CheckpointConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_REMOTE_KEEP_LAST"):
+        CheckpointConfig.from_env({"DCP_PLUGIN_REMOTE_KEEPLAST": "2"})
+    assert CheckpointConfig.from_env({"DCP_PLUGIN_REMOTE": "s3://b/r"}) == CheckpointConfig()

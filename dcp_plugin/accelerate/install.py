@@ -48,7 +48,12 @@ def enable(
         keep_last: committed checkpoints to keep (overrides ``ProjectConfiguration.total_limit``).
             Env: ``DCP_PLUGIN_KEEP_LAST``.
         environ: read these variables instead of ``os.environ`` (for tests).
-        **options: single :class:`~dcp_plugin.CheckpointConfig` fields, e.g. ``async_mode="process"``.
+        **options: single :class:`~dcp_plugin.CheckpointConfig` fields, e.g. ``async_mode="process"``, and
+            the remote tier's: ``remote="s3://bucket/run1"`` (the automatically named checkpoints are replicated
+            there in the background; ``load_state()`` takes the newest of either tier),
+            ``remote_storage_options``, ``replicate_every_n_steps``, ``remote_keep_last``. Env:
+            ``DCP_PLUGIN_REMOTE``, ``DCP_PLUGIN_REMOTE_STORAGE_OPTIONS`` (JSON), ``DCP_PLUGIN_REPLICATE_EVERY_N_STEPS``,
+            ``DCP_PLUGIN_REMOTE_KEEP_LAST``.
 
     Arguments given here win over environment variables. With ``DCP_PLUGIN_ENABLE=0`` nothing is
     installed and ``None`` is returned, so a run can go back to Accelerate's own checkpoints without
