@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[REMOTE_OPTIONS_ENV] = json.dumps(options)
         status = goodput.main([*rest, "--contender", LOCAL, "--contender", REPLICATED, "--out", known.out])
     finally:
+        os.environ.pop(REMOTE_URL_ENV, None)
+        os.environ.pop(REMOTE_OPTIONS_ENV, None)
         server.terminate()
         server.wait(10)
     with open(f"{known.out}.json") as handle:

@@ -40,10 +40,12 @@ from dcp_plugin.policies import (
     SaveOptions,
     SavePolicy,
 )
+from dcp_plugin.replication import ReplicationError
 from dcp_plugin.schedule import Schedule
 from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
 from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+from dcp_plugin.tiers import RemoteTier
 
 __version__ = "0.1.0"
 
@@ -80,6 +82,8 @@ __all__ = [
     "OptimizerState",
     "PerRank",
     "RNGState",
+    "RemoteTier",
+    "ReplicationError",
     "SaveStats",
     "Schedule",
     "StateMismatchError",
