@@ -16,6 +16,7 @@ other ranks log theirs (rank 0 raises them too, as the copy did not commit).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -28,6 +29,9 @@ from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, copy_checkpoin
 from dcp_plugin.storage.transfer import CopyPlan, begin_copy
 
 log = logging.getLogger(__name__)
+
+REPLICATION_NICENESS = 10
+"""How much lower the replication thread's CPU priority is than training's (``nice``; Linux)."""
 
 
 class ReplicationError(CheckpointError, RuntimeError):
@@ -158,6 +162,7 @@ class Replicator:
             self._thread.start()
 
     def _run(self) -> None:
+        _lower_priority()
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
@@ -225,6 +230,15 @@ class Replicator:
     def _pending_names(self) -> Iterable[str]:
         with self._lock:
             return list(self._queue)
+
+
+def _lower_priority() -> None:
+    """Give this thread a lower CPU priority (Linux: per thread), so copies yield the cores to training and
+    to the save's own writers."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REPLICATION_NICENESS)
+    except (AttributeError, OSError):  # not on this platform, or not allowed: run at normal priority
+        pass
 
 
 __all__ = ["Replicated", "ReplicationError", "Replicator"]
