@@ -1,4 +1,4 @@
-"""Sessions: tests (all), tests_quick (no multi-process tests), lint, typecheck, demo, bench.
+"""Sessions: tests (all), tests_quick (no multi-process tests), lint, typecheck, demo, bench, docs.
 
 Every session installs the package with the pinned versions in requirements/constraints.txt
 (torch is pinned to the CPU build this project is tested with).
@@ -58,3 +58,18 @@ def bench(session: nox.Session) -> None:
     """Benchmark against torch.save, Lightning, Accelerate and plain DCP: `nox -s bench -- --quick`."""
     install(session)
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with `mkdocs build --strict` (into site/; `-- serve` previews it instead).
+
+    Only the docs tools are installed: mkdocstrings reads the docstrings from the source without importing it.
+    """
+    tools = nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["docs"]
+    session.install(*CONSTRAINTS, *tools)
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
+    if session.posargs and session.posargs[0] == "serve":
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)

@@ -7,47 +7,118 @@ adapters live in
 Lightning or Accelerate).
 """
 
-from dcp_plugin.budget import OverheadBudget
-from dcp_plugin.checkpointer import Checkpointer
-from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.encoding import EncodingError
-from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointLoadError,
-    CheckpointNotFoundError,
-    CheckpointSaveError,
-    ConfigError,
-    NotACheckpointError,
-    StorageAccessError,
-    UnsafeCheckpointError,
-)
-from dcp_plugin.manager import CheckpointManager
-from dcp_plugin.packing import StateMismatchError
-from dcp_plugin.policies import (
-    EveryNSeconds,
-    EveryNSteps,
-    KeepBest,
-    KeepEveryNSteps,
-    KeepLast,
-    OnEpochEnd,
-    OnException,
-    OnPreemption,
-    RetentionOptions,
-    RetentionPolicy,
-    SaveOptions,
-    SavePolicy,
-)
-from dcp_plugin.replication import ReplicationError
-from dcp_plugin.schedule import Schedule
-from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
-from dcp_plugin.stats import SaveStats
-from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
-from dcp_plugin.tiers import RemoteTier
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from dcp_plugin import logs
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from dcp_plugin.budget import OverheadBudget
+    from dcp_plugin.checkpointer import Checkpointer
+    from dcp_plugin.config import CheckpointConfig
+    from dcp_plugin.encoding import EncodingError
+    from dcp_plugin.engine import CheckpointEngine
+    from dcp_plugin.errors import (
+        CheckpointCorruptError,
+        CheckpointError,
+        CheckpointExistsError,
+        CheckpointLoadError,
+        CheckpointNotFoundError,
+        CheckpointSaveError,
+        ConfigError,
+        NotACheckpointError,
+        StorageAccessError,
+        UnsafeCheckpointError,
+    )
+    from dcp_plugin.export import ExportResult, export_checkpoint
+    from dcp_plugin.manager import CheckpointManager
+    from dcp_plugin.packing import StateMismatchError
+    from dcp_plugin.policies import (
+        EveryNSeconds,
+        EveryNSteps,
+        KeepBest,
+        KeepEveryNSteps,
+        KeepLast,
+        OnEpochEnd,
+        OnException,
+        OnPreemption,
+        RetentionOptions,
+        RetentionPolicy,
+        SaveOptions,
+        SavePolicy,
+    )
+    from dcp_plugin.replication import ReplicationError
+    from dcp_plugin.schedule import Schedule
+    from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
+    from dcp_plugin.stats import SaveStats
+    from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+    from dcp_plugin.tiers import RemoteTier
+
+# Public names are imported on first use (PEP 562), so ``import dcp_plugin`` and the ``dcp-plugin`` command start
+# without importing torch; ``from dcp_plugin import CheckpointManager`` works as before.
+_LAZY = {
+    "OverheadBudget": "dcp_plugin.budget",
+    "Checkpointer": "dcp_plugin.checkpointer",
+    "CheckpointConfig": "dcp_plugin.config",
+    "EncodingError": "dcp_plugin.encoding",
+    "CheckpointEngine": "dcp_plugin.engine",
+    "ExportResult": "dcp_plugin.export",
+    "export_checkpoint": "dcp_plugin.export",
+    "CheckpointCorruptError": "dcp_plugin.errors",
+    "CheckpointError": "dcp_plugin.errors",
+    "CheckpointExistsError": "dcp_plugin.errors",
+    "CheckpointLoadError": "dcp_plugin.errors",
+    "CheckpointNotFoundError": "dcp_plugin.errors",
+    "CheckpointSaveError": "dcp_plugin.errors",
+    "ConfigError": "dcp_plugin.errors",
+    "NotACheckpointError": "dcp_plugin.errors",
+    "StorageAccessError": "dcp_plugin.errors",
+    "UnsafeCheckpointError": "dcp_plugin.errors",
+    "CheckpointManager": "dcp_plugin.manager",
+    "StateMismatchError": "dcp_plugin.packing",
+    "EveryNSeconds": "dcp_plugin.policies",
+    "EveryNSteps": "dcp_plugin.policies",
+    "KeepBest": "dcp_plugin.policies",
+    "KeepEveryNSteps": "dcp_plugin.policies",
+    "KeepLast": "dcp_plugin.policies",
+    "OnEpochEnd": "dcp_plugin.policies",
+    "OnException": "dcp_plugin.policies",
+    "OnPreemption": "dcp_plugin.policies",
+    "RetentionOptions": "dcp_plugin.policies",
+    "RetentionPolicy": "dcp_plugin.policies",
+    "SaveOptions": "dcp_plugin.policies",
+    "SavePolicy": "dcp_plugin.policies",
+    "ReplicationError": "dcp_plugin.replication",
+    "RemoteTier": "dcp_plugin.tiers",
+    "Schedule": "dcp_plugin.schedule",
+    "ModelState": "dcp_plugin.state",
+    "OptimizerState": "dcp_plugin.state",
+    "PerRank": "dcp_plugin.state",
+    "RNGState": "dcp_plugin.state",
+    "SaveStats": "dcp_plugin.stats",
+    "CheckpointInfo": "dcp_plugin.storage",
+    "CheckpointStorage": "dcp_plugin.storage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcp_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+logs.apply_environment_level()
 
 __all__ = [
     "EveryNSeconds",
@@ -77,6 +148,7 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "EncodingError",
+    "ExportResult",
     "ModelState",
     "NotACheckpointError",
     "OptimizerState",
@@ -90,4 +162,5 @@ __all__ = [
     "StorageAccessError",
     "UnsafeCheckpointError",
     "__version__",
+    "export_checkpoint",
 ]

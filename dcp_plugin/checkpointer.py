@@ -335,7 +335,11 @@ def _load_once(
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
     skeleton = packing.skeleton_target(metadata, source_rank)
     reader.defer_verification = True  # the tensor read below hashes these files anyway; the rest is checked last
-    engine.load(skeleton, reader, url=info.url)
+    try:
+        engine.load(skeleton, reader, url=info.url)
+    except CheckpointLoadError:
+        _raise_if_damaged(groups, reader)  # damaged bytes explain the failure better than what they broke
+        raise
     reader.defer_verification = False
     wrapped = wrap_state(state)
     damage, plan = None, packing.LoadPlan()
@@ -348,6 +352,7 @@ def _load_once(
         damage = f"{type(err).__name__}: {err}"
     damage = next((d for d in groups.all_gather(damage) if d), None)
     if damage is not None:
+        _raise_if_damaged(groups, reader)
         if _replaced_since(groups, storage, info):
             raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
         raise CheckpointCorruptError(
@@ -362,9 +367,7 @@ def _load_once(
     for warning in plan.warnings:
         warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
     engine.load(plan.flat, reader, url=info.url)
-    damage = next((d for d in groups.all_gather(reader.finish_verification()) if d), None)
-    if damage is not None:
-        raise CheckpointCorruptError(f"{damage[0]}. It was not loaded.")
+    _raise_if_damaged(groups, reader)
     if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
     try:
@@ -375,6 +378,13 @@ def _load_once(
     for key, value in plain.items():
         state[key] = value
     return info
+
+
+def _raise_if_damaged(groups: Any, reader: Any) -> None:
+    """Raise :class:`CheckpointCorruptError` naming the damaged file if a file the load used fails its checksum."""
+    damage = next((d for d in groups.all_gather(reader.finish_verification()) if d), None)
+    if damage is not None:
+        raise CheckpointCorruptError(f"{damage[0]}. It was not loaded.")
 
 
 def locate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,6 +65,14 @@ class CheckpointConfig:
     per_thread_copy_ahead: int = 10_000_000
     """Bytes each writer thread copies ahead of writing."""
 
+    max_staging_bytes: int | None = None
+    """``thread`` mode: stage the snapshot through a fixed host pool of this many bytes (an integer, or a size
+    such as ``"512MiB"`` / ``"2GB"``), copied and written in waves, instead of one host copy of the whole
+    state. Peak extra host memory is this budget plus at most one tensor larger than it. ``save`` returns (or,
+    with ``async_staging``, the next optimizer step waits) once every tensor is in the pool, i.e. when all but
+    the last ``max_staging_bytes`` are written. The pool is kept between saves (whatever ``reuse_buffers``
+    says). ``None``: no bound (the whole state is staged at once)."""
+
     strict: bool = True
     """On load, a tensor the live state expects but the checkpoint lacks (or has with another shape) is an
     error. Set ``False`` to load what matches and report the rest as a warning."""
@@ -98,6 +107,8 @@ class CheckpointConfig:
                 "async_mode='process' hands the snapshot to the writer process through shared memory; "
                 "leave shared_memory unset (or True), or use async_mode='thread'."
             )
+        if self.max_staging_bytes is not None:
+            self.max_staging_bytes = _check_staging_budget(self.max_staging_bytes, self.async_mode)
         if not isinstance(self.storage_options, Mapping):
             raise ConfigError("storage_options must be a mapping of fsspec keyword arguments.")
         self.storage_options = dict(self.storage_options)
@@ -157,7 +168,7 @@ def unknown_variable_message(key: str, prefix: str = ENV_PREFIX) -> str:
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).
 NON_CONFIG_ENV_NAMES = {
-    *("enable", "dir", "keep_last", "crash_at", "crash_group"),
+    *("enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"),
     *("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last"),  # dcp_plugin.tiers
 }
 
@@ -172,6 +183,8 @@ def _parse_env_value(key: str, raw: str, default: Any) -> Any:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{key} must be a JSON object: {err}") from None
         return parsed
+    if key.endswith("MAX_STAGING_BYTES"):
+        return None if text.lower() in {"", "none", "unbounded"} else text
     if default is None or isinstance(default, bool):
         lowered = text.lower()
         if default is None and lowered in {"", "auto", "none"}:
@@ -187,3 +200,52 @@ def _parse_env_value(key: str, raw: str, default: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{key}={raw!r} must be an integer.") from None
     return text
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an integer or a size string: ``"536870912"``, ``"512MiB"``, ``"1.5GiB"``, ``"2GB"``
+    (``KB``/``MB``/``GB``/``TB`` are powers of 1000, ``KiB``/``MiB``/``GiB``/``TiB`` of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size; use bytes or a number with B, KiB, MiB, GiB, TiB, KB, MB, GB, TB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _check_staging_budget(value: Any, async_mode: str) -> int:
+    try:
+        budget = parse_size(value)
+    except ValueError as err:
+        raise ConfigError(f"max_staging_bytes: {err}.") from None
+    if budget < 1:
+        raise ConfigError(f"max_staging_bytes={value!r} must be a positive size (or None for no bound).")
+    if async_mode != "thread":
+        why = (
+            "hands the writer process the whole snapshot in shared memory"
+            if async_mode == "process"
+            else "writes straight from the live tensors and stages nothing"
+        )
+        raise ConfigError(
+            f"max_staging_bytes bounds the staging of async_mode='thread'; async_mode={async_mode!r} {why}. "
+            "Use async_mode='thread' with max_staging_bytes, or leave max_staging_bytes unset."
+        )
+    return budget

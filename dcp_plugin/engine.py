@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_first
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ from dcp_plugin import daemon, inflight, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.staging_pool import BoundedStager, StagingPool, bounded_stager
 from dcp_plugin.stats import SaveStats
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,25 @@ def _quiet_discarded_dcp_telemetry() -> None:
             telemetry.setLevel(logging.INFO)
 
 
+@functools.cache
+def stager_survives_reuse() -> bool:
+    """Whether this torch's ``DefaultStager`` can stage again after a stage.
+
+    Some releases (2.11 among them) tear the stager's internals down at the end of every stage: the cached
+    buffers are dropped anyway and the next stage of any dict fails with ``KeyError: <class 'type'>``. There
+    a fresh stager is made for each save. Probed once, on a tiny state.
+    """
+    probe = DefaultStager(StagingOptions(False, False, False, False))
+    try:
+        for _ in range(2):
+            probe.stage({"probe": [torch.zeros(1)]})
+        return True
+    except Exception:
+        return False
+    finally:
+        probe.close()
+
+
 @dataclass
 class _InFlight:
     stats: SaveStats
@@ -94,6 +116,7 @@ class CheckpointEngine:
         self.config = config or CheckpointConfig.resolve()  # arguments, then DCP_PLUGIN_* variables, then defaults
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stager: DefaultStager | None = None
+        self._pool: StagingPool | None = None  # max_staging_bytes: the fixed host pool, kept for the engine's life
         self._in_flight: _InFlight | None = None
         self._error: BaseException | None = None
         self._completed: deque[SaveStats] = deque(maxlen=COMPLETED_LIMIT)
@@ -170,6 +193,7 @@ class CheckpointEngine:
                 else:
                     if mode == "process":
                         daemon.prepare()
+                    stager = self._stager_for_save(writer)
                     result = dcp.async_save(
                         flat_state,
                         storage_writer=writer,
@@ -177,7 +201,7 @@ class CheckpointEngine:
                         async_checkpointer_type=AsyncCheckpointerType.PROCESS
                         if mode == "process"
                         else AsyncCheckpointerType.THREAD,
-                        async_stager=self._stager_for_save(),
+                        async_stager=stager,
                         no_dist=no_dist,
                     )
         except BaseException as err:
@@ -193,10 +217,13 @@ class CheckpointEngine:
             stats.bytes_written = _bytes(metadata)
             self._completed.append(stats)
             return stats
+        staging: Future | None
         if isinstance(result, AsyncSaveResponse):
             staging, upload = result.staging_completion, result.upload_completion
         else:
-            staging, upload = None, result
+            staging, upload = (stager.completion if isinstance(stager, BoundedStager) else None), result
+            if staging is not None and not self.config.async_staging:
+                wait_for_first([staging, upload], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
         stats.blocking_s = time.perf_counter() - started
         if staging is None:
             stats.staging_s = stats.blocking_s
@@ -207,11 +234,15 @@ class CheckpointEngine:
         upload.add_done_callback(lambda future: self._upload_done(flight, future))
         return stats
 
-    def _stager_for_save(self) -> DefaultStager:
-        if self._stager is not None and self.config.reuse_buffers:
-            return self._stager
+    def _stager_for_save(self, writer: Any) -> DefaultStager | BoundedStager:
         cuda = torch.cuda.is_available()
         pinned = cuda if self.config.pinned_memory is None else self.config.pinned_memory
+        if self.config.max_staging_bytes is not None:
+            if self._pool is None:
+                self._pool = StagingPool(self.config.max_staging_bytes, pinned=pinned and cuda)
+            return bounded_stager(self._pool, writer)
+        if self._stager is not None and self.config.reuse_buffers and stager_survives_reuse():
+            return self._stager
         shared = (
             (self.config.async_mode == "process") if self.config.shared_memory is None else self.config.shared_memory
         )
@@ -251,10 +282,8 @@ class CheckpointEngine:
         flight = self._in_flight
         if flight is not None and flight.staging is not None and not flight.staging.done():
             began = time.perf_counter()
-            try:
-                flight.staging.result()
-            except BaseException:  # noqa: BLE001 - reported through the upload future
-                pass
+            # a failed write may end before staging does; its error is reported through the upload future
+            wait_for_first([flight.staging, flight.upload], return_when=FIRST_COMPLETED)
             flight.stats.staging_wait_s += time.perf_counter() - began
 
     def wait(self) -> SaveStats | None:
@@ -290,8 +319,8 @@ class CheckpointEngine:
         return out
 
     # -- loading ---------------------------------------------------------------------------------
-    def load(self, flat_state: dict[str, Any], reader: Any, *, url: str) -> None:
-        """Load tensors in place (collectively when distributed)."""
+    def load(self, flat_state: dict[str, Any], reader: Any, *, url: str, planner: Any = None) -> None:
+        """Load tensors in place (collectively when distributed); ``planner`` replaces DCP's default one."""
         self._check_open()
         self.wait()
         collective = self.groups.collective
@@ -300,7 +329,7 @@ class CheckpointEngine:
                 dcp.load(
                     flat_state,
                     storage_reader=reader,
-                    planner=DefaultLoadPlanner(allow_partial_load=False),
+                    planner=planner if planner is not None else DefaultLoadPlanner(allow_partial_load=False),
                     process_group=self.groups.checkpoint_group() if collective else None,
                     no_dist=not collective,
                 )
@@ -323,6 +352,9 @@ class CheckpointEngine:
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
             if self.config.async_mode == "process":
                 daemon.unregister(self)
             self.groups.close()

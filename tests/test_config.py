@@ -20,6 +20,11 @@ def test_defaults_are_valid_and_async():
         ({"async_mode": "sync", "async_staging": True}, "background writer"),
         ({"async_mode": "process", "shared_memory": False}, "shared memory"),
         ({"strict": "yes"}, "strict"),
+        ({"max_staging_bytes": "lots"}, "not a size"),
+        ({"max_staging_bytes": "12 parsecs"}, "not a size"),
+        ({"max_staging_bytes": 0}, "positive size"),
+        ({"async_mode": "process", "max_staging_bytes": "1GiB"}, "whole snapshot in shared memory"),
+        ({"async_mode": "sync", "max_staging_bytes": "1GiB"}, "stages nothing"),
     ],
 )
 def test_bad_values_are_rejected_with_the_fix(changes, message):
@@ -103,3 +108,18 @@ def test_lightning_plugin_reads_the_environment(monkeypatch):
     assert all(d is None or isinstance(d, bool) for d in defaults)
     monkeypatch.delenv("DCP_PLUGIN_ASYNC_MODE")
     assert DCPCheckpointIO().config.async_mode == "thread"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("536870912", 2**29), ("512MiB", 2**29), ("512 mib", 2**29), ("1.5GiB", 3 * 2**29), ("2GB", 2 * 10**9)],
+)
+def test_the_staging_budget_takes_sizes_in_code_and_in_the_environment(text, size):
+    assert CheckpointConfig(max_staging_bytes=text).max_staging_bytes == size
+    assert CheckpointConfig.from_env({"DCP_PLUGIN_MAX_STAGING_BYTES": text}).max_staging_bytes == size
+
+
+def test_an_empty_staging_budget_variable_means_no_bound():
+    assert CheckpointConfig.from_env({"DCP_PLUGIN_MAX_STAGING_BYTES": ""}).max_staging_bytes is None
+    assert CheckpointConfig.from_env({"DCP_PLUGIN_MAX_STAGING_BYTES": "none"}).max_staging_bytes is None
+    assert CheckpointConfig().max_staging_bytes is None

@@ -10,9 +10,10 @@ import shutil
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from dcp_plugin import CheckpointManager
-from dcp_plugin.errors import CheckpointError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError
 from tests.forge import read_manifest
 from tests.models import assert_same, make_training, snapshot, train_step
 
@@ -103,8 +104,26 @@ def appended(directory: str, name: str) -> None:
     _rewrite(os.path.join(directory, name), lambda data: data + b"\x00garbage\xff" * 4)
 
 
+def first_byte_flipped(directory: str, name: str) -> None:
+    def flip(data: bytearray) -> bytes:
+        data[0] ^= 0xFF
+        return data
+
+    _rewrite(os.path.join(directory, name), flip)
+
+
+def last_byte_flipped(directory: str, name: str) -> None:
+    def flip(data: bytearray) -> bytes:
+        data[-1] ^= 0xFF
+        return data
+
+    _rewrite(os.path.join(directory, name), flip)
+
+
 CORRUPTIONS = {
     **{f"bit-flip-{attempt}": bit_flip(attempt) for attempt in range(4)},
+    "first-byte": first_byte_flipped,
+    "last-byte": last_byte_flipped,
     "zeroed-page": zeroed_page,
     "truncated-half": truncated_half,
     "truncated-empty": truncated_empty,
@@ -129,6 +148,30 @@ def assert_detected(root: str, name: str, file: str) -> None:
 def test_every_corruption_is_found_by_verify_and_refused_by_load(root, corruption, file):
     CORRUPTIONS[corruption](os.path.join(root, SECOND), file)
     assert_detected(root, SECOND, file)
+
+
+@pytest.mark.parametrize("corruption", ["first-byte", "last-byte", "bit-flip-0"])
+def test_damaged_data_is_reported_as_corruption_wherever_it_sits(tmp_path, corruption):
+    """The non-tensor state is read first (before the tensors, whose read hashes the file); damage in its bytes
+    must still be reported as a damaged file, not as whatever the damaged bytes broke."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    with CheckpointManager(str(tmp_path), async_mode="sync") as manager:
+        manager.save(1, {"model": model, "optim": optimizer})
+        manager.save(2, {"model": model, "optim": optimizer})
+    directory = tmp_path / SECOND
+    for file in sorted(name for name in os.listdir(directory) if name.endswith(".distcp")):
+        shutil.copytree(directory, tmp_path / "pristine", dirs_exist_ok=True)
+        CORRUPTIONS[corruption](str(directory), file)
+        with (
+            CheckpointManager(str(tmp_path), async_mode="sync") as manager,
+            pytest.raises(CheckpointCorruptError) as info,
+        ):
+            manager.load({"model": model, "optim": optimizer}, name=SECOND)
+        assert file in str(info.value) and FIRST in str(info.value), str(info.value)
+        shutil.copytree(tmp_path / "pristine", directory, dirs_exist_ok=True)
 
 
 @pytest.mark.parametrize("file", [*DATA_FILES, ".metadata"])

@@ -111,3 +111,29 @@ def test_single_process_saves_do_not_warn_about_single_process_intent(tmp_path):
         start(engine, tmp_path / "a", ScriptedWriter(str(tmp_path / "a")))
     engine.close()
     assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+
+
+def test_saves_keep_working_where_torch_tears_the_stager_down_after_each_stage(tmp_path, monkeypatch):
+    """torch 2.11 (seen on a CUDA host) closes the state-dict stager at the end of every stage, so a reused
+    stager fails the second save with ``KeyError: <class 'type'>``. That release cannot run here, so its
+    stage is reproduced: the engine must notice and stage each save with a fresh stager."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    original = DefaultStager._stage
+
+    def stage_then_tear_down(self, state_dict, **kwargs):
+        staged = original(self, state_dict, **kwargs)
+        self._state_dict_stager.close()
+        return staged
+
+    monkeypatch.setattr(DefaultStager, "_stage", stage_then_tear_down)
+    engine_module.stager_survives_reuse.cache_clear()
+    monkeypatch.setattr(engine_module, "stager_survives_reuse", engine_module.stager_survives_reuse.__wrapped__)
+    assert not engine_module.stager_survives_reuse()
+    engine = CheckpointEngine(CheckpointConfig(async_mode="thread", reuse_buffers=True))
+    try:
+        for step in range(3):
+            start(engine, tmp_path / f"s{step}", FileSystemWriter(str(tmp_path / f"s{step}"), sync_files=False))
+            engine.wait()
+    finally:
+        engine.close()

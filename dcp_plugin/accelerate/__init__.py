@@ -12,10 +12,25 @@
 See ``docs/accelerate.md`` for the environment variables and caveats.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
-from dcp_plugin.accelerate.export import export_weights
 from dcp_plugin.accelerate.install import DCPAccelerator, checkpointer_of, disable, enable
 from dcp_plugin.accelerate.options import AccelerateOptions
+
+if TYPE_CHECKING:
+    from dcp_plugin.accelerate.export import export_weights
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on use: ``python -m dcp_plugin.accelerate.export`` must not find the module already imported by
+    # its package (runpy warns, and the module would run twice).
+    if name == "export_weights":
+        from dcp_plugin.accelerate.export import export_weights
+
+        return export_weights
+    raise AttributeError(f"module 'dcp_plugin.accelerate' has no attribute {name!r}")
+
 
 __all__ = [
     "AccelerateCheckpointer",

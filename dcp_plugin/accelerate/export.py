@@ -16,30 +16,34 @@ import json
 import os
 from typing import Any
 
-import torch
-
 from dcp_plugin.accelerate.state import indexed
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.storage import CheckpointInfo, open_url
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAME = "pytorch_model.bin"
 
 
+def _model_entry(info: CheckpointInfo, model_index: int) -> str:
+    """The entry of the ``model_index``-th prepared model; a KeyError naming the models saved otherwise."""
+    entry = indexed("model", model_index)
+    entries = info.manifest.get("entries", {})
+    if entry not in entries:
+        models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
+        raise KeyError(
+            f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
+        )
+    return entry
+
+
 def load_weights(checkpoint: str, *, model_index: int = 0, storage_options: dict[str, Any] | None = None) -> dict:
     """The full (unsharded) state dict of one model of a checkpoint, read by this process alone."""
-    entry = indexed("model", model_index)
     config = CheckpointConfig(async_mode="sync", storage_options=dict(storage_options or {}))
     checkpointer = Checkpointer(config, distributed=False)
     try:
         storage, name = checkpointer.locate(str(checkpoint))
-        info = storage.info(name)
-        entries = info.manifest.get("entries", {})
-        if entry not in entries:
-            models = sorted(n for n in entries if n == "model" or n.startswith("model_"))
-            raise KeyError(
-                f"{info.url} has no entry {entry!r} (model_index={model_index}); it holds {models or 'no models'}."
-            )
+        entry = _model_entry(storage.info(name), model_index)
         target: dict[str, Any] = {entry: None}
         checkpointer.load((storage, name), target)
     finally:
@@ -58,19 +62,16 @@ def export_weights(
     """Write ``output_dir/model.safetensors`` (or ``pytorch_model.bin``) with the model's full weights.
 
     The same file ``accelerate merge-weights`` writes; load it with ``model.load_state_dict`` or
-    ``safetensors.torch.load_file``. Returns the written path. Run it on one process.
+    ``safetensors.torch.load_file``. safetensors is streamed tensor by tensor (see :mod:`dcp_plugin.export`).
+    Returns the written path. Run it on one process.
     """
-    weights = load_weights(checkpoint, model_index=model_index, storage_options=storage_options)
-    tensors = {key: value.contiguous() for key, value in weights.items() if torch.is_tensor(value)}
-    os.makedirs(output_dir, exist_ok=True)
-    if safe_serialization:
-        from safetensors.torch import save_file
+    from dcp_plugin.export import export_checkpoint
 
-        path = os.path.join(output_dir, SAFE_WEIGHTS_NAME)
-        save_file(tensors, path, metadata={"format": "pt"})
-    else:
-        path = os.path.join(output_dir, WEIGHTS_NAME)
-        torch.save(tensors, path)
+    storage, name = open_url(checkpoint, storage_options)
+    entry = _model_entry(storage.info(name), model_index)
+    path = os.path.join(output_dir, SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME)
+    fmt = "safetensors" if safe_serialization else "torch"
+    export_checkpoint(checkpoint, path, format=fmt, entry=entry, storage_options=storage_options)
     return path
 
 

@@ -73,8 +73,9 @@ class DCPCheckpoint(Checkpoint):
         keep_last: keep only the N most recent checkpoints of this run.
         keep_every_n_steps: also keep checkpoints whose step is a multiple of this.
         keep_best: also keep the K checkpoints with the best ``monitor`` value (``mode`` "min" or "max").
-        monitor, mode: the logged metric for ``keep_best`` (read from ``trainer.callback_metrics`` at save
-            time and stored in the checkpoint's manifest).
+        monitor: the logged metric for ``keep_best`` (read from ``trainer.callback_metrics`` at save time and
+            stored in the checkpoint's manifest).
+        mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` value is better.
         auto_resume: when ``fit`` is given no ``ckpt_path`` (or ``"last"``), resume from the latest committed
             checkpoint in ``dirpath``.
         export_final: at the end of training, also write a model-only checkpoint (weights and

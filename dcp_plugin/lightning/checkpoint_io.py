@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
@@ -61,6 +61,8 @@ class DCPCheckpointIO(CheckpointIO):
         storage_options: fsspec options for remote paths (``s3://...``), e.g. ``{"key": ..., "secret": ...}``.
         pinned_memory: stage into page-locked memory (``None``: when CUDA is available).
         shared_memory: stage into shared memory (``None``: in ``process`` mode).
+        max_staging_bytes: ``thread`` mode: stage through a fixed host pool of this size (``"512MiB"``), written
+            in waves, instead of one host copy of the whole state (see :class:`~dcp_plugin.CheckpointConfig`).
         save_rng: also store every rank's random generator states and restore them when a checkpoint is
             loaded (Lightning's own checkpoint does not include them), so a resumed run repeats the
             uninterrupted one exactly.
@@ -79,6 +81,7 @@ class DCPCheckpointIO(CheckpointIO):
         storage_options: Optional[dict[str, Any]] = None,
         pinned_memory: Optional[bool] = None,
         shared_memory: Optional[bool] = None,
+        max_staging_bytes: Optional[Union[int, str]] = None,
         save_rng: bool = True,
     ) -> None:
         config = CheckpointConfig.resolve(
@@ -92,6 +95,7 @@ class DCPCheckpointIO(CheckpointIO):
             storage_options=None if storage_options is None else dict(storage_options),
             pinned_memory=pinned_memory,
             shared_memory=shared_memory,
+            max_staging_bytes=max_staging_bytes,
         )
         self._init(config, save_rng)
 

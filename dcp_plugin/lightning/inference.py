@@ -9,7 +9,6 @@ its counterpart for them; :func:`to_lightning_file` writes the single ``.ckpt`` 
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any, Optional, TypeVar
 
 import lightning.pytorch as pl
@@ -58,6 +57,7 @@ def to_lightning_file(
     *,
     weights_only: Optional[bool] = None,
     storage_options: Optional[dict[str, Any]] = None,
+    output_options: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write the checkpoint directory at ``path`` as one Lightning ``.ckpt`` file at ``output``; returns ``output``.
 
@@ -65,11 +65,12 @@ def to_lightning_file(
     states, loops, callbacks, hyper-parameters, hook-added keys; sharded checkpoints are assembled into full
     tensors), so ``MyModule.load_from_checkpoint(output)``, ``Trainer.fit(ckpt_path=output)`` and
     ``torch.load(output)`` accept it. The random-generator states dcp-plugin adds are not part of it.
-    ``weights_only=False`` also converts pickled values (only for checkpoints you trust). A local ``output``
-    appears complete or not at all.
+    ``weights_only=False`` also converts pickled values (only for checkpoints you trust). ``output`` (a path or
+    fsspec URL, with ``output_options``, by default ``storage_options``) appears complete or not at all.
     """
-    import fsspec
     import torch
+
+    from dcp_plugin.export_io import open_output
 
     plugin = DCPCheckpointIO(async_mode="sync", storage_options=storage_options, save_rng=False)
     try:
@@ -77,20 +78,6 @@ def to_lightning_file(
     finally:
         plugin.teardown()
     target = os.fspath(output)
-    if "://" in target and not target.startswith("file://"):
-        with fsspec.open(target, "wb", **(storage_options or {})) as handle:
-            torch.save(checkpoint, handle)
-        return target
-    directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    partial = os.path.join(directory, f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(partial, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with open_output(target, output_options if output_options is not None else storage_options) as handle:
+        torch.save(checkpoint, handle)
     return target

@@ -42,7 +42,6 @@ from dcp_plugin.storage.commit import (
     check_target_is_replaceable,
     strategy_for,
 )
-from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter
 from dcp_plugin.storage.integrity import check_files
 from dcp_plugin.storage.listing import Listing, Scan
 from dcp_plugin.storage.names import (
@@ -53,7 +52,6 @@ from dcp_plugin.storage.names import (
     check_name,
     step_name,
 )
-from dcp_plugin.storage.reader import SafeFileSystemReader, SafeFsspecReader
 from dcp_plugin.storage.root import StorageRoot, access_error
 from dcp_plugin.storage.transfer import copy_checkpoint
 
@@ -196,6 +194,8 @@ class CheckpointStorage:
 
     def writer(self, pending: PendingWrite, *, thread_count: int, sync_files: bool, per_thread_copy_ahead: int) -> Any:
         """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written."""
+        from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter  # imports torch
+
         kwargs: dict[str, Any] = dict(
             single_file_per_rank=True,
             sync_files=sync_files,
@@ -274,6 +274,8 @@ class CheckpointStorage:
     def metadata_reader(self, name: str | CheckpointInfo) -> Any:
         """A DCP reader for a committed checkpoint: ``.metadata`` read without running code, paths confined to
         the checkpoint, checksums verified before data is used."""
+        from dcp_plugin.storage.reader import SafeFileSystemReader, SafeFsspecReader  # imports torch
+
         info = name if isinstance(name, CheckpointInfo) else self.info(name)
         directory = self.data_path(info)
         if self.is_local:

@@ -7,10 +7,11 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
@@ -20,6 +21,9 @@ from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
 from dcp_plugin.storage.names import METADATA_NAME
 from dcp_plugin.storage.root import StorageRoot
+
+if TYPE_CHECKING:
+    from dcp_plugin.staging_pool import StagingSession
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +35,13 @@ taken out before DCP builds ``.metadata``."""
 
 # -- writing --------------------------------------------------------------------------------------------
 class _HashingFileSystem:
-    """Wraps a DCP filesystem so every stream opened for writing is hashed into ``sink``."""
+    """Wraps a DCP filesystem so every stream opened for writing is hashed into ``sink`` (and, with a staging
+    pool, the pool hears when a writer thread closed its file, and of the error that closed it)."""
 
-    def __init__(self, inner: Any, sink: ChecksumSink) -> None:
+    def __init__(self, inner: Any, sink: ChecksumSink, staging: StagingSession | None = None) -> None:
         self._inner = inner
         self._sink = sink
+        self._staging = staging
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -47,10 +53,16 @@ class _HashingFileSystem:
                 yield stream
                 return
             hashing = HashingStream(stream, self._sink.recorder(os.path.basename(os.fspath(path))))
+            error: BaseException | None = None
             try:
                 yield hashing
+            except BaseException as err:
+                error = err
+                raise
             finally:
                 hashing.close()
+                if self._staging is not None:
+                    self._staging.stream_closed(error)
 
 
 def _bytes_written(metadata: Metadata) -> int:
@@ -67,12 +79,22 @@ class _CommitOnFinish:
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
 
+    def attach_staging(self, session: StagingSession) -> None:
+        """Write this save's tensors from a bounded staging pool (``max_staging_bytes``)."""
+        self._dcp_plugin_staging: StagingSession | None = session
+        self.per_thread_copy_ahead = 0  # DCP's copy-ahead loader would take tensors before they are written
+
     def write_data(self, plan: Any, planner: Any) -> Any:
         sink = ChecksumSink()
+        staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
-        self.fs = _HashingFileSystem(original, sink)
+        self.fs = _HashingFileSystem(original, sink, staging)
         try:
-            future = super().write_data(plan, planner)  # type: ignore[misc]
+            if staging is None:
+                future = super().write_data(plan, planner)  # type: ignore[misc]
+            else:
+                with staging.writing(self._files_in_writing_order(plan), planner) as pool_planner:
+                    future = super().write_data(plan, pool_planner)  # type: ignore[misc]
         finally:
             self.fs = original
         results = list(future.wait())
@@ -80,6 +102,13 @@ class _CommitOnFinish:
         out: Future = Future()
         out.set_result(results)
         return out
+
+    def _files_in_writing_order(self, plan: Any) -> list[list[Any]]:
+        """The write items of each file, in the order DCP's writer threads write them (as its ``write_data``
+        splits them: one file per thread; one file per item, taken in plan order, otherwise)."""
+        if self.single_file_per_rank:  # type: ignore[attr-defined]
+            return _split_by_size_and_type(self.thread_count, plan.items)  # type: ignore[attr-defined]
+        return [list(plan.items)]
 
     def finish(self, metadata: Metadata, results: list) -> None:  # type: ignore[override]
         files: dict[str, dict[str, Any]] = {}

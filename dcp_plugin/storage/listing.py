@@ -152,7 +152,7 @@ class Listing:
         if not root.fs.isdir(path):
             return (
                 f"{shown} is a file, not a dcp-plugin checkpoint directory. If it was written by torch.save, load "
-                "it with torch.load, or convert it with `dcp-plugin convert`."
+                "it with torch.load; dcp-plugin reads the checkpoint directories it wrote."
             )
         if root.fs.exists(f"{path}/{METADATA_NAME}"):
             return (

@@ -176,14 +176,14 @@ class _Distrustful:
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
         storage_data = self.storage_data  # type: ignore[attr-defined]
         items = sorted(items, key=lambda it: _span(storage_data[it.storage_index]))
+        if not hashing and record is not None and relative not in self._dcp_plugin_verified:
+            self._dcp_plugin_used.add(relative)  # before the read: a read that fails on damaged bytes is checked too
         if root.is_local and size > 0:
             self._read_mapped(path, relative, items, planner, expected=record if hashing else None)
         else:
             self._read_streamed(path, relative, size, items, planner, expected=record if hashing else None)
         if hashing:
             self._dcp_plugin_verified.add(relative)
-        elif record is not None and relative not in self._dcp_plugin_verified:
-            self._dcp_plugin_used.add(relative)
 
     def _read_mapped(self, path: str, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
         """Local files: verify the whole file before any byte is used, then hand DCP views of a memory mapping
@@ -198,7 +198,7 @@ class _Distrustful:
                     info = storage_data[item.storage_index]
                     if info.offset + info.length > len(view):
                         self._raise_damaged(f"{relative} ends early (at {len(view)} bytes)")
-                    with _MemoryReader(view[info.offset : info.offset + info.length]) as raw:
+                    with _MemoryReader(view[info.offset : info.offset + info.length], mapped, info.offset) as raw:
                         self._use(item, info, raw, planner)
             finally:
                 view.release()
@@ -248,6 +248,9 @@ class _Distrustful:
         seekable = source if source.seekable() else io.BytesIO(source.read(-1))
         tensor = torch.load(seekable, map_location="cpu", weights_only=True)
         tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        take = getattr(planner, "take_tensor", None)  # a planner that keeps the tensor as read (no second copy)
+        if take is not None and tuple(tensor.size()) == tuple(item.lengths) and take(item, tensor):
+            return
         target = planner.resolve_tensor(item).detach()
         if target.size() != tensor.size():
             raise CheckpointCorruptError(
@@ -302,12 +305,16 @@ class _Distrustful:
 
 
 class _MemoryReader(io.RawIOBase):
-    """A seekable binary stream over a memoryview (no copy until ``torch.load`` fills the tensor)."""
+    """A seekable binary stream over a memoryview of ``mapped`` starting at ``base`` (no copy until ``torch.load``
+    fills the tensor). Large reads are copied a chunk at a time and each chunk's pages are then unmapped from this
+    process (they stay in the page cache), so decoding a tensor never holds it twice as resident memory."""
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, view: memoryview, mapped: mmap.mmap | None = None, base: int = 0) -> None:
         super().__init__()
         self._view = view
         self._position = 0
+        self._mapped = mapped
+        self._base = base
 
     def readable(self) -> bool:
         return True
@@ -317,7 +324,12 @@ class _MemoryReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         count = max(0, min(len(buffer), len(self._view) - self._position))
-        buffer[:count] = self._view[self._position : self._position + count]
+        target = memoryview(buffer).cast("B")
+        for start in range(0, count, _CHUNK):
+            end = min(count, start + _CHUNK)
+            target[start:end] = self._view[self._position + start : self._position + end]
+            if self._mapped is not None and end - start == _CHUNK:
+                _release_pages(self._mapped, self._base + self._position + start, end - start)
         self._position += count
         return count
 
@@ -350,6 +362,14 @@ def _hash_by_reading(handle: Any) -> str:
         offset += count
     view.release()
     return hasher.hexdigest()
+
+
+def _release_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
+    """Unmap pages that were copied out (whole pages inside the range only; they stay in the page cache)."""
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = min(len(mapped), offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _span(info: Any) -> tuple[int, int]:

@@ -1,0 +1,282 @@
+"""The ``dcp-plugin`` commands that look at checkpoints: ls, latest, best, inspect, verify, purge.
+
+Each takes the parsed arguments (with the global ``json``, ``storage_options`` and ``progress``) and returns the
+exit code; errors are raised and turned into exit codes by :func:`dcp_plugin.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from dcp_plugin.cli_output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
+from dcp_plugin.errors import CheckpointNotFoundError
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, open_url
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    return parse_options(args.storage_options, "--storage-options")
+
+
+def open_directory(url: str, args: argparse.Namespace) -> CheckpointStorage:
+    """A directory of checkpoints that exists (a missing one or a file is an error saying so)."""
+    storage = CheckpointStorage(url, options(args))
+    if storage.fs.isfile(storage.root):
+        raise CheckpointNotFoundError(f"{storage.root_url} is a file, not a directory of checkpoints.")
+    if not storage.fs.exists(storage.root):
+        raise CheckpointNotFoundError(f"{storage.root_url}: no such directory.")
+    return storage
+
+
+def open_checkpoint(url: str, args: argparse.Namespace) -> tuple[CheckpointStorage, CheckpointInfo]:
+    """The committed checkpoint at ``url``; a missing path, a torch.save file or a plain directory is an error
+    saying which."""
+    storage, name = open_url(url, options(args))
+    return storage, storage.info(name)
+
+
+def _row(info: CheckpointInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "url": info.url,
+        "step": info.step,
+        "created": iso_time(info.created),
+        "bytes": info.manifest.get("bytes"),
+        "world_size": info.manifest.get("world_size"),
+        "metadata": info.metadata,
+    }
+
+
+def _metrics(metadata: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(metadata.items())) or "-"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List the committed (and broken) checkpoints of a directory, oldest first."""
+    storage = open_directory(args.directory, args)
+    scan = storage.scan()
+    infos = [storage.info(found.name) for found in scan.found]
+    broken = list(scan.broken)
+    if not infos and not broken:
+        parent, name = open_url(args.directory, options(args))
+        if parent.is_committed(name):
+            emit_note(f"{storage.root_url} is a checkpoint, not a directory of checkpoints; showing it.")
+            infos = [parent.info(name)]
+    leftovers = storage.incomplete()
+    if args.json:
+        emit_json(
+            {
+                "directory": storage.root_url,
+                "checkpoints": [_row(info) for info in infos],
+                "broken": [{"name": n, "url": storage.url(n), "reason": reason} for n, reason in broken],
+                "incomplete": leftovers,
+            }
+        )
+        return 0
+    if not infos and not broken:
+        emit(f"no committed checkpoints in {storage.root_url}")
+    else:
+        rows: list[list[Any]] = [
+            [
+                i.name,
+                i.step if i.step is not None else "-",
+                i.manifest.get("world_size", "-"),
+                human_size(i.manifest.get("bytes")),
+                iso_time(i.created),
+                _metrics(i.metadata),
+            ]
+            for i in infos
+        ]
+        rows += [[n, "-", "-", "-", "-", f"BROKEN: {reason}"] for n, reason in broken]
+        emit(table(["NAME", "STEP", "RANKS", "SIZE", "CREATED", "METRICS"], rows))
+    if leftovers:
+        emit_note(
+            f"{len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; `dcp-plugin purge` removes them"
+        )
+    return 0
+
+
+def cmd_latest(args: argparse.Namespace) -> int:
+    """Print the newest committed checkpoint's path or URL."""
+    storage = open_directory(args.directory, args)
+    latest = storage.latest()
+    if latest is None:
+        raise CheckpointNotFoundError(f"No committed checkpoints in {storage.root_url}.")
+    emit_json(_row(latest)) if args.json else emit(latest.url)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """Print the path or URL of the checkpoint with the lowest (``--mode min``) or highest metric."""
+    storage = open_directory(args.directory, args)
+    infos = storage.list()
+    scored = [(float(i.metadata[args.metric]), i) for i in infos if _is_number(i.metadata.get(args.metric))]
+    if not scored:
+        recorded = sorted({k for i in infos for k in i.metadata})
+        raise CheckpointNotFoundError(
+            f"No checkpoint in {storage.root_url} records the metric {args.metric!r}; recorded: {recorded or 'none'}."
+        )
+    sign = 1 if args.mode == "min" else -1
+    value, best = min(scored, key=lambda pair: (sign * pair[0], -infos.index(pair[1])))  # ties: the newest
+    emit_json({**_row(best), "metric": args.metric, "value": value}) if args.json else emit(best.url)
+    return 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a checkpoint's manifest and its tensors."""
+    storage, info = open_checkpoint(args.checkpoint, args)
+    metadata = storage.metadata_reader(info).read_metadata()
+    tensors = []
+    for key, entry in sorted(metadata.state_dict_metadata.items()):
+        if key.startswith("__dcp_plugin__"):
+            continue
+        size = getattr(entry, "size", None)
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        nbytes = math.prod(size) * dtype.itemsize if size is not None and dtype is not None else None
+        tensors.append(
+            {"key": key, "shape": list(size) if size is not None else None, "dtype": str(dtype), "bytes": nbytes}
+        )
+    if args.json:
+        emit_json({**_row(info), "manifest": info.manifest, "tensors": tensors})
+        return 0
+    manifest = info.manifest
+    summary: list[list[Any]] = [
+        ["checkpoint", info.url],
+        ["step", info.step if info.step is not None else "-"],
+        ["created", iso_time(info.created)],
+        ["ranks", manifest.get("world_size", "-")],
+        ["size", human_size(manifest.get("bytes"))],
+        ["entries", ", ".join(manifest.get("entries", {})) or "-"],
+        ["metrics", _metrics(info.metadata)],
+        ["format", manifest.get("format", 1)],
+    ]
+    emit(table(["FIELD", "VALUE"], summary))
+    emit("")
+    rows = [
+        [t["key"], tuple(t["shape"] or ()), t["dtype"].removeprefix("torch."), human_size(t["bytes"])] for t in tensors
+    ]
+    emit(table(["TENSOR", "SHAPE", "DTYPE", "SIZE"], rows))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check the manifest, the metadata (paths, sizes) and the checksum of every file; with --load, read every
+    tensor too. On damage, name the newest older checkpoint that verifies."""
+    storage, info = open_checkpoint(args.checkpoint, args)
+    files = info.manifest.get("files") or {}
+    total = sum(int(record.get("size", 0)) for record in files.values())
+    with progress(total, f"verifying {info.name}", show=args.progress) as bar:
+        problems = storage.verify(info, progress=bar.update)
+    if not problems and args.load:
+        problems += _load_problems(storage, info, args)
+    fallback = storage.newest_verified_before(info) if problems else None
+    if args.json:
+        emit_json(
+            {
+                "url": info.url,
+                "ok": not problems,
+                "problems": problems,
+                "files": len(files),
+                "bytes": total,
+                "checksums": bool(files),
+                "fallback": fallback.url if fallback else None,
+            }
+        )
+        return 1 if problems else 0
+    if problems:
+        emit(f"{info.url}: BROKEN")
+        for problem in problems:
+            emit(f"  - {problem}")
+        emit(f"  the newest older checkpoint that verifies: {fallback.url if fallback else 'none'}")
+        return 1
+    checked = "checksums match" if files else "written without checksums: sizes checked only"
+    emit(f"{info.url}: OK ({len(files)} files, {human_size(total)}, {checked})")
+    return 0
+
+
+def _load_problems(storage: CheckpointStorage, info: CheckpointInfo, args: argparse.Namespace) -> list[str]:
+    from dcp_plugin.checkpointer import Checkpointer
+    from dcp_plugin.config import CheckpointConfig
+
+    checkpointer = Checkpointer(CheckpointConfig(async_mode="sync", storage_options=options(args)), distributed=False)
+    try:
+        checkpointer.read((storage, info.name))
+    except Exception as err:  # noqa: BLE001 - reported as a verification failure
+        return [f"loading failed: {err}"]
+    finally:
+        checkpointer.close()
+    return []
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Remove the leftovers of writes that never committed (committed checkpoints are never touched)."""
+    storage = open_directory(args.directory, args)
+    leftovers = storage.incomplete()
+    done = []
+    with progress(len(leftovers), "purging", unit="entries", show=args.progress and not args.dry_run) as bar:
+        for name in leftovers:
+            if not args.dry_run:
+                storage.remove_incomplete(name)
+            done.append(storage.url(name))
+            bar.update(1)
+    if args.json:
+        emit_json(
+            {
+                "directory": storage.root_url,
+                "dry_run": args.dry_run,
+                "removed" if not args.dry_run else "would_remove": done,
+            }
+        )
+        return 0
+    for url in done:
+        emit(f"{'would remove' if args.dry_run else 'removed'} {url}")
+    if not leftovers:
+        emit(f"nothing to purge in {storage.root_url}")
+    return 0
+
+
+def add_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Register the commands on the command's sub-parsers (``parents`` carry the global options)."""
+    directory_help = "a directory (or URL) holding checkpoints, e.g. runs/a or s3://bucket/run"
+    checkpoint_help = "one checkpoint: a path or URL such as runs/a/step_000000500"
+
+    ls = sub.add_parser("ls", parents=parents, help="list the checkpoints of a directory", description=cmd_ls.__doc__)
+    ls.add_argument("directory", help=directory_help)
+    ls.set_defaults(func=cmd_ls)
+    latest = sub.add_parser(
+        "latest", parents=parents, help="print the newest checkpoint's path", description=cmd_latest.__doc__
+    )
+    latest.add_argument("directory", help=directory_help)
+    latest.set_defaults(func=cmd_latest)
+    best = sub.add_parser(
+        "best", parents=parents, help="print the path of the best checkpoint by a metric", description=cmd_best.__doc__
+    )
+    best.add_argument("directory", help=directory_help)
+    best.add_argument("--metric", required=True, help="a metric recorded with the checkpoints, e.g. val_loss")
+    best.add_argument("--mode", choices=("min", "max"), default="min", help="lowest (default) or highest wins")
+    best.set_defaults(func=cmd_best)
+    inspect = sub.add_parser(
+        "inspect", parents=parents, help="show a checkpoint's manifest and tensors", description=cmd_inspect.__doc__
+    )
+    inspect.add_argument("checkpoint", help=checkpoint_help)
+    inspect.set_defaults(func=cmd_inspect)
+    verify = sub.add_parser(
+        "verify",
+        parents=parents,
+        help="check a checkpoint's files against their checksums",
+        description=cmd_verify.__doc__,
+    )
+    verify.add_argument("checkpoint", help=checkpoint_help)
+    verify.add_argument("--load", action="store_true", help="also read every tensor")
+    verify.set_defaults(func=cmd_verify)
+    purge = sub.add_parser(
+        "purge", parents=parents, help="remove leftovers of writes that never committed", description=cmd_purge.__doc__
+    )
+    purge.add_argument("directory", help=directory_help)
+    purge.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    purge.set_defaults(func=cmd_purge)

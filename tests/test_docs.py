@@ -1,0 +1,153 @@
+"""The docs cannot rot: every Python block of the docs pages and the README runs, in order, page by page.
+
+A page's blocks share one namespace (later blocks build on earlier ones) and run in a fresh temporary
+directory with no ``DCP_PLUGIN_*`` variables set. Two HTML comments, invisible on the site, steer this:
+
+- ``<!-- no-run: reason -->`` right before a block skips it (it needs S3 credentials, several GPUs,
+  ``accelerate launch``...); the reason is required.
+- ``<!-- test-setup`` ... ``-->`` holds code run at that point (e.g. a tiny model for a snippet that
+  says ``model``), so the visible snippets stay the ones a user would write.
+
+The API reference must name every public name of the three public modules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]
+PYTHON = {"python", "py", "python3"}
+
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
+NO_RUN = re.compile(r"^\s*<!--\s*no-run\b(?P<rest>.*?)-->\s*$")
+SETUP_START = re.compile(r"^\s*<!--\s*test-setup\s*$")
+
+
+@dataclass
+class Block:
+    """One code block of a page: its language, code, first code line (1-based) and why it is skipped."""
+
+    lang: str
+    code: str
+    line: int
+    skip: str | None = None
+    hidden: bool = False
+
+
+def parse(page: Path) -> list[Block]:
+    """Every fenced block and ``test-setup`` comment of a page, in order, with its ``no-run`` marker."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    skip: str | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        marker = NO_RUN.match(line)
+        if marker:
+            rest = marker["rest"].strip()
+            if not rest.startswith(":") or not rest[1:].strip():
+                raise AssertionError(f"{page.name}:{i + 1}: a no-run marker needs a reason: <!-- no-run: why -->")
+            skip = rest[1:].strip()
+            i += 1
+            continue
+        if SETUP_START.match(line):
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "-->")
+            blocks.append(Block("python", "\n".join(lines[i + 1 : end]), i + 2, hidden=True))
+            i = end + 1
+            continue
+        fence = FENCE.match(line)
+        if fence:
+            indent, closing = fence["indent"], fence["fence"]
+            end = next(
+                j
+                for j in range(i + 1, len(lines))
+                if lines[j].strip().startswith(closing) and not lines[j].strip()[len(closing) :].strip()
+            )
+            body = [text[len(indent) :] if text.startswith(indent) else text.lstrip() for text in lines[i + 1 : end]]
+            blocks.append(Block(fence["lang"].lower(), textwrap.dedent("\n".join(body)), i + 2, skip))
+            skip = None
+            i = end + 1
+            continue
+        if skip is not None and line.strip():
+            raise AssertionError(f"{page.name}:{i + 1}: a no-run marker must come right before a code block")
+        i += 1
+    return blocks
+
+
+def _page_id(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def _runnable(page: Path) -> bool:
+    try:
+        return any(block.lang in PYTHON and block.skip is None for block in parse(page))
+    except AssertionError:
+        return False  # reported by the marker test
+
+
+RUNNABLE = [page for page in PAGES if _runnable(page)]
+
+
+def test_every_skipped_block_is_a_python_block_with_a_reason():
+    for page in PAGES:
+        for block in parse(page):  # parse raises on a marker without a reason or not before a block
+            if block.skip is not None:
+                assert block.lang in PYTHON, f"{page.name}:{block.line}: only Python blocks are run; drop the marker"
+
+
+@pytest.mark.parametrize("page", RUNNABLE, ids=_page_id)
+def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name in [name for name in os.environ if name.startswith("DCP_PLUGIN_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    _reset_accelerate()
+    try:
+        for block in parse(page):
+            if block.lang not in PYTHON or block.skip is not None:
+                continue
+            # blank lines in front, so a traceback names the block's real line in the markdown file
+            code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")
+            exec(code, namespace)
+    finally:
+        _close(namespace)
+        _reset_accelerate()
+
+
+def _close(namespace: dict) -> None:
+    """Flush what a page left open (its blocks may end mid-story), so the next test starts clean."""
+    from dcp_plugin import Checkpointer, CheckpointManager
+
+    for value in namespace.values():
+        if isinstance(value, (CheckpointManager, Checkpointer)):
+            value.close()
+
+
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons; each page starts and ends without them."""
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        GradientState._reset_state()
+
+
+def test_api_reference_covers_every_public_name():
+    import dcp_plugin
+    import dcp_plugin.accelerate
+    import dcp_plugin.lightning
+
+    documented = set(re.findall(r"^::: (\S+)", "".join(p.read_text() for p in (DOCS / "api").glob("*.md")), re.M))
+    for module in (dcp_plugin, dcp_plugin.lightning, dcp_plugin.accelerate):
+        public = {f"{module.__name__}.{name}" for name in module.__all__ if not name.startswith("__")}
+        assert not public - documented, f"add these to docs/api/: {sorted(public - documented)}"
