@@ -87,11 +87,12 @@ class DCPCheckpoint(Checkpoint):
             line at the end of training.
         run_id: identifies this run's checkpoints (retention never deletes others). Default: new, or the one
             of the checkpoint resumed from in ``dirpath``.
-        remote, remote_storage_options, replicate_every_n_steps, remote_keep_last: a remote tier
-            (``"s3://bucket/run1"``) the committed checkpoints are copied to in the background, its fsspec
-            options, which steps to copy (default all) and how many of this run's it keeps; auto-resume takes
-            the newest checkpoint of either tier. Default: ``DCP_PLUGIN_REMOTE*`` variables (see
-            :class:`~dcp_plugin.tiers.RemoteTier`).
+        remote: a remote tier (``"s3://bucket/run1"``) the committed checkpoints are copied to in the
+            background; auto-resume takes the newest checkpoint of either tier. Default: ``DCP_PLUGIN_REMOTE``
+            (see :class:`~dcp_plugin.tiers.RemoteTier`).
+        remote_storage_options: fsspec options of the remote tier.
+        replicate_every_n_steps: copy only checkpoints of every n-th step (default: every checkpoint).
+        remote_keep_last: how many of this run's checkpoints the remote tier keeps (default: all).
         clock: clock of the time trigger (seconds); inject one in tests.
     """
 
