@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
-from dcp_plugin import daemon, inflight, shutdown
+from dcp_plugin import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
@@ -94,6 +94,9 @@ class CheckpointEngine:
         self.config = config or CheckpointConfig.resolve()  # arguments, then DCP_PLUGIN_* variables, then defaults
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stager: DefaultStager | None = None
+        self._preparing: threading.Thread | None = None
+        self._prepared = False
+        self._plan_key = plans.new_key()
         self._in_flight: _InFlight | None = None
         self._error: BaseException | None = None
         self._completed: deque[SaveStats] = deque(maxlen=COMPLETED_LIMIT)
@@ -144,6 +147,38 @@ class CheckpointEngine:
             self._check_open()
             daemon.start(self.groups.checkpoint_group())
 
+    def prepare(self, flat_state: dict[str, Any]) -> None:
+        """Allocate and touch the staging buffers for these tensors now, in a background thread, so that the
+        first save only copies into them like every later one (asynchronous modes with ``reuse_buffers``; once
+        per engine; a save waits for it). Buffers are found again by the tensors' storage, so pass the live
+        tensors that later saves will hold, e.g. after the first optimizer step has created its state."""
+        if not self.needs_prepare:
+            return
+        self._check_open()
+        self._prepared = True
+        stager = self._stager_for_save()
+
+        def stage() -> None:
+            try:
+                staged = stager.stage(flat_state)
+                if isinstance(staged, Future):
+                    staged.result()
+            except Exception as err:  # noqa: BLE001 - only a head start: the first save stages again
+                log.warning("Preparing the staging buffers failed (%s); the first save allocates them.", err)
+
+        self._preparing = threading.Thread(target=stage, name="dcp-plugin-prepare-staging", daemon=True)
+        self._preparing.start()
+
+    @property
+    def needs_prepare(self) -> bool:
+        """Whether :meth:`prepare` would still do something (not yet prepared or saved; buffers are kept)."""
+        return not self._prepared and self.config.is_async and self.config.reuse_buffers
+
+    def _finish_preparing(self) -> None:
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+
     def save(
         self,
         flat_state: dict[str, Any],
@@ -157,6 +192,8 @@ class CheckpointEngine:
         (or, with async staging, once staging was started). Fills ``stats`` in (now and when done)."""
         self._check_open()
         self.wait()
+        self._finish_preparing()
+        self._prepared = True  # the buffers exist from now on
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
@@ -166,7 +203,13 @@ class CheckpointEngine:
         try:
             with _single_process_intent():
                 if mode == "sync":
-                    metadata = dcp.save(flat_state, storage_writer=writer, process_group=group, no_dist=no_dist)
+                    metadata = dcp.save(
+                        flat_state,
+                        storage_writer=writer,
+                        planner=plans.save_planner(self._plan_key),
+                        process_group=group,
+                        no_dist=no_dist,
+                    )
                 else:
                     if mode == "process":
                         daemon.prepare()
@@ -178,6 +221,7 @@ class CheckpointEngine:
                         if mode == "process"
                         else AsyncCheckpointerType.THREAD,
                         async_stager=self._stager_for_save(),
+                        planner=plans.save_planner(self._plan_key),
                         no_dist=no_dist,
                     )
         except BaseException as err:
@@ -218,7 +262,7 @@ class CheckpointEngine:
         options = StagingOptions(
             use_pinned_memory=pinned and cuda,
             use_shared_memory=shared,
-            use_async_staging=self.config.async_staging,
+            use_async_staging=self.config.stages_in_background,
             use_non_blocking_copy=pinned and cuda,
         )
         if self._stager is not None:
@@ -320,6 +364,8 @@ class CheckpointEngine:
             self.wait()
         finally:
             self._closed = True
+            self._finish_preparing()
+            plans.forget(self._plan_key)
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from dcp_plugin import priority
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
@@ -62,12 +63,18 @@ class _CommitOnFinish:
 
     fs: Any
 
-    def _init_commit(self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite) -> None:
+    def _init_commit(
+        self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, background_nice: int
+    ) -> None:
         self._dcp_plugin_root = root
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
+        self._dcp_plugin_nice = background_nice
 
     def write_data(self, plan: Any, planner: Any) -> Any:
+        # Runs on DCP's executor thread or in the writer process, never on the training thread when the nice
+        # is set; the writer threads DCP starts below inherit the lower priority.
+        priority.lower_current_thread(self._dcp_plugin_nice)
         sink = ChecksumSink()
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink)
@@ -108,18 +115,32 @@ class _CommitOnFinish:
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
     def __init__(
-        self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
+        self,
+        path: str,
+        *,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int = 0,
+        **kwargs: Any,
     ) -> None:
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending)
+        self._init_commit(root, strategy, pending, background_nice)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
     def __init__(
-        self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
+        self,
+        path: str,
+        *,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int = 0,
+        **kwargs: Any,
     ) -> None:
         FsspecWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending)
+        self._init_commit(root, strategy, pending, background_nice)
 
 
 __all__ = ["CommittingFileSystemWriter", "CommittingFsspecWriter"]
