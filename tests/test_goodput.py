@@ -199,3 +199,26 @@ def test_staging_runs_in_the_background_by_default_only_where_cuda_copies_it():
     assert not CheckpointConfig(async_staging=False).stages_in_background
     assert CheckpointConfig.from_env({"DCP_PLUGIN_ASYNC_STAGING": "auto"}).async_staging is None
     assert CheckpointConfig.from_env({"DCP_PLUGIN_ASYNC_STAGING": "1"}).stages_in_background
+
+
+# -- loads without a live tensor take over what was read -----------------------------------------------------------
+def test_a_lightning_load_holds_the_stored_values_and_live_tensors_are_filled_in_place(tmp_path):
+    from dcp_plugin.lightning import DCPCheckpointIO
+
+    model, optimizer, _ = make_training()
+    train_step(model, optimizer)
+    expected = snapshot(model, optimizer)
+    plugin = DCPCheckpointIO(async_mode="sync")
+    path = str(tmp_path / "a.ckpt")
+    plugin.save_checkpoint({"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()]}, path)
+    loaded = plugin.load_checkpoint(path, weights_only=True)
+    for key, value in expected["model"].items():
+        assert torch.equal(loaded["state_dict"][key], value)
+        assert not hasattr(loaded["state_dict"][key], "_dcp_plugin_placeholder")
+    with CheckpointManager(str(tmp_path / "m"), async_mode="sync") as manager:
+        manager.save(1, {"model": model})
+        pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+        train_step(model, optimizer)
+        manager.load({"model": model}, step=1)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+    assert_same(snapshot(model)["model"], expected["model"])

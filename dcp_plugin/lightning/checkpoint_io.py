@@ -50,7 +50,8 @@ class DCPCheckpointIO(CheckpointIO):
         async_mode: ``"sync"`` (write before returning), ``"thread"`` (snapshot, then write in a background
             thread) or ``"process"`` (write in a background daemon process; scripts need an
             ``if __name__ == "__main__":`` guard).
-        async_staging: also copy the snapshot in the background; the next optimizer step waits for the copy.
+        async_staging: also copy the snapshot in the background; the next optimizer step waits for the copy
+            (``None``: when CUDA is available).
         reuse_buffers: keep the host staging buffers between saves (faster saves, one copy of the state in
             host memory).
         thread_count: writer threads per rank.
