@@ -15,16 +15,13 @@ later ones.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from dcp_plugin import inflight
 from dcp_plugin.lightning import layout as lay
-
-log = logging.getLogger(__name__)
+from dcp_plugin.warmup import prepare_after_first_step
 
 _MARK = "__dcp_plugin_sees_writes__"
 
@@ -73,20 +70,15 @@ def warm_up(trainer: Any, plugin: Any) -> None:
 def _prepare_after_first_step(trainer: Any, plugin: Any) -> None:
     """Once the first optimizer step created the optimizer's state, stage what a Lightning checkpoint holds
     (module and optimizer states: the same tensors the first save will copy) in the background."""
-    handle: Any = None
 
-    def prepare(*_args: Any, **_kwargs: Any) -> None:
-        handle.remove()
-        checkpoint = {
+    def checkpoint() -> dict[str, Any]:
+        live = {
             "state_dict": trainer.lightning_module.state_dict(),
             "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
         }
-        try:
-            plugin.checkpointer(collective=False).prepare(lay.split_checkpoint(checkpoint)[0])
-        except Exception as err:  # noqa: BLE001 - only a head start: the first save stages everything itself
-            log.warning("Could not prepare the staging buffers ahead of the first save: %s", err)
+        return lay.split_checkpoint(live)[0]
 
-    handle = register_optimizer_step_post_hook(prepare)
+    prepare_after_first_step(lambda: plugin.checkpointer(collective=False), checkpoint)
 
 
 def _is_plugin(plugin: Any) -> bool:
