@@ -1,10 +1,11 @@
 """Lower CPU and I/O priority for the threads that write checkpoints in the background.
 
 Training and the background writer share the host's cores and disk. The writer only has to finish before the
-next save, so on Linux the thread that runs DCP's write (DCP's executor thread in ``thread`` mode, the writer
-daemon's thread in ``process`` mode) lowers its own nice value and I/O priority before it writes; the writer
-threads DCP starts from it inherit both. Linux keeps nice values per thread, so the training threads keep
-theirs. Nothing here is raised: a host that refuses (another OS, a seccomp profile) keeps normal priority.
+next save, so on Linux DCP's write runs in a thread of its own (:func:`run_lowered`) that lowers its nice value
+and I/O priority first; the writer threads DCP starts from it inherit both. Linux keeps nice values per thread,
+so the training threads keep theirs, and so do the long-lived threads around the write (DCP's executor thread,
+the writer daemon's main thread, which must answer the trainer promptly when the next save is handed over).
+Nothing here is raised: a host that refuses (another OS, a seccomp profile) keeps normal priority.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import os
 import platform
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,28 @@ def lower_current_thread(nice_increment: int) -> bool:
     return changed
 
 
+def run_lowered(nice_increment: int, work: Callable[[], T]) -> T:
+    """``work()`` in a new thread that first lowers its priority by ``nice_increment``; returns its result or
+    raises its error here. Without an increment (or off Linux), ``work()`` runs on the calling thread."""
+    if nice_increment <= 0 or not sys.platform.startswith("linux"):
+        return work()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        lower_current_thread(nice_increment)
+        try:
+            outcome["result"] = work()
+        except BaseException as err:  # noqa: BLE001 - raised on the calling thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="dcp-plugin-writer", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _lower_io_priority(tid: int) -> None:
     """Best effort: ``ioprio_set`` has no Python wrapper; schedulers without priorities (``none``,
     ``mq-deadline``) ignore it, BFQ honours it. Never the idle class, which could starve the writer."""
@@ -66,4 +93,4 @@ def _lower_io_priority(tid: int) -> None:
         log.debug("ioprio_set unavailable: %s", err)
 
 
-__all__ = ["MAX_NICE", "lower_current_thread", "thread_nice"]
+__all__ = ["MAX_NICE", "lower_current_thread", "run_lowered", "thread_nice"]

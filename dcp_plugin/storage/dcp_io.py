@@ -72,14 +72,13 @@ class _CommitOnFinish:
         self._dcp_plugin_nice = background_nice
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        # Runs on DCP's executor thread or in the writer process, never on the training thread when the nice
-        # is set; the writer threads DCP starts below inherit the lower priority.
-        priority.lower_current_thread(self._dcp_plugin_nice)
         sink = ChecksumSink()
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink)
+        write = super().write_data  # type: ignore[misc]
         try:
-            future = super().write_data(plan, planner)  # type: ignore[misc]
+            # in a thread of lower priority (background saves only); DCP's writer threads inherit it
+            future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, planner))
         finally:
             self.fs = original
         results = list(future.wait())

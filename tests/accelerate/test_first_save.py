@@ -25,4 +25,3 @@ def test_the_first_step_prepares_staging_buffers_and_save_state_holds_the_state_
     accelerator.load_state(str(tmp_path / "ckpt"))
     assert_same(snapshot(model, optimizer), expected)
     dpa.disable(accelerator)
-
