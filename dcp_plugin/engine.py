@@ -30,6 +30,7 @@ from dcp_plugin import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.prestage import Prestage
 from dcp_plugin.stats import SaveStats
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ class CheckpointEngine:
         self.config = config or CheckpointConfig.resolve()  # arguments, then DCP_PLUGIN_* variables, then defaults
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stager: DefaultStager | None = None
-        self._preparing: threading.Thread | None = None
-        self._prepared = False
+        self._prestage = Prestage()
         self._plan_key = plans.new_key()
         self._in_flight: _InFlight | None = None
         self._error: BaseException | None = None
@@ -152,32 +152,14 @@ class CheckpointEngine:
         first save only copies into them like every later one (asynchronous modes with ``reuse_buffers``; once
         per engine; a save waits for it). Buffers are found again by the tensors' storage, so pass the live
         tensors that later saves will hold, e.g. after the first optimizer step has created its state."""
-        if not self.needs_prepare:
-            return
-        self._check_open()
-        self._prepared = True
-        stager = self._stager_for_save()
-
-        def stage() -> None:
-            try:
-                staged = stager.stage(flat_state)
-                if isinstance(staged, Future):
-                    staged.result()
-            except Exception as err:  # noqa: BLE001 - only a head start: the first save stages again
-                log.warning("Preparing the staging buffers failed (%s); the first save allocates them.", err)
-
-        self._preparing = threading.Thread(target=stage, name="dcp-plugin-prepare-staging", daemon=True)
-        self._preparing.start()
+        if self.needs_prepare:
+            self._check_open()
+            self._prestage.start(self._stager_for_save(), flat_state)
 
     @property
     def needs_prepare(self) -> bool:
         """Whether :meth:`prepare` would still do something (not yet prepared or saved; buffers are kept)."""
-        return not self._prepared and self.config.is_async and self.config.reuse_buffers
-
-    def _finish_preparing(self) -> None:
-        if self._preparing is not None:
-            self._preparing.join()
-            self._preparing = None
+        return not self._prestage.over and self.config.is_async and self.config.reuse_buffers
 
     def save(
         self,
@@ -192,8 +174,7 @@ class CheckpointEngine:
         (or, with async staging, once staging was started). Fills ``stats`` in (now and when done)."""
         self._check_open()
         self.wait()
-        self._finish_preparing()
-        self._prepared = True  # the buffers exist from now on
+        self._prestage.finish()  # the buffers exist from now on
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
@@ -202,13 +183,10 @@ class CheckpointEngine:
         writing = inflight.begin(stats.url)  # visible to every instance in this process until committed
         try:
             with _single_process_intent():
+                planner = plans.save_planner(self._plan_key)
                 if mode == "sync":
                     metadata = dcp.save(
-                        flat_state,
-                        storage_writer=writer,
-                        planner=plans.save_planner(self._plan_key),
-                        process_group=group,
-                        no_dist=no_dist,
+                        flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
                     )
                 else:
                     if mode == "process":
@@ -221,7 +199,7 @@ class CheckpointEngine:
                         if mode == "process"
                         else AsyncCheckpointerType.THREAD,
                         async_stager=self._stager_for_save(),
-                        planner=plans.save_planner(self._plan_key),
+                        planner=planner,
                         no_dist=no_dist,
                     )
         except BaseException as err:
@@ -364,7 +342,7 @@ class CheckpointEngine:
             self.wait()
         finally:
             self._closed = True
-            self._finish_preparing()
+            self._prestage.finish()
             plans.forget(self._plan_key)
             if self._stager is not None:
                 self._stager.close()

@@ -167,7 +167,7 @@ def test_prepared_buffers_are_reused_by_the_first_save_which_holds_the_state_at_
     state = {"model": model, "optim": optimizer}
     with CheckpointManager(str(tmp_path), async_mode="thread") as manager:
         manager.prepare(state)
-        manager.engine._finish_preparing()
+        manager.engine._prestage.finish()  # wait for the background staging
         prepared = _staged_storages(manager)
         assert prepared > 0
         train_step(model, optimizer)  # the state changes after the buffers were prepared
