@@ -285,6 +285,46 @@ def dcp_async_save(ctx: Context) -> Contender:
     )
 
 
+@contender(
+    "dcp.async_save process",
+    "torch.distributed.checkpoint.async_save in DCP's writer process, one reused shared-memory DefaultStager",
+    background=True,
+    fsyncs=True,
+)
+def dcp_async_save_process(ctx: Context) -> Contender:
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    if not dist.is_initialized():  # DCP's writer process needs a process group, even for one rank
+        store = os.path.join(tempfile.mkdtemp(prefix="dcp-store-"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    path = _file_in(ctx, "")
+    stager = DefaultStager(StagingOptions(False, True, False, False))  # shared memory, synchronous copy
+    futures: list[Any] = []
+
+    def save(step: int) -> None:
+        response = dcp.async_save(
+            _dcp_state(ctx.work),
+            checkpoint_id=path(step),
+            async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+            async_stager=stager,
+        )
+        futures[:] = [getattr(response, "upload_completion", response)]
+
+    return Contender(
+        save=save,
+        load=lambda step: _dcp_load(ctx.work, path(step)),
+        path=path,
+        wait=lambda: futures[0].result() if futures else None,
+        done=lambda: not futures or futures[0].done(),
+        close=stager.close,
+    )
+
+
 # -- dcp-plugin ----------------------------------------------------------------------------------
 
 
@@ -319,6 +359,20 @@ _plugin(
     async_staging=True,
 )
 _plugin("dcp-plugin process", "CheckpointManager(async_mode='process')", background=True, async_mode="process")
+_plugin(
+    "dcp-plugin thread, writer_nice=0",
+    "CheckpointManager(async_mode='thread', writer_nice=0): the writer at the training priority",
+    background=True,
+    async_mode="thread",
+    writer_nice=0,
+)
+_plugin(
+    "dcp-plugin process, writer_nice=0",
+    "CheckpointManager(async_mode='process', writer_nice=0): the writer at the training priority",
+    background=True,
+    async_mode="process",
+    writer_nice=0,
+)
 _plugin(
     "dcp-plugin process+staging",
     "CheckpointManager(async_mode='process', async_staging=True)",

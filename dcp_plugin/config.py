@@ -38,11 +38,12 @@ class CheckpointConfig:
     background thread. ``process``: snapshot to shared memory, write in a background daemon process
     (no GIL contention with training; the script needs an ``if __name__ == "__main__":`` guard)."""
 
-    async_staging: bool = False
+    async_staging: bool | None = None
     """Copy the snapshot in the background too, so ``save`` returns almost at once. The training loop
     must then call ``wait_for_staging()`` before it changes parameters; optimizers passed to ``save``
-    do this automatically in their step pre-hook. Off by default so that ``save`` alone guarantees the
-    snapshot."""
+    do this automatically in their step pre-hook. ``None`` (default): on when CUDA is available (the copy
+    from the GPU is done by its DMA engine) and the mode is asynchronous; off on a CPU-only host, where the
+    copy would compete with training for the same cores (see :attr:`stages_in_background`)."""
 
     reuse_buffers: bool = True
     """Keep the host staging buffers between saves (one stager owned for the manager's life). Costs one
@@ -73,6 +74,11 @@ class CheckpointConfig:
     the last ``max_staging_bytes`` are written. The pool is kept between saves (whatever ``reuse_buffers``
     says). ``None``: no bound (the whole state is staged at once)."""
 
+    writer_nice: int = 10
+    """How much lower than training the background write runs (Linux): added to the nice value of the
+    threads that write (never the training threads), whose I/O also moves to the lowest best-effort level.
+    ``0`` keeps them at the training priority. Ignored in ``sync`` mode."""
+
     strict: bool = True
     """On load, a tensor the live state expects but the checkpoint lacks (or has with another shape) is an
     error. Set ``False`` to load what matches and report the rest as a warning."""
@@ -91,10 +97,13 @@ class CheckpointConfig:
             raise ConfigError(f"thread_count={self.thread_count!r} must be an integer >= 1.")
         if not isinstance(self.per_thread_copy_ahead, int) or self.per_thread_copy_ahead < 1:
             raise ConfigError(f"per_thread_copy_ahead={self.per_thread_copy_ahead!r} must be a positive integer.")
-        for name in ("async_staging", "reuse_buffers", "sync_files", "strict", "allow_pickle"):
+        nice = self.writer_nice
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ConfigError(f"writer_nice={self.writer_nice!r} must be an integer from 0 (normal priority) to 19.")
+        for name in ("reuse_buffers", "sync_files", "strict", "allow_pickle"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
-        for name in ("pinned_memory", "shared_memory"):
+        for name in ("async_staging", "pinned_memory", "shared_memory"):
             if getattr(self, name) not in (None, True, False):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (automatic).")
         if self.async_mode == "sync" and self.async_staging:
@@ -116,6 +125,18 @@ class CheckpointConfig:
     @property
     def is_async(self) -> bool:
         return self.async_mode != "sync"
+
+    @property
+    def stages_in_background(self) -> bool:
+        """Whether saves copy the snapshot in the background: ``async_staging``, or when it is ``None``, an
+        asynchronous mode on a host with CUDA."""
+        if self.async_staging is not None:
+            return self.async_staging
+        if not self.is_async:
+            return False
+        import torch  # not at import: the configuration is read at interpreter start by the Accelerate hook
+
+        return torch.cuda.is_available()
 
     def replace(self, **changes: Any) -> CheckpointConfig:
         """A copy with some fields changed (validated again)."""

@@ -179,6 +179,12 @@ class CheckpointManager:
             self.tiers.saved(step, name or step_name(step))
         return stats
 
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Set up the staging buffers for ``state`` in the background now, so the first save blocks no longer
+        than later ones (call once the state is complete, e.g. after the first optimizer step; on every rank
+        that saves). :meth:`maybe_save` does this by itself at the first step it does not save."""
+        self.checkpointer.prepare(state)
+
     def maybe_save(
         self,
         step: int,
@@ -207,6 +213,8 @@ class CheckpointManager:
             if metrics:
                 metadata["metrics"] = as_metrics(metrics)
             stats = self.save(step, state, metadata=metadata)
+        elif self.checkpointer.engine.needs_prepare:
+            self.prepare(state)  # once per engine, at the first step that does not save
         self.schedule.acknowledge(ctx, verdict)
         if verdict.flush:
             self.wait()

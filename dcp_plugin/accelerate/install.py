@@ -16,7 +16,9 @@ from accelerate.utils import DistributedType
 
 from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
 from dcp_plugin.accelerate.options import AccelerateOptions
+from dcp_plugin.accelerate.state import collect
 from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.warmup import prepare_after_first_step
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,14 @@ def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> 
     for name in _WRAPPED:
         setattr(accelerator, name, _Method(accelerator, name))
     setattr(accelerator, ATTRIBUTE, checkpointer)
+    if checkpointer.config.is_async and checkpointer.config.reuse_buffers:
+        # the first save_state only copies into staging buffers prepared after the first optimizer step
+        prepare_after_first_step(lambda: _checkpointer_for_prepare(accelerator), lambda: collect(accelerator, 0))
+
+
+def _checkpointer_for_prepare(accelerator: Accelerator) -> Any:
+    installed = checkpointer_of(accelerator)
+    return None if installed is None or installed.closed else installed.checkpointer
 
 
 class _Method:

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from dcp_plugin import priority
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
@@ -74,10 +75,13 @@ class _CommitOnFinish:
 
     fs: Any
 
-    def _init_commit(self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite) -> None:
+    def _init_commit(
+        self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, background_nice: int
+    ) -> None:
         self._dcp_plugin_root = root
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
+        self._dcp_plugin_nice = background_nice
 
     def attach_staging(self, session: StagingSession) -> None:
         """Write this save's tensors from a bounded staging pool (``max_staging_bytes``)."""
@@ -89,12 +93,14 @@ class _CommitOnFinish:
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink, staging)
+        write = super().write_data  # type: ignore[misc]
         try:
+            # in a thread of lower priority (background saves only); DCP's writer threads inherit it
             if staging is None:
-                future = super().write_data(plan, planner)  # type: ignore[misc]
+                future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, planner))
             else:
                 with staging.writing(self._files_in_writing_order(plan), planner) as pool_planner:
-                    future = super().write_data(plan, pool_planner)  # type: ignore[misc]
+                    future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, pool_planner))
         finally:
             self.fs = original
         results = list(future.wait())
@@ -137,18 +143,32 @@ class _CommitOnFinish:
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
     def __init__(
-        self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
+        self,
+        path: str,
+        *,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int = 0,
+        **kwargs: Any,
     ) -> None:
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending)
+        self._init_commit(root, strategy, pending, background_nice)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
     def __init__(
-        self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
+        self,
+        path: str,
+        *,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int = 0,
+        **kwargs: Any,
     ) -> None:
         FsspecWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending)
+        self._init_commit(root, strategy, pending, background_nice)
 
 
 __all__ = ["CommittingFileSystemWriter", "CommittingFsspecWriter"]
