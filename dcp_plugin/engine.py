@@ -32,8 +32,8 @@ from dcp_plugin import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
-from dcp_plugin.staging_pool import BoundedStager, StagingPool, bounded_stager
 from dcp_plugin.prestage import Prestage
+from dcp_plugin.staging_pool import BoundedStager, StagingPool, bounded_stager
 from dcp_plugin.stats import SaveStats
 
 log = logging.getLogger(__name__)
