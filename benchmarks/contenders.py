@@ -67,9 +67,13 @@ class ContenderInfo:
     """The write is fsynced, so 'durable' really is durable (False: data may still be in the page cache)."""
     requires: list[str] = field(default_factory=list)
     """Modules that must be importable (an adapter not built yet is skipped, with the reason)."""
+    requires_env: list[str] = field(default_factory=list)
+    """Environment variables that must be set (e.g. a server that ``benchmarks/replication.py`` starts)."""
 
     def unavailable(self) -> str | None:
-        missing = [m for m in self.requires if not _importable(m)]
+        missing = [m for m in self.requires if not _importable(m)] + [
+            v for v in self.requires_env if v not in os.environ
+        ]
         return f"needs {', '.join(missing)}" if missing else None
 
 
@@ -77,12 +81,19 @@ CONTENDERS: dict[str, ContenderInfo] = {}
 
 
 def contender(
-    name: str, description: str, *, background: bool, fsyncs: bool, requires: tuple[str, ...] = ()
+    name: str,
+    description: str,
+    *,
+    background: bool,
+    fsyncs: bool,
+    requires: tuple[str, ...] = (),
+    requires_env: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Context], Contender]], Callable[[Context], Contender]]:
     """Register a contender factory under ``name`` (the order of registration is the report's order)."""
 
     def register(factory: Callable[[Context], Contender]) -> Callable[[Context], Contender]:
-        CONTENDERS[name] = ContenderInfo(name, factory, description, background, fsyncs, list(requires))
+        info = ContenderInfo(name, factory, description, background, fsyncs, list(requires), list(requires_env))
+        CONTENDERS[name] = info
         return factory
 
     return register
@@ -274,6 +285,46 @@ def dcp_async_save(ctx: Context) -> Contender:
     )
 
 
+@contender(
+    "dcp.async_save process",
+    "torch.distributed.checkpoint.async_save in DCP's writer process, one reused shared-memory DefaultStager",
+    background=True,
+    fsyncs=True,
+)
+def dcp_async_save_process(ctx: Context) -> Contender:
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    if not dist.is_initialized():  # DCP's writer process needs a process group, even for one rank
+        store = os.path.join(tempfile.mkdtemp(prefix="dcp-store-"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    path = _file_in(ctx, "")
+    stager = DefaultStager(StagingOptions(False, True, False, False))  # shared memory, synchronous copy
+    futures: list[Any] = []
+
+    def save(step: int) -> None:
+        response = dcp.async_save(
+            _dcp_state(ctx.work),
+            checkpoint_id=path(step),
+            async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+            async_stager=stager,
+        )
+        futures[:] = [getattr(response, "upload_completion", response)]
+
+    return Contender(
+        save=save,
+        load=lambda step: _dcp_load(ctx.work, path(step)),
+        path=path,
+        wait=lambda: futures[0].result() if futures else None,
+        done=lambda: not futures or futures[0].done(),
+        close=stager.close,
+    )
+
+
 # -- dcp-plugin ----------------------------------------------------------------------------------
 
 
@@ -309,12 +360,49 @@ _plugin(
 )
 _plugin("dcp-plugin process", "CheckpointManager(async_mode='process')", background=True, async_mode="process")
 _plugin(
+    "dcp-plugin thread, writer_nice=0",
+    "CheckpointManager(async_mode='thread', writer_nice=0): the writer at the training priority",
+    background=True,
+    async_mode="thread",
+    writer_nice=0,
+)
+_plugin(
+    "dcp-plugin process, writer_nice=0",
+    "CheckpointManager(async_mode='process', writer_nice=0): the writer at the training priority",
+    background=True,
+    async_mode="process",
+    writer_nice=0,
+)
+_plugin(
     "dcp-plugin process+staging",
     "CheckpointManager(async_mode='process', async_staging=True)",
     background=True,
     async_mode="process",
     async_staging=True,
 )
+
+
+REMOTE_URL_ENV = "BENCH_REMOTE_URL"
+REMOTE_OPTIONS_ENV = "BENCH_REMOTE_OPTIONS"
+
+
+@contender(
+    "dcp-plugin thread+staging, replicated",
+    "CheckpointManager(async_mode='thread', async_staging=True, remote=$BENCH_REMOTE_URL): every checkpoint is "
+    "copied to the remote tier in the background (benchmarks/replication.py starts an S3 server for it)",
+    background=True,
+    fsyncs=True,
+    requires_env=(REMOTE_URL_ENV,),
+)
+def replicated(ctx: Context) -> Contender:
+    import json
+    import uuid
+
+    remote = f"{os.environ[REMOTE_URL_ENV].rstrip('/')}/{uuid.uuid4().hex[:8]}"
+    options = json.loads(os.environ.get(REMOTE_OPTIONS_ENV) or "{}")
+    return _manager_contender(
+        ctx, async_mode="thread", async_staging=True, remote=remote, remote_storage_options=options
+    )
 
 
 @contender(

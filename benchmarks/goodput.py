@@ -49,6 +49,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=8, help="save after every N-th step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--contender", action="append", dest="contenders", help="repeatable; default: the key ones")
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["ACTIVE", "PASSIVE"],
+        help="OMP_WAIT_POLICY for every run (default: inherited). On a busy host, OpenMP's spin-waiting makes the "
+        "loop's speed depend on how many OpenMP thread teams the process has (a background staging thread adds one "
+        "and throttles the spinning): PASSIVE gives every contender the same footing",
+    )
     parser.add_argument("--dir", help="where checkpoints are written (default: a temporary directory)")
     parser.add_argument("--out", default="benchmarks/results/goodput")
     args = parser.parse_args(argv)
@@ -69,12 +76,16 @@ def run_once(name: str, args: argparse.Namespace, directory: str) -> dict[str, A
         "directory": directory,
     }
     os.makedirs(directory, exist_ok=True)
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     try:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.goodput_worker", json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=3600,
+            env=env,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
     finally:
@@ -108,7 +119,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
 def markdown(args: argparse.Namespace, summary: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"State {args.state_mib:g} MiB (MLP + AdamW), {args.steps} steps, a save every {args.every} steps, "
-        f"{args.repeats} interleaved repetition(s), each run in a fresh process. Median (min–max).",
+        f"{args.repeats} interleaved repetition(s), each run in a fresh process"
+        + (f", OMP_WAIT_POLICY={args.omp_wait_policy}" if args.omp_wait_policy else "")
+        + ". Median (min–max).",
         "",
         "| contender | training time (s) | extra training time | stall per save (ms) | last write after the loop (s) |",
         "|---|---|---|---|---|",

@@ -51,10 +51,12 @@ if TYPE_CHECKING:
         SaveOptions,
         SavePolicy,
     )
+    from dcp_plugin.replication import ReplicationError
     from dcp_plugin.schedule import Schedule
     from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
     from dcp_plugin.stats import SaveStats
     from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+    from dcp_plugin.tiers import RemoteTier
 
 # Public names are imported on first use (PEP 562), so ``import dcp_plugin`` and the ``dcp-plugin`` command start
 # without importing torch; ``from dcp_plugin import CheckpointManager`` works as before.
@@ -90,6 +92,8 @@ _LAZY = {
     "RetentionPolicy": "dcp_plugin.policies",
     "SaveOptions": "dcp_plugin.policies",
     "SavePolicy": "dcp_plugin.policies",
+    "ReplicationError": "dcp_plugin.replication",
+    "RemoteTier": "dcp_plugin.tiers",
     "Schedule": "dcp_plugin.schedule",
     "ModelState": "dcp_plugin.state",
     "OptimizerState": "dcp_plugin.state",
@@ -150,6 +154,8 @@ __all__ = [
     "OptimizerState",
     "PerRank",
     "RNGState",
+    "RemoteTier",
+    "ReplicationError",
     "SaveStats",
     "Schedule",
     "StateMismatchError",

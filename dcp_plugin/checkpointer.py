@@ -114,7 +114,7 @@ class Checkpointer:
         inflight.wait_for(storage.url(name))  # another instance's write of this name: ours comes after it
         _check_json(dict(metadata or {}))
         wrapped = wrap_state(state)
-        if self.config.async_staging:
+        if self.config.stages_in_background:
             self._hook_staging_waits(wrapped)
         packed, pending = self._prepare(storage, name, wrapped, overwrite)
         pending.manifest = {
@@ -133,6 +133,7 @@ class Checkpointer:
             thread_count=self.config.thread_count,
             sync_files=self.config.sync_files,
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
+            background_nice=self.config.writer_nice if self.config.is_async else 0,
             incremental=plan,
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
@@ -143,6 +144,17 @@ class Checkpointer:
         self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
         return stats
+
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Set up the staging buffers for ``state`` (what later saves will hold) in the background now, so the
+        first save blocks no longer than later ones. Call once the state is complete, e.g. after the first
+        optimizer step (which creates the optimizer's moments); on the ranks that save. Not collective."""
+        if not self.engine.needs_prepare:
+            return
+        packed = packing.pack(
+            wrap_state(state), rank=self.groups.rank, world_size=self.groups.world_size, allow_pickle=True
+        )
+        self.engine.prepare(packed.flat)
 
     def _prepare(
         self, storage: CheckpointStorage, name: str, wrapped: Mapping[str, Any], overwrite: bool

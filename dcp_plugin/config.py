@@ -38,11 +38,12 @@ class CheckpointConfig:
     background thread. ``process``: snapshot to shared memory, write in a background daemon process
     (no GIL contention with training; the script needs an ``if __name__ == "__main__":`` guard)."""
 
-    async_staging: bool = False
+    async_staging: bool | None = None
     """Copy the snapshot in the background too, so ``save`` returns almost at once. The training loop
     must then call ``wait_for_staging()`` before it changes parameters; optimizers passed to ``save``
-    do this automatically in their step pre-hook. Off by default so that ``save`` alone guarantees the
-    snapshot."""
+    do this automatically in their step pre-hook. ``None`` (default): on when CUDA is available (the copy
+    from the GPU is done by its DMA engine) and the mode is asynchronous; off on a CPU-only host, where the
+    copy would compete with training for the same cores (see :attr:`stages_in_background`)."""
 
     reuse_buffers: bool = True
     """Keep the host staging buffers between saves (one stager owned for the manager's life). Costs one
@@ -72,6 +73,11 @@ class CheckpointConfig:
     with ``async_staging``, the next optimizer step waits) once every tensor is in the pool, i.e. when all but
     the last ``max_staging_bytes`` are written. The pool is kept between saves (whatever ``reuse_buffers``
     says). ``None``: no bound (the whole state is staged at once)."""
+
+    writer_nice: int = 10
+    """How much lower than training the background write runs (Linux): added to the nice value of the
+    threads that write (never the training threads), whose I/O also moves to the lowest best-effort level.
+    ``0`` keeps them at the training priority. Ignored in ``sync`` mode."""
 
     strict: bool = True
     """On load, a tensor the live state expects but the checkpoint lacks (or has with another shape) is an
@@ -108,10 +114,13 @@ class CheckpointConfig:
                 f"full_save_every={self.full_save_every!r} must be a positive integer (every Nth save writes "
                 "everything) or None."
             )
-        for name in ("async_staging", "reuse_buffers", "sync_files", "strict", "allow_pickle", "incremental"):
+        nice = self.writer_nice
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ConfigError(f"writer_nice={self.writer_nice!r} must be an integer from 0 (normal priority) to 19.")
+        for name in ("reuse_buffers", "sync_files", "strict", "allow_pickle", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
-        for name in ("pinned_memory", "shared_memory"):
+        for name in ("async_staging", "pinned_memory", "shared_memory"):
             if getattr(self, name) not in (None, True, False):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True, False or None (automatic).")
         if self.async_mode == "sync" and self.async_staging:
@@ -133,6 +142,18 @@ class CheckpointConfig:
     @property
     def is_async(self) -> bool:
         return self.async_mode != "sync"
+
+    @property
+    def stages_in_background(self) -> bool:
+        """Whether saves copy the snapshot in the background: ``async_staging``, or when it is ``None``, an
+        asynchronous mode on a host with CUDA."""
+        if self.async_staging is not None:
+            return self.async_staging
+        if not self.is_async:
+            return False
+        import torch  # not at import: the configuration is read at interpreter start by the Accelerate hook
+
+        return torch.cuda.is_available()
 
     def replace(self, **changes: Any) -> CheckpointConfig:
         """A copy with some fields changed (validated again)."""
@@ -184,7 +205,10 @@ def unknown_variable_message(key: str, prefix: str = ENV_PREFIX) -> str:
 
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).
-NON_CONFIG_ENV_NAMES = {"enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"}
+NON_CONFIG_ENV_NAMES = {
+    *("enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"),
+    *("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last"),  # dcp_plugin.tiers
+}
 
 
 def _parse_env_value(key: str, raw: str, default: Any) -> Any:

@@ -28,10 +28,11 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
-from dcp_plugin import daemon, inflight, shutdown
+from dcp_plugin import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.prestage import Prestage
 from dcp_plugin.staging_pool import BoundedStager, StagingPool, bounded_stager
 from dcp_plugin.stats import SaveStats
 
@@ -119,6 +120,8 @@ class CheckpointEngine:
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stager: DefaultStager | None = None
         self._pool: StagingPool | None = None  # max_staging_bytes: the fixed host pool, kept for the engine's life
+        self._prestage = Prestage()
+        self._plan_key = plans.new_key()
         self._in_flight: _InFlight | None = None
         self._error: BaseException | None = None
         self._completed: deque[SaveStats] = deque(maxlen=COMPLETED_LIMIT)
@@ -169,6 +172,26 @@ class CheckpointEngine:
             self._check_open()
             daemon.start(self.groups.checkpoint_group())
 
+    def prepare(self, flat_state: dict[str, Any]) -> None:
+        """Allocate and touch the staging buffers for these tensors now, in a background thread, so that the
+        first save only copies into them like every later one (asynchronous modes with ``reuse_buffers``; once
+        per engine; a save waits for it). Buffers are found again by the tensors' storage, so pass the live
+        tensors that later saves will hold, e.g. after the first optimizer step has created its state."""
+        if self.needs_prepare:
+            self._check_open()
+            self._prestage.start(self._stager_for_save(None), flat_state)
+
+    @property
+    def needs_prepare(self) -> bool:
+        """Whether :meth:`prepare` would still do something (not yet prepared or saved; buffers are kept)."""
+        return (
+            not self._prestage.over
+            and self.config.is_async
+            and self.config.reuse_buffers
+            and self.config.max_staging_bytes is None  # a bounded pool is allocated once, at its first use
+            and stager_survives_reuse()
+        )
+
     def save(
         self,
         flat_state: dict[str, Any],
@@ -184,6 +207,7 @@ class CheckpointEngine:
         ``on_done`` is called once the write committed or failed."""
         self._check_open()
         self.wait()
+        self._prestage.finish()  # the buffers exist from now on
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
@@ -192,8 +216,11 @@ class CheckpointEngine:
         writing = inflight.begin(stats.url)  # visible to every instance in this process until committed
         try:
             with _single_process_intent():
+                planner = plans.save_planner(self._plan_key)
                 if mode == "sync":
-                    metadata = dcp.save(flat_state, storage_writer=writer, process_group=group, no_dist=no_dist)
+                    metadata = dcp.save(
+                        flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
+                    )
                 else:
                     if mode == "process":
                         daemon.prepare()
@@ -206,6 +233,7 @@ class CheckpointEngine:
                         if mode == "process"
                         else AsyncCheckpointerType.THREAD,
                         async_stager=stager,
+                        planner=planner,
                         no_dist=no_dist,
                     )
         except BaseException as err:
@@ -228,7 +256,7 @@ class CheckpointEngine:
             staging, upload = result.staging_completion, result.upload_completion
         else:
             staging, upload = (stager.completion if isinstance(stager, BoundedStager) else None), result
-            if staging is not None and not self.config.async_staging:
+            if staging is not None and not self.config.stages_in_background:
                 wait_for_first([staging, upload], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
         stats.blocking_s = time.perf_counter() - started
         if staging is None:
@@ -255,7 +283,7 @@ class CheckpointEngine:
         options = StagingOptions(
             use_pinned_memory=pinned and cuda,
             use_shared_memory=shared,
-            use_async_staging=self.config.async_staging,
+            use_async_staging=self.config.stages_in_background,
             use_non_blocking_copy=pinned and cuda,
         )
         if self._stager is not None:
@@ -356,6 +384,8 @@ class CheckpointEngine:
             self.wait()
         finally:
             self._closed = True
+            self._prestage.finish()
+            plans.forget(self._plan_key)
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None

@@ -16,7 +16,7 @@ from typing import Any
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.schedule import Schedule
 from dcp_plugin.stats import SaveStats
@@ -100,7 +100,6 @@ class CheckpointManager:
         if self._owns_checkpointer:
             self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
-        self._protected: set[str] = set()
         self.tiers: TwoTiers | None = None
         """With ``remote``: the local and remote tiers and the replication between them."""
         if remote is not None:
@@ -111,6 +110,7 @@ class CheckpointManager:
                 replicate=replicate,
                 remote_retention=remote_retention,
                 run_id=schedule.run_id,
+                groups=self.checkpointer.groups,
             )
             self._catch_up()
         self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
@@ -175,9 +175,15 @@ class CheckpointManager:
         )
         self.history.append(stats)
         self.schedule.saved(step)
-        if self.tiers is not None and self.checkpointer.groups.is_coordinator:
+        if self.tiers is not None:  # every rank: on several ranks each uploads its own files
             self.tiers.saved(step, name or step_name(step))
         return stats
+
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Set up the staging buffers for ``state`` in the background now, so the first save blocks no longer
+        than later ones (call once the state is complete, e.g. after the first optimizer step; on every rank
+        that saves). :meth:`maybe_save` does this by itself at the first step it does not save."""
+        self.checkpointer.prepare(state)
 
     def maybe_save(
         self,
@@ -207,6 +213,8 @@ class CheckpointManager:
             if metrics:
                 metadata["metrics"] = as_metrics(metrics)
             stats = self.save(step, state, metadata=metadata)
+        elif self.checkpointer.engine.needs_prepare:
+            self.prepare(state)  # once per engine, at the first step that does not save
         self.schedule.acknowledge(ctx, verdict)
         if verdict.flush:
             self.wait()
@@ -216,26 +224,16 @@ class CheckpointManager:
     def _after_commit(self) -> None:
         coordinator = self.checkpointer.groups.is_coordinator
         writing = self.checkpointer.in_flight is not None
-        protected = self.tiers.protected() if self.tiers is not None else set()
-        if self._protected - protected:  # copies finished: what retention had to keep may go now
-            self.schedule.request_retention()
-        self._protected = protected
-        self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing, protected=protected)
-        if self.tiers is not None and coordinator and not writing:
-            self.tiers.committed()
+        if self.tiers is not None:
+            self.tiers.after_commit(self.schedule, coordinator=coordinator, writing=writing)
+        else:
+            self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing)
 
     def _catch_up(self) -> None:
         """Replicate what an earlier run committed locally but never copied (a remote outage is not fatal)."""
         assert self.tiers is not None
-        if not self.checkpointer.groups.is_coordinator:
-            return
-        try:
-            missing = self.tiers.catch_up()
-        except CheckpointError as err:
-            remote = self.tiers.remote.root_url
-            log.warning("The remote tier %s is not reachable now (%s); replication resumes later.", remote, err)
-            return
-        if missing:
+        missing = self.tiers.catch_up(self.checkpointer.groups)
+        if missing and self.checkpointer.groups.is_coordinator:
             log.info("Replicating %d checkpoint(s) missing from %s.", len(missing), self.tiers.remote.root_url)
 
     def wait_for_staging(self) -> None:

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dcp_plugin import encoding
 from dcp_plugin.state import ModelState, defines_structure, is_per_rank
+from dcp_plugin.storage.reader import placeholder
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def skeleton_target(metadata: Metadata, source_rank: int) -> dict[str, torch.Ten
             f"The checkpoint has no dcp-plugin skeleton for rank {source_rank}; it was not written by dcp-plugin "
             "or is damaged."
         )
-    return {key: torch.empty(tuple(entry.size), dtype=torch.uint8)}
+    return {key: placeholder(tuple(entry.size), torch.uint8)}
 
 
 @dataclass
@@ -167,7 +168,7 @@ def plan_load(
                     unexpected.append(key)
                     if strict:
                         continue
-                plan.flat[key] = torch.empty(tuple(stored.size), dtype=stored.properties.dtype)
+                plan.flat[key] = placeholder(tuple(stored.size), stored.properties.dtype)
             elif _size(live) != tuple(stored.size):
                 plan.problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(stored.size)}, live {_size(live)}")
             else:

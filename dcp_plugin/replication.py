@@ -7,21 +7,31 @@ commit. A failure (the endpoint is down, a file is damaged) is kept and raised b
 or :meth:`Replicator.wait`, like a background save's error; the checkpoint stays due and is tried again by
 :meth:`Replicator.catch_up`, which also copies whatever an earlier run committed locally but never replicated.
 :meth:`Replicator.busy` names the checkpoints queued or being copied, which the local tier's retention must keep.
+
+On several ranks (``ranks``), every rank runs a replicator and queues the same checkpoints; each rank uploads
+its own files and rank 0 commits (see :mod:`dcp_plugin.rank_copy`). Rank 0 keeps and raises the errors; the
+other ranks log theirs (rank 0 raises them too, as the copy did not commit).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dcp_plugin.errors import CheckpointError, CheckpointExistsError
+from dcp_plugin.rank_copy import RankCopies
 from dcp_plugin.retention import RetentionPolicy, apply_retention
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, copy_checkpoint
+from dcp_plugin.storage.transfer import CopyPlan, begin_copy
 
 log = logging.getLogger(__name__)
+
+REPLICATION_NICENESS = 10
+"""How much lower the replication thread's CPU priority is than training's (``nice``; Linux)."""
 
 
 class ReplicationError(CheckpointError, RuntimeError):
@@ -47,6 +57,8 @@ class Replicator:
         retention: which replicated checkpoints of this run the remote tier keeps (``None``: all), applied after
             each copy. It never deletes the newest one.
         run_id: the run whose remote checkpoints ``retention`` may delete.
+        ranks: on several ranks, the exchange that lets each rank upload its own files (every rank then
+            runs a replicator and submits the same checkpoints in the same order).
     """
 
     def __init__(
@@ -56,8 +68,10 @@ class Replicator:
         *,
         retention: RetentionPolicy | None = None,
         run_id: str | None = None,
+        ranks: RankCopies | None = None,
     ) -> None:
         self.local = local
+        self.ranks = ranks
         self.remote = remote
         self.retention = retention
         self.run_id = run_id
@@ -73,12 +87,18 @@ class Replicator:
 
     # -- what the loop calls ------------------------------------------------------------------------
     def submit(self, name: str) -> None:
-        """Replicate committed checkpoint ``name`` (returns at once); raises an earlier replication's error."""
+        """Replicate committed checkpoint ``name`` (returns at once); raises an earlier replication's error
+        (after queueing ``name``)."""
+        self.enqueue(name)
         self.raise_error()
+
+    def enqueue(self, name: str) -> None:
+        """Queue committed checkpoint ``name`` for replication (returns at once; raises nothing earlier)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("This replicator was closed.")
-            if name != self._current and name not in self._queue:
+            # on several ranks every submit is one exchange, so the ranks' queues stay the same length
+            if self.ranks is not None or (name != self._current and name not in self._queue):
                 self._queue.append(name)
             self._failed.discard(name)
             self._ensure_thread()
@@ -86,11 +106,15 @@ class Replicator:
 
     def catch_up(self) -> list[str]:
         """Queue every committed local checkpoint that the remote tier lacks (or lacks in this version)."""
-        remote = {info.name: info.manifest.get("save_id") for info in self.remote.list()}
-        missing = [i.name for i in self.local.list() if remote.get(i.name, object()) != i.manifest.get("save_id")]
+        missing = self.missing()
         for name in missing:
             self.submit(name)
         return missing
+
+    def missing(self) -> list[str]:
+        """Committed local checkpoints that the remote tier lacks (or lacks in this version), oldest first."""
+        remote = {info.name: info.manifest.get("save_id") for info in self.remote.list()}
+        return [i.name for i in self.local.list() if remote.get(i.name, object()) != i.manifest.get("save_id")]
 
     def busy(self) -> set[str]:
         """Names queued or being copied: local retention must keep them."""
@@ -124,7 +148,7 @@ class Replicator:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_queue=deque(), _current=None, _error=None, _failed=set(), _lock=None, _thread=None)
+        state.update(_queue=deque(), _current=None, _error=None, _failed=set(), _lock=None, _thread=None, ranks=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -138,6 +162,7 @@ class Replicator:
             self._thread.start()
 
     def _run(self) -> None:
+        _lower_priority()
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
@@ -150,6 +175,8 @@ class Replicator:
                 self._replicate(name)
             except BaseException as err:  # noqa: BLE001 - handed to the loop by raise_error()
                 log.warning("Replicating %s failed: %s", self.local.url(name), err)
+                if self.ranks is not None and not self.ranks.is_coordinator:
+                    continue  # rank 0 raises it
                 with self._lock:
                     self._failed.add(name)
                     if self._error is None:
@@ -163,26 +190,55 @@ class Replicator:
                     self._lock.notify_all()
 
     def _replicate(self, name: str) -> None:
-        info: CheckpointInfo = self.local.info(name)
+        if self.ranks is not None and not self.ranks.is_coordinator:
+            self.ranks.follow()
+            return
         try:
-            existing = self.remote.info(name)
-        except CheckpointError:
-            existing = None
-        if existing is not None and existing.manifest.get("save_id") == info.manifest.get("save_id"):
-            return  # already there
-        try:
-            copied = copy_checkpoint(self.local, name, self.remote, overwrite=existing is not None)
+            if self.ranks is not None:
+                if self.ranks.lead(lambda: self._begin(name)) is None:
+                    return  # already there
+            else:
+                overwrite = self._replaces(name)
+                if overwrite is None:
+                    return  # already there
+                copy_checkpoint(self.local, name, self.remote, overwrite=overwrite)
         except CheckpointExistsError:  # another process replicated it meanwhile
             return
+        copied = self.remote.info(name)
         size = sum(int(r.get("size", 0)) for r in (copied.manifest.get("files") or {}).values())
         self.done.append(Replicated(name, self.local.url(name), self.remote.url(name), size))
         log.info("Replicated %s to %s (%.1f MiB).", self.local.url(name), self.remote.url(name), size / 2**20)
         if self.retention is not None:
             apply_retention(self.retention, self.remote, run_id=self.run_id, protected=self._pending_names())
 
+    def _replaces(self, name: str) -> bool | None:
+        """``None`` when the remote tier has this version of ``name`` already, else whether a copy replaces
+        another version there."""
+        info: CheckpointInfo = self.local.info(name)
+        try:
+            existing = self.remote.info(name)
+        except CheckpointError:
+            return False
+        return None if existing.manifest.get("save_id") == info.manifest.get("save_id") else True
+
+    def _begin(self, name: str) -> CopyPlan | None:
+        if not self.local.is_committed(name):
+            return None  # its save failed: nothing to copy (the save's error is raised)
+        overwrite = self._replaces(name)
+        return None if overwrite is None else begin_copy(self.local, name, self.remote, overwrite=overwrite)
+
     def _pending_names(self) -> Iterable[str]:
         with self._lock:
             return list(self._queue)
+
+
+def _lower_priority() -> None:
+    """Give this thread a lower CPU priority (Linux: per thread), so copies yield the cores to training and
+    to the save's own writers."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REPLICATION_NICENESS)
+    except (AttributeError, OSError):  # not on this platform, or not allowed: run at normal priority
+        pass
 
 
 __all__ = ["Replicated", "ReplicationError", "Replicator"]

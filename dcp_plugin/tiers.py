@@ -6,21 +6,34 @@ deletes one that is still queued or being copied, and each tier has its own rete
 tiers; a load takes the local copy when it is there (and reads back intact), otherwise the remote one, so a job
 restarted on a machine with an empty disk resumes from the remote tier.
 
-Supported layout: one directory every rank can read (one node, or a shared filesystem). The coordinator copies
-the whole checkpoint; on several nodes with node-local disks each node holds only its ranks' files, which this
-does not replicate.
+Supported layout: one local directory every rank can read (one node, or a shared filesystem). On several ranks
+each rank uploads the files it wrote and rank 0 commits the remote copy once every rank's files are uploaded
+and checked (:mod:`dcp_plugin.rank_copy`). Node-local disks on several nodes are not a supported local tier:
+a save commits by renaming the checkpoint directory on rank 0's disk, so other nodes never hold it committed.
+
+:class:`RemoteTier` holds the options the adapters share (``remote``, ``remote_storage_options``,
+``replicate_every_n_steps``, ``remote_keep_last``), also read from ``DCP_PLUGIN_REMOTE*`` variables.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dcp_plugin.errors import CheckpointNotFoundError
-from dcp_plugin.policies import SaveContext, SavePolicy, decide
+from dcp_plugin.config import ENV_PREFIX, _parse_env_value
+from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.policies import EveryNSteps, SaveContext, SavePolicy, decide
+from dcp_plugin.rank_copy import RankCopies
 from dcp_plugin.replication import Replicator
-from dcp_plugin.retention import RetentionPolicy
+from dcp_plugin.retention import KeepLast, RetentionPolicy
+from dcp_plugin.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,14 +55,19 @@ class TwoTiers:
         replicate: SavePolicy | None = None,
         remote_retention: RetentionPolicy | None = None,
         run_id: str | None = None,
+        groups: ProcessGroups | None = None,
     ) -> None:
         if replicate is not None and not isinstance(replicate, SavePolicy):
             raise TypeError(f"replicate must be a SavePolicy (e.g. EveryNSteps(1000)), got {type(replicate).__name__}.")
         self.local = local
         self.remote = remote
         self.replicate = replicate
-        self.replicator = Replicator(local, remote, retention=remote_retention, run_id=run_id)
+        several = groups is not None and groups.collective and groups.world_size > 1
+        self.ranks = RankCopies(local, remote) if several else None  # collective: every rank builds TwoTiers
+        """On several ranks: the exchange through which each rank uploads its own files."""
+        self.replicator = Replicator(local, remote, retention=remote_retention, run_id=run_id, ranks=self.ranks)
         self._due: list[str] = []
+        self._protected: set[str] = set()
 
     # -- replication ----------------------------------------------------------------------------------
     def saved(self, step: int, name: str) -> None:
@@ -64,20 +82,51 @@ class TwoTiers:
         """The saves started so far have committed locally: hand them to the replicator."""
         due, self._due = self._due, []
         for name in due:
-            if self.local.is_committed(name):  # a save that failed has nothing to copy (its error is raised)
-                self.replicator.submit(name)
+            # a save that failed has nothing to copy (its error is raised); on several ranks rank 0 checks that,
+            # as the others may get here before rank 0 committed
+            if self.ranks is not None or self.local.is_committed(name):
+                self.replicator.enqueue(name)  # all of them: on several ranks the queues must stay alike
+        self.replicator.raise_error()
+
+    def after_commit(self, schedule: Schedule, *, coordinator: bool, writing: bool) -> None:
+        """Retention of the local tier (never of what is still to be copied), then hand over what committed."""
+        protected = self.protected()
+        if self._protected - protected:  # copies finished: what retention had to keep may go now
+            schedule.request_retention()
+        self._protected = protected
+        schedule.after_commit(self.local, coordinator=coordinator, writing=writing, protected=protected)
+        if not writing:
+            self.committed()
 
     def protected(self) -> set[str]:
         """Local checkpoints retention must keep: chosen for replication and not yet copied."""
         return set(self._due) | self.replicator.busy()
 
-    def catch_up(self) -> list[str]:
-        """Queue the local checkpoints the remote tier lacks (e.g. after a crash or an outage)."""
-        return self.replicator.catch_up()
+    def catch_up(self, groups: ProcessGroups | None = None) -> list[str]:
+        """Queue the local checkpoints the remote tier lacks (e.g. after a crash or an outage); collective with
+        ``groups``: rank 0 decides, every rank queues them. An unreachable remote tier is logged, not raised."""
+        missing: list[str] = []
+        if groups is None or groups.is_coordinator:
+            try:
+                missing = self.replicator.missing()
+            except CheckpointError as err:
+                url = self.remote.root_url
+                log.warning("The remote tier %s is not reachable now (%s); replication resumes later.", url, err)
+        if groups is not None:
+            missing = groups.broadcast(missing)
+        for name in missing:
+            self.replicator.enqueue(name)
+        return missing
 
     def close(self) -> None:
-        self.committed()
-        self.replicator.close()
+        try:
+            try:
+                self.committed()
+            finally:
+                self.replicator.close()  # waits for every copy queued, on every rank
+        finally:
+            if self.ranks is not None:
+                self.ranks.close()
 
     # -- listing and choosing -------------------------------------------------------------------------
     def list(self) -> list[Located]:
@@ -117,7 +166,108 @@ class TwoTiers:
         return True
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "ranks": None}
+
+
+REMOTE_ENV = {
+    "url": ENV_PREFIX + "REMOTE",
+    "storage_options": ENV_PREFIX + "REMOTE_STORAGE_OPTIONS",
+    "replicate_every_n_steps": ENV_PREFIX + "REPLICATE_EVERY_N_STEPS",
+    "keep_last": ENV_PREFIX + "REMOTE_KEEP_LAST",
+}
+
+
+@dataclass(frozen=True)
+class RemoteTier:
+    """A remote tier as the adapters configure it: plain values (a LightningCLI YAML file can write them).
+
+    Attributes:
+        url: where checkpoints are replicated (``s3://bucket/run1``); ``None``: one tier. Env ``DCP_PLUGIN_REMOTE``.
+        storage_options: fsspec options for ``url`` (default: the local tier's). Env
+            ``DCP_PLUGIN_REMOTE_STORAGE_OPTIONS`` (JSON).
+        replicate_every_n_steps: replicate only checkpoints of steps that are a multiple of N (``EveryNSteps``);
+            ``None``: every checkpoint. Env ``DCP_PLUGIN_REPLICATE_EVERY_N_STEPS``.
+        keep_last: the remote tier keeps this run's N newest checkpoints (``KeepLast``); ``None``: all. Env
+            ``DCP_PLUGIN_REMOTE_KEEP_LAST``.
+    """
+
+    url: str | None = None
+    storage_options: dict[str, Any] | None = None
+    replicate_every_n_steps: int | None = None
+    keep_last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None and (not isinstance(self.url, (str, os.PathLike)) or not os.fspath(self.url)):
+            raise ConfigError(f"remote={self.url!r} must be a non-empty path or URL (e.g. 's3://bucket/run1').")
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise ConfigError("remote_storage_options must be a mapping of fsspec keyword arguments.")
+        counts = {"replicate_every_n_steps": self.replicate_every_n_steps, "remote_keep_last": self.keep_last}
+        for label, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{label}={value!r} must be an integer >= 1 (or None).")
+        given = [name for name, value in {"remote_storage_options": self.storage_options, **counts}.items() if value]
+        if self.url is None and given:
+            raise ConfigError(
+                f"{', '.join(given)} given without a remote tier: pass remote= (or set DCP_PLUGIN_REMOTE) too."
+            )
+
+    @classmethod
+    def resolve(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        remote: str | os.PathLike[str] | None = None,
+        remote_storage_options: Mapping[str, Any] | None = None,
+        replicate_every_n_steps: int | None = None,
+        remote_keep_last: int | None = None,
+    ) -> RemoteTier:
+        """Arguments that were given (not ``None``) win, then ``DCP_PLUGIN_REMOTE*`` variables, then none."""
+        environ = os.environ if environ is None else environ
+        given: dict[str, Any] = {
+            "url": os.fspath(remote) if isinstance(remote, os.PathLike) else remote,
+            "storage_options": remote_storage_options,
+            "replicate_every_n_steps": replicate_every_n_steps,
+            "keep_last": remote_keep_last,
+        }
+        defaults: dict[str, Any] = {"url": "", "storage_options": {}, "replicate_every_n_steps": 0, "keep_last": 0}
+        for field, key in REMOTE_ENV.items():
+            raw = environ.get(key, "").strip()
+            if given[field] is None and raw and raw.lower() not in {"none", "all"}:
+                given[field] = _parse_env_value(key, raw, defaults[field])
+        if given["storage_options"] is not None:
+            given["storage_options"] = dict(given["storage_options"])
+        return cls(**given)
+
+    def manager_options(self) -> dict[str, Any]:
+        """The ``CheckpointManager`` arguments for this remote tier (``remote=None`` without ``url``)."""
+        return {
+            "remote": self.url,
+            "remote_storage_options": self.storage_options,
+            "replicate": None if self.replicate_every_n_steps is None else EveryNSteps(self.replicate_every_n_steps),
+            "remote_retention": None if self.keep_last is None else KeepLast(self.keep_last),
+        }
+
+    def open(
+        self,
+        local: CheckpointStorage,
+        local_options: Mapping[str, Any],
+        *,
+        run_id: str | None,
+        groups: ProcessGroups | None,
+    ) -> TwoTiers | None:
+        """The two tiers over ``local`` (``None`` without ``url``); collective when ``groups`` is."""
+        if self.url is None:
+            return None
+        options = self.manager_options()
+        remote_options = dict(local_options) if self.storage_options is None else self.storage_options
+        return TwoTiers(
+            local,
+            CheckpointStorage(self.url, remote_options),
+            replicate=options["replicate"],
+            remote_retention=options["remote_retention"],
+            run_id=run_id,
+            groups=groups,
+        )
 
 
 def _same(a: CheckpointInfo, b: CheckpointInfo) -> bool:
@@ -128,4 +278,4 @@ def _step(info: CheckpointInfo) -> int:
     return info.step if isinstance(info.step, int) else -1
 
 
-__all__ = ["Located", "TwoTiers"]
+__all__ = ["REMOTE_ENV", "Located", "RemoteTier", "TwoTiers"]

@@ -92,7 +92,8 @@ def test_goodput_benchmark_at_tiny_size_reports_every_contender_against_the_base
 
     out = tmp_path / "goodput"
     contenders = ["torch.save", "dcp-plugin thread+staging"]
-    argv = ["--state-mib", "2", "--steps", "4", "--every", "2", "--repeats", "1", "--dir", str(tmp_path / "ckpt")]
+    argv = ["--state-mib", "2", "--steps", "4", "--every", "2", "--repeats", "1", "--omp-wait-policy", "PASSIVE"]
+    argv += ["--dir", str(tmp_path / "ckpt")]
     for name in contenders:
         argv += ["--contender", name]
     assert goodput.main([*argv, "--out", str(out)]) == 0
@@ -104,3 +105,20 @@ def test_goodput_benchmark_at_tiny_size_reports_every_contender_against_the_base
         assert summary[name]["saves"] == 2 and summary[name]["train_s"] > 0
     table = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in contenders)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.timeout(900)
+def test_replication_benchmark_at_tiny_size_compares_the_stall_with_and_without_replication(tmp_path):
+    pytest.importorskip("moto.server")
+    from benchmarks import replication
+
+    out = str(tmp_path / "replication")
+    argv = ["--state-mib", "2", "--steps", "4", "--every", "2", "--repeats", "1", "--out", out]
+    assert replication.main(argv) == 0
+    with open(f"{out}.json") as handle:
+        summary = json.load(handle)["summary"]
+    assert summary[replication.REPLICATED]["saves"] == summary[replication.LOCAL]["saves"] == 2
+    with open(f"{out}.md") as handle:
+        assert "stall per save, replicated / local-only:" in handle.read()

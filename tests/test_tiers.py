@@ -96,36 +96,43 @@ def test_sigkill_during_replication_leaves_only_committed_remote_checkpoints_and
     assert manager.locations() == {"step_000000001": ("local", "remote")}
 
 
-def _fsdp_save_two_tiers(rank, world_size, local, url, options):
-    from dcp_plugin import ModelState, OptimizerState
-    from tests.test_distributed import _fsdp_training, _full_state
+# -- the options the adapters share --------------------------------------------------------------------------
+def test_remote_options_resolve_arguments_over_variables():
+    from dcp_plugin.tiers import RemoteTier
 
-    model, optimizer = _fsdp_training(0)
-    train_step(model, optimizer)
-    with CheckpointManager(local, async_mode="thread", remote=url, remote_storage_options=options) as manager:
-        manager.save(1, {"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
-    return _full_state(model, optimizer)
-
-
-def _load_from_remote(rank, world_size, fresh, url, options):
-    from dcp_plugin import ModelState, OptimizerState
-    from tests.test_distributed import _full_state, _plain_training
-
-    model, optimizer = _plain_training(9)
-    with CheckpointManager(fresh, async_mode="sync", remote=url, remote_storage_options=options) as manager:
-        where = manager.locations()
-        manager.load({"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
-    return {"where": where, "full": _full_state(model, optimizer)}
+    environ = {
+        "DCP_PLUGIN_REMOTE": "s3://bucket/env",
+        "DCP_PLUGIN_REMOTE_STORAGE_OPTIONS": '{"anon": true}',
+        "DCP_PLUGIN_REPLICATE_EVERY_N_STEPS": "100",
+        "DCP_PLUGIN_REMOTE_KEEP_LAST": "3",
+    }
+    tier = RemoteTier.resolve(environ, remote="s3://bucket/code", remote_keep_last=5)
+    assert tier == RemoteTier("s3://bucket/code", {"anon": True}, 100, 5)
+    options = tier.manager_options()
+    assert options["replicate"].n == 100 and options["remote_retention"].k == 5
+    assert RemoteTier.resolve({}) == RemoteTier()
 
 
-@pytest.mark.slow
-def test_two_ranks_save_with_replication_one_process_resumes_from_s3(tmp_path, s3_url):
-    from tests.multiproc import run_ranks
+@pytest.mark.parametrize(
+    ("arguments", "environ", "message"),
+    [
+        ({"remote_keep_last": 0, "remote": "s3://b/r"}, {}, "remote_keep_last=0 must be an integer >= 1"),
+        ({"replicate_every_n_steps": 10}, {}, "without a remote tier: pass remote="),
+        ({}, {"DCP_PLUGIN_REMOTE": "s3://b/r", "DCP_PLUGIN_REMOTE_KEEP_LAST": "two"}, "must be an integer"),
+        ({}, {"DCP_PLUGIN_REMOTE": "s3://b/r", "DCP_PLUGIN_REMOTE_STORAGE_OPTIONS": "{"}, "must be a JSON object"),
+    ],
+)
+def test_bad_remote_options_say_what_is_wrong(arguments, environ, message):
+    from dcp_plugin import ConfigError
+    from dcp_plugin.tiers import RemoteTier
 
-    url, options = s3_url
-    saved = run_ranks(_fsdp_save_two_tiers, str(tmp_path / "local"), url, options)
-    shutil.rmtree(tmp_path / "local")  # the nodes' disks are gone
-    [loaded] = run_ranks(_load_from_remote, str(tmp_path / "fresh"), url, options, world_size=1)
-    assert loaded["where"] == {"step_000000001": ("remote",)}
-    assert_same(loaded["full"]["model"], saved[0]["model"])
-    assert_same(loaded["full"]["optim"], saved[0]["optim"])
+    with pytest.raises(ConfigError, match=message):
+        RemoteTier.resolve(environ, **arguments)
+
+
+def test_a_misspelt_remote_variable_names_the_right_one():
+    from dcp_plugin import CheckpointConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_REMOTE_KEEP_LAST"):
+        CheckpointConfig.from_env({"DCP_PLUGIN_REMOTE_KEEPLAST": "2"})
+    assert CheckpointConfig.from_env({"DCP_PLUGIN_REMOTE": "s3://b/r"}) == CheckpointConfig()

@@ -129,7 +129,10 @@ class AccelerateCheckpointer:
             retention = KeepLast(limit) if limit is not None else None
             schedule = Schedule(retention=retention, run_id=uuid.uuid4().hex, owned=_automatically_named)
             self._automatic = CheckpointManager(
-                self.automatic_directory, checkpointer=self.checkpointer, schedule=schedule
+                self.automatic_directory,
+                checkpointer=self.checkpointer,
+                schedule=schedule,
+                **self.options.remote.manager_options(),
             )
         return self._automatic
 
@@ -253,14 +256,14 @@ class AccelerateCheckpointer:
         """
         if not self.automatic_naming:
             return None
-        groups = self.checkpointer.groups
-        return groups.broadcast(self.automatic_manager().latest() if groups.is_coordinator else None)
+        groups, manager = self.checkpointer.groups, self.automatic_manager()  # built by every rank (collectively)
+        return groups.broadcast(manager.latest() if groups.is_coordinator else None)
 
     def _highest_automatic_index(self) -> int | None:
-        groups = self.checkpointer.groups
+        groups, manager = self.checkpointer.groups, self.automatic_manager()
         highest = None
         if groups.is_coordinator:
-            indices = [auto_index(info.name) for info in self.automatic_manager().list()]
+            indices = [auto_index(info.name) for info in manager.list()]
             highest = max((i for i in indices if i is not None), default=None)
         return groups.broadcast(highest)
 
@@ -280,6 +283,8 @@ class AccelerateCheckpointer:
             return
         try:
             self.flush()
+            if self._automatic is not None:
+                self._automatic.close()  # with a remote tier: waits for the copies
         finally:
             self._closed = True
             if self._checkpointer is not None:

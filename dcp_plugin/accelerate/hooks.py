@@ -86,10 +86,12 @@ def prepare_load(checkpointer: Any, input_dir: Any) -> tuple[Any, set[int], str 
     name)``, the models left for dcp-plugin to load and the hooks' temporary directory."""
     groups = checkpointer.checkpointer.groups
     if input_dir is None:
-        storage = checkpointer.automatic_manager().storage
+        manager = checkpointer.automatic_manager()
         info = checkpointer.latest()
         if info is None:
-            raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}.")
+            raise CheckpointNotFoundError(f"No committed checkpoint in {manager.storage.root_url}.")
+        # with a remote tier: the tier that holds it (the local one when both do)
+        storage = manager.storage if manager.tiers is None else manager.tiers.choose(None, info.name)[0]
     else:
         storage, name = checkpointer.checkpointer.locate(str(input_dir))
         found: Any = None

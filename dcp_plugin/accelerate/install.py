@@ -16,7 +16,9 @@ from accelerate.utils import DistributedType
 
 from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
 from dcp_plugin.accelerate.options import AccelerateOptions
+from dcp_plugin.accelerate.state import collect
 from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.warmup import prepare_after_first_step
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,12 @@ def enable(
         keep_last: committed checkpoints to keep (overrides ``ProjectConfiguration.total_limit``).
             Env: ``DCP_PLUGIN_KEEP_LAST``.
         environ: read these variables instead of ``os.environ`` (for tests).
-        **options: single :class:`~dcp_plugin.CheckpointConfig` fields, e.g. ``async_mode="process"``.
+        **options: single :class:`~dcp_plugin.CheckpointConfig` fields, e.g. ``async_mode="process"``, and
+            the remote tier's: ``remote="s3://bucket/run1"`` (the automatically named checkpoints are replicated
+            there in the background; ``load_state()`` takes the newest of either tier),
+            ``remote_storage_options``, ``replicate_every_n_steps``, ``remote_keep_last``. Env:
+            ``DCP_PLUGIN_REMOTE``, ``DCP_PLUGIN_REMOTE_STORAGE_OPTIONS`` (JSON), ``DCP_PLUGIN_REPLICATE_EVERY_N_STEPS``,
+            ``DCP_PLUGIN_REMOTE_KEEP_LAST``.
 
     Arguments given here win over environment variables. With ``DCP_PLUGIN_ENABLE=0`` nothing is
     installed and ``None`` is returned, so a run can go back to Accelerate's own checkpoints without
@@ -123,6 +130,14 @@ def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> 
     for name in _WRAPPED:
         setattr(accelerator, name, _Method(accelerator, name))
     setattr(accelerator, ATTRIBUTE, checkpointer)
+    if checkpointer.config.is_async and checkpointer.config.reuse_buffers:
+        # the first save_state only copies into staging buffers prepared after the first optimizer step
+        prepare_after_first_step(lambda: _checkpointer_for_prepare(accelerator), lambda: collect(accelerator, 0))
+
+
+def _checkpointer_for_prepare(accelerator: Accelerator) -> Any:
+    installed = checkpointer_of(accelerator)
+    return None if installed is None or installed.closed else installed.checkpointer
 
 
 class _Method:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_plugin.config import ENV_PREFIX, CheckpointConfig, ConfigError, _parse_env_value
+from dcp_plugin.tiers import RemoteTier
+
+REMOTE_ARGUMENTS = ("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last")
 
 ENABLE_ENV = ENV_PREFIX + "ENABLE"
 DIR_ENV = ENV_PREFIX + "DIR"
@@ -41,6 +44,10 @@ class AccelerateOptions:
     config: CheckpointConfig = field(default_factory=CheckpointConfig)
     """How checkpoints are written and read (async mode, staging, writer threads, storage options...)."""
 
+    remote: RemoteTier = field(default_factory=RemoteTier)
+    """A remote tier the automatically named checkpoints are replicated to in the background; ``load_state()``
+    then takes the newest checkpoint of either tier (``DCP_PLUGIN_REMOTE*`` variables)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.enable, bool):
             raise ConfigError(f"enable={self.enable!r} must be True or False.")
@@ -54,6 +61,8 @@ class AccelerateOptions:
             raise ConfigError(f"keep_last={self.keep_last!r} must be an integer >= 1 (or None to keep all).")
         if not isinstance(self.config, CheckpointConfig):
             raise ConfigError(f"config must be a CheckpointConfig, got {type(self.config).__name__}.")
+        if not isinstance(self.remote, RemoteTier):
+            raise ConfigError(f"remote must be a RemoteTier, got {type(self.remote).__name__}.")
 
     @classmethod
     def from_env(
@@ -69,10 +78,15 @@ class AccelerateOptions:
         """Read ``DCP_PLUGIN_*`` variables; arguments that are not ``None`` win over them.
 
         ``config`` (a full :class:`CheckpointConfig`) replaces the environment's engine options;
-        ``config_overrides`` (e.g. ``async_mode="process"``) override single fields of either.
+        ``config_overrides`` (e.g. ``async_mode="process"``) override single fields of either; the remote tier's
+        arguments among them (``remote``, ``remote_storage_options``, ``replicate_every_n_steps``,
+        ``remote_keep_last``) configure :attr:`remote`.
         Unknown ``DCP_PLUGIN_*`` names and unparsable values are errors.
         """
         environ = os.environ if environ is None else environ
+        remote = RemoteTier.resolve(
+            environ, **{k: config_overrides.pop(k) for k in REMOTE_ARGUMENTS if k in config_overrides}
+        )
         if config is None:
             config = CheckpointConfig.resolve(environ, **config_overrides)
         elif config_overrides:
@@ -90,4 +104,5 @@ class AccelerateOptions:
             directory=directory,
             keep_last=keep_last,
             config=config,
+            remote=remote,
         )

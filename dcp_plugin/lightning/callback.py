@@ -18,19 +18,19 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from dcp_plugin import inflight
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.lightning.compat import warm_up
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
 from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
+from dcp_plugin.lightning.tiers import CallbackTiers, lightning_checkpoints
 from dcp_plugin.policies import (
     RetentionPolicy,
     SaveContext,
@@ -46,6 +46,7 @@ from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 EXPORT_DIR = "export"
 HISTORY_LIMIT = 1000
 
@@ -86,6 +87,12 @@ class DCPCheckpoint(Checkpoint):
             line at the end of training.
         run_id: identifies this run's checkpoints (retention never deletes others). Default: new, or the one
             of the checkpoint resumed from in ``dirpath``.
+        remote: a remote tier (``"s3://bucket/run1"``) the committed checkpoints are copied to in the
+            background; auto-resume takes the newest checkpoint of either tier. Default: ``DCP_PLUGIN_REMOTE``
+            (see :class:`~dcp_plugin.tiers.RemoteTier`).
+        remote_storage_options: fsspec options of the remote tier.
+        replicate_every_n_steps: copy only checkpoints of every n-th step (default: every checkpoint).
+        remote_keep_last: how many of this run's checkpoints the remote tier keeps (default: all).
         clock: clock of the time trigger (seconds); inject one in tests.
     """
 
@@ -111,6 +118,10 @@ class DCPCheckpoint(Checkpoint):
         log_metrics: bool = True,
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        remote: str | None = None,
+        remote_storage_options: dict[str, Any] | None = None,
+        replicate_every_n_steps: int | None = None,
+        remote_keep_last: int | None = None,
     ) -> None:
         triggers = (every_n_train_steps, every_n_seconds, every_n_epochs)
         self.save_options = save_options(*triggers, save_on_signal, signals, save_on_exception, clock)
@@ -128,6 +139,7 @@ class DCPCheckpoint(Checkpoint):
         self._storage: CheckpointStorage | None = None
         self._plugin: DCPCheckpointIO | None = None
         self._manifest_metadata: dict[str, Any] | None = None
+        self.tiers = CallbackTiers.resolve(remote, remote_storage_options, replicate_every_n_steps, remote_keep_last)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies keep options and run; not the trainer's plugin, storage or signal handlers (set up afresh)."""
@@ -168,23 +180,16 @@ class DCPCheckpoint(Checkpoint):
             return
         warm_up(trainer, plugin)
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
+        groups = plugin.checkpointer(collective=True).groups
+        self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups)
         if self.auto_resume:
-            _wrap_resume_start(trainer, self._resume_path)
+            _wrap_resume_start(trainer, lambda trainer: _resume_path(self, trainer))
         self.schedule.install()
 
-    def _resume_path(self, trainer: pl.Trainer) -> str | None:
-        latest = trainer.strategy.broadcast(self.latest_checkpoint() if trainer.is_global_zero else None)
-        if latest is None:
-            return None
-        self.run_id = latest.manifest.get("run_id") or self.run_id
-        url = _required(self._storage).url(latest.name)  # the checkpoint's name (on object stores not its data)
-        rank_zero_info(f"DCPCheckpoint: resuming from {url} (the latest checkpoint in {self.dirpath}).")
-        return url
-
     def latest_checkpoint(self) -> CheckpointInfo | None:
-        """The latest committed Lightning checkpoint in ``dirpath`` (any run), or ``None``."""
-        infos = lightning_checkpoints(_required(self._storage))
-        return infos[-1] if infos else None
+        """The latest committed Lightning checkpoint in ``dirpath`` (any run; with a remote tier: of either tier,
+        copied into ``dirpath`` if only the remote one has it), or ``None``."""
+        return self.tiers.latest(_required(self._storage))
 
     @property
     def best_model_path(self) -> str:
@@ -242,6 +247,7 @@ class DCPCheckpoint(Checkpoint):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _unwrap_resume_start(trainer)
         self.schedule.uninstall()
+        self.tiers.close(self.schedule, coordinator=trainer.is_global_zero)
 
     def _maybe_save(self, trainer: pl.Trainer, event: SaveEvent) -> None:
         if self._plugin is None or trainer.sanity_checking:
@@ -264,15 +270,9 @@ class DCPCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer, step: int, decision: SaveDecision) -> None:
         assert self._plugin is not None
         storage = _required(self._storage)
-        metrics = as_metrics(trainer.callback_metrics)
-        metadata = {
-            "reasons": list(decision.reasons),
-            "run": "DCPCheckpoint",
-            **({"metrics": metrics} if metrics else {}),
-        }
         name = trainer.strategy.broadcast(free_name(storage, step, self.run_id) if trainer.is_global_zero else None)
         url = storage.url(name)
-        self._manifest_metadata = metadata
+        self._manifest_metadata = _save_metadata(trainer, decision)
         started = time.perf_counter()
         try:
             trainer.save_checkpoint(url)
@@ -282,6 +282,7 @@ class DCPCheckpoint(Checkpoint):
         if stats is not None:
             self.saves.started(stats, time.perf_counter() - started)
         self.schedule.saved(step)
+        self.tiers.saved(step, str(name))
         self.last_saved = url
 
     def on_save_checkpoint(
@@ -299,20 +300,29 @@ class DCPCheckpoint(Checkpoint):
         if plugin is None or plugin.in_flight is not None:
             return
         self.saves.committed(trainer if self.log_metrics else None)
-        self.schedule.after_commit(_required(self._storage), coordinator=trainer.is_global_zero)
+        self.tiers.after_commit(self.schedule, _required(self._storage), coordinator=trainer.is_global_zero)
 
 
-def _required(storage: CheckpointStorage | None) -> CheckpointStorage:
+def _required(storage: _T | None) -> _T:
     if storage is None:
         raise RuntimeError("DCPCheckpoint is not set up yet; it is used by Trainer.fit().")
     return storage
 
 
-def lightning_checkpoints(storage: CheckpointStorage) -> list[CheckpointInfo]:
-    """Committed checkpoints in ``storage`` written through the Lightning plugin (any run), oldest first; saves into
-    it still in flight in this process are waited for first."""
-    inflight.wait_under(storage.root_url)
-    return [info for info in storage.list() if lay.LAYOUT_KEY in info.metadata]
+def _resume_path(self: DCPCheckpoint, trainer: pl.Trainer) -> str | None:
+    """Where auto-resume restores from: the latest checkpoint (rank 0 decides); continues its run."""
+    latest = trainer.strategy.broadcast(self.latest_checkpoint() if trainer.is_global_zero else None)
+    if latest is None:
+        return None
+    self.run_id = latest.manifest.get("run_id") or self.run_id
+    url = _required(self._storage).url(latest.name)  # the checkpoint's name (on object stores not its data)
+    rank_zero_info(f"DCPCheckpoint: resuming from {url} (the latest checkpoint in {self.dirpath}).")
+    return url
+
+
+def _save_metadata(trainer: pl.Trainer, decision: SaveDecision) -> dict[str, Any]:
+    metrics = as_metrics(trainer.callback_metrics)
+    return {"reasons": list(decision.reasons), "run": "DCPCheckpoint", **({"metrics": metrics} if metrics else {})}
 
 
 def best_checkpoint_url(storage: CheckpointStorage, run_id: str | None, monitor: str | None, mode: Any) -> str:

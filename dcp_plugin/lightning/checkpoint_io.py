@@ -50,7 +50,8 @@ class DCPCheckpointIO(CheckpointIO):
         async_mode: ``"sync"`` (write before returning), ``"thread"`` (snapshot, then write in a background
             thread) or ``"process"`` (write in a background daemon process; scripts need an
             ``if __name__ == "__main__":`` guard).
-        async_staging: also copy the snapshot in the background; the next optimizer step waits for the copy.
+        async_staging: also copy the snapshot in the background; the next optimizer step waits for the copy
+            (``None``: when CUDA is available).
         reuse_buffers: keep the host staging buffers between saves (faster saves, one copy of the state in
             host memory).
         thread_count: writer threads per rank.
@@ -273,7 +274,7 @@ class DCPCheckpointIO(CheckpointIO):
         replaced. ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id``
         (default: the plugin's)."""
         storage, name = ref = self.locate(path, storage_options)
-        if self.config.async_staging and self._step_hook is None:
+        if self.config.stages_in_background and self._step_hook is None:
             self._step_hook = support.wait_for_staging_before_optimizer_steps(self)
         checkpointer = self.checkpointer(collective)
         checkpointer.wait()

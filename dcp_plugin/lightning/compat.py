@@ -6,8 +6,10 @@ same name would be chosen while the first is in flight, and would replace it. :f
 ``file_exists`` also answer yes for a path that the trainer's :class:`DCPCheckpointIO` (or any other instance in
 this process) is still writing. Nothing changes for other plugins, or when no write is in flight.
 
-``ModelCheckpoint.setup`` (``fit`` only, with a :class:`DCPCheckpointIO` in ``process`` mode) also starts the
-writer daemon in the background, as ``DCPCheckpoint`` does, so the first save does not wait for it.
+``ModelCheckpoint.setup`` (``fit`` only, with a :class:`DCPCheckpointIO`) also gets the first save ready, as
+``DCPCheckpoint`` does: in ``process`` mode the writer daemon starts in the background, and after the first
+optimizer step the staging buffers are allocated in the background, so the first save blocks no longer than
+later ones.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dcp_plugin import inflight
+from dcp_plugin.lightning import layout as lay
+from dcp_plugin.warmup import prepare_after_first_step
 
 _MARK = "__dcp_plugin_sees_writes__"
 
@@ -50,16 +54,31 @@ def install() -> None:
 
 
 def warm_up(trainer: Any, plugin: Any) -> None:
-    """Start the writer daemon (``process`` mode) at setup, on the ranks that will save, so the first save does
-    not wait for it."""
-    if plugin.config.async_mode != "process":
-        return
+    """At setup, on the ranks that will save: start the writer daemon (``process`` mode), and prepare the
+    staging buffers after the first optimizer step (stock strategies), so the first save does not wait for
+    either."""
     from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
 
     if isinstance(trainer.strategy, (DCPFSDPStrategy, DCPModelParallelStrategy)):
         plugin.engine(collective=True).warm_up()
     elif trainer.is_global_zero:  # stock strategies save on global rank 0 only
         plugin.engine(collective=False).warm_up()
+        if plugin.engine(collective=False).needs_prepare:
+            _prepare_after_first_step(trainer, plugin)
+
+
+def _prepare_after_first_step(trainer: Any, plugin: Any) -> None:
+    """Once the first optimizer step created the optimizer's state, stage what a Lightning checkpoint holds
+    (module and optimizer states: the same tensors the first save will copy) in the background."""
+
+    def checkpoint() -> dict[str, Any]:
+        live = {
+            "state_dict": trainer.lightning_module.state_dict(),
+            "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        }
+        return lay.split_checkpoint(live)[0]
+
+    prepare_after_first_step(lambda: plugin.checkpointer(collective=False), checkpoint)
 
 
 def _is_plugin(plugin: Any) -> bool:

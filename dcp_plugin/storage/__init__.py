@@ -203,10 +203,12 @@ class CheckpointStorage:
         thread_count: int,
         sync_files: bool,
         per_thread_copy_ahead: int,
+        background_nice: int = 0,
         incremental: IncrementalPlan | None = None,
     ) -> Any:
-        """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written; with
-        ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged."""
+        """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written.
+        ``background_nice`` > 0: the write runs off the training thread; it lowers its priority by that much.
+        With ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged."""
         from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter  # imports torch
 
         kwargs: dict[str, Any] = dict(
@@ -217,15 +219,13 @@ class CheckpointStorage:
             incremental=incremental,
         )
         root, strategy = self._root, self.strategy
+        commit = dict(root=root, strategy=strategy, pending=pending, background_nice=background_nice)
         if self.is_local:
-            directory = pending.directory
-            return CommittingFileSystemWriter(directory, root=root, strategy=strategy, pending=pending, **kwargs)
+            return CommittingFileSystemWriter(pending.directory, **commit, **kwargs)
         # Remote files are durable once closed; DCP would fall back to a machine-wide os.sync() per file.
         kwargs["sync_files"] = False
         url = self._root.url(pending.directory)
-        return CommittingFsspecWriter(
-            url, root=root, strategy=strategy, pending=pending, **kwargs, **self.storage_options
-        )
+        return CommittingFsspecWriter(url, **commit, **kwargs, **self.storage_options)
 
     def abort(self, pending: PendingWrite) -> None:
         """Remove what a failed write left behind (best effort; never touches committed data)."""

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from dcp_plugin import priority
 from dcp_plugin.errors import CheckpointSaveError
 from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id_of
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
@@ -95,11 +96,17 @@ class _CommitOnFinish:
     fs: Any
 
     def _init_commit(
-        self, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, incremental: IncrementalPlan | None
+        self,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int,
+        incremental: IncrementalPlan | None,
     ) -> None:
         self._dcp_plugin_root = root
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
+        self._dcp_plugin_nice = background_nice
         self._dcp_plugin_incremental = incremental
 
     def attach_staging(self, session: StagingSession) -> None:
@@ -112,18 +119,22 @@ class _CommitOnFinish:
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink, staging)
+        write = super().write_data  # type: ignore[misc]
         # A bounded staging pool hands tensors out in writing order only: such saves write everything.
         incremental = self._dcp_plugin_incremental if staging is None else None
         report: dict[str, Any] = {"new_blobs": [], "used_blobs": {}, "fingerprints": {}}
         reused: list[WriteResult] = []
         try:
+            # in a thread of lower priority (background saves only); DCP's writer threads inherit it
             if incremental is not None:
-                future, reused = self._write_incrementally(plan, planner, incremental, report)
+                future, reused = priority.run_lowered(
+                    self._dcp_plugin_nice, lambda: self._write_incrementally(plan, planner, incremental, report)
+                )
             elif staging is None:
-                future = super().write_data(plan, planner)  # type: ignore[misc]
+                future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, planner))
             else:
                 with staging.writing(self._files_in_writing_order(plan), planner) as pool_planner:
-                    future = super().write_data(plan, pool_planner)  # type: ignore[misc]
+                    future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, pool_planner))
         finally:
             self.fs = original
         results = list(future.wait()) + reused
@@ -246,20 +257,34 @@ def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pe
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
     def __init__(
-        self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
+        self,
+        path: str,
+        *,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int = 0,
+        **kwargs: Any,
     ) -> None:
         incremental = kwargs.pop("incremental", None)
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, incremental)
+        self._init_commit(root, strategy, pending, background_nice, incremental)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
     def __init__(
-        self, path: str, *, root: StorageRoot, strategy: CommitStrategy, pending: PendingWrite, **kwargs: Any
+        self,
+        path: str,
+        *,
+        root: StorageRoot,
+        strategy: CommitStrategy,
+        pending: PendingWrite,
+        background_nice: int = 0,
+        **kwargs: Any,
     ) -> None:
         incremental = kwargs.pop("incremental", None)
         FsspecWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, incremental)
+        self._init_commit(root, strategy, pending, background_nice, incremental)
 
 
 __all__ = ["CommittingFileSystemWriter", "CommittingFsspecWriter"]

@@ -286,13 +286,17 @@ class _Distrustful:
         take = getattr(planner, "take_tensor", None)  # a planner that keeps the tensor as read (no second copy)
         if take is not None and tuple(tensor.size()) == tuple(item.lengths) and take(item, tensor):
             return
-        target = planner.resolve_tensor(item).detach()
+        target = planner.resolve_tensor(item)
         if target.size() != tensor.size():
             raise CheckpointCorruptError(
                 f"Checkpoint {self._dcp_plugin_shown}: item {item.storage_index.fqn} holds shape "
                 f"{tuple(tensor.size())}, its metadata says {tuple(target.size())}."
             )
-        target.copy_(tensor)
+        if _takes_over(target, tensor):
+            target.set_(tensor)  # a placeholder: hand over the tensor torch.load made instead of copying it
+            delattr(target, _PLACEHOLDER)
+        else:
+            target.detach().copy_(tensor)
         planner.commit_tensor(item, target)
 
     def finish_verification(self) -> list[str]:
@@ -326,6 +330,29 @@ class _Distrustful:
                 "Save it again to protect it.",
                 self._dcp_plugin_shown,
             )
+
+
+_PLACEHOLDER = "_dcp_plugin_placeholder"
+
+
+def placeholder(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor to load into that the reader may replace by the tensor it read instead of copying into
+    it (for loads without a live tensor, such as Lightning's checkpoint dict). Its memory is never touched."""
+    tensor = torch.empty(size, dtype=dtype)
+    setattr(tensor, _PLACEHOLDER, True)
+    return tensor
+
+
+def _takes_over(target: torch.Tensor, loaded: torch.Tensor) -> bool:
+    """Whether ``target`` is a whole placeholder and ``loaded`` owns exactly its own bytes (a view into a larger
+    stored storage would keep all of it alive)."""
+    return (
+        getattr(target, _PLACEHOLDER, False)
+        and loaded.dtype == target.dtype
+        and loaded.is_contiguous()
+        and loaded.storage_offset() == 0
+        and loaded.untyped_storage().nbytes() == loaded.numel() * loaded.element_size()
+    )
 
 
 class _MemoryReader(io.RawIOBase):
@@ -439,4 +466,4 @@ class SafeFsspecReader(_Distrustful, FsspecReader):
         self._init_checks(root, directory, shown, manifest)
 
 
-__all__ = ["SafeFileSystemReader", "SafeFsspecReader"]
+__all__ = ["placeholder", "SafeFileSystemReader", "SafeFsspecReader"]

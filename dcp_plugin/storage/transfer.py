@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -25,6 +26,7 @@ from dcp_plugin.storage.safe_io import open_local_regular, regular_file_size
 
 if TYPE_CHECKING:
     from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+    from dcp_plugin.storage.commit import PendingWrite
 
 _CHUNK = 16 * 2**20
 
@@ -45,46 +47,93 @@ def copy_checkpoint(
     atomically at the commit), ``CheckpointCorruptError`` naming the file if a source file does not match its
     committed checksum or the copy does not read back as sent. ``progress`` receives byte counts.
     """
+    plan = begin_copy(source, name, target, target_name, overwrite=overwrite)
+    try:
+        copied = copy_files(plan, plan.names, verify=verify, progress=progress)
+        commit_copy(plan, copied)
+    except BaseException:
+        target.abort(plan.pending)
+        raise
+    return target.info(plan.pending.name)
+
+
+@dataclass
+class CopyPlan:
+    """A copy begun in the target's work area: which files to copy from where. Several processes may each
+    copy some of ``names`` (:func:`copy_files`) before one commits them all (:func:`commit_copy`)."""
+
+    source: CheckpointStorage
+    info: CheckpointInfo
+    source_dir: str
+    names: list[str]
+    target: CheckpointStorage
+    pending: PendingWrite
+
+
+def begin_copy(
+    source: CheckpointStorage, name: str, target: CheckpointStorage, target_name: str | None = None, *, overwrite: bool
+) -> CopyPlan:
+    """Start copying committed checkpoint ``name``: its files, and a fresh location in ``target`` for them."""
     info = source.info(name)
     target_name = check_name(target_name or info.name)
     records = info.manifest.get("files")
     source_dir = source.data_path(info)
     names = sorted(records) if isinstance(records, dict) else _files_of_unchecked(source, source_dir)
-    # An incremental checkpoint's shared blobs are copied into the copy's own directory: the copy is
-    # self-contained (materialised) and refers to nothing else at the target.
-    shared = {n: r for n, r in (info.manifest.get("blobs") or {}).items() if n not in (records or {})}
-    if isinstance(records, dict):
-        records = {**shared, **records}
-        names = sorted(records)
+    if isinstance(records, dict):  # an incremental checkpoint's shared blobs are copied into the copy itself
+        names = sorted(set(names) | set(_shared(info)))
     pending = target.begin_write(target_name, overwrite=overwrite)
-    try:
-        copied: dict[str, dict[str, Any]] = {}
-        for relative in names:
-            origin = f"{source.blob_area}/{relative}" if relative in shared else f"{source_dir}/{relative}"
-            size, digest = _copy_file(source, origin, target, f"{pending.directory}/{relative}", progress)
-            record = records.get(relative) if isinstance(records, dict) else None
-            if record is not None and (size != record["size"] or digest != record[ALGORITHM]):
-                raise CheckpointCorruptError(
-                    f"{source.url(info.name)}: {relative} does not match its committed checksum; it was not copied. "
-                    "Copy an older checkpoint, or repair this one."
-                )
-            copied[relative] = {"size": size, ALGORITHM: digest}
-        if verify:
-            problems = check_files(target.fs, pending.directory, copied, is_local=target.is_local)
-            if problems:
-                raise CheckpointCorruptError(
-                    f"The copy of {source.url(info.name)} at {target.url(target_name)} does not read back as written: "
-                    f"{'; '.join(problems)}."
-                )
-        reached("copy.written")
-        dropped = ("location", "checksum", "committed", "blobs", "fingerprints")
-        manifest = {k: v for k, v in info.manifest.items() if k not in dropped}
-        manifest.update(name=target_name, files=copied, copied_from=source.url(info.name), copied=time.time(), format=2)
-        target.strategy.commit(pending, manifest)
-    except BaseException:
-        target.abort(pending)
-        raise
-    return target.info(target_name)
+    return CopyPlan(source, info, source_dir, names, target, pending)
+
+
+def copy_files(
+    plan: CopyPlan, names: Iterable[str], *, verify: bool = True, progress: Callable[[int], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Copy some of the plan's files, each checked against its committed checksum while it streams and (with
+    ``verify``) read back from the target; returns their records (``{"size", "xxh3_128"}``)."""
+    source, target = plan.source, plan.target
+    shared = _shared(plan.info)
+    records = {**shared, **(plan.info.manifest.get("files") or {})}
+    copied: dict[str, dict[str, Any]] = {}
+    for relative in names:
+        origin = f"{source.blob_area}/{relative}" if relative in shared else f"{plan.source_dir}/{relative}"
+        size, digest = _copy_file(source, origin, target, f"{plan.pending.directory}/{relative}", progress)
+        record = records.get(relative) if isinstance(records, dict) else None
+        if record is not None and (size != record["size"] or digest != record[ALGORITHM]):
+            raise CheckpointCorruptError(
+                f"{source.url(plan.info.name)}: {relative} does not match its committed checksum; it was not copied. "
+                "Copy an older checkpoint, or repair this one."
+            )
+        copied[relative] = {"size": size, ALGORITHM: digest}
+    if verify:
+        problems = check_files(target.fs, plan.pending.directory, copied, is_local=target.is_local)
+        if problems:
+            raise CheckpointCorruptError(
+                f"The copy of {source.url(plan.info.name)} at {target.url(plan.pending.name)} does not read back as "
+                f"written: {'; '.join(problems)}."
+            )
+    return copied
+
+
+def _shared(info: CheckpointInfo) -> dict[str, Any]:
+    """The shared blobs an incremental checkpoint uses (copies materialise them into their own directory)."""
+    files = info.manifest.get("files") or {}
+    return {n: r for n, r in (info.manifest.get("blobs") or {}).items() if n not in files}
+
+
+def commit_copy(plan: CopyPlan, copied: dict[str, dict[str, Any]]) -> None:
+    """Commit the copy once every file of the plan is copied (``copied``: their records); the caller aborts
+    ``plan.pending`` if this raises."""
+    missing = sorted(set(plan.names) - set(copied))
+    if missing:
+        raise CheckpointCorruptError(
+            f"The copy of {plan.source.url(plan.info.name)} lacks {', '.join(missing)}; it was not committed."
+        )
+    reached("copy.written")
+    dropped = ("location", "checksum", "committed", "blobs", "fingerprints")  # the copy is self-contained
+    manifest = {k: v for k, v in plan.info.manifest.items() if k not in dropped}
+    source_url = plan.source.url(plan.info.name)
+    manifest.update(name=plan.pending.name, files=copied, copied_from=source_url, copied=time.time(), format=2)
+    plan.target.strategy.commit(plan.pending, manifest)
 
 
 def _files_of_unchecked(storage: CheckpointStorage, directory: str) -> list[str]:
@@ -122,4 +171,4 @@ def _copy_file(
     return size, hasher.hexdigest()
 
 
-__all__ = ["copy_checkpoint"]
+__all__ = ["CopyPlan", "begin_copy", "commit_copy", "copy_checkpoint", "copy_files"]

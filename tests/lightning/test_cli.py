@@ -50,6 +50,10 @@ CALLBACK = """
         dirpath: {root}/dcp
         every_n_train_steps: 2
         signals: [SIGTERM, USR1, 12]
+        remote: {root}/remote
+        remote_storage_options: {{}}
+        replicate_every_n_steps: 4
+        remote_keep_last: 1
 """
 
 
@@ -83,4 +87,6 @@ def test_callback_from_yaml_with_signal_names(tmp_path):
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, DCPCheckpoint))
     assert [int(s) for s in callback.save_options.signals] == [15, 10, 12]
     assert {i.step for i in CheckpointStorage(str(tmp_path / "dcp")).list()} == {2, 4}
-    assert "SIGTERM" in (tmp_path / "config.yaml").read_text()  # the config Lightning saved
+    saved_config = (tmp_path / "config.yaml").read_text()  # the config Lightning saved
+    assert "SIGTERM" in saved_config and "replicate_every_n_steps: 4" in saved_config
+    assert [i.step for i in CheckpointStorage(str(tmp_path / "remote")).list()] == [4]  # the remote tier

@@ -1,0 +1,27 @@
+"""With dcp-plugin enabled on an Accelerator, the staging buffers are prepared after the first optimizer step,
+and a checkpoint saved later still holds the state at save time."""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+
+import dcp_plugin.accelerate as dpa
+from tests.models import assert_same, make_training, snapshot, train_step
+
+
+def test_the_first_step_prepares_staging_buffers_and_save_state_holds_the_state_at_save_time(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, _ = make_training()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = dpa.enable(accelerator, async_mode="thread")
+    assert checkpointer.engine.needs_prepare
+    train_step(model, optimizer)
+    assert not checkpointer.engine.needs_prepare
+    train_step(model, optimizer)
+    expected = snapshot(model, optimizer)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    train_step(model, optimizer)
+    accelerator.wait_for_everyone()
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert_same(snapshot(model, optimizer), expected)
+    dpa.disable(accelerator)
