@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -22,18 +21,16 @@ from concurrent.futures import wait as wait_for_first
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
 from dcp_plugin import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 from dcp_plugin.groups import ProcessGroups
-from dcp_plugin.prestage import Prestage
-from dcp_plugin.staging_pool import BoundedStager, StagingPool, bounded_stager
+from dcp_plugin.stagers import Stagers
+from dcp_plugin.staging_pool import BoundedStager
 from dcp_plugin.stats import SaveStats
 
 log = logging.getLogger(__name__)
@@ -74,25 +71,6 @@ def _quiet_discarded_dcp_telemetry() -> None:
             telemetry.setLevel(logging.INFO)
 
 
-@functools.cache
-def stager_survives_reuse() -> bool:
-    """Whether this torch's ``DefaultStager`` can stage again after a stage.
-
-    Some releases (2.11 among them) tear the stager's internals down at the end of every stage: the cached
-    buffers are dropped anyway and the next stage of any dict fails with ``KeyError: <class 'type'>``. There
-    a fresh stager is made for each save. Probed once, on a tiny state.
-    """
-    probe = DefaultStager(StagingOptions(False, False, False, False))
-    try:
-        for _ in range(2):
-            probe.stage({"probe": [torch.zeros(1)]})
-        return True
-    except Exception:
-        return False
-    finally:
-        probe.close()
-
-
 @dataclass
 class _InFlight:
     stats: SaveStats
@@ -118,9 +96,7 @@ class CheckpointEngine:
     def __init__(self, config: CheckpointConfig | None = None, *, distributed: bool | None = None) -> None:
         self.config = config or CheckpointConfig.resolve()  # arguments, then DCP_PLUGIN_* variables, then defaults
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
-        self._stager: DefaultStager | None = None
-        self._pool: StagingPool | None = None  # max_staging_bytes: the fixed host pool, kept for the engine's life
-        self._prestage = Prestage()
+        self._stagers = Stagers(self.config)
         self._plan_key = plans.new_key()
         self._in_flight: _InFlight | None = None
         self._error: BaseException | None = None
@@ -177,20 +153,13 @@ class CheckpointEngine:
         first save only copies into them like every later one (asynchronous modes with ``reuse_buffers``; once
         per engine; a save waits for it). Buffers are found again by the tensors' storage, so pass the live
         tensors that later saves will hold, e.g. after the first optimizer step has created its state."""
-        if self.needs_prepare:
-            self._check_open()
-            self._prestage.start(self._stager_for_save(None), flat_state)
+        self._check_open()
+        self._stagers.prepare(flat_state)
 
     @property
     def needs_prepare(self) -> bool:
         """Whether :meth:`prepare` would still do something (not yet prepared or saved; buffers are kept)."""
-        return (
-            not self._prestage.over
-            and self.config.is_async
-            and self.config.reuse_buffers
-            and self.config.max_staging_bytes is None  # a bounded pool is allocated once, at its first use
-            and stager_survives_reuse()
-        )
+        return self._stagers.needs_prepare
 
     def save(
         self,
@@ -207,7 +176,6 @@ class CheckpointEngine:
         ``on_done`` is called once the write committed or failed."""
         self._check_open()
         self.wait()
-        self._prestage.finish()  # the buffers exist from now on
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
@@ -224,7 +192,7 @@ class CheckpointEngine:
                 else:
                     if mode == "process":
                         daemon.prepare()
-                    stager = self._stager_for_save(writer)
+                    stager = self._stagers.for_save(writer)  # a head start of staging is finished here
                     result = dcp.async_save(
                         flat_state,
                         storage_writer=writer,
@@ -267,29 +235,6 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: self._upload_done(flight, future))
         return stats
-
-    def _stager_for_save(self, writer: Any) -> DefaultStager | BoundedStager:
-        cuda = torch.cuda.is_available()
-        pinned = cuda if self.config.pinned_memory is None else self.config.pinned_memory
-        if self.config.max_staging_bytes is not None:
-            if self._pool is None:
-                self._pool = StagingPool(self.config.max_staging_bytes, pinned=pinned and cuda)
-            return bounded_stager(self._pool, writer)
-        if self._stager is not None and self.config.reuse_buffers and stager_survives_reuse():
-            return self._stager
-        shared = (
-            (self.config.async_mode == "process") if self.config.shared_memory is None else self.config.shared_memory
-        )
-        options = StagingOptions(
-            use_pinned_memory=pinned and cuda,
-            use_shared_memory=shared,
-            use_async_staging=self.config.stages_in_background,
-            use_non_blocking_copy=pinned and cuda,
-        )
-        if self._stager is not None:
-            self._stager.close()
-        self._stager = DefaultStager(options)
-        return self._stager
 
     def _upload_done(self, flight: _InFlight, future: Future) -> None:
         stats = flight.stats
@@ -384,14 +329,8 @@ class CheckpointEngine:
             self.wait()
         finally:
             self._closed = True
-            self._prestage.finish()
             plans.forget(self._plan_key)
-            if self._stager is not None:
-                self._stager.close()
-                self._stager = None
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+            self._stagers.close()
             if self.config.async_mode == "process":
                 daemon.unregister(self)
             self.groups.close()

@@ -16,7 +16,7 @@ from typing import Any
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import CheckpointNotFoundError, ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.schedule import Schedule
 from dcp_plugin.stats import SaveStats
@@ -81,19 +81,9 @@ class CheckpointManager:
         if schedule is not None and (save_policy is not None or retention is not None or run_id is not None):
             raise ConfigError("Pass either schedule= or save_policy/retention/run_id, not both.")
         schedule = schedule or Schedule(save_policy, retention, run_id or uuid.uuid4().hex)
-        shared = [name for name, given in (("engine", engine), ("checkpointer", checkpointer)) if given is not None]
-        if shared and (config is not None or overrides or len(shared) > 1):
-            raise ConfigError(f"Pass either {shared[0]}= or config options, not both: it has its own config.")
-        if checkpointer is None:
-            if engine is None:
-                # explicit arguments win, then DCP_PLUGIN_* variables, then the defaults
-                config = config.replace(**overrides) if config is not None else CheckpointConfig.resolve(**overrides)
-            checkpointer = Checkpointer(config, engine=engine, distributed=distributed)
-            self._owns_checkpointer = True
-        else:
-            self._owns_checkpointer = False
-        self.checkpointer = checkpointer
-        self.config = checkpointer.config
+        self._owns_checkpointer = checkpointer is None
+        self.checkpointer = _checkpointer(config, engine, checkpointer, distributed, overrides)
+        self.config = self.checkpointer.config
         self.storage = CheckpointStorage(directory, self.config.storage_options)
         self.checkpointer.check_storage(self.storage)
         self.storage.check_root()
@@ -112,7 +102,7 @@ class CheckpointManager:
                 run_id=schedule.run_id,
                 groups=self.checkpointer.groups,
             )
-            self._catch_up()
+            self.tiers.catch_up_and_report(self.checkpointer.groups)
         self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
         """Stats of this manager's most recent saves (oldest dropped after 1000)."""
         self.should_stop = False
@@ -229,13 +219,6 @@ class CheckpointManager:
         else:
             self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing)
 
-    def _catch_up(self) -> None:
-        """Replicate what an earlier run committed locally but never copied (a remote outage is not fatal)."""
-        assert self.tiers is not None
-        missing = self.tiers.catch_up(self.checkpointer.groups)
-        if missing and self.checkpointer.groups.is_coordinator:
-            log.info("Replicating %d checkpoint(s) missing from %s.", len(missing), self.tiers.remote.root_url)
-
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
         self.checkpointer.wait_for_staging()
@@ -262,23 +245,9 @@ class CheckpointManager:
         :meth:`Checkpointer.load <dcp_plugin.checkpointer.Checkpointer.load>`.
         """
         if self.tiers is not None:
-            return self._load_from_tiers(state, step, name, strict=strict, allow_pickle=allow_pickle)
+            return self.tiers.load(self.checkpointer, state, step, name, strict=strict, allow_pickle=allow_pickle)
         resolve = lambda: _find(self.storage, step, name)  # noqa: E731 - asked again if the checkpoint is replaced
         return self.checkpointer.load((self.storage, resolve), state, strict=strict, allow_pickle=allow_pickle)
-
-    def _load_from_tiers(
-        self, state: MutableMapping[str, Any], step: int | None, name: str | None, **options: Any
-    ) -> CheckpointInfo:
-        """The local copy when present; the remote one when not, or when the local one is damaged."""
-        assert self.tiers is not None
-        storage, chosen = self.tiers.choose(step, name)
-        try:
-            return self.checkpointer.load((storage, chosen), state, **options)
-        except CheckpointCorruptError as err:
-            if storage is not self.tiers.local or not self.tiers.remote_copy_of(chosen):
-                raise
-            log.warning("%s; loading the remote copy instead.", err)
-            return self.checkpointer.load((self.tiers.remote, chosen), state, **options)
 
     def read(
         self,
@@ -363,3 +332,21 @@ def _find(storage: CheckpointStorage, step: int | None, name: str | None) -> Che
         detail = f" ({len(leftovers)} incomplete write(s) ignored)" if leftovers else ""
         raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}{detail}.")
     return latest
+
+
+def _checkpointer(
+    config: CheckpointConfig | None,
+    engine: CheckpointEngine | None,
+    checkpointer: Checkpointer | None,
+    distributed: bool | None,
+    overrides: dict[str, Any],
+) -> Checkpointer:
+    """The manager's checkpointer: the one given, or one made from the engine or the options given."""
+    shared = [name for name, given in (("engine", engine), ("checkpointer", checkpointer)) if given is not None]
+    if shared and (config is not None or overrides or len(shared) > 1):
+        raise ConfigError(f"Pass either {shared[0]}= or config options, not both: it has its own config.")
+    if checkpointer is not None:
+        return checkpointer
+    if engine is None:  # explicit arguments win, then DCP_PLUGIN_* variables, then the defaults
+        config = config.replace(**overrides) if config is not None else CheckpointConfig.resolve(**overrides)
+    return Checkpointer(config, engine=engine, distributed=distributed)

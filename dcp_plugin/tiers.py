@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dcp_plugin.config import ENV_PREFIX, _parse_env_value
-from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 from dcp_plugin.groups import ProcessGroups
 from dcp_plugin.policies import EveryNSteps, SaveContext, SavePolicy, decide
 from dcp_plugin.rank_copy import RankCopies
@@ -32,6 +32,9 @@ from dcp_plugin.replication import Replicator
 from dcp_plugin.retention import KeepLast, RetentionPolicy
 from dcp_plugin.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+
+if TYPE_CHECKING:
+    from dcp_plugin.checkpointer import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,31 @@ class TwoTiers:
         for name in missing:
             self.replicator.enqueue(name)
         return missing
+
+    def catch_up_and_report(self, groups: ProcessGroups) -> None:
+        """:meth:`catch_up`, saying on the coordinator how many checkpoints are to be copied."""
+        missing = self.catch_up(groups)
+        if missing and groups.is_coordinator:
+            log.info("Replicating %d checkpoint(s) missing from %s.", len(missing), self.remote.root_url)
+
+    def load(
+        self,
+        checkpointer: Checkpointer,
+        state: MutableMapping[str, Any],
+        step: int | None,
+        name: str | None,
+        **options: Any,
+    ) -> CheckpointInfo:
+        """Load with ``checkpointer``: the local copy when present; the remote one when not, or when the local
+        one is damaged."""
+        storage, chosen = self.choose(step, name)
+        try:
+            return checkpointer.load((storage, chosen), state, **options)
+        except CheckpointCorruptError as err:
+            if storage is not self.local or not self.remote_copy_of(chosen):
+                raise
+            log.warning("%s; loading the remote copy instead.", err)
+            return checkpointer.load((self.remote, chosen), state, **options)
 
     def close(self) -> None:
         try:

@@ -58,7 +58,7 @@ def state_bytes(state: dict) -> tuple[int, int]:
 
 
 def pool_of(manager: CheckpointManager) -> StagingPool:
-    pool = manager.engine._pool
+    pool = manager.engine._stagers._pool
     assert pool is not None, "the save did not go through the staging pool"
     return pool
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from dcp_plugin import CheckpointConfig, CheckpointSaveError, SaveStats
+from dcp_plugin import CheckpointConfig, CheckpointSaveError, SaveStats, stagers
 from dcp_plugin import engine as engine_module
 from dcp_plugin.engine import CheckpointEngine
 
@@ -127,9 +127,9 @@ def test_saves_keep_working_where_torch_tears_the_stager_down_after_each_stage(t
         return staged
 
     monkeypatch.setattr(DefaultStager, "_stage", stage_then_tear_down)
-    engine_module.stager_survives_reuse.cache_clear()
-    monkeypatch.setattr(engine_module, "stager_survives_reuse", engine_module.stager_survives_reuse.__wrapped__)
-    assert not engine_module.stager_survives_reuse()
+    stagers.stager_survives_reuse.cache_clear()
+    monkeypatch.setattr(stagers, "stager_survives_reuse", stagers.stager_survives_reuse.__wrapped__)
+    assert not stagers.stager_survives_reuse()
     engine = CheckpointEngine(CheckpointConfig(async_mode="thread", reuse_buffers=True))
     try:
         for step in range(3):

@@ -157,7 +157,7 @@ def test_a_changed_state_after_cached_plans_is_saved_whole(tmp_path):
 
 # -- staging buffers ready before the first save ------------------------------------------------------------------
 def _staged_storages(manager: CheckpointManager) -> int:
-    stager = manager.engine._stager
+    stager = manager.engine._stagers._default
     return len(stager._state_dict_stager._cached_storage_mapping)  # DCP's buffer cache, keyed by live storage
 
 
@@ -167,7 +167,7 @@ def test_prepared_buffers_are_reused_by_the_first_save_which_holds_the_state_at_
     state = {"model": model, "optim": optimizer}
     with CheckpointManager(str(tmp_path), async_mode="thread") as manager:
         manager.prepare(state)
-        manager.engine._prestage.finish()  # wait for the background staging
+        manager.engine._stagers._prestage.finish()  # wait for the background staging
         prepared = _staged_storages(manager)
         assert prepared > 0
         train_step(model, optimizer)  # the state changes after the buffers were prepared
