@@ -6,7 +6,9 @@ Each case runs in a fresh process: a ``CheckpointManager`` (the daemon starts wh
 staging buffers are prepared in the background by ``maybe_save`` at the first step that does not save, here by
 calling ``prepare`` after a training step) and a Lightning ``DCPCheckpointIO`` called as a Trainer would (at
 ``fit`` setup ``ModelCheckpoint``/``DCPCheckpoint`` start the daemon and, after the first optimizer step, prepare
-the staging buffers: done here by the same calls). ``--no-prepare`` leaves both out (the old behaviour).
+the staging buffers: done here by the same calls), and an ``Accelerator`` with dcp-plugin enabled (its first
+optimizer step starts the daemon and prepares the buffers). ``--no-prepare`` leaves all that out (the old
+behaviour).
 Reported: the first save's blocking time and the median of the later ones.
 """
 
@@ -44,6 +46,27 @@ def measure(kind: str, state_mib: float, saves: int, directory: str, prepare: bo
                 manager.save(step, {"model": work.model, "optim": work.optimizer})
                 blocked.append(time.perf_counter() - began)
                 manager.wait()
+    elif kind == "Accelerate":
+        from accelerate import Accelerator
+
+        import dcp_plugin.accelerate as dpa
+
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(work.model, work.optimizer)
+        work.model, work.optimizer = model, optimizer
+        if prepare:
+            dpa.enable(accelerator, async_mode="process")
+            work.train_step()  # the first optimizer step starts the writer process and prepares the buffers
+        else:
+            work.train_step()
+            dpa.enable(accelerator, async_mode="process")
+        time.sleep(LEAD_S)
+        for step in range(1, saves + 1):
+            began = time.perf_counter()
+            accelerator.save_state(os.path.join(directory, f"checkpoint_{step}"))
+            blocked.append(time.perf_counter() - began)
+            accelerator.wait_for_everyone()
+        dpa.disable(accelerator)
     else:
         from dcp_plugin.lightning import DCPCheckpointIO, layout
 
@@ -79,7 +102,7 @@ def main() -> None:
             print(json.dumps(measure(args.worker, args.state_mib, args.saves, directory, not args.no_prepare)))
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for kind in ("CheckpointManager", "DCPCheckpointIO"):
+    for kind in ("CheckpointManager", "DCPCheckpointIO", "Accelerate"):
         done = subprocess.run(
             [
                 sys.executable,

@@ -1,6 +1,7 @@
 """Getting the first save ready while training starts: once the first optimizer step has created the optimizer's
-state, the staging buffers are prepared in the background (see :meth:`CheckpointEngine.prepare`), so the first
-save only copies into them. Used by the Lightning and Accelerate adapters, which see no training loop of their
+state, the writer process (``process`` mode) is started and the staging buffers are prepared in the background
+(see :meth:`CheckpointEngine.warm_up` and :meth:`CheckpointEngine.prepare`), so the first save only copies into
+them. Used by the Lightning and Accelerate adapters, which see no training loop of their
 own; a plain loop calls ``CheckpointManager.prepare`` (or lets ``maybe_save`` do it)."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ _spent: list[Any] = []
 
 
 def prepare_after_first_step(checkpointer: Callable[[], Any], state: Callable[[], Mapping[str, Any]]) -> Any:
-    """After the next optimizer step of this process (any optimizer), once: ``checkpointer().prepare(state())``.
+    """After the next optimizer step of this process (any optimizer), once: ``checkpointer().engine.warm_up()``
+    and ``checkpointer().prepare(state())``.
     ``checkpointer`` may return ``None`` (nothing to prepare any more). Returns the hook's handle."""
     while _spent:
         _spent.pop().remove()
@@ -33,10 +35,15 @@ def prepare_after_first_step(checkpointer: Callable[[], Any], state: Callable[[]
         _spent.append(handle)
         try:
             target = target_of()
-            if target is not None and target.engine.needs_prepare:
+            if target is None:
+                return
+            # process mode: the writer process starts now, in the background (every rank takes this step), so
+            # the first save does not wait seconds for a fresh interpreter; a no-op where it already runs
+            target.engine.warm_up()
+            if target.engine.needs_prepare:
                 target.prepare(state_of())
-        except Exception as err:  # noqa: BLE001 - only a head start: the first save stages everything itself
-            log.warning("Could not prepare the staging buffers ahead of the first save: %s", err)
+        except Exception as err:  # noqa: BLE001 - only a head start: the first save does all this itself
+            log.warning("Could not prepare the first save ahead of time: %s", err)
 
     handle = register_optimizer_step_post_hook(prepare)
     return handle
