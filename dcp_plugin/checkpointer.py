@@ -133,7 +133,7 @@ class Checkpointer:
             thread_count=self.config.thread_count,
             sync_files=self.config.sync_files,
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
-            background_nice=self.config.writer_nice if self.config.is_async else 0,
+            background_nice=self.config.background_nice,
             incremental=plan,
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
