@@ -19,8 +19,10 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Union
+
+import torch
 
 from dcp_plugin import encoding, inflight, packing
 from dcp_plugin.config import CheckpointConfig
@@ -100,12 +102,14 @@ class Checkpointer:
         metadata: Mapping[str, Any] | None = None,
         overwrite: bool = False,
         run_id: str | None = None,
+        frozen_from: Sequence[torch.nn.Module] = (),
     ) -> SaveStats:
         """Checkpoint ``state`` as of now at ``ref``; returns when the snapshot is taken (see ``async_mode``).
 
         Collective when distributed: every rank calls it with the same ``ref``. ``metadata`` (JSON-like) and
-        ``run_id`` go into the manifest. The write continues in the background; the next call on this
-        checkpointer waits for it and raises its error.
+        ``run_id`` go into the manifest. ``frozen_from``: modules whose frozen parameters a plain state dict in
+        ``state`` views, for incremental saves (as for a model in ``state``). The write continues in the
+        background; the next call on this checkpointer waits for it and raises its error.
         """
         started = time.perf_counter()
         storage, name = self.locate(ref)
@@ -127,7 +131,7 @@ class Checkpointer:
             "entries": packed.entries,
             "metadata": dict(metadata or {}),
         }
-        plan, held = self._incremental.plan(storage, pending, packed.tensors, wrapped, self.groups.rank)
+        plan, held = self._incremental.plan(storage, pending, packed.tensors, wrapped, self.groups.rank, frozen_from)
         writer = storage.writer(
             pending,
             thread_count=self.config.thread_count,

@@ -4,8 +4,9 @@ The rule (see docs/incremental.md):
 
 * **Placement** (cost only, never correctness): a tensor is kept in a shared blob when it views the bytes of a
   frozen parameter (``requires_grad=False``) of a model in the state (``ModelState``, or a module passed to
-  ``save``), or when the base checkpoint kept it in a blob. Everything else goes to the checkpoint's own
-  files, as without incremental saves; a state without frozen parameters is saved exactly as before.
+  ``save``) or of a module passed as ``frozen_from`` (Lightning's module), or when the base checkpoint kept it
+  in a blob. Everything else goes to the checkpoint's own files, as without incremental saves; a state without
+  frozen parameters is saved exactly as before.
 * **Reuse** (correctness): a chunk kept in a blob is not written again only when the fingerprint of the bytes
   being saved (xxh3-128 of dtype, shape and content, computed by the writer on the snapshot) equals the
   fingerprint recorded when those blob bytes were committed, in the base checkpoint this save refers to. A
@@ -18,7 +19,7 @@ The rule (see docs/incremental.md):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,13 +51,15 @@ class IncrementalTracker:
         tensors: Mapping[str, Any],
         state: Mapping[str, Any],
         rank: int,
+        frozen_from: Sequence[torch.nn.Module] = (),
     ) -> tuple[IncrementalPlan | None, list[tuple[str, str]]]:
-        """The writer's plan for this save and the blobs it holds until the save is done (release them then)."""
+        """The writer's plan for this save and the blobs it holds until the save is done (release them then).
+        ``frozen_from``: more modules whose frozen parameters count, besides the models in ``state``."""
         if not self.enabled:
             return None, []
         write_id = shared.write_id_of_entry(pending.write_name)
         held = shared.hold(storage.root_url, [write_id])
-        frozen = _frozen_storages(state)
+        frozen = _frozen_storages([*models_in(state), *frozen_from])
         tensor_keys = {key for key, value in tensors.items() if isinstance(value, torch.Tensor)}
         keys = {key for key in tensor_keys if _identity(tensors[key]) in frozen}
         full = self.full_save_every is not None and self._saves % self.full_save_every == 0
@@ -130,10 +133,10 @@ def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (where, local.storage_offset(), tuple(local.shape), local.dtype)
 
 
-def _frozen_storages(state: Mapping[str, Any]) -> set[tuple[Any, ...]]:
+def _frozen_storages(models: Sequence[torch.nn.Module]) -> set[tuple[Any, ...]]:
     return {
         _identity(parameter.detach())
-        for model in models_in(state)
+        for model in models
         for parameter in model.parameters()
         if not parameter.requires_grad
     }

@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from dcp_plugin import daemon, inflight
@@ -118,6 +120,7 @@ class DCPCheckpointIO(CheckpointIO):
         """Recorded in the manifest of saves whose checkpoint dict names no run (see ``layout.RUN_ID_KEY``)."""
         self._checkpointers: dict[bool, Checkpointer] = {}
         self._step_hook: Any = None
+        self._module: Optional[weakref.ref[torch.nn.Module]] = None
         if config.async_mode == "process":
             daemon.check_main_guard()  # now, not at the first save
         compat.install()
@@ -127,7 +130,7 @@ class DCPCheckpointIO(CheckpointIO):
         return {"config": self.config, "save_rng": self.save_rng, "run_id": self.run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _checkpointers={}, _step_hook=None)  # the copy starts fresh
+        self.__dict__.update(state, _checkpointers={}, _step_hook=None, _module=None)  # the copy starts fresh
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(async_mode={self.config.async_mode!r})"
@@ -150,7 +153,8 @@ class DCPCheckpointIO(CheckpointIO):
         layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
         step = lay.step_of(checkpoint)
         options: dict[str, Any] = {"storage_options": storage_options, "metadata": metadata, "run_id": run_id}
-        return self.save_entries(path, step, entries, layout, collective=False, **options)
+        frozen_from = self._watched_modules()
+        return self.save_entries(path, step, entries, layout, collective=False, frozen_from=frozen_from, **options)
 
     def load_checkpoint(
         self,
@@ -196,6 +200,19 @@ class DCPCheckpointIO(CheckpointIO):
         support.close_all(checkpointers)
 
     # -- more public API -------------------------------------------------------------------------
+    def watch_module(self, module: torch.nn.Module) -> None:
+        """Remember (weakly) the module being trained, so saves keep its frozen parameters in shared files
+        and refer to them while unchanged (see docs/incremental.md). Called at ``fit`` setup by
+        ``ModelCheckpoint`` and :class:`~dcp_plugin.lightning.DCPCheckpoint`; Lightning's checkpoint dict alone
+        does not say which tensors are frozen."""
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"watch_module expects a torch.nn.Module, got {type(module).__name__}.")
+        self._module = weakref.ref(module)
+
+    def _watched_modules(self) -> tuple[torch.nn.Module, ...]:
+        module = None if self._module is None else self._module()
+        return () if module is None else (module,)
+
     def checkpointer(self, collective: bool = False) -> Checkpointer:
         """The checkpointer for lone-rank saves (``collective=False``) or saves every rank joins (created on
         first use)."""
@@ -265,6 +282,7 @@ class DCPCheckpointIO(CheckpointIO):
         storage_options: Optional[Any] = None,
         metadata: Optional[Mapping[str, Any]] = None,
         run_id: Optional[str] = None,
+        frozen_from: Sequence[torch.nn.Module] = (),
     ) -> SaveStats:
         """Save prepared entries as the checkpoint directory ``path``.
 
@@ -272,7 +290,8 @@ class DCPCheckpointIO(CheckpointIO):
         replaced, as Lightning's default plugin would overwrite it, once the new checkpoint commits; a save
         still in flight to ``path`` finishes first. Nothing committed by someone else in the meantime is
         replaced. ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id``
-        (default: the plugin's)."""
+        (default: the plugin's). ``frozen_from``: modules whose frozen parameters the entries' tensors may view
+        (kept in shared files by incremental saves)."""
         storage, name = ref = self.locate(path, storage_options)
         if self.config.stages_in_background and self._step_hook is None:
             self._step_hook = support.wait_for_staging_before_optimizer_steps(self)
@@ -286,6 +305,7 @@ class DCPCheckpointIO(CheckpointIO):
             overwrite=storage.is_occupied(name),
             metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()},
             run_id=run_id or self.run_id,
+            frozen_from=frozen_from,
         )
         if checkpointer.groups.is_coordinator:
             support.log_save(stats, self.config.async_mode)

@@ -56,8 +56,11 @@ def install() -> None:
 def warm_up(trainer: Any, plugin: Any) -> None:
     """At setup, on the ranks that will save: start the writer daemon (``process`` mode), and prepare the
     staging buffers after the first optimizer step (stock strategies), so the first save does not wait for
-    either."""
+    either. Also hands the plugin the module being trained, for incremental saves of its frozen parameters."""
     from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
+
+    if trainer.lightning_module is not None:
+        plugin.watch_module(trainer.lightning_module)
 
     if isinstance(trainer.strategy, (DCPFSDPStrategy, DCPModelParallelStrategy)):
         plugin.engine(collective=True).warm_up()
