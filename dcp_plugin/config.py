@@ -236,20 +236,18 @@ def _parse_env_value(key: str, raw: str, default: Any) -> Any:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{key} must be a JSON object: {err}") from None
         return parsed
-    if key.endswith("FULL_SAVE_EVERY"):
-        if text.lower() in {"", "none"}:
-            return None
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{key}={raw!r} must be a positive integer or 'none'.") from None
-    if key.endswith("WRITER_NICE"):
+    optional_ints = {
+        "FULL_SAVE_EVERY": "a positive integer or 'none'",
+        "WRITER_NICE": "an integer from 0 to 19, or 'auto'",
+    }
+    expected = next((what for suffix, what in optional_ints.items() if key.endswith(suffix)), None)
+    if expected is not None:
         if text.lower() in {"", "auto", "none"}:
             return None
         try:
             return int(text)
         except ValueError:
-            raise ConfigError(f"{key}={raw!r} must be an integer from 0 to 19, or 'auto'.") from None
+            raise ConfigError(f"{key}={raw!r} must be {expected}.") from None
     if key.endswith("MAX_STAGING_BYTES"):
         return None if text.lower() in {"", "none", "unbounded"} else text
     if default is None or isinstance(default, bool):

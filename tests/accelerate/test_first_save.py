@@ -18,13 +18,7 @@ def test_the_first_step_prepares_staging_buffers_and_save_state_holds_the_state_
     train_step(model, optimizer)
     assert not checkpointer.engine.needs_prepare
     train_step(model, optimizer)
-    expected = snapshot(model, optimizer)
-    accelerator.save_state(str(tmp_path / "ckpt"))
-    train_step(model, optimizer)
-    accelerator.wait_for_everyone()
-    accelerator.load_state(str(tmp_path / "ckpt"))
-    assert_same(snapshot(model, optimizer), expected)
-    dpa.disable(accelerator)
+    assert_save_state_holds_the_state_at_save_time(accelerator, model, optimizer, tmp_path)
 
 
 def test_the_first_step_starts_the_writer_process_in_process_mode(tmp_path):
@@ -42,9 +36,13 @@ def test_the_first_step_starts_the_writer_process_in_process_mode(tmp_path):
     assert executor._CHECKPOINT_PROCESS is None and daemon._starting is None
     train_step(model, optimizer)
     assert executor._CHECKPOINT_PROCESS is not None or daemon._starting is not None
+    assert_save_state_holds_the_state_at_save_time(accelerator, model, optimizer, tmp_path)
+
+
+def assert_save_state_holds_the_state_at_save_time(accelerator, model, optimizer, tmp_path) -> None:
     expected = snapshot(model, optimizer)
     accelerator.save_state(str(tmp_path / "ckpt"))
-    train_step(model, optimizer)
+    train_step(model, optimizer)  # changes the parameters while the write may still run
     accelerator.wait_for_everyone()
     accelerator.load_state(str(tmp_path / "ckpt"))
     assert_same(snapshot(model, optimizer), expected)
