@@ -6,16 +6,13 @@ partial is listed; ``purge`` removes only uncommitted data; the next save succee
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dcp_plugin import CheckpointManager
+from tests.crashes import run_until_killed
 from tests.scripts.crash_at import VALUES, model_with
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "crash_at.py")
@@ -41,22 +38,7 @@ def crash(scenario: str, mode: str, url: str, options: dict, point: str, tmp_pat
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     if scenario == "replace_two_step":
         scenario, env["CRASH_TEST_NO_EXCHANGE"] = "replace", "1"
-    proc = subprocess.Popen(
-        [sys.executable, SCRIPT, scenario, mode, url, json.dumps(options), point],
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,  # its own process group: the crash takes the writer daemon along
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"expected a SIGKILL at {point}, got {proc.returncode}:\n{out}\n{err}"
+    run_until_killed(SCRIPT, scenario, mode, url, options, point, tmp_path, env=env)
 
 
 def check_after_crash(url: str, options: dict, expected: dict[int, float]) -> None:

@@ -7,17 +7,14 @@ exactly the shared data that committed checkpoints use; the next incremental sav
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dcp_plugin import CheckpointManager, ModelState
 from dcp_plugin.storage import CheckpointStorage
+from tests.crashes import run_until_killed
 from tests.models import assert_same
 from tests.scripts.crash_incremental import lora_at
 
@@ -35,22 +32,7 @@ OUTCOMES = {
 
 
 def crash(scenario: str, mode: str, url: str, options: dict, point: str, cwd) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, SCRIPT, scenario, mode, url, json.dumps(options), point],
-        cwd=cwd,
-        env=dict(os.environ, PYTHONPATH=os.getcwd()),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"expected a SIGKILL at {point}, got {proc.returncode}:\n{out}\n{err}"
+    run_until_killed(SCRIPT, scenario, mode, url, options, point, cwd, timeout=180)
 
 
 def blob_names(storage: CheckpointStorage) -> set[str]:

@@ -264,9 +264,9 @@ class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
         strategy: CommitStrategy,
         pending: PendingWrite,
         background_nice: int = 0,
+        incremental: IncrementalPlan | None = None,
         **kwargs: Any,
     ) -> None:
-        incremental = kwargs.pop("incremental", None)
         FileSystemWriter.__init__(self, path, **kwargs)
         self._init_commit(root, strategy, pending, background_nice, incremental)
 
@@ -280,9 +280,9 @@ class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
         strategy: CommitStrategy,
         pending: PendingWrite,
         background_nice: int = 0,
+        incremental: IncrementalPlan | None = None,
         **kwargs: Any,
     ) -> None:
-        incremental = kwargs.pop("incremental", None)
         FsspecWriter.__init__(self, path, **kwargs)
         self._init_commit(root, strategy, pending, background_nice, incremental)
 
