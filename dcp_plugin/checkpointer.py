@@ -18,25 +18,21 @@ import logging
 import os
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Union
 
 import torch
 
-from dcp_plugin import encoding, inflight, packing
+from dcp_plugin import inflight, packing
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import CheckpointEngine
 from dcp_plugin.errors import (
-    CheckpointCorruptError,
-    CheckpointLoadError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
-    UnsafeCheckpointError,
 )
-from dcp_plugin.groups import ProcessGroups
 from dcp_plugin.incremental import IncrementalTracker
+from dcp_plugin.loading import REPLACED_RETRIES, Resolver, load_committed, resolve_on_coordinator
 from dcp_plugin.state import models_in, optimizers_in, wrap_state
 from dcp_plugin.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
@@ -45,10 +41,6 @@ from dcp_plugin.storage.blobs import release
 log = logging.getLogger(__name__)
 
 Ref = Union[str, "os.PathLike[str]", tuple[CheckpointStorage, str]]
-Resolver = Callable[[], CheckpointInfo]
-
-# How often a load starts over when the checkpoint it reads is replaced underneath it by another process.
-REPLACED_RETRIES = 4
 
 
 class Checkpointer:
@@ -223,25 +215,9 @@ class Checkpointer:
         storage, resolve = self._resolver(ref)
         self.engine.wait()
         self._wait_for_writes(ref, storage)
-        for attempt in range(REPLACED_RETRIES + 1):
-            info = _resolve_on_coordinator(self.groups, resolve)
-            try:
-                loaded = _load_once(self.engine, storage, state, info, strict=strict, allow_pickle=allow_pickle)
-                self._incremental.loaded(storage, loaded)
-                return loaded
-            except CheckpointCorruptError as err:
-                if attempt < REPLACED_RETRIES and _replaced_since(self.groups, storage, info):
-                    log.warning("%s was replaced while being read; reading it again.", info.url)
-                    continue
-                raise CheckpointCorruptError(f"{err} {_fallback_hint(storage, info)}") from None
-            except CheckpointLoadError:
-                # Another process replaced the checkpoint (or deleted it) while we read it. Tensors may have been
-                # partly overwritten in place, but no entry was handed back yet: resolve again and start over.
-                # (If every attempt fails, the live state is undefined and the error says so.)
-                if attempt == REPLACED_RETRIES or not _replaced_since(self.groups, storage, info):
-                    raise
-                log.warning("%s was replaced while being read; reading it again.", info.url)
-        raise AssertionError("unreachable")
+        loaded = load_committed(self.engine, storage, resolve, state, strict=strict, allow_pickle=allow_pickle)
+        self._incremental.loaded(storage, loaded)
+        return loaded
 
     def read(
         self,
@@ -253,7 +229,7 @@ class Checkpointer:
         full-size tensors (sharded saves are gathered). For inspection, export and inference."""
         storage, resolve = self._resolver(ref)
         self._wait_for_writes(ref, storage)
-        info = _resolve_on_coordinator(self.groups, resolve)
+        info = resolve_on_coordinator(self.groups, resolve)
         saved = list(info.manifest.get("entries", {}))
         missing = [entry for entry in entries or [] if entry not in saved]
         if missing:
@@ -308,112 +284,6 @@ class Checkpointer:
             self._staging_hooks.clear()
 
 
-def _resolve_on_coordinator(groups: ProcessGroups, resolve: Resolver) -> CheckpointInfo:
-    result: CheckpointInfo | None = None
-    error: BaseException | None = None
-    if groups.is_coordinator:
-        try:
-            result = resolve()
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank
-            error = err
-    result, error = groups.broadcast((result, error))
-    if error is not None:
-        raise error
-    assert result is not None
-    return result
-
-
-def _fallback_hint(storage: CheckpointStorage, info: CheckpointInfo) -> str:
-    fallback = storage.newest_verified_before(info)
-    if fallback is None:
-        return "No older checkpoint in this directory verifies."
-    return f"The newest older checkpoint that verifies is {fallback.url} (load it by name: {fallback.name!r})."
-
-
-def _replaced_since(groups: ProcessGroups, storage: CheckpointStorage, info: CheckpointInfo) -> bool:
-    """Whether ``info`` is no longer the committed checkpoint under its name (decided on every rank alike)."""
-    try:
-        replaced = _save_id(storage.read_manifest(info.name)) != _save_id(info.manifest)
-    except (FileNotFoundError, ValueError):
-        replaced = True
-    return any(groups.all_gather(replaced))
-
-
-def _load_once(
-    engine: CheckpointEngine,
-    storage: CheckpointStorage,
-    state: MutableMapping[str, Any],
-    info: CheckpointInfo,
-    *,
-    strict: bool,
-    allow_pickle: bool,
-) -> CheckpointInfo:
-    """One attempt: read the skeleton, match it against the live state, read the tensors in place."""
-    groups = engine.groups
-    source_rank = packing.skeleton_source_rank(groups.rank, int(info.manifest.get("world_size", 1)))
-    metadata, missing = None, None
-    reader = storage.metadata_reader(info)
-    try:
-        metadata = reader.read_metadata()
-    except FileNotFoundError as err:
-        missing = f"FileNotFoundError: {err}"
-    missing = next((m for m in groups.all_gather(missing) if m), None)  # every rank fails alike, or none
-    if missing is not None or metadata is None:
-        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
-    skeleton = packing.skeleton_target(metadata, source_rank)
-    reader.defer_verification = True  # the tensor read below hashes these files anyway; the rest is checked last
-    try:
-        engine.load(skeleton, reader, url=info.url)
-    except CheckpointLoadError:
-        _raise_if_damaged(groups, reader)  # damaged bytes explain the failure better than what they broke
-        raise
-    reader.defer_verification = False
-    wrapped = wrap_state(state)
-    damage, plan = None, packing.LoadPlan()
-    try:
-        document = encoding.loads(next(iter(skeleton.values())))
-        damage = packing.document_problem(document)
-        if damage is None:
-            plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # torn read, or a damaged checkpoint
-        damage = f"{type(err).__name__}: {err}"
-    damage = next((d for d in groups.all_gather(damage) if d), None)
-    if damage is not None:
-        _raise_if_damaged(groups, reader)
-        if _replaced_since(groups, storage, info):
-            raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
-        raise CheckpointCorruptError(
-            f"The skeleton of checkpoint {info.url} (its non-tensor state) is unreadable ({damage}); the checkpoint "
-            "is damaged or forged. Load an earlier checkpoint."
-        )
-    all_problems = groups.all_gather(plan.problems)
-    if any(all_problems) and _replaced_since(groups, storage, info):
-        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
-    if any(all_problems):
-        raise packing.mismatch_error(info.url, all_problems)
-    for warning in plan.warnings:
-        warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
-    engine.load(plan.flat, reader, url=info.url)
-    _raise_if_damaged(groups, reader)
-    if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
-        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
-    try:
-        plain = packing.finish_load(plan, wrapped, strict=strict, allow_pickle=allow_pickle)
-    except encoding.EncodingError as err:
-        kind = UnsafeCheckpointError if "pickle" in str(err).lower() else CheckpointCorruptError
-        raise kind(f"Loading checkpoint {info.url} failed: {err}") from None
-    for key, value in plain.items():
-        state[key] = value
-    return info
-
-
-def _raise_if_damaged(groups: Any, reader: Any) -> None:
-    """Raise :class:`CheckpointCorruptError` naming the damaged file if a file the load used fails its checksum."""
-    damage = next((d for d in groups.all_gather(reader.finish_verification()) if d), None)
-    if damage is not None:
-        raise CheckpointCorruptError(f"{damage[0]}. It was not loaded.")
-
-
 def locate(
     ref: Ref, base_options: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[CheckpointStorage, str]:
@@ -434,10 +304,6 @@ def _has_persistent_buffers(model: Any) -> bool:
     """Whether ``model`` has buffers that are saved (persistent buffers are exactly those in its state dict)."""
     buffers = {name for name, _ in model.named_buffers()}
     return bool(buffers) and not buffers.isdisjoint(model.state_dict(keep_vars=True))
-
-
-def _save_id(manifest: Mapping[str, Any]) -> Any:
-    return manifest.get("save_id", manifest.get("created"))
 
 
 def _error_text(err: BaseException | None) -> str | None:

@@ -150,6 +150,39 @@ def test_every_corruption_is_found_by_verify_and_refused_by_load(root, corruptio
     assert_detected(root, SECOND, file)
 
 
+@pytest.mark.parametrize("file", DATA_FILES)
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_load_into_fresh_tensors_refuses_every_corruption(root, corruption, file):
+    """Loading into empty containers (as Lightning's ``load_checkpoint`` does: the reader hands over the tensors
+    it builds instead of copying them) refuses damaged files just like a load into a live model."""
+    CORRUPTIONS[corruption](os.path.join(root, SECOND), file)
+    with CheckpointManager(root, async_mode="sync") as manager, pytest.raises(CheckpointError) as info:
+        manager.load({"model": {}, "optim": {}}, name=SECOND)
+    assert SECOND in str(info.value) and file in str(info.value), str(info.value)
+
+
+def test_a_load_into_fresh_tensors_returns_exactly_what_was_saved(root, pristine):
+    with CheckpointManager(root, async_mode="sync") as manager:
+        state: dict = {"model": {}, "optim": {}}
+        manager.load(state, name=SECOND)
+    assert_same(pristine[1][SECOND]["model"], state["model"])
+    by_id = pristine[1][SECOND]["optim_state"]  # keyed by parameter index; the checkpoint keys them by name
+    names = list(pristine[1][SECOND]["model"])
+    assert_same({names[index]: value for index, value in by_id.items()}, state["optim"]["state"])
+
+
+@pytest.mark.parametrize("corruption", ["zeroed-page", "truncated-half", "last-byte"])
+def test_a_damaged_file_leaves_the_live_tensors_untouched(root, corruption):
+    """A load into a live model verifies each file before the first byte is copied into the model."""
+    for file in DATA_FILES:
+        CORRUPTIONS[corruption](os.path.join(root, SECOND), file)
+    state = fresh_state()
+    before = snapshot(state["model"], state["optim"])
+    with CheckpointManager(root, async_mode="sync") as manager, pytest.raises(CheckpointCorruptError):
+        manager.load(state, name=SECOND)
+    assert_same(before, snapshot(state["model"], state["optim"]))
+
+
 @pytest.mark.parametrize("corruption", ["first-byte", "last-byte", "bit-flip-0"])
 def test_damaged_data_is_reported_as_corruption_wherever_it_sits(tmp_path, corruption):
     """The non-tensor state is read first (before the tensors, whose read hashes the file); damage in its bytes

@@ -9,7 +9,6 @@ signature against a deliberate forger who can also rewrite the manifest.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 import xxhash
 
+from dcp_plugin.storage.read_io import hash_descriptor
 from dcp_plugin.storage.safe_io import open_local_regular, regular_file_size
 
 ALGORITHM = "xxh3_128"
@@ -83,20 +83,11 @@ class ChecksumSink:
 
 
 def hash_file(fs: Any, path: str, *, is_local: bool) -> tuple[int, str]:
-    """(size, xxh3-128 hex digest) of a regular file, read once in large chunks (memory-mapped locally)."""
-    hasher = xxhash.xxh3_128()
+    """(size, xxh3-128 hex digest) of a regular file, read once in large chunks."""
     if is_local:
         with open_local_regular(path) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size:
-                with mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) as mapped:
-                    view = memoryview(mapped)
-                    try:
-                        for start in range(0, size, _CHUNK):
-                            hasher.update(view[start : start + _CHUNK])
-                    finally:
-                        view.release()
-            return size, hasher.hexdigest()
+            return os.fstat(handle.fileno()).st_size, hash_descriptor(handle.fileno())
+    hasher = xxhash.xxh3_128()
     regular_file_size(fs, path, is_local=False)
     size = 0
     with fs.open(path, "rb", block_size=_CHUNK) as handle:

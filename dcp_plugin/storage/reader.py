@@ -2,9 +2,10 @@
 
 ``.metadata`` is read size-bounded and without running code; every path in it must name one plain file inside
 the checkpoint directory; offsets, lengths and declared tensor sizes are checked against the files before
-anything is allocated; only regular files are opened, never blocking. Each data file is hashed *while* DCP's
-items are read from it (one sequential pass, no second read) and compared with the checksum committed in the
-manifest; a mismatch fails the load naming the file.
+anything is allocated; only regular files are opened, never blocking. Each data file is hashed and compared with
+the checksum committed in the manifest, and a mismatch fails the load naming the file. Remote files are hashed
+while DCP's items are read (one sequential pass); local files are hashed before any byte is used, then read
+from the page cache straight into the tensors.
 
 A load of dcp-plugin reads twice through one reader: first the small skeleton, then the tensors. The skeleton
 read defers verification (``defer_verification``); :meth:`finish_verification` afterwards hashes any file that
@@ -16,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import mmap
 import os
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -36,13 +36,19 @@ from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.safety import loads_metadata
 from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.read_io import (
+    FileRegion,
+    advance,
+    hash_descriptor,
+    read_exactly,
+    span,
+)
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import MAX_METADATA_BYTES, open_local_regular, read_bounded, regular_file_size
 
 log = logging.getLogger(__name__)
 
 _WARNED_UNCHECKED: set[str] = set()
-_CHUNK = 16 * 2**20
 
 
 class _RegularFilesOnly(FileSystem):
@@ -210,33 +216,31 @@ class _Distrustful:
             self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
         storage_data = self.storage_data  # type: ignore[attr-defined]
-        items = sorted(items, key=lambda it: _span(storage_data[it.storage_index]))
+        items = sorted(items, key=lambda it: span(storage_data[it.storage_index]))
         if not hashing and record is not None and relative not in self._dcp_plugin_verified:
             self._dcp_plugin_used.add(relative)  # before the read: a read that fails on damaged bytes is checked too
         if root.is_local and size > 0:
-            self._read_mapped(path, relative, items, planner, expected=record if hashing else None)
+            self._read_local(path, relative, items, planner, expected=record if hashing else None)
         else:
             self._read_streamed(path, relative, size, items, planner, expected=record if hashing else None)
         if hashing:
             self._dcp_plugin_verified.add(relative)
 
-    def _read_mapped(self, path: str, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
-        """Local files: verify the whole file before any byte is used, then hand DCP views of a memory mapping
-        (from the page cache the hash just filled: the disk is read once, as by DCP's own reader)."""
+    def _read_local(self, path: str, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
+        """Local files: verify the whole file before any byte is used (a damaged file leaves live tensors
+        untouched), then read each stored item from the page cache straight into the tensor it becomes."""
         storage_data = self.storage_data  # type: ignore[attr-defined]
-        with open_local_regular(path) as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                if expected is not None and _hash_by_reading(handle) != expected[ALGORITHM]:
-                    self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
-                for item in items:
-                    info = storage_data[item.storage_index]
-                    if info.offset + info.length > len(view):
-                        self._raise_damaged(f"{relative} ends early (at {len(view)} bytes)")
-                    with _MemoryReader(view[info.offset : info.offset + info.length], mapped, info.offset) as raw:
-                        self._use(item, info, raw, planner)
-            finally:
-                view.release()
+        with open_local_regular(path) as handle:
+            fd = handle.fileno()
+            size = os.fstat(fd).st_size
+            if expected is not None and hash_descriptor(fd) != expected[ALGORITHM]:
+                self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
+            for item in items:
+                info = storage_data[item.storage_index]
+                if info.offset + info.length > size:
+                    self._raise_damaged(f"{relative} ends early (at {size} bytes)")
+                with FileRegion(fd, info.offset, info.length) as raw:
+                    self._use(item, info, raw, planner)
 
     def _read_streamed(
         self, path: str, relative: str, size: int, items: list[Any], planner: Any, expected: Any
@@ -250,24 +254,24 @@ class _Distrustful:
             position, cached_span, data = 0, None, b""
             for item in items:
                 info = storage_data[item.storage_index]
-                span = _span(info)
-                if span != cached_span:
+                where = span(info)
+                if where != cached_span:
                     if info.offset < position:
                         self._raise_damaged(f"{relative} has overlapping items in the metadata")
-                    position = _advance(stream, hasher, position, info.offset, hashing)
-                    data = _read_exactly(stream, info.length)
+                    position = advance(stream, hasher, position, info.offset, hashing)
+                    data = read_exactly(stream, info.length)
                     if len(data) != info.length:
                         self._raise_damaged(f"{relative} ends early (at {position + len(data)} bytes)")
                     if hasher is not None:
                         hasher.update(data)
-                    position, cached_span = info.offset + info.length, span
+                    position, cached_span = info.offset + info.length, where
                 if failure is None:
                     try:
                         self._use(item, info, io.BytesIO(data), planner)
                     except Exception as err:  # noqa: BLE001 - the checksum decides what to report
                         failure = err
             if hasher is not None:
-                _advance(stream, hasher, position, size, True)
+                advance(stream, hasher, position, size, True)
         if hasher is not None and hasher.hexdigest() != expected[ALGORITHM]:
             self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
         if failure is not None:
@@ -353,105 +357,6 @@ def _takes_over(target: torch.Tensor, loaded: torch.Tensor) -> bool:
         and loaded.storage_offset() == 0
         and loaded.untyped_storage().nbytes() == loaded.numel() * loaded.element_size()
     )
-
-
-class _MemoryReader(io.RawIOBase):
-    """A seekable binary stream over a memoryview of ``mapped`` starting at ``base`` (no copy until ``torch.load``
-    fills the tensor). Large reads are copied a chunk at a time and each chunk's pages are then unmapped from this
-    process (they stay in the page cache), so decoding a tensor never holds it twice as resident memory."""
-
-    def __init__(self, view: memoryview, mapped: mmap.mmap | None = None, base: int = 0) -> None:
-        super().__init__()
-        self._view = view
-        self._position = 0
-        self._mapped = mapped
-        self._base = base
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        count = max(0, min(len(buffer), len(self._view) - self._position))
-        target = memoryview(buffer).cast("B")
-        for start in range(0, count, _CHUNK):
-            end = min(count, start + _CHUNK)
-            target[start:end] = self._view[self._position + start : self._position + end]
-            if self._mapped is not None and end - start == _CHUNK:
-                _release_pages(self._mapped, self._base + self._position + start, end - start)
-        self._position += count
-        return count
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def close(self) -> None:
-        self._view.release()  # the mapping can only be closed once no view of it is left
-        super().close()
-
-
-def _hash_by_reading(handle: Any) -> str:
-    """Hash a local file with large sequential reads into one reused buffer: the disk is read at full speed
-    (page faults on a fresh mapping read far slower) and the pages stay cached for the items read next."""
-    hasher = xxhash.xxh3_128()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    fd = handle.fileno()
-    offset = 0
-    while True:
-        count = os.preadv(fd, [buffer], offset)
-        if not count:
-            break
-        hasher.update(view[:count])
-        offset += count
-    view.release()
-    return hasher.hexdigest()
-
-
-def _release_pages(mapped: mmap.mmap, offset: int, length: int) -> None:
-    """Unmap pages that were copied out (whole pages inside the range only; they stay in the page cache)."""
-    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = min(len(mapped), offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
-def _span(info: Any) -> tuple[int, int]:
-    return (info.offset, info.length)
-
-
-def _read_exactly(stream: Any, length: int) -> bytes:
-    parts, left = [], length
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        parts.append(chunk)
-        left -= len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _advance(stream: Any, hasher: Any, position: int, target: int, hashing: bool) -> int:
-    """Move from ``position`` to ``target``: hash the bytes in between when verifying, else seek past them."""
-    if target <= position:
-        return position
-    if not hashing:
-        stream.seek(target)
-        return target
-    while position < target:
-        chunk = stream.read(min(_CHUNK, target - position))
-        if not chunk:
-            break
-        hasher.update(chunk)
-        position += len(chunk)
-    return position
 
 
 class SafeFileSystemReader(_Distrustful, FileSystemReader):
