@@ -138,7 +138,7 @@ def _load_once(
     if any(all_problems):
         raise packing.mismatch_error(info.url, all_problems)
     for warning in plan.warnings:
-        warnings.warn(f"Loading {info.url}: {warning}", stacklevel=4)
+        warnings.warn(f"Loading {info.url}: {warning}", stacklevel=5)
     engine.load(plan.flat, reader, url=info.url)
     _raise_if_damaged(groups, reader)
     if _replaced_since(groups, storage, info):  # the reads above may have mixed two checkpoints: never hand out
