@@ -35,7 +35,7 @@ def _status(field: str) -> int:
 
 
 def child_export(checkpoint: str, output: str, fmt: str, dtype: str | None) -> dict:
-    from dcp_plugin.export import export_checkpoint
+    from dcp_plugin.export.exporter import export_checkpoint
 
     warm = tempfile.mkdtemp(dir=os.path.dirname(output))
     tiny, _ = make_checkpoint(warm, 1, 1)  # every module the export uses is imported before the baseline

@@ -17,11 +17,11 @@ from dcp_plugin import logs
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from dcp_plugin.budget import OverheadBudget
+    from dcp_plugin.policies.budget import OverheadBudget
     from dcp_plugin.checkpointer import Checkpointer
     from dcp_plugin.config import CheckpointConfig
-    from dcp_plugin.encoding import EncodingError
-    from dcp_plugin.engine import CheckpointEngine
+    from dcp_plugin.format.encoding import EncodingError
+    from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
     from dcp_plugin.errors import (
         CheckpointCorruptError,
         CheckpointError,
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
         StorageAccessError,
         UnsafeCheckpointError,
     )
-    from dcp_plugin.export import ExportResult, export_checkpoint
+    from dcp_plugin.export.exporter import ExportResult, export_checkpoint
     from dcp_plugin.manager import CheckpointManager
-    from dcp_plugin.packing import StateMismatchError
+    from dcp_plugin.format.packing import StateMismatchError
     from dcp_plugin.policies import (
         EveryNSeconds,
         EveryNSteps,
@@ -51,23 +51,23 @@ if TYPE_CHECKING:
         SaveOptions,
         SavePolicy,
     )
-    from dcp_plugin.replication import ReplicationError
-    from dcp_plugin.schedule import Schedule
-    from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
-    from dcp_plugin.stats import SaveStats
+    from dcp_plugin.tiers.replication import ReplicationError
+    from dcp_plugin.policies.schedule import Schedule
+    from dcp_plugin.format.state import ModelState, OptimizerState, PerRank, RNGState
+    from dcp_plugin.engine.stats import SaveStats
     from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
-    from dcp_plugin.tiers import RemoteTier
+    from dcp_plugin.tiers.two_tiers import RemoteTier
 
 # Public names are imported on first use (PEP 562), so ``import dcp_plugin`` and the ``dcp-plugin`` command start
 # without importing torch; ``from dcp_plugin import CheckpointManager`` works as before.
 _LAZY = {
-    "OverheadBudget": "dcp_plugin.budget",
+    "OverheadBudget": "dcp_plugin.policies.budget",
     "Checkpointer": "dcp_plugin.checkpointer",
     "CheckpointConfig": "dcp_plugin.config",
-    "EncodingError": "dcp_plugin.encoding",
-    "CheckpointEngine": "dcp_plugin.engine",
-    "ExportResult": "dcp_plugin.export",
-    "export_checkpoint": "dcp_plugin.export",
+    "EncodingError": "dcp_plugin.format.encoding",
+    "CheckpointEngine": "dcp_plugin.engine.checkpoint_engine",
+    "ExportResult": "dcp_plugin.export.exporter",
+    "export_checkpoint": "dcp_plugin.export.exporter",
     "CheckpointCorruptError": "dcp_plugin.errors",
     "CheckpointError": "dcp_plugin.errors",
     "CheckpointExistsError": "dcp_plugin.errors",
@@ -79,7 +79,7 @@ _LAZY = {
     "StorageAccessError": "dcp_plugin.errors",
     "UnsafeCheckpointError": "dcp_plugin.errors",
     "CheckpointManager": "dcp_plugin.manager",
-    "StateMismatchError": "dcp_plugin.packing",
+    "StateMismatchError": "dcp_plugin.format.packing",
     "EveryNSeconds": "dcp_plugin.policies",
     "EveryNSteps": "dcp_plugin.policies",
     "KeepBest": "dcp_plugin.policies",
@@ -92,14 +92,14 @@ _LAZY = {
     "RetentionPolicy": "dcp_plugin.policies",
     "SaveOptions": "dcp_plugin.policies",
     "SavePolicy": "dcp_plugin.policies",
-    "ReplicationError": "dcp_plugin.replication",
-    "RemoteTier": "dcp_plugin.tiers",
-    "Schedule": "dcp_plugin.schedule",
-    "ModelState": "dcp_plugin.state",
-    "OptimizerState": "dcp_plugin.state",
-    "PerRank": "dcp_plugin.state",
-    "RNGState": "dcp_plugin.state",
-    "SaveStats": "dcp_plugin.stats",
+    "ReplicationError": "dcp_plugin.tiers.replication",
+    "RemoteTier": "dcp_plugin.tiers.two_tiers",
+    "Schedule": "dcp_plugin.policies.schedule",
+    "ModelState": "dcp_plugin.format.state",
+    "OptimizerState": "dcp_plugin.format.state",
+    "PerRank": "dcp_plugin.format.state",
+    "RNGState": "dcp_plugin.format.state",
+    "SaveStats": "dcp_plugin.engine.stats",
     "CheckpointInfo": "dcp_plugin.storage",
     "CheckpointStorage": "dcp_plugin.storage",
 }

@@ -1,6 +1,6 @@
 """``Checkpointer``: save, load and read ONE checkpoint at a path or URL.
 
-It owns the engine (how DCP writes), applies the checkpoint format (:mod:`dcp_plugin.packing`) and drives
+It owns the engine (how DCP writes), applies the checkpoint format (:mod:`dcp_plugin.format.packing`) and drives
 the storage's commit protocol (``begin_write`` / ``writer`` / ``abort``). It knows nothing about
 directories of checkpoints, schedules or retention (that is :class:`~dcp_plugin.manager.CheckpointManager`)
 and nothing about Lightning or Accelerate.
@@ -13,6 +13,7 @@ if the checkpoint is replaced while it is read).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,18 +24,20 @@ from typing import Any, Union
 
 import torch
 
-from dcp_plugin import inflight, packing
+from dcp_plugin.engine import inflight, priority
+
+from dcp_plugin.format import packing
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
 )
-from dcp_plugin.incremental import IncrementalTracker
+from dcp_plugin.format.incremental import IncrementalTracker
 from dcp_plugin.loading import REPLACED_RETRIES, Resolver, load_committed, resolve_on_coordinator
-from dcp_plugin.state import models_in, optimizers_in, wrap_state
-from dcp_plugin.stats import SaveStats
+from dcp_plugin.format.state import models_in, optimizers_in, wrap_state
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
 from dcp_plugin.storage.blobs import release
 
@@ -129,7 +132,7 @@ class Checkpointer:
             thread_count=self.config.thread_count,
             sync_files=self.config.sync_files,
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
-            background_nice=self.config.background_nice,
+            run_write=functools.partial(priority.run_lowered, self.config.background_nice),
             incremental=plan,
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)

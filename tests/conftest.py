@@ -20,7 +20,7 @@ def _release_process_state():
     yield
     import torch.distributed as dist
 
-    from dcp_plugin import daemon
+    from dcp_plugin.engine import daemon
 
     daemon.shutdown()
     if dist.is_initialized():

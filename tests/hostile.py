@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from dcp_plugin import encoding
+from dcp_plugin.format import encoding
 from tests.forge import forge_manifest, read_manifest, write_manifest
 
 SKELETON = "__dcp_plugin__/skeleton/rank0"

@@ -47,7 +47,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     except BaseException:
         traceback.print_exc()
     finally:
-        from dcp_plugin import daemon
+        from dcp_plugin.engine import daemon
 
         daemon.shutdown()
         if dist.is_initialized():

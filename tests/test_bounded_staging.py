@@ -19,8 +19,8 @@ from dcp_plugin import (
     OptimizerState,
     SaveStats,
 )
-from dcp_plugin.engine import CheckpointEngine
-from dcp_plugin.staging_pool import StagingPool
+from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.staging.pool import StagingPool
 from dcp_plugin.storage.integrity import HashingStream
 from tests.lightning.helpers import TinyModule, full, loader
 from tests.lightning.helpers import trainer as lightning_trainer

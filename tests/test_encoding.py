@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcp_plugin import encoding
+from dcp_plugin.format import encoding
 from tests.models import assert_same
 
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from dcp_plugin import CheckpointConfig, CheckpointSaveError, SaveStats, stagers
-from dcp_plugin import engine as engine_module
-from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin import CheckpointConfig, CheckpointSaveError, SaveStats
+
+from dcp_plugin.engine.staging import stagers
+from dcp_plugin.engine import checkpoint_engine as engine_module
+from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 
 
 class ScriptedWriter(FileSystemWriter):
@@ -97,7 +99,7 @@ def test_importing_the_package_installs_no_global_warning_filter():
     import sys
 
     probe = (
-        "import warnings, dcp_plugin, dcp_plugin.engine\n"
+        "import warnings, dcp_plugin, dcp_plugin.engine.checkpoint_engine\n"
         "print(sum(m is not None and 'torch.distributed' in m.pattern for _, m, *_ in warnings.filters))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)

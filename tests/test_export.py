@@ -43,8 +43,8 @@ def test_safetensors_match_the_model_state_dict_with_hugging_face_names(ckpt_dir
 
 
 def test_tensors_of_every_dtype_and_shape_round_trip(ckpt_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("dcp_plugin.export.BATCH_BYTES", 1024)  # many reads, each tensor converted in pieces
-    monkeypatch.setattr("dcp_plugin.export_io.CHUNK_BYTES", 4096)
+    monkeypatch.setattr("dcp_plugin.export.exporter.BATCH_BYTES", 1024)  # many reads, each tensor converted in pieces
+    monkeypatch.setattr("dcp_plugin.export.output.CHUNK_BYTES", 4096)
     weights = {
         "scalar": torch.tensor(3.5),
         "empty": torch.zeros(0, 4),

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.planner import SavePlanner
 
-from dcp_plugin import CheckpointConfig, CheckpointManager, plans, priority
+from dcp_plugin import CheckpointConfig, CheckpointManager
+
+from dcp_plugin.engine import plans, priority
 from dcp_plugin.policies import EveryNSteps
 from dcp_plugin.storage import dcp_io
 from tests.models import assert_same, make_training, snapshot, train_step

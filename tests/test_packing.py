@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorProperties, TensorStorageMetadata
 
-from dcp_plugin import encoding, packing
-from dcp_plugin.encoding import EncodingError
-from dcp_plugin.state import PerRank, wrap_state
+from dcp_plugin.format import encoding, packing
+from dcp_plugin.format.encoding import EncodingError
+from dcp_plugin.format.state import PerRank, wrap_state
 from tests.models import assert_same, make_model
 
 

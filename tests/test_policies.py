@@ -28,7 +28,7 @@ from dcp_plugin.policies import (
     SaveContext,
     decide,
 )
-from dcp_plugin.retention import plan_retention
+from dcp_plugin.policies.retention import plan_retention
 from dcp_plugin.storage import CheckpointInfo, step_name
 from tests.models import make_training, train_step
 from tests.multiproc import run_ranks
@@ -448,7 +448,7 @@ def test_a_failed_delete_is_logged_not_fatal(caplog):
     model, _, _ = make_training(0)
     try:
         with (
-            caplog.at_level(logging.WARNING, logger="dcp_plugin.retention"),
+            caplog.at_level(logging.WARNING, logger="dcp_plugin.policies.retention"),
             CheckpointManager(url, save_policy=EveryNSteps(1), retention=KeepLast(1), async_mode="thread") as manager,
         ):
             for step in range(1, 5):

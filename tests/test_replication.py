@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from dcp_plugin import CheckpointManager, KeepLast
-from dcp_plugin.replication import ReplicationError, Replicator
+from dcp_plugin.tiers.replication import ReplicationError, Replicator
 from dcp_plugin.storage import CheckpointStorage
 from tests.conftest import moto_server, s3_options
 from tests.models import assert_same, make_training, snapshot, train_step

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_plugin.errors import UnsafeCheckpointError
-from dcp_plugin.safety import load_metadata, loads_metadata
+from dcp_plugin.storage.safety import load_metadata, loads_metadata
 
 
 def test_real_dcp_metadata_loads(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dcp_plugin.policies import EveryNSeconds, EveryNSteps, OnException, OnPreemption, SaveContext
-from dcp_plugin.retention import KeepLast
-from dcp_plugin.schedule import Schedule
+from dcp_plugin.policies.retention import KeepLast
+from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, step_name
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from dcp_plugin.state import (
+from dcp_plugin.format.state import (
     ModelState,
     OptimizerState,
     PerRank,

@@ -98,7 +98,7 @@ def test_sigkill_during_replication_leaves_only_committed_remote_checkpoints_and
 
 # -- the options the adapters share --------------------------------------------------------------------------
 def test_remote_options_resolve_arguments_over_variables():
-    from dcp_plugin.tiers import RemoteTier
+    from dcp_plugin.tiers.two_tiers import RemoteTier
 
     environ = {
         "DCP_PLUGIN_REMOTE": "s3://bucket/env",
@@ -124,7 +124,7 @@ def test_remote_options_resolve_arguments_over_variables():
 )
 def test_bad_remote_options_say_what_is_wrong(arguments, environ, message):
     from dcp_plugin import ConfigError
-    from dcp_plugin.tiers import RemoteTier
+    from dcp_plugin.tiers.two_tiers import RemoteTier
 
     with pytest.raises(ConfigError, match=message):
         RemoteTier.resolve(environ, **arguments)

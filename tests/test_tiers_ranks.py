@@ -69,7 +69,7 @@ def _rank_one_file_damaged(rank, world_size, local, url, options):
     import torch.distributed as dist
 
     from dcp_plugin import ModelState, OptimizerState
-    from dcp_plugin.replication import ReplicationError
+    from dcp_plugin.tiers.replication import ReplicationError
     from tests.models import train_step
     from tests.test_distributed import _fsdp_training
 

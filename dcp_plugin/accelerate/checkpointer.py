@@ -4,7 +4,7 @@ One per ``Accelerator``. It translates between the ``Accelerator`` and the core:
 :class:`~dcp_plugin.checkpointer.Checkpointer` (one save in flight, one staging buffer, one writer daemon)
 for every save and load, and, for automatically named checkpoints, a
 :class:`~dcp_plugin.manager.CheckpointManager` over that checkpointer whose
-:class:`~dcp_plugin.schedule.Schedule` applies ``total_limit`` as a ``KeepLast`` retention.
+:class:`~dcp_plugin.policies.schedule.Schedule` applies ``total_limit`` as a ``KeepLast`` retention.
 
 ``ProjectConfiguration`` semantics, made safe for asynchronous saves:
 
@@ -30,11 +30,11 @@ from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import ConfigError
-from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.errors import CheckpointExistsError, CheckpointNotFoundError
 from dcp_plugin.manager import CheckpointManager
-from dcp_plugin.retention import KeepLast
-from dcp_plugin.schedule import Schedule
+from dcp_plugin.policies.retention import KeepLast
+from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo
 
 log = logging.getLogger(__name__)

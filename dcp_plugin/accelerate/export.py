@@ -62,10 +62,10 @@ def export_weights(
     """Write ``output_dir/model.safetensors`` (or ``pytorch_model.bin``) with the model's full weights.
 
     The same file ``accelerate merge-weights`` writes; load it with ``model.load_state_dict`` or
-    ``safetensors.torch.load_file``. safetensors is streamed tensor by tensor (see :mod:`dcp_plugin.export`).
+    ``safetensors.torch.load_file``. safetensors is streamed tensor by tensor (see :mod:`dcp_plugin.export.exporter`).
     Returns the written path. Run it on one process.
     """
-    from dcp_plugin.export import export_checkpoint
+    from dcp_plugin.export.exporter import export_checkpoint
 
     storage, name = open_url(checkpoint, storage_options)
     entry = _model_entry(storage.info(name), model_index)

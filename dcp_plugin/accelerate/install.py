@@ -18,7 +18,7 @@ from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import collect
 from dcp_plugin.config import CheckpointConfig, ConfigError
-from dcp_plugin.warmup import prepare_after_first_step
+from dcp_plugin.engine.staging.warmup import prepare_after_first_step
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_plugin.config import ENV_PREFIX, CheckpointConfig, ConfigError, _parse_env_value
-from dcp_plugin.tiers import RemoteTier
+from dcp_plugin.tiers.two_tiers import RemoteTier
 
 REMOTE_ARGUMENTS = ("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last")
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dcp_plugin.accelerate.hooks import HOOK_FILES_ENTRY
-from dcp_plugin.state import ModelState, OptimizerState, PerRank, RNGState
+from dcp_plugin.format.state import ModelState, OptimizerState, PerRank, RNGState
 
 ACCELERATOR_ENTRY = "accelerator"
 RNG_ENTRY = "random_states"

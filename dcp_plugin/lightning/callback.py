@@ -4,7 +4,7 @@
             callbacks=[DCPCheckpoint(dirpath="s3://bucket/run1", every_n_train_steps=500,
                                      every_n_seconds=1800, keep_last=3, save_on_signal=True)])
 
-The callback translates Lightning's hooks into the questions a :class:`~dcp_plugin.schedule.Schedule`
+The callback translates Lightning's hooks into the questions a :class:`~dcp_plugin.policies.schedule.Schedule`
 answers (*when* to save, *what to keep*); the saves themselves are ordinary ``trainer.save_checkpoint`` calls
 that the :class:`DCPCheckpointIO` plugin writes in the background. Checkpoints are named
 ``<dirpath>/step_<global step>``.
@@ -27,7 +27,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-from dcp_plugin.lightning.compat import warm_up
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
 from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
 from dcp_plugin.lightning.tiers import CallbackTiers, lightning_checkpoints
@@ -39,9 +38,9 @@ from dcp_plugin.policies import (
     SavePolicy,
     as_metrics,
 )
-from dcp_plugin.retention import RetentionOptions, best_first
-from dcp_plugin.schedule import Schedule
-from dcp_plugin.stats import SaveStats
+from dcp_plugin.policies.retention import RetentionOptions, best_first
+from dcp_plugin.policies.schedule import Schedule
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class DCPCheckpoint(Checkpoint):
             of the checkpoint resumed from in ``dirpath``.
         remote: a remote tier (``"s3://bucket/run1"``) the committed checkpoints are copied to in the
             background; auto-resume takes the newest checkpoint of either tier. Default: ``DCP_PLUGIN_REMOTE``
-            (see :class:`~dcp_plugin.tiers.RemoteTier`).
+            (see :class:`~dcp_plugin.tiers.two_tiers.RemoteTier`).
         remote_storage_options: fsspec options of the remote tier.
         replicate_every_n_steps: copy only checkpoints of every n-th step (default: every checkpoint).
         remote_keep_last: how many of this run's checkpoints the remote tier keeps (default: all).
@@ -178,7 +177,7 @@ class DCPCheckpoint(Checkpoint):
         self._storage = CheckpointStorage(self.dirpath, plugin.config.storage_options)
         if stage != "fit":
             return
-        warm_up(trainer, plugin)
+        plugin.prepare_first_save(trainer)
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
         groups = plugin.checkpointer(collective=True).groups
         self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups)

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from dcp_plugin import daemon, inflight
+from dcp_plugin.engine import daemon, inflight
 from dcp_plugin.checkpointer import Checkpointer, locate
 from dcp_plugin.config import CheckpointConfig, ConfigError
-from dcp_plugin.engine import CheckpointEngine
+from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.errors import CheckpointNotFoundError
-from dcp_plugin.lightning import compat
+from dcp_plugin.lightning import compat, first_save
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning import plugin_support as support
-from dcp_plugin.state import RNGState
-from dcp_plugin.stats import SaveStats
+from dcp_plugin.format.state import RNGState
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.storage import CheckpointStorage
 
 if TYPE_CHECKING:
@@ -208,6 +208,11 @@ class DCPCheckpointIO(CheckpointIO):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"watch_module expects a torch.nn.Module, got {type(module).__name__}.")
         self._module = weakref.ref(module)
+
+    def prepare_first_save(self, trainer: Any) -> None:
+        """At ``fit`` setup: start the writer daemon and stage ahead of the first save (see
+        :mod:`dcp_plugin.lightning.first_save`); called by ``ModelCheckpoint.setup`` and ``DCPCheckpoint``."""
+        first_save.warm_up(trainer, self)
 
     def _watched_modules(self) -> tuple[torch.nn.Module, ...]:
         module = None if self._module is None else self._module()

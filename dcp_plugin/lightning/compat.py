@@ -15,15 +15,24 @@ later ones.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dcp_plugin import inflight
-from dcp_plugin.lightning import layout as lay
-from dcp_plugin.warmup import prepare_after_first_step
+from dcp_plugin.engine import inflight
 
 _MARK = "__dcp_plugin_sees_writes__"
+
+
+@runtime_checkable
+class BackgroundWriter(Protocol):
+    """What the patched methods ask of the trainer's plugin (:class:`~dcp_plugin.lightning.DCPCheckpointIO`)."""
+
+    def locate(self, path: Any) -> tuple[Any, str]:
+        """The storage and checkpoint name ``path`` stands for."""
+
+    def prepare_first_save(self, trainer: Any) -> None:
+        """Called at ``fit`` setup: get the first save ready in the background."""
 
 
 def install() -> None:
@@ -47,52 +56,15 @@ def install() -> None:
     def setup(self: ModelCheckpoint, trainer: Any, pl_module: Any, stage: str) -> None:
         original_setup(self, trainer, pl_module, stage)
         plugin = getattr(trainer.strategy, "checkpoint_io", None)
-        if stage == "fit" and _is_plugin(plugin):
-            warm_up(trainer, plugin)
+        if stage == "fit" and isinstance(plugin, BackgroundWriter):
+            plugin.prepare_first_save(trainer)
 
     ModelCheckpoint.setup = setup  # type: ignore[method-assign]
 
 
-def warm_up(trainer: Any, plugin: Any) -> None:
-    """At setup, on the ranks that will save: start the writer daemon (``process`` mode), and prepare the
-    staging buffers after the first optimizer step (stock strategies), so the first save does not wait for
-    either. Also hands the plugin the module being trained, for incremental saves of its frozen parameters."""
-    from dcp_plugin.lightning.strategies import DCPFSDPStrategy, DCPModelParallelStrategy
-
-    if trainer.lightning_module is not None:
-        plugin.watch_module(trainer.lightning_module)
-
-    if isinstance(trainer.strategy, (DCPFSDPStrategy, DCPModelParallelStrategy)):
-        plugin.engine(collective=True).warm_up()
-    elif trainer.is_global_zero:  # stock strategies save on global rank 0 only
-        plugin.engine(collective=False).warm_up()
-        if plugin.engine(collective=False).needs_prepare:
-            _prepare_after_first_step(trainer, plugin)
-
-
-def _prepare_after_first_step(trainer: Any, plugin: Any) -> None:
-    """Once the first optimizer step created the optimizer's state, stage what a Lightning checkpoint holds
-    (module and optimizer states: the same tensors the first save will copy) in the background."""
-
-    def checkpoint() -> dict[str, Any]:
-        live = {
-            "state_dict": trainer.lightning_module.state_dict(),
-            "optimizer_states": [optimizer.state_dict() for optimizer in trainer.optimizers],
-        }
-        return lay.split_checkpoint(live)[0]
-
-    prepare_after_first_step(lambda: plugin.checkpointer(collective=False), checkpoint)
-
-
-def _is_plugin(plugin: Any) -> bool:
-    from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-
-    return isinstance(plugin, DCPCheckpointIO)
-
-
 def _is_writing(trainer: Any, filepath: Any) -> bool:
     plugin: Any = getattr(trainer.strategy, "checkpoint_io", None)
-    if plugin is None or not _is_plugin(plugin):
+    if not isinstance(plugin, BackgroundWriter):
         return False
     try:
         storage, name = plugin.locate(filepath)
@@ -101,4 +73,4 @@ def _is_writing(trainer: Any, filepath: Any) -> bool:
     return inflight.is_writing(storage.url(name))
 
 
-__all__ = ["install", "warm_up"]
+__all__ = ["BackgroundWriter", "install"]

@@ -13,6 +13,7 @@ from typing import Any, Optional, TypeVar
 
 import lightning.pytorch as pl
 
+from dcp_plugin.export.exporter import register_format
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
@@ -70,7 +71,7 @@ def to_lightning_file(
     """
     import torch
 
-    from dcp_plugin.export_io import open_output
+    from dcp_plugin.export.output import open_output
 
     plugin = DCPCheckpointIO(async_mode="sync", storage_options=storage_options, save_rng=False)
     try:
@@ -81,3 +82,6 @@ def to_lightning_file(
     with open_output(target, output_options if output_options is not None else storage_options) as handle:
         torch.save(checkpoint, handle)
     return target
+
+
+register_format("lightning", to_lightning_file)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from dcp_plugin.lightning import layout as lay
-from dcp_plugin.stats import SaveStats
+from dcp_plugin.engine.stats import SaveStats
 
 METRIC_PREFIX = "checkpoint/"
 

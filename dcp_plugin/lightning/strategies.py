@@ -23,10 +23,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
-from dcp_plugin import inflight
+from dcp_plugin.engine import inflight
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-from dcp_plugin.state import ModelState, OptimizerState, RNGState
+from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class _DCPStrategyMixin:
     _checkpoint_io: Any
     lightning_strategy: type
     """The Lightning strategy this one extends (named in error messages)."""
+    saves_collectively = True
+    """Every rank joins each save, each writing its own shards (see :mod:`dcp_plugin.lightning.first_save`)."""
 
     @property
     def checkpoint_io(self) -> DCPCheckpointIO:

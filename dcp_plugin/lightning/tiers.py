@@ -1,7 +1,7 @@
 """``DCPCheckpoint``'s remote tier: replication of its checkpoints and resuming from the newest of both tiers.
 
 The callback saves to ``dirpath`` (the local tier) as usual; with ``remote=`` every rank sets up the two tiers
-at ``Trainer`` setup (each rank uploads its own files, see :mod:`dcp_plugin.rank_copy`), the checkpoints the
+at ``Trainer`` setup (each rank uploads its own files, see :mod:`dcp_plugin.tiers.rank_copy`), the checkpoints the
 callback saves are replicated once committed, and the local tier's retention keeps those not yet copied. On a
 machine whose ``dirpath`` lacks the newest checkpoint (a fresh node), auto-resume copies it from the remote tier
 into ``dirpath`` first, checked and committed there, and resumes from that local copy.
@@ -13,12 +13,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from dcp_plugin import inflight
-from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.engine import inflight
+from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.lightning import layout as lay
-from dcp_plugin.schedule import Schedule
+from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, copy_checkpoint
-from dcp_plugin.tiers import RemoteTier, TwoTiers
+from dcp_plugin.tiers.two_tiers import RemoteTier, TwoTiers
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from dcp_plugin.storage.root import StorageRoot, access_error
 from dcp_plugin.storage.transfer import copy_checkpoint
 
 if TYPE_CHECKING:
-    from dcp_plugin.storage.dcp_io import IncrementalPlan
+    from dcp_plugin.storage.dcp_io import IncrementalPlan, RunWrite
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,11 @@ class CheckpointStorage:
         thread_count: int,
         sync_files: bool,
         per_thread_copy_ahead: int,
-        background_nice: int = 0,
+        run_write: RunWrite | None = None,
         incremental: IncrementalPlan | None = None,
     ) -> Any:
         """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written.
-        ``background_nice`` > 0: the write runs off the training thread; it lowers its priority by that much.
+        ``run_write(work)`` runs the write (by default on the calling thread; the engine lowers its priority).
         With ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged."""
         from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter  # imports torch
 
@@ -219,7 +219,9 @@ class CheckpointStorage:
             incremental=incremental,
         )
         root, strategy = self._root, self.strategy
-        commit = dict(root=root, strategy=strategy, pending=pending, background_nice=background_nice)
+        commit: dict[str, Any] = dict(root=root, strategy=strategy, pending=pending)
+        if run_write is not None:
+            commit["run_write"] = run_write
         if self.is_local:
             return CommittingFileSystemWriter(pending.directory, **commit, **kwargs)
         # Remote files are durable once closed; DCP would fall back to a machine-wide os.sync() per file.

@@ -7,9 +7,10 @@ import logging
 import os
 import queue
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -19,7 +20,6 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from dcp_plugin import priority
 from dcp_plugin.errors import CheckpointSaveError
 from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id_of
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
@@ -29,15 +29,32 @@ from dcp_plugin.storage.names import BLOBS, METADATA_NAME
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import regular_file_size
 
-if TYPE_CHECKING:
-    from dcp_plugin.staging_pool import StagingSession
-
 log = logging.getLogger(__name__)
 
 _WARNED_UNCHECKED: set[str] = set()
 _CHECKSUMS_FQN = "__dcp_plugin_checksums__"
 """WriteResults under this name carry a rank's file checksums to the coordinator's ``finish``; they are
 taken out before DCP builds ``.metadata``."""
+
+
+T = TypeVar("T")
+
+RunWrite = Callable[[Callable[[], Any]], Any]
+"""How a write runs ``work()``: the engine passes one that lowers the writing thread's priority. Picklable,
+since writers travel to the writer daemon."""
+
+
+def run_here(work: Callable[[], T]) -> T:
+    """The default :data:`RunWrite`: ``work()`` on the calling thread."""
+    return work()
+
+
+class StagingSession(Protocol):
+    """A bounded staging pool's view of one save (:class:`dcp_plugin.engine.staging.pool.StagingSession`)."""
+
+    def writing(self, buckets: Sequence[Sequence[Any]], planner: Any) -> AbstractContextManager[Any]: ...
+
+    def stream_closed(self, error: BaseException | None) -> None: ...
 
 
 # -- writing --------------------------------------------------------------------------------------------
@@ -100,13 +117,13 @@ class _CommitOnFinish:
         root: StorageRoot,
         strategy: CommitStrategy,
         pending: PendingWrite,
-        background_nice: int,
+        run_write: RunWrite,
         incremental: IncrementalPlan | None,
     ) -> None:
         self._dcp_plugin_root = root
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
-        self._dcp_plugin_nice = background_nice
+        self._dcp_plugin_run_write = run_write
         self._dcp_plugin_incremental = incremental
 
     def attach_staging(self, session: StagingSession) -> None:
@@ -126,15 +143,14 @@ class _CommitOnFinish:
         reused: list[WriteResult] = []
         try:
             # in a thread of lower priority (background saves only); DCP's writer threads inherit it
+            run_write = self._dcp_plugin_run_write
             if incremental is not None:
-                future, reused = priority.run_lowered(
-                    self._dcp_plugin_nice, lambda: self._write_incrementally(plan, planner, incremental, report)
-                )
+                future, reused = run_write(lambda: self._write_incrementally(plan, planner, incremental, report))
             elif staging is None:
-                future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, planner))
+                future = run_write(lambda: write(plan, planner))
             else:
                 with staging.writing(self._files_in_writing_order(plan), planner) as pool_planner:
-                    future = priority.run_lowered(self._dcp_plugin_nice, lambda: write(plan, pool_planner))
+                    future = run_write(lambda: write(plan, pool_planner))
         finally:
             self.fs = original
         results = list(future.wait()) + reused
@@ -263,12 +279,12 @@ class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
         root: StorageRoot,
         strategy: CommitStrategy,
         pending: PendingWrite,
-        background_nice: int = 0,
+        run_write: RunWrite = run_here,
         incremental: IncrementalPlan | None = None,
         **kwargs: Any,
     ) -> None:
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, background_nice, incremental)
+        self._init_commit(root, strategy, pending, run_write, incremental)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
@@ -279,12 +295,12 @@ class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
         root: StorageRoot,
         strategy: CommitStrategy,
         pending: PendingWrite,
-        background_nice: int = 0,
+        run_write: RunWrite = run_here,
         incremental: IncrementalPlan | None = None,
         **kwargs: Any,
     ) -> None:
         FsspecWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, background_nice, incremental)
+        self._init_commit(root, strategy, pending, run_write, incremental)
 
 
 __all__ = ["CommittingFileSystemWriter", "CommittingFsspecWriter"]

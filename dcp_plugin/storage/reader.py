@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
-from dcp_plugin.safety import loads_metadata
+from dcp_plugin.storage.safety import loads_metadata
 from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME, is_safe_data_file
 from dcp_plugin.storage.read_io import (

@@ -105,7 +105,7 @@ def test_accelerate_merge_weights_refuses_a_full_training_checkpoint(tmp_path):
 
 def test_checkpoints_written_before_the_nesting_still_load(tmp_path, monkeypatch):
     """Checkpoints of earlier versions were handed to DCP flat; they must keep loading."""
-    from dcp_plugin import packing
+    from dcp_plugin.format import packing
 
     original = packing.Packed.flat
     monkeypatch.setattr(packing.Packed, "flat", property(lambda self: self.tensors))  # the old format

@@ -26,7 +26,7 @@ def test_the_first_step_starts_the_writer_process_in_process_mode(tmp_path):
     save_state does not wait seconds for a fresh interpreter."""
     from torch.distributed.checkpoint import _async_process_executor as executor
 
-    from dcp_plugin import daemon
+    from dcp_plugin.engine import daemon
 
     daemon.shutdown()  # a daemon left by an earlier test would hide whether this one starts it
     accelerator = Accelerator(cpu=True)

@@ -320,7 +320,7 @@ def test_process_mode_daemon_is_quiet(tmp_path):
 def test_the_writer_daemon_starts_at_setup(tmp_path, callback_kind):
     from torch.distributed.checkpoint import _async_process_executor as executor
 
-    from dcp_plugin import daemon
+    from dcp_plugin.engine import daemon
 
     seen = []
 

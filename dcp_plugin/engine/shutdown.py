@@ -1,7 +1,7 @@
 """The one exit-time flush: saves still in flight when the interpreter exits are committed (or their errors
 logged), then DCP's writer daemon is stopped.
 
-Every :class:`~dcp_plugin.engine.CheckpointEngine` registers itself here (weakly: an engine that was
+Every :class:`~dcp_plugin.engine.checkpoint_engine.CheckpointEngine` registers itself here (weakly: an engine that was
 garbage-collected is forgotten). This covers loops that never call ``close()``, Lightning strategies that
 never call ``teardown()`` and Accelerate scripts that never call ``end_training()``.
 """
@@ -13,7 +13,7 @@ import logging
 import weakref
 from typing import Any
 
-from dcp_plugin import daemon
+from dcp_plugin.engine import daemon
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dcp_plugin.cli_output import emit, emit_json, parse_options, progress
-from dcp_plugin.export import DTYPES, FORMATS
+from dcp_plugin.cli.output import emit, emit_json, parse_options, progress
+from dcp_plugin.export.exporter import DTYPES, export_formats
 
 _SUFFIX_FORMATS = {".safetensors": "safetensors", ".ckpt": "lightning"}
 
@@ -22,7 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write one entry (default: the model weights) of a checkpoint as a safetensors, torch.save or Lightning
     file, to a path or any fsspec URL. safetensors is streamed tensor by tensor (memory: about the largest
     tensor); torch.save needs the whole entry in memory."""
-    from dcp_plugin.export import export_checkpoint
+    from dcp_plugin.export.exporter import export_checkpoint
 
     fmt = format_for(args.output, args.format)
     shared = parse_options(args.storage_options, "--storage-options")
@@ -86,7 +86,7 @@ def add_export_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> Non
     export.add_argument("output", help="the file to write: a path or fsspec URL (s3://bucket/model.safetensors)")
     export.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=export_formats(),
         help="default: from OUTPUT's suffix (.safetensors, .ckpt = lightning), else torch",
     )
     export.add_argument("--entry", help="which entry (default: model, or state_dict for Lightning checkpoints)")

@@ -10,7 +10,7 @@ import argparse
 import math
 from typing import Any
 
-from dcp_plugin.cli_output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
+from dcp_plugin.cli.output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
 from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, open_url
 

@@ -9,7 +9,7 @@ or :meth:`Replicator.wait`, like a background save's error; the checkpoint stays
 :meth:`Replicator.busy` names the checkpoints queued or being copied, which the local tier's retention must keep.
 
 On several ranks (``ranks``), every rank runs a replicator and queues the same checkpoints; each rank uploads
-its own files and rank 0 commits (see :mod:`dcp_plugin.rank_copy`). Rank 0 keeps and raises the errors; the
+its own files and rank 0 commits (see :mod:`dcp_plugin.tiers.rank_copy`). Rank 0 keeps and raises the errors; the
 other ranks log theirs (rank 0 raises them too, as the copy did not commit).
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dcp_plugin.errors import CheckpointError, CheckpointExistsError
-from dcp_plugin.rank_copy import RankCopies
-from dcp_plugin.retention import RetentionPolicy, apply_retention
+from dcp_plugin.tiers.rank_copy import RankCopies
+from dcp_plugin.policies.retention import RetentionPolicy, apply_retention
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, copy_checkpoint
 from dcp_plugin.storage.transfer import CopyPlan, begin_copy
 

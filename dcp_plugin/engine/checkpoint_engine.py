@@ -1,8 +1,8 @@
 """The save/load pipeline around ``dcp.save`` / ``dcp.async_save`` / ``dcp.load``.
 
 Owns what must live as long as the run: the staging buffers, the one save in flight, and the errors raised
-in the background. Process groups live in :mod:`dcp_plugin.groups`, the writer daemon in
-:mod:`dcp_plugin.daemon`. Knows nothing about Lightning or Accelerate and nothing about paths (it receives
+in the background. Process groups live in :mod:`dcp_plugin.engine.groups`, the writer daemon in
+:mod:`dcp_plugin.engine.daemon`. Knows nothing about Lightning or Accelerate and nothing about paths (it receives
 DCP writers and readers).
 """
 
@@ -25,13 +25,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
-from dcp_plugin import daemon, inflight, plans, shutdown
+from dcp_plugin.engine import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
-from dcp_plugin.groups import ProcessGroups
-from dcp_plugin.stagers import Stagers
-from dcp_plugin.staging_pool import BoundedStager
-from dcp_plugin.stats import SaveStats
+from dcp_plugin.engine.groups import ProcessGroups
+from dcp_plugin.engine.staging.stagers import Stagers
+from dcp_plugin.engine.staging.pool import BoundedStager
+from dcp_plugin.engine.stats import SaveStats
 
 log = logging.getLogger(__name__)
 

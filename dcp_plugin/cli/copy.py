@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dcp_plugin.cli_output import emit, emit_json, human_size, parse_options, progress
+from dcp_plugin.cli.output import emit, emit_json, human_size, parse_options, progress
 from dcp_plugin.storage import CheckpointStorage, copy_checkpoint, open_url
 
 

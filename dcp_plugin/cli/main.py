@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 
 from dcp_plugin import __version__, logs
-from dcp_plugin.cli_commands import add_commands
-from dcp_plugin.cli_copy import add_copy_command
-from dcp_plugin.cli_export import add_export_commands
+from dcp_plugin.cli.commands import add_commands
+from dcp_plugin.cli.copy import add_copy_command
+from dcp_plugin.cli.export import add_export_commands
 from dcp_plugin.errors import CheckpointError, ConfigError
 
 EXIT_OK = 0

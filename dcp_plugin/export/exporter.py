@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from dcp_plugin.errors import CheckpointLoadError, CheckpointNotFoundError, ConfigError
@@ -23,7 +24,15 @@ from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, open_url
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("safetensors", "torch", "lightning")
+BUILT_IN_FORMATS = ("safetensors", "torch")
+"""Formats written from one entry of any checkpoint; adapters add whole-checkpoint formats (Lightning's ``.ckpt``)."""
+FORMAT_ENTRY_POINTS = "dcp_plugin.export_formats"
+"""The entry-point group through which an adapter names a whole-checkpoint format without being imported."""
+
+WholeCheckpointWriter = Callable[..., str]
+"""``writer(checkpoint, output, *, storage_options, output_options) -> the output written``."""
+
+_registered: dict[str, WholeCheckpointWriter] = {}
 DTYPES = ("float32", "bfloat16", "float16")
 BATCH_BYTES = 32 * 2**20
 """Small tensors are read together up to this many bytes (one DCP read per batch)."""
@@ -44,15 +53,37 @@ class ExportResult:
     bytes: int
 
 
+def register_format(name: str, writer: WholeCheckpointWriter) -> None:
+    """Make ``export_checkpoint(format=name)`` write the whole checkpoint with ``writer`` (adapters call this)."""
+    _registered[name] = writer
+
+
+def _format_entry_points() -> dict[str, Any]:
+    return {point.name: point for point in entry_points(group=FORMAT_ENTRY_POINTS)}
+
+
+def export_formats() -> tuple[str, ...]:
+    """Every format ``export_checkpoint`` accepts, without importing the adapters that write them."""
+    extra = sorted(set(_registered) | set(_format_entry_points()))
+    return BUILT_IN_FORMATS + tuple(name for name in extra if name not in BUILT_IN_FORMATS)
+
+
+def _whole_checkpoint_writer(format: str) -> WholeCheckpointWriter:
+    if format not in _registered:
+        _format_entry_points()[format].load()  # importing the adapter registers its writer
+    return _registered[format]
+
+
 def check_options(format: str, dtype: str | None, entry: str | None) -> None:
     """Refuse impossible options before anything is read."""
-    if format not in FORMATS:
-        raise ConfigError(f"format={format!r} is not an export format; use one of {', '.join(FORMATS)}.")
+    formats = export_formats()
+    if format not in formats:
+        raise ConfigError(f"format={format!r} is not an export format; use one of {', '.join(formats)}.")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)} (or leave it out).")
-    if format == "lightning" and (dtype is not None or entry is not None):
+    if format not in BUILT_IN_FORMATS and (dtype is not None or entry is not None):
         raise ConfigError(
-            "format='lightning' writes the whole Lightning checkpoint as it was saved; dtype and entry apply to the "
+            f"format={format!r} writes the whole checkpoint as it was saved; dtype and entry apply to the "
             "safetensors and torch formats."
         )
 
@@ -79,10 +110,9 @@ def export_checkpoint(
     check_options(format, dtype, entry)
     options = dict(storage_options or {})
     out_options = dict(output_options) if output_options is not None else options
-    if format == "lightning":
-        from dcp_plugin.lightning.inference import to_lightning_file
-
-        written = to_lightning_file(checkpoint, output, storage_options=options, output_options=out_options)
+    if format not in BUILT_IN_FORMATS:
+        writer = _whole_checkpoint_writer(format)
+        written = writer(checkpoint, output, storage_options=options, output_options=out_options)
         return ExportResult(written, format, os.fspath(checkpoint), None, 0, 0)
     storage, name = open_url(checkpoint, options)
     info = storage.info(name)
@@ -115,7 +145,7 @@ def _export_safetensors(
 ) -> ExportResult:
     import torch
 
-    from dcp_plugin.export_io import SafetensorsStream, TensorSpec, open_output
+    from dcp_plugin.export.output import SafetensorsStream, TensorSpec, open_output
 
     reader = storage.metadata_reader(info)
     metadata = reader.read_metadata()
@@ -230,7 +260,7 @@ def _keep_what_is_read_planner(shapes: dict[str, tuple[tuple[int, ...], Any]]) -
 
 def _engine() -> Any:
     from dcp_plugin.config import CheckpointConfig
-    from dcp_plugin.engine import CheckpointEngine
+    from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 
     return CheckpointEngine(CheckpointConfig(async_mode="sync"), distributed=False)
 
@@ -256,7 +286,7 @@ def _export_torch(
 
     from dcp_plugin.checkpointer import Checkpointer
     from dcp_plugin.config import CheckpointConfig
-    from dcp_plugin.export_io import open_output
+    from dcp_plugin.export.output import open_output
 
     checkpointer = Checkpointer(CheckpointConfig(async_mode="sync"), distributed=False)  # reads through `storage`
     try:
@@ -295,4 +325,13 @@ def _convert_in_place(value: list[Any], dtype: Any) -> list[int]:
     return counted
 
 
-__all__ = ["BATCH_BYTES", "DTYPES", "FORMATS", "ExportResult", "check_options", "export_checkpoint"]
+__all__ = [
+    "BATCH_BYTES",
+    "BUILT_IN_FORMATS",
+    "DTYPES",
+    "ExportResult",
+    "check_options",
+    "export_checkpoint",
+    "export_formats",
+    "register_format",
+]

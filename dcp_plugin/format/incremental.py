@@ -26,7 +26,7 @@ import torch
 
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointError
-from dcp_plugin.state import models_in
+from dcp_plugin.format.state import models_in
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite
 from dcp_plugin.storage import blobs as shared
 from dcp_plugin.storage.dcp_io import IncrementalPlan

@@ -7,7 +7,7 @@ kept if any of them keeps it)::
 
 The policies and :func:`plan_retention` are pure (a listing in, names out). :func:`apply_retention` is the
 only function here that touches storage: it lists and deletes through the ``CheckpointStorage`` it is given
-(called by :class:`~dcp_plugin.schedule.Schedule` after a save committed).
+(called by :class:`~dcp_plugin.policies.schedule.Schedule` after a save committed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Staging once ahead of the first save, in a background thread, so that the first save only copies into
 buffers that exist (DCP's stager finds them again by the live tensors' storage) instead of allocating and
-page-faulting them while training waits. Owned by :class:`~dcp_plugin.engine.CheckpointEngine`."""
+page-faulting them while training waits. Owned by :class:`~dcp_plugin.engine.checkpoint_engine.CheckpointEngine`."""
 
 from __future__ import annotations
 

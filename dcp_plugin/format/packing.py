@@ -1,7 +1,7 @@
 """The checkpoint format: how a state mapping becomes one flat DCP state dict, and back.
 
-Each rank writes a skeleton (see :mod:`dcp_plugin.encoding`) under ``__dcp_plugin__/skeleton/rank<r>``.
-Entries whose content differs per rank (RNG states, :class:`~dcp_plugin.state.PerRank`) store their
+Each rank writes a skeleton (see :mod:`dcp_plugin.format.encoding`) under ``__dcp_plugin__/skeleton/rank<r>``.
+Entries whose content differs per rank (RNG states, :class:`~dcp_plugin.format.state.PerRank`) store their
 tensors under ``<entry>/rank<r>``; all other tensors are stored under ``<entry>.<path>`` — the same keys
 DCP's own flattening produces, so model weights are readable by other DCP tools.
 """
@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dcp_plugin import encoding
-from dcp_plugin.state import ModelState, defines_structure, is_per_rank
+from dcp_plugin.format import encoding
+from dcp_plugin.format.state import ModelState, defines_structure, is_per_rank
 from dcp_plugin.storage.reader import placeholder
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,14 @@
 """Two tiers: fast local checkpoints, replicated to a remote tier (object storage) in the background.
 
 Every save commits to the local tier as usual. Checkpoints chosen by the ``replicate`` policy are handed to a
-:class:`~dcp_plugin.replication.Replicator` once they committed locally; the local tier's retention never
+:class:`~dcp_plugin.tiers.replication.Replicator` once they committed locally; the local tier's retention never
 deletes one that is still queued or being copied, and each tier has its own retention. Listing merges both
 tiers; a load takes the local copy when it is there (and reads back intact), otherwise the remote one, so a job
 restarted on a machine with an empty disk resumes from the remote tier.
 
 Supported layout: one local directory every rank can read (one node, or a shared filesystem). On several ranks
 each rank uploads the files it wrote and rank 0 commits the remote copy once every rank's files are uploaded
-and checked (:mod:`dcp_plugin.rank_copy`). Node-local disks on several nodes are not a supported local tier:
+and checked (:mod:`dcp_plugin.tiers.rank_copy`). Node-local disks on several nodes are not a supported local tier:
 a save commits by renaming the checkpoint directory on rank 0's disk, so other nodes never hold it committed.
 
 :class:`RemoteTier` holds the options the adapters share (``remote``, ``remote_storage_options``,
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from dcp_plugin.config import ENV_PREFIX, _parse_env_value
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
-from dcp_plugin.groups import ProcessGroups
+from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.policies import EveryNSteps, SaveContext, SavePolicy, decide
-from dcp_plugin.rank_copy import RankCopies
-from dcp_plugin.replication import Replicator
-from dcp_plugin.retention import KeepLast, RetentionPolicy
-from dcp_plugin.schedule import Schedule
+from dcp_plugin.tiers.rank_copy import RankCopies
+from dcp_plugin.tiers.replication import Replicator
+from dcp_plugin.policies.retention import KeepLast, RetentionPolicy
+from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from dcp_plugin.policies import SaveContext, SavePolicy
+from dcp_plugin.policies.save import SaveContext, SavePolicy
 
 
 class OverheadBudget(SavePolicy):

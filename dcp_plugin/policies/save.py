@@ -1,13 +1,10 @@
-"""When to save: small policy objects that compose (what to keep lives in :mod:`dcp_plugin.retention`).
+"""When to save: small policy objects that compose (what to keep lives in :mod:`dcp_plugin.policies.retention`).
 
 Save policies answer "should this step be checkpointed?"; combine them with ``|`` (any of them fires)::
 
     policy = EveryNSteps(500) | EveryNSeconds(1800) | OnPreemption()
 
-Retention policies (``KeepLast``, ``KeepBest``...) are defined in :mod:`dcp_plugin.retention` and
-re-exported here, so ``from dcp_plugin.policies import KeepLast`` keeps working.
-
-Both kinds are applied by a :class:`~dcp_plugin.schedule.Schedule` (inside ``CheckpointManager``, the
+Both kinds are applied by a :class:`~dcp_plugin.policies.schedule.Schedule` (inside ``CheckpointManager``, the
 Lightning callback and the Accelerate adapter). The policies themselves do no I/O and no collectives:
 each one declares how its local vote is agreed across ranks (:attr:`SavePolicy.agreement`) and
 :func:`decide` gathers all votes in one collective, only when some policy needs it.
@@ -19,22 +16,12 @@ import logging
 import signal
 import threading
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from dcp_plugin.retention import (
-    KeepAny,
-    KeepBest,
-    KeepEveryNSteps,
-    KeepLast,
-    RetentionOptions,
-    RetentionPolicy,
-    check_positive_int,
-    metric_value,
-)
+from dcp_plugin.policies.retention import check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -387,34 +374,13 @@ def as_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-# Moved to dcp_plugin.retention (planning and applying retention lives in one module); kept for one release.
-_MOVED_TO_RETENTION = ("RetentionPlan", "plan_retention", "apply_retention")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_RETENTION:
-        warnings.warn(
-            f"dcp_plugin.policies.{name} moved to dcp_plugin.retention.{name}.", DeprecationWarning, stacklevel=2
-        )
-        from dcp_plugin import retention
-
-        return getattr(retention, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AnyOf",
     "EveryNSeconds",
     "EveryNSteps",
-    "KeepAny",
-    "KeepBest",
-    "KeepEveryNSteps",
-    "KeepLast",
     "OnEpochEnd",
     "OnException",
     "OnPreemption",
-    "RetentionOptions",
-    "RetentionPolicy",
     "SaveContext",
     "SaveDecision",
     "SaveEvent",
@@ -422,5 +388,4 @@ __all__ = [
     "SavePolicy",
     "as_metrics",
     "decide",
-    "metric_value",
 ]

@@ -1,0 +1,3 @@
+"""The DCP pipeline: :class:`~dcp_plugin.engine.checkpoint_engine.CheckpointEngine` (``dcp.save`` / ``async_save``
+/ ``load``, one save in flight, background errors) and its parts: the writer daemon, process groups, plan caching,
+writer priority, saves in flight per URL, the exit-time flush, save statistics, and staging (:mod:`.staging`)."""
