@@ -17,11 +17,10 @@ from dcp_plugin import logs
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from dcp_plugin.policies.budget import OverheadBudget
     from dcp_plugin.checkpointer import Checkpointer
     from dcp_plugin.config import CheckpointConfig
-    from dcp_plugin.format.encoding import EncodingError
     from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+    from dcp_plugin.engine.stats import SaveStats
     from dcp_plugin.errors import (
         CheckpointCorruptError,
         CheckpointError,
@@ -35,8 +34,10 @@ if TYPE_CHECKING:
         UnsafeCheckpointError,
     )
     from dcp_plugin.export.exporter import ExportResult, export_checkpoint
-    from dcp_plugin.manager import CheckpointManager
+    from dcp_plugin.format.encoding import EncodingError
     from dcp_plugin.format.packing import StateMismatchError
+    from dcp_plugin.format.state import ModelState, OptimizerState, PerRank, RNGState
+    from dcp_plugin.manager import CheckpointManager
     from dcp_plugin.policies import (
         EveryNSeconds,
         EveryNSteps,
@@ -51,11 +52,10 @@ if TYPE_CHECKING:
         SaveOptions,
         SavePolicy,
     )
-    from dcp_plugin.tiers.replication import ReplicationError
+    from dcp_plugin.policies.budget import OverheadBudget
     from dcp_plugin.policies.schedule import Schedule
-    from dcp_plugin.format.state import ModelState, OptimizerState, PerRank, RNGState
-    from dcp_plugin.engine.stats import SaveStats
     from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+    from dcp_plugin.tiers.replication import ReplicationError
     from dcp_plugin.tiers.two_tiers import RemoteTier
 
 # Public names are imported on first use (PEP 562), so ``import dcp_plugin`` and the ``dcp-plugin`` command start

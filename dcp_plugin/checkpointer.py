@@ -24,20 +24,19 @@ from typing import Any, Union
 
 import torch
 
-from dcp_plugin.engine import inflight, priority
-
-from dcp_plugin.format import packing
 from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.engine import inflight, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import (
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
 )
+from dcp_plugin.format import packing
 from dcp_plugin.format.incremental import IncrementalTracker
-from dcp_plugin.loading import REPLACED_RETRIES, Resolver, load_committed, resolve_on_coordinator
 from dcp_plugin.format.state import models_in, optimizers_in, wrap_state
-from dcp_plugin.engine.stats import SaveStats
+from dcp_plugin.loading import REPLACED_RETRIES, Resolver, load_committed, resolve_on_coordinator
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
 from dcp_plugin.storage.blobs import release
 

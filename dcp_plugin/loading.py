@@ -9,10 +9,10 @@ import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
-from dcp_plugin.format import encoding, packing
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointLoadError, UnsafeCheckpointError
 from dcp_plugin.engine.groups import ProcessGroups
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointLoadError, UnsafeCheckpointError
+from dcp_plugin.format import encoding, packing
 from dcp_plugin.format.state import wrap_state
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 

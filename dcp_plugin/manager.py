@@ -16,10 +16,10 @@ from typing import Any
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import CheckpointNotFoundError, ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.policies.schedule import Schedule
-from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
 from dcp_plugin.tiers.two_tiers import TwoTiers
 
@@ -49,8 +49,8 @@ class CheckpointManager:
         checkpointer: share a :class:`Checkpointer` (not closed by :meth:`close`) instead of creating one.
         schedule: a ready :class:`Schedule` instead of ``save_policy`` / ``retention`` / ``run_id``.
         remote: a second tier (e.g. ``s3://bucket/run``): committed checkpoints are copied there in the
-            background (see :mod:`dcp_plugin.tiers.two_tiers`); :meth:`load` falls back to it when the local tier lacks a
-            checkpoint; :meth:`close` waits for the copies.
+            background (see :mod:`dcp_plugin.tiers.two_tiers`); :meth:`load` falls back to it when the local
+            tier lacks a checkpoint; :meth:`close` waits for the copies.
         remote_storage_options: fsspec options for ``remote`` (default: ``storage_options``).
         replicate: which checkpoints to copy, e.g. ``EveryNSteps(1000)`` (``None``: every one).
         remote_retention: which replicated checkpoints of this run the remote tier keeps (``None``: all). The

@@ -25,13 +25,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
-from dcp_plugin.engine import daemon, inflight, plans, shutdown
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
+from dcp_plugin.engine import daemon, inflight, plans, shutdown
 from dcp_plugin.engine.groups import ProcessGroups
-from dcp_plugin.engine.staging.stagers import Stagers
 from dcp_plugin.engine.staging.pool import BoundedStager
+from dcp_plugin.engine.staging.stagers import Stagers
 from dcp_plugin.engine.stats import SaveStats
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
 
 log = logging.getLogger(__name__)
 

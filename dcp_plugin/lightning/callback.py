@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
@@ -40,7 +41,6 @@ from dcp_plugin.policies import (
 )
 from dcp_plugin.policies.retention import RetentionOptions, best_first
 from dcp_plugin.policies.schedule import Schedule
-from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)

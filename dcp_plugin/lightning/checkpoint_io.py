@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from dcp_plugin.engine import daemon, inflight
 from dcp_plugin.checkpointer import Checkpointer, locate
 from dcp_plugin.config import CheckpointConfig, ConfigError
+from dcp_plugin.engine import daemon, inflight
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import CheckpointNotFoundError
+from dcp_plugin.format.state import RNGState
 from dcp_plugin.lightning import compat, first_save
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning import plugin_support as support
-from dcp_plugin.format.state import RNGState
-from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.storage import CheckpointStorage
 
 if TYPE_CHECKING:

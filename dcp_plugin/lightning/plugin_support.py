@@ -14,11 +14,11 @@ from typing import Any, Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from dcp_plugin.engine import inflight
 from dcp_plugin.checkpointer import Checkpointer
-from dcp_plugin.lightning import layout as lay
-from dcp_plugin.format.state import RNGState
+from dcp_plugin.engine import inflight
 from dcp_plugin.engine.stats import SaveStats
+from dcp_plugin.format.state import RNGState
+from dcp_plugin.lightning import layout as lay
 from dcp_plugin.storage import CheckpointStorage
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from dcp_plugin.lightning import layout as lay
 from dcp_plugin.engine.stats import SaveStats
+from dcp_plugin.lightning import layout as lay
 
 METRIC_PREFIX = "checkpoint/"
 

@@ -24,9 +24,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
 from dcp_plugin.engine import inflight
+from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 
 log = logging.getLogger(__name__)
 

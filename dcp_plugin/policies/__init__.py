@@ -50,7 +50,9 @@ _MOVED_TO_RETENTION = ("RetentionPlan", "plan_retention", "apply_retention")
 def __getattr__(name: str) -> Any:
     if name in _MOVED_TO_RETENTION:
         warnings.warn(
-            f"dcp_plugin.policies.{name} moved to dcp_plugin.policies.retention.{name}.", DeprecationWarning, stacklevel=2
+            f"dcp_plugin.policies.{name} moved to dcp_plugin.policies.retention.{name}.",
+            DeprecationWarning,
+            stacklevel=2,
         )
         from dcp_plugin.policies import retention
 

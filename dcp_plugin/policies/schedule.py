@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dcp_plugin.policies.save import SAVE_EVENTS, SaveContext, SaveDecision, SavePolicy, decide
 from dcp_plugin.policies.retention import Owned, RetentionPlan, RetentionPolicy, apply_retention
+from dcp_plugin.policies.save import SAVE_EVENTS, SaveContext, SaveDecision, SavePolicy, decide
 
 if TYPE_CHECKING:
     from dcp_plugin.storage import CheckpointStorage

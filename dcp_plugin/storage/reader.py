@@ -33,7 +33,6 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
-from dcp_plugin.storage.safety import loads_metadata
 from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME, is_safe_data_file
 from dcp_plugin.storage.read_io import (
@@ -45,6 +44,7 @@ from dcp_plugin.storage.read_io import (
 )
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import MAX_METADATA_BYTES, open_local_regular, read_bounded, regular_file_size
+from dcp_plugin.storage.safety import loads_metadata
 
 log = logging.getLogger(__name__)
 

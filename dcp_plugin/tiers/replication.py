@@ -23,10 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dcp_plugin.errors import CheckpointError, CheckpointExistsError
-from dcp_plugin.tiers.rank_copy import RankCopies
 from dcp_plugin.policies.retention import RetentionPolicy, apply_retention
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, copy_checkpoint
 from dcp_plugin.storage.transfer import CopyPlan, begin_copy
+from dcp_plugin.tiers.rank_copy import RankCopies
 
 log = logging.getLogger(__name__)
 

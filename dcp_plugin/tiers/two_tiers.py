@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dcp_plugin.config import ENV_PREFIX, _parse_env_value
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 from dcp_plugin.engine.groups import ProcessGroups
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, ConfigError
 from dcp_plugin.policies import EveryNSteps, SaveContext, SavePolicy, decide
-from dcp_plugin.tiers.rank_copy import RankCopies
-from dcp_plugin.tiers.replication import Replicator
 from dcp_plugin.policies.retention import KeepLast, RetentionPolicy
 from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+from dcp_plugin.tiers.rank_copy import RankCopies
+from dcp_plugin.tiers.replication import Replicator
 
 if TYPE_CHECKING:
     from dcp_plugin.checkpointer import Checkpointer

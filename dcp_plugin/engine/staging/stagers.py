@@ -10,8 +10,8 @@ import torch
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.engine.staging.prestage import Prestage
 from dcp_plugin.engine.staging.pool import BoundedStager, StagingPool, bounded_stager
+from dcp_plugin.engine.staging.prestage import Prestage
 
 
 @functools.cache

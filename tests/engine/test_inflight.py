@@ -7,7 +7,6 @@ import os
 import torch
 
 from dcp_plugin import CheckpointConfig, Checkpointer, CheckpointManager
-
 from dcp_plugin.engine import inflight
 from tests.holds import hold_commits
 

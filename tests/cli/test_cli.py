@@ -15,9 +15,9 @@ import torch
 from dcp_plugin import CheckpointConfig, CheckpointManager, ConfigError, __version__
 from dcp_plugin.cli import main
 from tests.models import assert_same, make_model
+from tests.paths import REPO
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_checkpoints(directory: str) -> torch.nn.Module:

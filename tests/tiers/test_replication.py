@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from dcp_plugin import CheckpointManager, KeepLast
-from dcp_plugin.tiers.replication import ReplicationError, Replicator
 from dcp_plugin.storage import CheckpointStorage
+from dcp_plugin.tiers.replication import ReplicationError, Replicator
 from tests.conftest import moto_server, s3_options
 from tests.models import assert_same, make_training, snapshot, train_step
 from tests.multiproc import free_port

@@ -14,7 +14,6 @@ import torch
 from torch.distributed.checkpoint.planner import SavePlanner
 
 from dcp_plugin import CheckpointConfig, CheckpointManager
-
 from dcp_plugin.engine import plans, priority
 from dcp_plugin.policies import EveryNSteps
 from dcp_plugin.storage import dcp_io

@@ -16,11 +16,12 @@ from dcp_plugin import CheckpointManager, ModelState
 from dcp_plugin.storage import CheckpointStorage
 from tests.crashes import run_until_killed
 from tests.models import assert_same
+from tests.paths import SCRIPTS
 from tests.scripts.crash_incremental import lora_at
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "crash_incremental.py")
+SCRIPT = os.path.join(SCRIPTS, "crash_incremental.py")
 OUTCOMES = {
     ("save", "save.begun"): [1, 2],
     ("save", "save.written"): [1, 2],

@@ -11,10 +11,9 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dcp_plugin import CheckpointConfig, CheckpointSaveError, SaveStats
-
-from dcp_plugin.engine.staging import stagers
 from dcp_plugin.engine import checkpoint_engine as engine_module
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.staging import stagers
 
 
 class ScriptedWriter(FileSystemWriter):

@@ -8,6 +8,7 @@ import pytest
 
 from dcp_plugin import CheckpointManager, EveryNSteps, KeepLast
 from tests.models import assert_same, make_training, snapshot, train_step
+from tests.paths import SCRIPTS
 
 pytestmark = pytest.mark.s3
 
@@ -78,7 +79,7 @@ def test_sigkill_during_replication_leaves_only_committed_remote_checkpoints_and
 
     url, options = s3_url
     local = str(tmp_path / "local")
-    script = os.path.join(os.path.dirname(__file__), "scripts", "crash_replication.py")
+    script = os.path.join(SCRIPTS, "crash_replication.py")
     child = subprocess.run(
         [sys.executable, script, local, url, json.dumps(options)],
         env=dict(os.environ, PYTHONPATH=os.getcwd()),

@@ -32,8 +32,9 @@ from dcp_plugin.policies.retention import plan_retention
 from dcp_plugin.storage import CheckpointInfo, step_name
 from tests.models import make_training, train_step
 from tests.multiproc import run_ranks
+from tests.paths import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 class FakeClock:

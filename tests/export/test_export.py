@@ -20,8 +20,7 @@ from dcp_plugin import (
     export_checkpoint,
 )
 from tests.models import assert_same, make_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.paths import REPO
 
 
 def saved(directory: str, state: dict) -> str:
