@@ -1,7 +1,8 @@
 """The save/load pipeline around ``dcp.save`` / ``dcp.async_save`` / ``dcp.load``.
 
-Owns what must live as long as the run: the staging buffers, the one save in flight, and the errors raised
-in the background. Process groups live in :mod:`dcp_plugin.engine.groups`, the writer daemon in
+Owns what must live as long as the run: the staging buffers, the one save in flight
+(:mod:`dcp_plugin.engine.pending`), and the errors raised in the background and the finished saves' stats
+(:mod:`dcp_plugin.engine.outcomes`). Process groups live in :mod:`dcp_plugin.engine.groups`, the writer daemon in
 :mod:`dcp_plugin.engine.daemon`. Knows nothing about Lightning or Accelerate and nothing about paths (it receives
 DCP writers and readers).
 """
@@ -9,16 +10,12 @@ DCP writers and readers).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_first
-from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -27,11 +24,18 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType,
 
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import daemon, inflight, plans, shutdown
+from dcp_plugin.engine.failures import call_done as _call_done
+from dcp_plugin.engine.failures import cleanup_after_failure as _cleanup_after_failure
+from dcp_plugin.engine.failures import describe as _describe
+from dcp_plugin.engine.failures import project_error as _project_error
 from dcp_plugin.engine.groups import ProcessGroups
+from dcp_plugin.engine.outcomes import SaveOutcomes
+from dcp_plugin.engine.pending import PendingSave
+from dcp_plugin.engine.pending import bytes_written as _bytes
 from dcp_plugin.engine.staging.pool import BoundedStager
 from dcp_plugin.engine.staging.stagers import Stagers
 from dcp_plugin.engine.stats import SaveStats
-from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, CheckpointSaveError
+from dcp_plugin.errors import CheckpointLoadError, CheckpointSaveError
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +75,6 @@ def _quiet_discarded_dcp_telemetry() -> None:
             telemetry.setLevel(logging.INFO)
 
 
-@dataclass
-class _InFlight:
-    stats: SaveStats
-    started: float
-    upload: Future
-    staging: Future | None
-    on_failure: Any
-    writing: str
-    on_done: Any = None
-    writer: Any = None
-    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-
 class CheckpointEngine:
     """Runs saves and loads with DCP: one save in flight, background errors raised by the next call.
 
@@ -98,10 +89,8 @@ class CheckpointEngine:
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         self._stagers = Stagers(self.config)
         self._plan_key = plans.new_key()
-        self._in_flight: _InFlight | None = None
-        self._error: BaseException | None = None
-        self._completed: deque[SaveStats] = deque(maxlen=COMPLETED_LIMIT)
-        self._lock = threading.Lock()
+        self._in_flight: PendingSave | None = None
+        self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
         _quiet_discarded_dcp_telemetry()
         if self.config.async_mode == "process":
@@ -217,7 +206,7 @@ class CheckpointEngine:
             _call_done(on_done)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata, writer)
-            self._completed.append(stats)
+            self._outcomes.finished(stats)
             return stats
         staging: Future | None
         if isinstance(result, AsyncSaveResponse):
@@ -231,46 +220,22 @@ class CheckpointEngine:
             stats.staging_s = stats.blocking_s
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
-        flight = _InFlight(stats, started, upload, staging, on_failure, writing, on_done, writer)
+        flight = PendingSave(stats, started, upload, staging, on_failure, writing, on_done, writer)
         self._in_flight = flight
-        upload.add_done_callback(lambda future: self._upload_done(flight, future))
+        upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
-
-    def _upload_done(self, flight: _InFlight, future: Future) -> None:
-        stats = flight.stats
-        try:
-            stats.durable_s = time.perf_counter() - flight.started
-            try:
-                metadata = future.result()
-                stats.bytes_written = _bytes(metadata, flight.writer)
-            except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
-                stats.error = _describe(err)
-                with self._lock:
-                    if self._error is None:
-                        message = f"Saving checkpoint {stats.url} failed: {stats.error}"
-                        self._error = _project_error(err, CheckpointSaveError, message)
-                        self._error.__cause__ = err
-                _cleanup_after_failure(flight.on_failure, stats.url)
-            self._completed.append(stats)
-        finally:
-            inflight.finish(flight.writing)
-            _call_done(flight.on_done)
-            flight.finished.set()  # whatever happened above, wait() must not hang
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""
         flight = self._in_flight
-        if flight is not None and flight.staging is not None and not flight.staging.done():
-            began = time.perf_counter()
-            # a failed write may end before staging does; its error is reported through the upload future
-            wait_for_first([flight.staging, flight.upload], return_when=FIRST_COMPLETED)
-            flight.stats.staging_wait_s += time.perf_counter() - began
+        if flight is not None:
+            flight.wait_for_staging()
 
     def wait(self) -> SaveStats | None:
         """Block until the save in flight is committed; raise its error (or an earlier one) here."""
         flight = self._in_flight
         if flight is not None:
-            # _upload_done records the outcome (and any error) before it sets the event
+            # PendingSave.upload_done records the outcome (and any error) before it sets the event
             flight.finished.wait()
             self._in_flight = None
         self.raise_error()
@@ -286,17 +251,11 @@ class CheckpointEngine:
 
     def raise_error(self) -> None:
         """Raise (once) the error of a background save that failed."""
-        with self._lock:
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
+        self._outcomes.raise_error()
 
     def drain_completed(self) -> list[SaveStats]:
         """Stats of saves finished since the last call (for the owner's logger; at most the last 1000)."""
-        out = []
-        while self._completed:
-            out.append(self._completed.popleft())
-        return out
+        return self._outcomes.drain()
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, flat_state: dict[str, Any], reader: Any, *, url: str, planner: Any = None) -> None:
@@ -342,73 +301,6 @@ class CheckpointEngine:
 
 def _moved(name: str) -> None:
     warnings.warn(f"CheckpointEngine.{name} moved to CheckpointEngine.groups.{name}.", DeprecationWarning, stacklevel=3)
-
-
-def _cleanup_after_failure(on_failure: Any, url: str) -> None:
-    """Run a failed save's cleanup without letting its own error replace the save's."""
-    if on_failure is None:
-        return
-    try:
-        on_failure()
-    except Exception as cleanup_error:  # noqa: BLE001
-        log.warning("Cleanup after the failed save of %s failed: %s", url, cleanup_error)
-
-
-def _call_done(on_done: Any) -> None:
-    if on_done is None:
-        return
-    try:
-        on_done()
-    except Exception as err:  # noqa: BLE001 - bookkeeping must not replace the save's outcome
-        log.warning("Finishing the bookkeeping of a save failed: %s", err)
-
-
-def _bytes(metadata: Any, writer: Any = None) -> int | None:
-    """Bytes of tensor data the save wrote (a writer that refers to earlier data says how much it added)."""
-    storage = getattr(metadata, "storage_data", None)
-    if not storage:
-        return None
-    added = getattr(writer, "bytes_added", None)
-    if callable(added):
-        return int(added(metadata))
-    return sum(int(getattr(info, "length", 0)) for info in storage.values())
-
-
-def _causes(err: BaseException) -> list[BaseException]:
-    """The per-rank causes inside DCP's CheckpointException (or the error itself)."""
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:
-        return [failure[0] if isinstance(failure, tuple) else failure for _, failure in sorted(failures.items())]
-    return [err]
-
-
-def _project_error(err: BaseException, fallback: type[CheckpointError], message: str) -> CheckpointError:
-    """Keep the kind of a project error raised inside DCP (a checkpoint committed by another writer, a damaged
-    or unsafe file, unreachable storage), so callers can catch it by type; anything else becomes ``fallback``."""
-    for cause in _causes(err):
-        if isinstance(cause, CheckpointError) and not isinstance(cause, (CheckpointSaveError, CheckpointLoadError)):
-            return type(cause)(message)
-        if isinstance(cause, CheckpointCorruptError):
-            return CheckpointCorruptError(message)
-    return fallback(message)
-
-
-def _describe(err: BaseException) -> str:
-    """One line per failing rank (DCP's CheckpointException carries a traceback per rank; the full text
-    stays available on ``__cause__``)."""
-    failures = getattr(err, "failures", None)
-    if isinstance(failures, dict) and failures:
-        parts = []
-        for rank, failure in sorted(failures.items()):
-            cause = failure[0] if isinstance(failure, tuple) else failure
-            parts.append(f"rank {rank}: {_one_line(cause)}")
-        return "; ".join(parts)
-    return _one_line(err)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
 
 
 __all__ = ["CheckpointEngine", "CheckpointLoadError", "CheckpointSaveError", "SaveStats"]

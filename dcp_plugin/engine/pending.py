@@ -1,0 +1,72 @@
+"""The engine's one save in flight: its futures and stats, the wait for its snapshot, and what runs when its
+write ends (stats filled in, the failure recorded and cleaned up, the per-URL registry told)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_first
+from dataclasses import dataclass
+from typing import Any
+
+from dcp_plugin.engine import inflight
+from dcp_plugin.engine.failures import call_done, cleanup_after_failure, describe
+from dcp_plugin.engine.outcomes import SaveOutcomes
+from dcp_plugin.engine.stats import SaveStats
+
+
+@dataclass
+class PendingSave:
+    """A save DCP is writing in the background (``staging``: its snapshot, with async staging)."""
+
+    stats: SaveStats
+    started: float
+    upload: Future
+    staging: Future | None
+    on_failure: Any
+    writing: str
+    on_done: Any = None
+    writer: Any = None
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def upload_done(self, future: Future, outcomes: SaveOutcomes) -> None:
+        """DCP's write ended: record how (called from DCP's thread, once)."""
+        stats = self.stats
+        try:
+            stats.durable_s = time.perf_counter() - self.started
+            try:
+                metadata = future.result()
+                stats.bytes_written = bytes_written(metadata, self.writer)
+            except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
+                stats.error = describe(err)
+                outcomes.failed(err, stats)
+                cleanup_after_failure(self.on_failure, stats.url)
+            outcomes.finished(stats)
+        finally:
+            inflight.finish(self.writing)
+            call_done(self.on_done)
+            self.finished.set()  # whatever happened above, wait() must not hang
+
+    def wait_for_staging(self) -> None:
+        """Block until the snapshot has been copied (or the write ended first)."""
+        if self.staging is not None and not self.staging.done():
+            began = time.perf_counter()
+            # a failed write may end before staging does; its error is reported through the upload future
+            wait_for_first([self.staging, self.upload], return_when=FIRST_COMPLETED)
+            self.stats.staging_wait_s += time.perf_counter() - began
+
+
+def bytes_written(metadata: Any, writer: Any = None) -> int | None:
+    """Bytes of tensor data the save wrote (a writer that refers to earlier data says how much it added)."""
+    storage = getattr(metadata, "storage_data", None)
+    if not storage:
+        return None
+    added = getattr(writer, "bytes_added", None)
+    if callable(added):
+        return int(added(metadata))
+    return sum(int(getattr(info, "length", 0)) for info in storage.values())
+
+
+__all__ = ["PendingSave", "bytes_written"]
