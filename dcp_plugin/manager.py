@@ -1,8 +1,9 @@
 """``CheckpointManager``: a directory (or URL) of checkpoints for one run.
 
 It is a :class:`~dcp_plugin.checkpointer.Checkpointer` (saving, loading and reading one checkpoint), a
-:class:`~dcp_plugin.policies.schedule.Schedule` (when to save, what to keep) and the directory's listing. Every
-adapter that manages a directory goes through it or through the same two parts.
+:class:`~dcp_plugin.policies.schedule.Schedule` (when to save, what to keep) and the directory's listing
+(:class:`~dcp_plugin.tiers.run_tiers.RunTiers`: one tier or two). Every adapter that manages a directory goes
+through it or through the same parts.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.stats import SaveStats
-from dcp_plugin.errors import CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
+from dcp_plugin.tiers.run_tiers import RunTiers
 from dcp_plugin.tiers.two_tiers import TwoTiers
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,65 @@ HISTORY_LIMIT = 1000
 """:attr:`CheckpointManager.history` keeps the stats of this many most recent saves."""
 
 
-class CheckpointManager:
+class CheckpointListing:
+    """The committed checkpoints of one directory or URL, in one tier or two: list, locate, read, delete.
+
+    The part of :class:`CheckpointManager` that reads what its directory holds and never writes to it, except
+    for :meth:`delete`; the manager adds saving on a schedule and loading into live objects.
+    """
+
+    checkpointer: Checkpointer
+    storage: CheckpointStorage
+    _where: RunTiers
+
+    @property
+    def directory(self) -> str:
+        return self.storage.root_url
+
+    @property
+    def tiers(self) -> TwoTiers | None:
+        """With ``remote``: the local and remote tiers and the replication between them."""
+        return self._where.tiers
+
+    def read(
+        self,
+        step: int | None = None,
+        *,
+        name: str | None = None,
+        entries: list[str] | None = None,
+        allow_pickle: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint without live objects: every (or the named) entry as plain values, with
+        full-size tensors (sharded saves are gathered). For inspection, export and inference."""
+        return self._where.read(self.checkpointer, step, name, entries=entries, allow_pickle=allow_pickle)
+
+    # -- listing and deleting --------------------------------------------------------------------
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first (with ``remote``: of both tiers; see :meth:`locations`)."""
+        return self._where.list()
+
+    def locations(self) -> dict[str, tuple[str, ...]]:
+        """Where each committed checkpoint lives: ``("local",)``, ``("remote",)`` or both."""
+        return self._where.locations()
+
+    def latest(self) -> CheckpointInfo | None:
+        infos = self.list()
+        return infos[-1] if infos else None
+
+    @property
+    def steps(self) -> list[int]:
+        return [info.step for info in self.list() if info.step is not None]
+
+    def delete(self, step: int | None = None, *, name: str | None = None) -> None:
+        """Delete a committed checkpoint (waits for a save in flight first). Coordinator only."""
+        if (step is None) == (name is None):
+            raise ValueError("Pass exactly one of step or name.")
+        self.checkpointer.wait()
+        if self.checkpointer.groups.is_coordinator:
+            self.storage.delete(name or step_name(step))  # type: ignore[arg-type]
+
+
+class CheckpointManager(CheckpointListing):
     """Save and load training state as DCP checkpoints under one directory or URL.
 
     Args:
@@ -90,28 +150,21 @@ class CheckpointManager:
         if self._owns_checkpointer:
             self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
-        self.tiers: TwoTiers | None = None
-        """With ``remote``: the local and remote tiers and the replication between them."""
-        if remote is not None:
-            options = self.config.storage_options if remote_storage_options is None else remote_storage_options
-            self.tiers = TwoTiers(
-                self.storage,
-                CheckpointStorage(remote, options),
-                replicate=replicate,
-                remote_retention=remote_retention,
-                run_id=schedule.run_id,
-                groups=self.checkpointer.groups,
-            )
-            self.tiers.catch_up_and_report(self.checkpointer.groups)
+        options = self.config.storage_options if remote_storage_options is None else remote_storage_options
+        self._where = RunTiers.open(
+            self.storage,
+            remote,
+            options,
+            replicate=replicate,
+            remote_retention=remote_retention,
+            run_id=schedule.run_id,
+            groups=self.checkpointer.groups,
+        )
         self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
         """Stats of this manager's most recent saves (oldest dropped after 1000)."""
         self.should_stop = False
         """Set by :meth:`maybe_save` after a preemption save committed: the loop should exit now."""
         schedule.install()
-
-    @property
-    def directory(self) -> str:
-        return self.storage.root_url
 
     @property
     def engine(self) -> CheckpointEngine:
@@ -165,8 +218,7 @@ class CheckpointManager:
         )
         self.history.append(stats)
         self.schedule.saved(step)
-        if self.tiers is not None:  # every rank: on several ranks each uploads its own files
-            self.tiers.saved(step, name or step_name(step))
+        self._where.saved(step, name or step_name(step))
         return stats
 
     def prepare(self, state: Mapping[str, Any]) -> None:
@@ -214,10 +266,7 @@ class CheckpointManager:
     def _after_commit(self) -> None:
         coordinator = self.checkpointer.groups.is_coordinator
         writing = self.checkpointer.in_flight is not None
-        if self.tiers is not None:
-            self.tiers.after_commit(self.schedule, coordinator=coordinator, writing=writing)
-        else:
-            self.schedule.after_commit(self.storage, coordinator=coordinator, writing=writing)
+        self._where.after_commit(self.schedule, coordinator=coordinator, writing=writing)
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
@@ -244,53 +293,7 @@ class CheckpointManager:
         Default: the latest committed checkpoint; or the one of ``step``, or called ``name``. See
         :meth:`Checkpointer.load <dcp_plugin.checkpointer.Checkpointer.load>`.
         """
-        if self.tiers is not None:
-            return self.tiers.load(self.checkpointer, state, step, name, strict=strict, allow_pickle=allow_pickle)
-        resolve = lambda: _find(self.storage, step, name)  # noqa: E731 - asked again if the checkpoint is replaced
-        return self.checkpointer.load((self.storage, resolve), state, strict=strict, allow_pickle=allow_pickle)
-
-    def read(
-        self,
-        step: int | None = None,
-        *,
-        name: str | None = None,
-        entries: list[str] | None = None,
-        allow_pickle: bool | None = None,
-    ) -> dict[str, Any]:
-        """Read a checkpoint without live objects: every (or the named) entry as plain values, with
-        full-size tensors (sharded saves are gathered). For inspection, export and inference."""
-        storage, chosen = (self.storage, None) if self.tiers is None else self.tiers.choose(step, name)
-        resolve = lambda: _find(storage, step, chosen or name)  # noqa: E731
-        return self.checkpointer.read((storage, resolve), entries=entries, allow_pickle=allow_pickle)
-
-    # -- listing and deleting --------------------------------------------------------------------
-    def list(self) -> list[CheckpointInfo]:
-        """Committed checkpoints, oldest first (with ``remote``: of both tiers; see :meth:`locations`)."""
-        if self.tiers is not None:
-            return [located.info for located in self.tiers.list()]
-        return self.storage.list()
-
-    def locations(self) -> dict[str, tuple[str, ...]]:
-        """Where each committed checkpoint lives: ``("local",)``, ``("remote",)`` or both."""
-        if self.tiers is None:
-            return {info.name: ("local",) for info in self.storage.list()}
-        return {located.info.name: located.tiers for located in self.tiers.list()}
-
-    def latest(self) -> CheckpointInfo | None:
-        infos = self.list()
-        return infos[-1] if infos else None
-
-    @property
-    def steps(self) -> list[int]:
-        return [info.step for info in self.list() if info.step is not None]
-
-    def delete(self, step: int | None = None, *, name: str | None = None) -> None:
-        """Delete a committed checkpoint (waits for a save in flight first). Coordinator only."""
-        if (step is None) == (name is None):
-            raise ValueError("Pass exactly one of step or name.")
-        self.checkpointer.wait()
-        if self.checkpointer.groups.is_coordinator:
-            self.storage.delete(name or step_name(step))  # type: ignore[arg-type]
+        return self._where.load(self.checkpointer, state, step, name, strict=strict, allow_pickle=allow_pickle)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -318,20 +321,6 @@ class CheckpointManager:
                 self.close()
             except Exception as err:  # noqa: BLE001 - keep the original exception primary
                 log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
-
-
-def _find(storage: CheckpointStorage, step: int | None, name: str | None) -> CheckpointInfo:
-    """The checkpoint called ``name``, or of ``step``, or the latest."""
-    if name is not None:
-        return storage.info(name)
-    if step is not None:
-        return storage.find_step(step)
-    latest = storage.latest()
-    if latest is None:
-        leftovers = storage.incomplete()
-        detail = f" ({len(leftovers)} incomplete write(s) ignored)" if leftovers else ""
-        raise CheckpointNotFoundError(f"No committed checkpoint in {storage.root_url}{detail}.")
-    return latest
 
 
 def _checkpointer(
