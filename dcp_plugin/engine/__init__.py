@@ -2,3 +2,21 @@
 / ``load``, one save in flight, background errors) and its parts: the save in flight (:mod:`.pending`), background
 errors and finished stats (:mod:`.outcomes`, :mod:`.failures`), the writer daemon, process groups, plan caching,
 writer priority, saves in flight per URL, the exit-time flush, save statistics, and staging (:mod:`.staging`)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# The names this package's module of the same name had, imported on first use (the submodules import torch).
+_MOVED = {
+    "CheckpointEngine": "dcp_plugin.engine.checkpoint_engine",
+    "SaveStats": "dcp_plugin.engine.stats",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

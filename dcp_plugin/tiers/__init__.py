@@ -2,3 +2,21 @@
 :mod:`.replication` (committed checkpoints copied to the second tier in the background) and :mod:`.rank_copy`
 (each rank uploads its own files, rank 0 commits); :mod:`.run_tiers` is what ``CheckpointManager`` asks, with one
 tier or two."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# The names this package's module of the same name had, imported on first use (the submodules import torch).
+_MOVED = {
+    "RemoteTier": "dcp_plugin.tiers.two_tiers",
+    "TwoTiers": "dcp_plugin.tiers.two_tiers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
