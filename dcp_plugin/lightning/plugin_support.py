@@ -24,10 +24,11 @@ from dcp_plugin.storage import CheckpointStorage
 log = logging.getLogger(__name__)
 
 
-def wait_for_staging_before_optimizer_steps(plugin: Any) -> Any:
+def wait_for_staging_before_optimizer_steps(writers: Any) -> Any:
     """Stock strategies hand the plugin plain state dicts, not the optimizers; a global step pre-hook makes every
-    optimizer wait until the background copy of the snapshot is done before it changes parameters."""
-    ref = weakref.ref(plugin)
+    optimizer wait until the background copy of the snapshot is done before it changes parameters (``writers``:
+    anything with ``wait_for_staging()``, held weakly)."""
+    ref = weakref.ref(writers)
 
     def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
         live = ref()
