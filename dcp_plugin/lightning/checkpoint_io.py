@@ -170,7 +170,7 @@ class DCPCheckpointIO(CheckpointIO):
         inflight.wait_for(storage.url(name))  # a save of this path still in flight, by any instance
         if storage.is_file(name):
             return support.load_torch_file(storage, name, map_location, weights_only)
-        checkpoint = support.load_dict(self, storage, name, allow_pickle=self.allow_pickle_for(weights_only))
+        checkpoint = support.load_dict(self, path, storage, name, allow_pickle=self.allow_pickle_for(weights_only))
         return support.map_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
