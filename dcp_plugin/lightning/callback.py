@@ -173,6 +173,7 @@ class DCPCheckpoint(Checkpoint):
                 f"{type(plugin).__name__}: pass Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
+        plugin.attach(trainer)
         self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         self._storage = CheckpointStorage(self.dirpath, plugin.config.storage_options)
         if stage != "fit":

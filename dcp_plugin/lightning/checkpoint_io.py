@@ -196,6 +196,11 @@ class DCPCheckpointIO(CheckpointIO):
             raise TypeError(f"watch_module expects a torch.nn.Module, got {type(module).__name__}.")
         self._writers.watch(module)
 
+    def attach(self, trainer: Any) -> None:
+        """Called at every stage's setup (by ``ModelCheckpoint`` and ``DCPCheckpoint``): saves run in the background
+        while ``trainer`` runs a stage, whose teardown waits for them, and outside one before ``save`` returns."""
+        self._writers.attach(trainer)
+
     def prepare_first_save(self, trainer: Any) -> None:
         """At ``fit`` setup: start the writer daemon and stage ahead of the first save (see
         :mod:`dcp_plugin.lightning.first_save`); called by ``ModelCheckpoint.setup`` and ``DCPCheckpoint``."""
