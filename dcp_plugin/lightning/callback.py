@@ -173,6 +173,7 @@ class DCPCheckpoint(Checkpoint):
                 f"{type(plugin).__name__}: pass Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
+        plugin.attach(trainer)
         self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         self._storage = CheckpointStorage(self.dirpath, plugin.config.storage_options)
         if stage != "fit":
@@ -293,13 +294,9 @@ class DCPCheckpoint(Checkpoint):
 
     def _after_commit(self, trainer: pl.Trainer, *, wait: bool = False) -> None:
         """Once this callback's saves committed (``wait``: wait for that): telemetry, then retention."""
-        plugin = self._plugin
-        if plugin is not None and wait:
-            plugin.wait()
-        if plugin is None or plugin.in_flight is not None:
-            return
-        self.saves.committed(trainer if self.log_metrics else None)
-        self.tiers.after_commit(self.schedule, _required(self._storage), coordinator=trainer.is_global_zero)
+        plugin, metrics_to = self._plugin, trainer if self.log_metrics else None
+        if plugin is not None and self.saves.settle(plugin, metrics_to, wait=wait):
+            self.tiers.after_commit(self.schedule, _required(self._storage), coordinator=trainer.is_global_zero)
 
 
 def _required(storage: _T | None) -> _T:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
@@ -27,11 +26,11 @@ from dcp_plugin.config import CheckpointConfig, ConfigError
 from dcp_plugin.engine import daemon, inflight
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.stats import SaveStats
-from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.format.state import RNGState
 from dcp_plugin.lightning import compat, first_save
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning import plugin_support as support
+from dcp_plugin.lightning.writers import PluginWriters
 from dcp_plugin.storage import CheckpointStorage
 
 if TYPE_CHECKING:
@@ -118,9 +117,7 @@ class DCPCheckpointIO(CheckpointIO):
         self.save_rng = save_rng
         self.run_id = uuid.uuid4().hex
         """Recorded in the manifest of saves whose checkpoint dict names no run (see ``layout.RUN_ID_KEY``)."""
-        self._checkpointers: dict[bool, Checkpointer] = {}
-        self._step_hook: Any = None
-        self._module: Optional[weakref.ref[torch.nn.Module]] = None
+        self._writers = PluginWriters(config)
         if config.async_mode == "process":
             daemon.check_main_guard()  # now, not at the first save
         compat.install()
@@ -130,7 +127,7 @@ class DCPCheckpointIO(CheckpointIO):
         return {"config": self.config, "save_rng": self.save_rng, "run_id": self.run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _checkpointers={}, _step_hook=None, _module=None)  # the copy starts fresh
+        self.__dict__.update(state, _writers=PluginWriters(state["config"]))  # the copy starts fresh
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(async_mode={self.config.async_mode!r})"
@@ -153,7 +150,7 @@ class DCPCheckpointIO(CheckpointIO):
         layout = lay.Layout(kind=lay.FULL, rng=self.save_rng, extra=has_extra)
         step = lay.step_of(checkpoint)
         options: dict[str, Any] = {"storage_options": storage_options, "metadata": metadata, "run_id": run_id}
-        frozen_from = self._watched_modules()
+        frozen_from = self._writers.watched()
         return self.save_entries(path, step, entries, layout, collective=False, frozen_from=frozen_from, **options)
 
     def load_checkpoint(
@@ -173,7 +170,7 @@ class DCPCheckpointIO(CheckpointIO):
         inflight.wait_for(storage.url(name))  # a save of this path still in flight, by any instance
         if storage.is_file(name):
             return support.load_torch_file(storage, name, map_location, weights_only)
-        checkpoint = support.load_dict(self, storage, name, allow_pickle=self.allow_pickle_for(weights_only))
+        checkpoint = support.load_dict(self, path, storage, name, allow_pickle=self.allow_pickle_for(weights_only))
         return support.map_tensors(checkpoint, map_location)
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
@@ -182,22 +179,12 @@ class DCPCheckpointIO(CheckpointIO):
         If that checkpoint is still being written, waits for the write first, so it cannot reappear
         after the removal.
         """
-        storage, name = self.locate(path)
-        url = storage.url(name)
-        support.wait_for_write(list(self._checkpointers.values()), url)
-        try:
-            storage.delete(name)
-        except CheckpointNotFoundError:
-            log.debug("Nothing to remove at %s", url)
+        self._writers.remove(self.locate(path))
 
     def teardown(self) -> None:
         """Wait for the save in flight, release staging buffers and the writer process, and raise any
         error of a background save. The plugin can be used again afterwards."""
-        checkpointers, self._checkpointers = list(self._checkpointers.values()), {}
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
-        support.close_all(checkpointers)
+        self._writers.close()
 
     # -- more public API -------------------------------------------------------------------------
     def watch_module(self, module: torch.nn.Module) -> None:
@@ -207,25 +194,22 @@ class DCPCheckpointIO(CheckpointIO):
         does not say which tensors are frozen."""
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"watch_module expects a torch.nn.Module, got {type(module).__name__}.")
-        self._module = weakref.ref(module)
+        self._writers.watch(module)
+
+    def attach(self, trainer: Any) -> None:
+        """Called at every stage's setup (by ``ModelCheckpoint`` and ``DCPCheckpoint``): saves run in the background
+        while ``trainer`` runs a stage, whose teardown waits for them, and outside one before ``save`` returns."""
+        self._writers.attach(trainer)
 
     def prepare_first_save(self, trainer: Any) -> None:
         """At ``fit`` setup: start the writer daemon and stage ahead of the first save (see
         :mod:`dcp_plugin.lightning.first_save`); called by ``ModelCheckpoint.setup`` and ``DCPCheckpoint``."""
         first_save.warm_up(trainer, self)
 
-    def _watched_modules(self) -> tuple[torch.nn.Module, ...]:
-        module = None if self._module is None else self._module()
-        return () if module is None else (module,)
-
     def checkpointer(self, collective: bool = False) -> Checkpointer:
         """The checkpointer for lone-rank saves (``collective=False``) or saves every rank joins (created on
         first use)."""
-        checkpointer = self._checkpointers.get(collective)
-        if checkpointer is None:
-            checkpointer = Checkpointer(self.config, distributed=None if collective else False)
-            self._checkpointers[collective] = checkpointer
-        return checkpointer
+        return self._writers.checkpointer(collective)
 
     def engine(self, collective: bool = False) -> CheckpointEngine:
         """The engine of :meth:`checkpointer`."""
@@ -245,29 +229,26 @@ class DCPCheckpointIO(CheckpointIO):
 
     def wait(self) -> None:
         """Block until every save in flight is committed; raise the error of one that failed."""
-        for checkpointer in list(self._checkpointers.values()):
-            checkpointer.wait()
+        self._writers.wait()
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot of the save in flight is copied."""
-        for checkpointer in list(self._checkpointers.values()):
-            checkpointer.wait_for_staging()
+        self._writers.wait_for_staging()
 
     @property
     def in_flight(self) -> SaveStats | None:
         """The save being written right now, if any."""
-        return next((c.in_flight for c in self._checkpointers.values() if c.in_flight is not None), None)
+        return self._writers.in_flight
 
     def stats_for(self, path: str | os.PathLike[str]) -> SaveStats | None:
         """The stats of the last save to ``path`` if it was this plugin's latest save (for the caller that
         asked for it; nothing is drained)."""
         storage, name = self.locate(path)
-        found = [c.last_stats for c in self._checkpointers.values() if c.last_stats is not None]
-        return next((stats for stats in found if stats.url == storage.url(name)), None)
+        return self._writers.stats_for(storage.url(name))
 
     def drain_completed(self) -> list[SaveStats]:
         """Timings of saves finished since the last call; for the plugin's owner (e.g. a logging loop)."""
-        return [stats for c in self._checkpointers.values() for stats in c.drain_completed()]
+        return self._writers.drain_completed()
 
     def manager_for(
         self, directory: str | os.PathLike[str] | CheckpointStorage, *, collective: bool = False
@@ -297,21 +278,14 @@ class DCPCheckpointIO(CheckpointIO):
         replaced. ``metadata`` (JSON-like) is recorded in the manifest next to the layout, with ``run_id``
         (default: the plugin's). ``frozen_from``: modules whose frozen parameters the entries' tensors may view
         (kept in shared files by incremental saves)."""
-        storage, name = ref = self.locate(path, storage_options)
-        if self.config.stages_in_background and self._step_hook is None:
-            self._step_hook = support.wait_for_staging_before_optimizer_steps(self)
-        checkpointer = self.checkpointer(collective)
-        checkpointer.wait()
-        inflight.wait_for(storage.url(name))
-        stats = checkpointer.save(
+        ref = self.locate(path, storage_options)
+        return self._writers.save(
             ref,
             entries,
+            layout,
             step=step,
-            overwrite=storage.is_occupied(name),
-            metadata={**dict(metadata or {}), lay.LAYOUT_KEY: layout.to_json()},
+            collective=collective,
+            metadata=metadata or {},
             run_id=run_id or self.run_id,
             frozen_from=frozen_from,
         )
-        if checkpointer.groups.is_coordinator:
-            support.log_save(stats, self.config.async_mode)
-        return stats

@@ -6,7 +6,8 @@ same name would be chosen while the first is in flight, and would replace it. :f
 ``file_exists`` also answer yes for a path that the trainer's :class:`DCPCheckpointIO` (or any other instance in
 this process) is still writing. Nothing changes for other plugins, or when no write is in flight.
 
-``ModelCheckpoint.setup`` (``fit`` only, with a :class:`DCPCheckpointIO`) also gets the first save ready, as
+``ModelCheckpoint.setup`` (with a :class:`DCPCheckpointIO`) also hands the plugin the trainer, whose running
+stages decide whether a save may run in the background, and (``fit`` only) gets the first save ready, as
 ``DCPCheckpoint`` does: in ``process`` mode the writer daemon starts in the background, and after the first
 optimizer step the staging buffers are allocated in the background, so the first save blocks no longer than
 later ones.
@@ -30,6 +31,9 @@ class BackgroundWriter(Protocol):
 
     def locate(self, path: Any) -> tuple[Any, str]:
         """The storage and checkpoint name ``path`` stands for."""
+
+    def attach(self, trainer: Any) -> None:
+        """Called at the setup of every stage: the trainer whose saves the plugin writes."""
 
     def prepare_first_save(self, trainer: Any) -> None:
         """Called at ``fit`` setup: get the first save ready in the background."""
@@ -56,8 +60,10 @@ def install() -> None:
     def setup(self: ModelCheckpoint, trainer: Any, pl_module: Any, stage: str) -> None:
         original_setup(self, trainer, pl_module, stage)
         plugin = getattr(trainer.strategy, "checkpoint_io", None)
-        if stage == "fit" and isinstance(plugin, BackgroundWriter):
-            plugin.prepare_first_save(trainer)
+        if isinstance(plugin, BackgroundWriter):
+            plugin.attach(trainer)
+            if stage == "fit":
+                plugin.prepare_first_save(trainer)
 
     ModelCheckpoint.setup = setup  # type: ignore[method-assign]
 

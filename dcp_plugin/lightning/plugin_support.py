@@ -17,17 +17,19 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from dcp_plugin.checkpointer import Checkpointer
 from dcp_plugin.engine import inflight
 from dcp_plugin.engine.stats import SaveStats
+from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.format.state import RNGState
 from dcp_plugin.lightning import layout as lay
-from dcp_plugin.storage import CheckpointStorage
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 log = logging.getLogger(__name__)
 
 
-def wait_for_staging_before_optimizer_steps(plugin: Any) -> Any:
+def wait_for_staging_before_optimizer_steps(writers: Any) -> Any:
     """Stock strategies hand the plugin plain state dicts, not the optimizers; a global step pre-hook makes every
-    optimizer wait until the background copy of the snapshot is done before it changes parameters."""
-    ref = weakref.ref(plugin)
+    optimizer wait until the background copy of the snapshot is done before it changes parameters (``writers``:
+    anything with ``wait_for_staging()``, held weakly)."""
+    ref = weakref.ref(writers)
 
     def wait_for_staging(*_args: Any, **_kwargs: Any) -> None:
         live = ref()
@@ -37,15 +39,25 @@ def wait_for_staging_before_optimizer_steps(plugin: Any) -> Any:
     return register_optimizer_step_pre_hook(wait_for_staging)
 
 
-def load_dict(plugin: Any, storage: CheckpointStorage, name: str, *, allow_pickle: bool) -> dict[str, Any]:
-    """Read the committed checkpoint ``name`` with ``plugin``'s checkpointer as a Lightning checkpoint dict."""
+def load_dict(plugin: Any, path: Any, storage: CheckpointStorage, name: str, *, allow_pickle: bool) -> dict[str, Any]:
+    """Read the committed checkpoint ``name`` (at ``path``) with ``plugin``'s checkpointer as a Lightning dict."""
     started = time.perf_counter()
-    info = storage.info(name)
+    info = committed_info(storage, name, path)
     layout = lay.Layout.from_manifest(info.manifest, info.url)
     state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and plugin.save_rng else None)
     plugin.checkpointer().load((storage, name), state, allow_pickle=allow_pickle)
     log.info("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
     return lightning_dict(state, layout)
+
+
+def committed_info(storage: CheckpointStorage, name: str, path: str | os.PathLike[str]) -> CheckpointInfo:
+    """The committed checkpoint ``name``; if there is none, the project's :class:`CheckpointNotFoundError` (a
+    ``FileNotFoundError``) that also starts with Lightning's own text for a missing checkpoint
+    (``Checkpoint file not found: <path>``), which code written for Lightning's default plugin matches on."""
+    try:
+        return storage.info(name)
+    except CheckpointNotFoundError as err:
+        raise CheckpointNotFoundError(f"Checkpoint file not found: {os.fspath(path)}. {err}") from err
 
 
 def wait_for_write(checkpointers: list[Checkpointer], url: str) -> None:

@@ -28,6 +28,16 @@ class SaveLog:
     def started(self, stats: SaveStats, call_s: float) -> None:
         self._writing.append((stats, call_s))
 
+    def settle(self, plugin: Any, trainer: pl.Trainer | None, *, wait: bool) -> bool:
+        """Whether every save of ``plugin`` is committed (``wait``: wait for that first); if so, keep this log's
+        saves and log them to ``trainer``'s loggers (if given)."""
+        if wait:
+            plugin.wait()
+        if plugin.in_flight is not None:
+            return False
+        self.committed(trainer)
+        return True
+
     def committed(self, trainer: pl.Trainer | None) -> None:
         """Every save started so far is finished: keep it, and log it to ``trainer``'s loggers (if given)."""
         finished, self._writing = self._writing, []

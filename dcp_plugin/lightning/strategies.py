@@ -27,6 +27,7 @@ from dcp_plugin.engine import inflight
 from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.plugin_support import committed_info
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class _DCPStrategyMixin:
         if storage.is_file(name) or (not storage.is_committed(name) and _is_lightning_sharded(storage, path)):
             # a torch.save file or Lightning's own sharded format: Lightning's loader handles both
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
-        info = storage.info(name)
+        info = committed_info(storage, name, path)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
         module = self.lightning_module  # type: ignore[attr-defined]
         fitting = module.trainer.state.fn == TrainerFn.FITTING

@@ -1,0 +1,62 @@
+"""The plugin's threads live no longer than its work: saves inside ``fit`` are written in the background, saves
+outside a running stage are written before ``save_checkpoint`` returns, and a plugin that is garbage-collected
+first lets its save in flight commit."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import lightning.pytorch as pl
+import torch
+
+from dcp_plugin import CheckpointStorage
+from dcp_plugin.lightning import DCPCheckpointIO
+from tests.holds import hold_commits
+from tests.lightning.helpers import TinyModule, loader, trainer
+
+
+class _SaveInFit(pl.Callback):
+    """Saves once during ``fit`` and notes whether that save was still in flight when the call returned."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.in_flight_after_call: bool | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == 2 and self.in_flight_after_call is None:
+            trainer.save_checkpoint(self.path)
+            self.in_flight_after_call = trainer.strategy.checkpoint_io.in_flight is not None
+
+
+def test_saves_outside_fit_leave_no_thread_and_saves_in_fit_stay_in_the_background(tmp_path, monkeypatch):
+    hold_commits(monkeypatch, 0.3)  # every commit waits: a background save is surely still in flight
+    before = set(threading.enumerate())
+    plugin = DCPCheckpointIO(async_mode="thread")
+    in_fit = _SaveInFit(str(tmp_path / "in_fit.ckpt"))
+    run = trainer(str(tmp_path), plugin, max_epochs=1, callbacks=[in_fit])
+    module = TinyModule()
+    run.fit(module, loader())
+    assert in_fit.in_flight_after_call is True  # the async benefit inside fit is kept
+
+    run.save_checkpoint(str(tmp_path / "after_fit.ckpt"))
+    run.validate(module, loader())
+    run.save_checkpoint(str(tmp_path / "after_validate.ckpt"))
+
+    assert plugin.in_flight is None
+    assert set(threading.enumerate()) - before == set()  # nothing left running, without waiting for anything
+    storage = CheckpointStorage(str(tmp_path))
+    assert storage.is_committed("after_fit.ckpt") and storage.is_committed("after_validate.ckpt")
+    assert DCPCheckpointIO().load_checkpoint(str(tmp_path / "after_validate.ckpt"))["global_step"] == run.global_step
+    assert DCPCheckpointIO().load_checkpoint(in_fit.path)["global_step"] == 2
+
+
+def test_a_garbage_collected_plugin_commits_its_save_in_flight(tmp_path, monkeypatch):
+    hold_commits(monkeypatch, 0.3)
+    plugin = DCPCheckpointIO(async_mode="thread")
+    plugin.save_checkpoint({"global_step": 5, "state_dict": {"w": torch.ones(4)}}, str(tmp_path / "a.ckpt"))
+    assert plugin.in_flight is not None
+    del plugin
+    gc.collect()
+    assert CheckpointStorage(str(tmp_path)).is_committed("a.ckpt")  # committed before the plugin was gone
+    assert DCPCheckpointIO().load_checkpoint(str(tmp_path / "a.ckpt"))["global_step"] == 5
