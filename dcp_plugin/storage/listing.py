@@ -163,7 +163,10 @@ class Listing:
                 "interrupted, or another tool wrote it), or its manifest was deleted; it cannot be trusted. Use an "
                 "earlier checkpoint."
             )
-        held = self._run_directory(path)
+        try:
+            held = self._run_directory(path)
+        except (CheckpointError, OSError, ValueError):
+            held = None  # the listing itself failed: fall back to the plain message
         if held is not None:
             return held
         return f"{shown} is not a committed checkpoint (no {MANIFEST_NAME}); the write was interrupted."
