@@ -167,7 +167,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     storage = open_directory(args.directory, args)
     infos = storage.list()
     values = [(user_metrics(i.metadata).get(args.metric), i) for i in infos]
-    scored = [(float(value), i) for value, i in values if _is_number(value)]
+    scored = [(float(value), i) for value, i in values if value is not None and _is_number(value)]
     if not scored:
         recorded = sorted({k for i in infos for k in user_metrics(i.metadata)})
         raise CheckpointNotFoundError(

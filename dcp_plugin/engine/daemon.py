@@ -204,9 +204,7 @@ def shared_memory_hint(err: BaseException, state: Any) -> str:
         return ""
     if "no space left" not in text and "errno 28" not in text and "(28)" not in text:
         return ""
-    import torch  # loaded already: this is a failed save
-
-    needed = _tensor_bytes(state, torch.Tensor)
+    needed = _tensor_bytes(state)
     try:
         stat = os.statvfs(SHM_DIR)
         total, free = stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
@@ -221,13 +219,15 @@ def shared_memory_hint(err: BaseException, state: Any) -> str:
     )
 
 
-def _tensor_bytes(value: Any, tensor_type: type) -> int:
-    if isinstance(value, tensor_type):
+def _tensor_bytes(value: Any) -> int:
+    import torch  # loaded already: this is a failed save
+
+    if isinstance(value, torch.Tensor):
         return int(value.nbytes)
     if isinstance(value, dict):
-        return sum(_tensor_bytes(v, tensor_type) for v in value.values())
+        return sum(_tensor_bytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v, tensor_type) for v in value)
+        return sum(_tensor_bytes(v) for v in value)
     return 0
 
 
