@@ -206,8 +206,9 @@ class CheckpointConfig:
 
 
 def known_variables(prefix: str = ENV_PREFIX) -> list[str]:
-    """Every ``DCP_PLUGIN_*`` variable dcp-plugin reads."""
-    names = [f.name for f in dataclasses.fields(CheckpointConfig)] + sorted(NON_CONFIG_ENV_NAMES)
+    """Every ``DCP_PLUGIN_*`` variable a user sets (not the crash-testing ones, which are accepted unlisted)."""
+    names = [f.name for f in dataclasses.fields(CheckpointConfig)]
+    names += sorted(NON_CONFIG_ENV_NAMES - TESTING_ENV_NAMES)
     return [prefix + name.upper() for name in names]
 
 
@@ -224,6 +225,8 @@ NON_CONFIG_ENV_NAMES = {
     *("enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"),
     *("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last"),  # dcp_plugin.tiers.two_tiers
 }
+TESTING_ENV_NAMES = {"crash_at", "crash_group"}
+"""Crash injection for the crash-point tests (dcp_plugin.storage.faults): read, but never suggested to users."""
 
 
 def _parse_env_value(key: str, raw: str, default: Any) -> Any:

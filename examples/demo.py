@@ -1,10 +1,12 @@
 """The main demo: train with asynchronous checkpoints, get killed, resume, and check nothing was lost.
 
 1. A training process saves every ``--save-every`` steps to the local disk in the background
-   (``async_mode="thread"`` with asynchronous staging), and is killed with SIGKILL at ``--kill-at``.
-2. A new process resumes from the latest committed checkpoint and finishes the run.
+   (``async_mode="thread"`` with asynchronous staging), and is killed with SIGKILL at ``--kill-at``: by default
+   a save step, right after that save started, so its checkpoint is cut off in the middle of the write.
+2. The interrupted write is not listed; a new process resumes from the latest committed checkpoint and finishes.
 3. An uninterrupted run without checkpoints gives the reference: the resumed run must match it bit for bit.
-4. A summary says what was saved and how long training waited for checkpoints.
+4. A summary: where the files are, why only the newest are left (retention), and how long training waited per
+   save next to ``torch.save`` of the same state, measured in the same run.
 
 Run: ``python examples/demo.py`` (or ``nox -s demo``).
 """
@@ -76,10 +78,12 @@ def worker(directory: str, steps: int, save_every: int, keep: int, stats_path: s
             began = time.perf_counter()
             train_step(model, optimizer, scheduler)
             state["step"] += 1
-            manager.maybe_save(state["step"], state)
+            started = manager.maybe_save(state["step"], state)
             train_time += time.perf_counter() - began
             _record(manager, stats_file, train_time)
             print(f"STEP {state['step']}", flush=True)
+            if started is not None:
+                print(f"SAVING {state['step']}", flush=True)  # returned: the write goes on in the background
         manager.wait()
         _record(manager, stats_file, train_time)
     manager.close()
@@ -103,12 +107,32 @@ def _record(manager: CheckpointManager, stats_file, train_time: float) -> None:
     stats_file.flush()
 
 
-def reference(steps: int) -> dict[str, torch.Tensor]:
+def reference(steps: int):
     model, optimizer, scheduler = build()
     torch.manual_seed(1234)
     for _ in range(steps):
         train_step(model, optimizer, scheduler)
-    return model.state_dict()
+    return model, optimizer, scheduler
+
+
+def time_torch_save(model, optimizer, scheduler, path: Path, repeats: int = 3) -> float:
+    """Median seconds ``torch.save`` of the same state blocks (it writes into the page cache; no fsync)."""
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()}
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        torch.save(state, path)
+        times.append(time.perf_counter() - began)
+    path.unlink()
+    return statistics.median(times)
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it (what to type next)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,12 +161,16 @@ def run(args: argparse.Namespace) -> int:
         PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
     )
 
+    mid_write = args.kill_at % args.save_every == 0
+    when = "while the checkpoint of that step is being written" if mid_write else "between two saves"
     print(
-        f"== 1. training to step {args.steps}, checkpoint every {args.save_every} steps; SIGKILL at step {args.kill_at}"
+        f"== 1. training to step {args.steps}, checkpoint every {args.save_every} steps, keeping the last {args.keep}; "
+        f"SIGKILL at step {args.kill_at}, {when}"
     )
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    trigger = f"SAVING {args.kill_at}" if mid_write else f"STEP {args.kill_at}"
     for line in first.stdout:
-        if line.startswith("STEP ") and int(line.split()[1]) >= args.kill_at:
+        if line.strip() == trigger:
             first.send_signal(signal.SIGKILL)
             break
     first.wait()
@@ -150,7 +178,15 @@ def run(args: argparse.Namespace) -> int:
 
     with CheckpointManager(str(checkpoints), async_mode="sync") as manager:
         survivors = manager.steps
+        leftovers = manager.storage.incomplete()
     print(f"   committed checkpoints that survived: {survivors}")
+    if leftovers:
+        print(
+            f"   the interrupted write left {', '.join(leftovers)}: it is never listed and never loaded "
+            f"(`dcp-plugin ls` counts it; `dcp-plugin purge` removes it)"
+        )
+    elif mid_write:
+        print(f"   (the write of step {args.kill_at} finished before the kill arrived: nothing was cut off this time)")
 
     print("== 2. resuming in a new process")
     second = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -159,12 +195,16 @@ def run(args: argparse.Namespace) -> int:
         print(second.stdout[-2000:], second.stderr[-4000:])
         return 1
     print(f"   {resumed_line.split('] ', 1)[-1]}; finished step {args.steps}")
+    if mid_write:
+        print(f"   (not from step {args.kill_at}: that write never committed, so no process can load it)")
 
     print("== 3. reference run without interruption or checkpoints")
-    expected = reference(args.steps)
+    model, optimizer, scheduler = reference(args.steps)
+    expected = model.state_dict()
     resumed = torch.load(workdir / "resumed_final.pt", weights_only=True)
     identical = all(torch.equal(expected[key], resumed[key]) for key in expected)
     print(f"   resumed run matches the uninterrupted run bit for bit: {'yes' if identical else 'NO'}")
+    torch_save_s = time_torch_save(model, optimizer, scheduler, workdir / "torch_save.pt")
 
     print("== 4. summary")
     records = [json.loads(line) for line in stats_path.read_text().splitlines()]
@@ -181,16 +221,30 @@ def run(args: argparse.Namespace) -> int:
     size = on_disk[-1].manifest.get("bytes", 0) if on_disk else 0
     print(f"   checkpoints on disk: {[info.name for info in on_disk]} ({size / 2**20:.1f} MiB each)")
     print(f"   saves committed: {len(saves)} (before the kill and after the resume)")
+    gone = sorted({r["name"] for r in saves} - {info.name for info in on_disk})
+    if gone:
+        print(
+            f"   {', '.join(gone)}: deleted by retention, KeepLast({args.keep}), each once a newer checkpoint had "
+            "committed (--keep changes how many stay)"
+        )
     if waits:
         print(
             f"   training waited per save: median {statistics.median(waits) * 1000:.1f} ms, "
-            f"max {max(waits) * 1000:.1f} ms"
+            f"max {max(waits) * 1000:.1f} ms; torch.save of the same state: {torch_save_s * 1000:.1f} ms "
+            f"(median of 3, just now, into the page cache without fsync)"
         )
-        print(f"   time to durable per save: median {statistics.median(durable):.2f} s")
+        print(f"   time to durable per save (written and fsynced): median {statistics.median(durable):.2f} s")
         print(
             f"   total wait {sum(waits):.2f} s over {train_time:.1f} s of training "
             f"({100 * sum(waits) / max(train_time, 1e-9):.1f}%)"
         )
+    newest = shown(checkpoints / on_disk[-1].name) if on_disk else shown(checkpoints)
+    print(f"== files: {shown(checkpoints)} (one directory per checkpoint, the data files and a checksummed manifest)")
+    print("   try next:")
+    print(f"     dcp-plugin ls {shown(checkpoints)}")
+    print(f"     dcp-plugin verify --load {newest}")
+    print(f"     dcp-plugin inspect {newest}")
+    print(f"     dcp-plugin export {newest} model.safetensors")
     return 0 if identical and survivors else 1
 
 
@@ -199,7 +253,9 @@ def main() -> int:
     parser.add_argument("--dir", default="runs/demo", help="working directory (wiped first)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--save-every", type=int, default=10)
-    parser.add_argument("--kill-at", type=int, default=35)
+    parser.add_argument(
+        "--kill-at", type=int, default=40, help="step to SIGKILL at; a save step cuts its checkpoint's write off"
+    )
     parser.add_argument("--keep", type=int, default=3, help="committed checkpoints to keep")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stats", help=argparse.SUPPRESS)

@@ -251,6 +251,59 @@ def test_process_mode_in_a_script_without_main_guard_is_explained(tmp_path):
     assert 'if __name__ == "__main__":' in result.stderr and "async_mode='thread'" in result.stderr
 
 
+_PROCESS_MODE_SCRIPT = """\
+import torch
+from dcp_plugin import CheckpointManager
+
+if __name__ == "__main__":
+    with CheckpointManager({directory!r}, async_mode="process") as manager:
+        manager.save(1, {{"model": torch.nn.Linear({width}, {width})}})
+        manager.wait()
+    raise RuntimeError("the script's own error")
+"""
+
+
+def _run_process_mode_script(tmp_path, width: int, prefix: list[str] | None = None):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(_PROCESS_MODE_SCRIPT.format(directory=str(tmp_path / "ckpts"), width=width))
+    return subprocess.run([*(prefix or []), sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_process_mode_in_a_plain_script_adds_no_warning_and_no_rank_prefix(tmp_path):
+    result = _run_process_mode_script(tmp_path, 4)
+    assert os.path.isdir(tmp_path / "ckpts" / "step_000000001"), result.stderr
+    assert "RuntimeError: the script's own error" in result.stderr
+    assert "[rank0]" not in result.stderr and "torch.distributed is disabled" not in result.stderr, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
+
+
+def _can_mount_a_small_dev_shm() -> bool:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_a_small_dev_shm(), reason="needs root and unshare to mount a 1 MiB /dev/shm")
+def test_a_full_dev_shm_is_named_with_the_size_needed_and_the_fixes(tmp_path):
+    # A private mount namespace with a 1 MiB /dev/shm: a 4 MiB snapshot cannot be handed to the writer process.
+    shell = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh"]
+    result = _run_process_mode_script(tmp_path, 1024, prefix=shell)
+    assert result.returncode != 0
+    assert "CheckpointSaveError" in result.stderr and "/dev/shm is too small for this snapshot" in result.stderr
+    assert "needs about 4.0 MiB there; /dev/shm holds 1.0 MiB in all" in result.stderr
+    assert "docker run --shm-size=1g" in result.stderr and "async_mode='thread'" in result.stderr
+    assert not os.path.exists(tmp_path / "ckpts" / "step_000000001")
+
+
 @pytest.mark.parametrize("mode", ["sync", "thread"])
 def test_saving_before_the_first_step_does_not_change_training(ckpt_dir, mode):
     reference_model, reference_optimizer, _ = make_training()

@@ -7,12 +7,14 @@ exit code; errors are raised and turned into exit codes by :func:`dcp_plugin.cli
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Any
 
 from dcp_plugin.cli.output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
-from dcp_plugin.errors import CheckpointNotFoundError
+from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, open_url
+from dcp_plugin.storage.manifest import CHECKSUM_KEY
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -33,7 +35,35 @@ def open_checkpoint(url: str, args: argparse.Namespace) -> tuple[CheckpointStora
     """The committed checkpoint at ``url``; a missing path, a torch.save file or a plain directory is an error
     saying which."""
     storage, name = open_url(url, options(args))
-    return storage, storage.info(name)
+    try:
+        return storage, storage.info(name)
+    except CheckpointNotFoundError as err:
+        raise CheckpointNotFoundError(f"{err}{_run_directory_hint(url, args)}") from None
+
+
+def _run_directory_hint(url: str, args: argparse.Namespace) -> str:
+    """Where to go from a run directory given in place of one checkpoint (empty if ``url`` is none)."""
+    try:
+        scan = CheckpointStorage(url, options(args)).scan()
+    except (CheckpointError, OSError, ValueError):
+        return ""
+    if not scan.found and not scan.broken:
+        return ""
+    return f"\n`dcp-plugin ls {url}` lists them; `dcp-plugin latest {url}` prints the newest one's path."
+
+
+def stored_bytes(info: CheckpointInfo) -> int | None:
+    """What the checkpoint occupies on storage: its files, ``.metadata`` and the shared blobs it uses (what
+    ``verify`` reads). None for format-1 checkpoints, which record no file sizes."""
+    files = {**(info.manifest.get("blobs") or {}), **(info.manifest.get("files") or {})}
+    if not files:
+        return None
+    return sum(int(record.get("size", 0)) for record in files.values())
+
+
+def _size(info: CheckpointInfo) -> int | None:
+    stored = stored_bytes(info)
+    return stored if stored is not None else info.manifest.get("bytes")
 
 
 def _row(info: CheckpointInfo) -> dict[str, Any]:
@@ -43,13 +73,38 @@ def _row(info: CheckpointInfo) -> dict[str, Any]:
         "step": info.step,
         "created": iso_time(info.created),
         "bytes": info.manifest.get("bytes"),
+        "stored_bytes": stored_bytes(info),
         "world_size": info.manifest.get("world_size"),
         "metadata": info.metadata,
     }
 
 
+_RECORDED_BY_ADAPTERS = frozenset(
+    {"reasons", "run", "metrics", "lightning", "adapter", "iteration", "accelerator_step"}
+)
+"""Metadata keys the manager and the adapters write for themselves (shown by ``inspect``, not as metrics)."""
+
+
+def user_metrics(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a user recorded: ``maybe_save(metrics=...)``'s (under ``"metrics"``) and the plain values
+    passed as ``save(metadata=...)``; the adapters' own records are left out."""
+    plain = {
+        k: v
+        for k, v in metadata.items()
+        if k not in _RECORDED_BY_ADAPTERS and (v is None or isinstance(v, (int, float, str, bool)))
+    }
+    recorded = metadata.get("metrics")
+    return {**plain, **(recorded if isinstance(recorded, dict) else {})}
+
+
 def _metrics(metadata: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(metadata.items())) or "-"
+    return " ".join(f"{k}={v}" for k, v in sorted(user_metrics(metadata).items())) or "-"
+
+
+def _other_metadata(metadata: dict[str, Any]) -> str:
+    shown = user_metrics(metadata)
+    rest = {k: v for k, v in metadata.items() if k not in shown and k != "metrics"}
+    return json.dumps(rest, sort_keys=True, default=str) if rest else "-"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -82,7 +137,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 i.name,
                 i.step if i.step is not None else "-",
                 i.manifest.get("world_size", "-"),
-                human_size(i.manifest.get("bytes")),
+                human_size(_size(i)),
                 iso_time(i.created),
                 _metrics(i.metadata),
             ]
@@ -111,9 +166,10 @@ def cmd_best(args: argparse.Namespace) -> int:
     """Print the path or URL of the checkpoint with the lowest (``--mode min``) or highest metric."""
     storage = open_directory(args.directory, args)
     infos = storage.list()
-    scored = [(float(i.metadata[args.metric]), i) for i in infos if _is_number(i.metadata.get(args.metric))]
+    values = [(user_metrics(i.metadata).get(args.metric), i) for i in infos]
+    scored = [(float(value), i) for value, i in values if value is not None and _is_number(value)]
     if not scored:
-        recorded = sorted({k for i in infos for k in i.metadata})
+        recorded = sorted({k for i in infos for k in user_metrics(i.metadata)})
         raise CheckpointNotFoundError(
             f"No checkpoint in {storage.root_url} records the metric {args.metric!r}; recorded: {recorded or 'none'}."
         )
@@ -150,10 +206,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ["step", info.step if info.step is not None else "-"],
         ["created", iso_time(info.created)],
         ["ranks", manifest.get("world_size", "-")],
-        ["size", human_size(manifest.get("bytes"))],
+        ["size", f"{human_size(_size(info))} on storage (files, .metadata and shared blobs: what verify reads)"],
+        ["data", f"{human_size(manifest.get('bytes'))} of tensor and value records inside those files"],
         ["entries", ", ".join(manifest.get("entries", {})) or "-"],
         ["metrics", _metrics(info.metadata)],
-        ["format", manifest.get("format", 1)],
+        ["metadata", _other_metadata(info.metadata)],
+        ["format", _format(manifest)],
     ]
     emit(table(["FIELD", "VALUE"], summary))
     emit("")
@@ -164,12 +222,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format(manifest: dict[str, Any]) -> str:
+    """The manifest's format version, explained (manifests record it only since it changed meaning)."""
+    if manifest.get("format", 2 if CHECKSUM_KEY in manifest else 1) >= 2:
+        return "2 (dcp-plugin's checkpoint layout: manifest and every file checksummed with xxh3-128)"
+    return "1 (written by dcp-plugin 0.1: no checksums, sizes checked only; it still loads)"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check the manifest, the metadata (paths, sizes) and the checksum of every file; with --load, read every
     tensor too. On damage, name the newest older checkpoint that verifies."""
     storage, info = open_checkpoint(args.checkpoint, args)
     files = {**(info.manifest.get("blobs") or {}), **(info.manifest.get("files") or {})}
-    total = sum(int(record.get("size", 0)) for record in files.values())
+    total = stored_bytes(info) or 0
     with progress(total, f"verifying {info.name}", show=args.progress) as bar:
         problems = storage.verify(info, progress=bar.update)
     if not problems and args.load:
@@ -184,6 +249,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 "files": len(files),
                 "bytes": total,
                 "checksums": bool(files),
+                "loaded": bool(args.load and not problems),
                 "fallback": fallback.url if fallback else None,
             }
         )
@@ -195,6 +261,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit(f"  the newest older checkpoint that verifies: {fallback.url if fallback else 'none'}")
         return 1
     checked = "checksums match" if files else "written without checksums: sizes checked only"
+    if args.load:
+        checked += "; every tensor and value was read back"
     emit(f"{info.url}: OK ({len(files)} files, {human_size(total)}, {checked})")
     return 0
 

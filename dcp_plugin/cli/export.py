@@ -32,16 +32,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        result = export_checkpoint(
-            args.checkpoint,
-            args.output,
-            format=fmt,
-            entry=args.entry,
-            dtype=args.dtype,
-            storage_options=shared,
-            output_options={**shared, **parse_options(args.output_options, "--output-options")},
-            progress=advance,
-        )
+        try:
+            result = export_checkpoint(
+                args.checkpoint,
+                args.output,
+                format=fmt,
+                entry=args.entry,
+                dtype=args.dtype,
+                storage_options=shared,
+                output_options={**shared, **parse_options(args.output_options, "--output-options")},
+                progress=advance,
+            )
+        except ValueError as err:
+            raise _with_format_hint(err, args, fmt) from None
     if args.json:
         emit_json(
             {
@@ -58,6 +61,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         what = f"{result.entry!r} of " if result.entry else ""
         emit(f"wrote {what}{result.checkpoint} to {result.output} ({fmt})")
     return 0
+
+
+def _with_format_hint(err: ValueError, args: argparse.Namespace, fmt: str) -> ValueError:
+    """A .ckpt output picks the Lightning format; for a checkpoint the Lightning plugin did not write, say how to
+    write a torch.save file under that name instead."""
+    if args.format or fmt != "lightning":
+        return err
+    from dcp_plugin.lightning.layout import LightningCheckpointError  # loaded already by the lightning format
+
+    if not isinstance(err, LightningCheckpointError):
+        return err
+    return type(err)(
+        f"{err}\nThe format was chosen from the output's .ckpt suffix (a Lightning file). To write the weights with "
+        f"torch.save under that name: dcp-plugin export {args.checkpoint} {args.output} --format torch"
+    )
 
 
 def cmd_convert_lightning(args: argparse.Namespace) -> int:

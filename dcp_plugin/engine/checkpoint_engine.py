@@ -200,6 +200,8 @@ class CheckpointEngine:
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
             message = f"Saving checkpoint {stats.url} failed: {_describe(err)}"
+            if mode == "process":
+                message += daemon.shared_memory_hint(err, flat_state)
             raise _project_error(err, CheckpointSaveError, message) from err
         if mode == "sync":
             inflight.finish(writing)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sys
 import threading
+import warnings
 from typing import Any
 
 from dcp_plugin.errors import ConfigError
@@ -50,6 +52,9 @@ def _quiet_daemon_main(pg_init_info: Any, parent_conn: Any) -> None:
     """The daemon's entry point: DCP's own, with its logging at WARNING instead of INFO."""
     executor = _executor()
     executor._init_logger = _warnings_only_logger
+    # A single-process save reaches the daemon with no_dist=True, where DCP warns on each save that it assumes one
+    # process: that is the intent.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     _loud_class()._checkpointing_subprocess(pg_init_info, parent_conn)
 
 
@@ -180,3 +185,55 @@ def check_main_guard() -> None:
         return  # interactive session, `python -m module`, or a console entry point
     if not _script_has_guard(path):
         raise ConfigError(_GUARD_MESSAGE.format(path=path))
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shared_memory_hint(err: BaseException, state: Any) -> str:
+    """For a save that failed because ``/dev/shm`` is full: what it needed, what there is, and the fixes
+    (``""`` for any other failure). The snapshot travels to the writer process through ``/dev/shm``."""
+    chain, seen = [], set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(chain).lower()
+    if "shared memory" not in text and SHM_DIR not in text:
+        return ""
+    if "no space left" not in text and "errno 28" not in text and "(28)" not in text:
+        return ""
+    needed = _tensor_bytes(state)
+    try:
+        stat = os.statvfs(SHM_DIR)
+        total, free = stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
+        room = f"; {SHM_DIR} holds {_mib(total)} in all, {_mib(free)} free"
+    except OSError:
+        room = ""
+    return (
+        f"\n{SHM_DIR} is too small for this snapshot: async_mode='process' hands it to the writer process through "
+        f"shared memory and needs about {_mib(needed)} there{room}. Give {SHM_DIR} more room (Docker: "
+        f"`docker run --shm-size={_suggested_gib(needed)}g ...`; Kubernetes: an emptyDir with medium: Memory mounted "
+        "at /dev/shm), or use async_mode='thread', which needs no shared memory."
+    )
+
+
+def _tensor_bytes(value: Any) -> int:
+    import torch  # loaded already: this is a failed save
+
+    if isinstance(value, torch.Tensor):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def _suggested_gib(needed: int) -> int:
+    return max(1, -(-2 * needed // 2**30))  # twice the snapshot: room for a second save's buffers

@@ -8,6 +8,7 @@ creates those groups once and releases them in one place.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch.distributed as dist
@@ -74,7 +75,12 @@ class ProcessGroups:
             return None
         # DCP's process executor needs an initialized process group even for one process.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        hook = sys.excepthook
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # init_process_group makes every later traceback read "[rank0]: ..."; a script that never asked for a
+        # process group keeps its plain tracebacks.
+        if sys.excepthook is not hook and getattr(sys.excepthook, "__name__", "") == "_distributed_excepthook":
+            sys.excepthook = hook
         self._owns_default_group = True
         return None
 

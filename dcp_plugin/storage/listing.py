@@ -163,7 +163,30 @@ class Listing:
                 "interrupted, or another tool wrote it), or its manifest was deleted; it cannot be trusted. Use an "
                 "earlier checkpoint."
             )
+        try:
+            held = self._run_directory(path)
+        except (CheckpointError, OSError, ValueError):
+            held = None  # the listing itself failed: fall back to the plain message
+        if held is not None:
+            return held
         return f"{shown} is not a committed checkpoint (no {MANIFEST_NAME}); the write was interrupted."
+
+    def _run_directory(self, path: str) -> str | None:
+        """The message for a directory that holds checkpoints (a run directory) or nothing at all, else None."""
+        inner = Listing(StorageRoot(self.root.url(path), self.root.storage_options), self.strategy)
+        scan = inner.scan()
+        shown = inner.root.url_root
+        if scan.found:
+            count = len(scan.found)
+            return (
+                f"{shown} is a run directory holding {count} checkpoint{'s' if count != 1 else ''}, not a checkpoint "
+                f"itself; name one of them, e.g. the newest: {inner.root.url(inner.root.join(scan.found[-1].name))}"
+            )
+        if scan.broken:
+            return f"{shown} is a run directory whose checkpoints are all broken: {scan.broken[0][1]}"
+        if not self.root.fs.ls(path, detail=False):
+            return f"{shown} is an empty directory: no checkpoint has been written there yet."
+        return None
 
     # -- leftovers ----------------------------------------------------------------------------------
     def leftovers(self) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dcp_plugin import CheckpointConfig, CheckpointManager, ConfigError, __version__
+from dcp_plugin import CheckpointConfig, CheckpointManager, ConfigError, EveryNSteps, __version__
 from dcp_plugin.cli import main
 from tests.models import assert_same, make_model
 from tests.paths import REPO
@@ -107,6 +107,76 @@ def test_verify_human_json_and_damage(ckpt_dir, capsys):
     assert not report["ok"] and report["fallback"].endswith("step_000000001")
 
 
+def test_verify_and_inspect_on_a_run_directory_point_to_ls_and_latest(ckpt_dir, tmp_path, capsys):
+    make_checkpoints(ckpt_dir)
+    for command in ("verify", "inspect"):
+        assert main([command, ckpt_dir]) == 1
+        err = capsys.readouterr().err
+        assert f"{ckpt_dir} is a run directory holding 2 checkpoints" in err, err
+        assert os.path.join(ckpt_dir, "step_000000002") in err  # the newest, to copy
+        assert f"dcp-plugin ls {ckpt_dir}" in err and f"dcp-plugin latest {ckpt_dir}" in err
+        assert "interrupted" not in err
+    os.makedirs(tmp_path / "empty")
+    for command in ("verify", "inspect"):
+        assert main([command, str(tmp_path / "empty")]) == 1
+        err = capsys.readouterr().err
+        assert "is an empty directory: no checkpoint has been written there yet" in err and "interrupted" not in err
+
+
+def test_ls_shows_the_users_metrics_and_inspect_the_rest(ckpt_dir, capsys):
+    model = make_model()
+    with CheckpointManager(ckpt_dir, async_mode="sync", save_policy=EveryNSteps(1)) as manager:
+        manager.maybe_save(1, {"model": model}, metrics={"val_loss": 0.5})
+        manager.save(2, {"model": model}, metadata={"loss": 0.25, "lightning": {"layout": 1}, "reasons": ["x"]})
+    assert main(["ls", ckpt_dir]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith(" val_loss=0.5") and lines[2].endswith(" loss=0.25")
+    assert "reasons" not in lines[1] + lines[2] and "lightning" not in lines[2]
+    assert main(["inspect", os.path.join(ckpt_dir, "step_000000002")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^metrics\s+loss=0\.25$", out, re.M)
+    assert re.search(r'^metadata\s+\{"lightning": \{"layout": 1\}, "reasons": \["x"\]\}$', out, re.M)
+    assert run_json(capsys, "best", ckpt_dir, "--metric", "val_loss", "--json")["value"] == 0.5
+
+
+def test_ls_inspect_and_verify_agree_on_the_size_and_say_what_they_count(ckpt_dir, capsys):
+    make_checkpoints(ckpt_dir)
+    path = os.path.join(ckpt_dir, "step_000000002")
+    on_disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f != "dcp_plugin.json")
+    listed = run_json(capsys, "ls", ckpt_dir, "--json")["checkpoints"][1]
+    assert listed["stored_bytes"] == on_disk == run_json(capsys, "verify", path, "--json")["bytes"]
+    assert main(["ls", ckpt_dir]) == 0
+    size = capsys.readouterr().out.splitlines()[2].split()[3:5]
+    assert main(["verify", path]) == 0
+    assert " ".join(size) in capsys.readouterr().out
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^size\s+{re.escape(' '.join(size))} on storage \(files, \.metadata and shared blobs", out, re.M)
+    assert re.search(r"^data\s+.* of tensor and value records", out, re.M)
+    assert re.search(r"^format\s+2 \(dcp-plugin's checkpoint layout: manifest and every file checksummed", out, re.M)
+
+
+def test_verify_load_says_the_tensors_were_read(ckpt_dir, capsys):
+    make_checkpoints(ckpt_dir)
+    path = os.path.join(ckpt_dir, "step_000000002")
+    assert main(["verify", "--load", path]) == 0
+    assert "checksums match; every tensor and value was read back" in capsys.readouterr().out
+    assert run_json(capsys, "verify", "--load", path, "--json")["loaded"] is True
+    assert main(["verify", path]) == 0
+    assert "read back" not in capsys.readouterr().out
+
+
+def test_export_to_ckpt_of_a_plain_loop_checkpoint_suggests_format_torch(ckpt_dir, tmp_path, capsys):
+    model = make_checkpoints(ckpt_dir)
+    path = os.path.join(ckpt_dir, "step_000000002")
+    out = str(tmp_path / "x.ckpt")
+    assert main(["export", path, out]) == 2
+    err = capsys.readouterr().err
+    assert "not written by the Lightning plugin" in err and f"dcp-plugin export {path} {out} --format torch" in err
+    assert main(["export", path, out, "--format", "torch"]) == 0
+    assert_same(torch.load(out, weights_only=True), model.state_dict())
+
+
 def test_purge_human_and_json(ckpt_dir, capsys):
     make_checkpoints(ckpt_dir)
     leftover = os.path.join(ckpt_dir, ".tmp-step_000000003-abc")
@@ -194,8 +264,10 @@ def test_verbosity_and_log_level_variable(ckpt_dir, capsys, monkeypatch):
         assert logger.level == logging.INFO
         assert len(logger.handlers) == 1  # the command's one handler, replaced on each run
         assert CheckpointConfig.from_env().async_mode  # a known variable for the misspelling check
-        with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_LOG_LEVEL"):
+        with pytest.raises(ConfigError, match="Did you mean DCP_PLUGIN_LOG_LEVEL") as raised:
             CheckpointConfig.from_env({"DCP_PLUGIN_LOG_LEVLE": "info"})
+        assert "DCP_PLUGIN_ASYNC_MODE" in str(raised.value) and "CRASH" not in str(raised.value)
+        assert CheckpointConfig.from_env({"DCP_PLUGIN_CRASH_AT": "nowhere"})  # accepted, just not suggested
         monkeypatch.setenv("DCP_PLUGIN_LOG_LEVEL", "loud")
         assert main(["ls", ckpt_dir]) == 2
         assert "DCP_PLUGIN_LOG_LEVEL='loud' is not a log level" in capsys.readouterr().err
