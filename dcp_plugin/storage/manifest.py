@@ -42,8 +42,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def encode(manifest: dict[str, Any]) -> bytes:
-    """Serialise a manifest, adding its checksum."""
+    """Serialise a manifest, adding its format number (readers then insist on the checksum) and its checksum."""
     body = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
+    body.setdefault("format", FORMAT_VERSION)
     body[CHECKSUM_KEY] = _checksum(body)
     return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
 
