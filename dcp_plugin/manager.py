@@ -290,9 +290,12 @@ class CheckpointManager(CheckpointListing):
     ) -> CheckpointInfo:
         """Load a checkpoint into the live objects in ``state`` (in place) and return its info.
 
-        Default: the latest committed checkpoint; or the one of ``step``, or called ``name``. See
+        Default: the latest committed checkpoint; or the one of ``step``, or called ``name`` (not both). A live
+        tensor whose dtype differs from the stored one is cast to the live dtype, with a warning naming it. See
         :meth:`Checkpointer.load <dcp_plugin.checkpointer.Checkpointer.load>`.
         """
+        if step is not None and name is not None:
+            raise ConfigError(f"load() got step={step} and name={name!r}: pass one of them (or neither: the latest).")
         return self._where.load(self.checkpointer, state, step, name, strict=strict, allow_pickle=allow_pickle)
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -336,3 +336,28 @@ def test_async_staging_keeps_batchnorm_statistics_of_the_saved_step(ckpt_dir):
         restored = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16))
         manager.load({"model": restored})
     assert_same(restored.state_dict(), saved)
+
+
+def test_load_refuses_both_a_step_and_a_name(ckpt_dir):
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, {"model": make_model()})
+        with pytest.raises(ConfigError, match=r"step=1 and name='step_000000001': pass one of them"):
+            manager.load({"model": make_model()}, step=1, name="step_000000001")
+
+
+def test_a_live_tensor_of_another_dtype_is_cast_with_a_warning_naming_it(ckpt_dir):
+    saved = make_model(seed=0)
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, {"model": saved, "scale": torch.ones(3)})
+        live = make_model(seed=1).to(torch.float64)
+        scale = torch.zeros(3, dtype=torch.float16)
+        with pytest.warns(UserWarning) as caught:
+            manager.load({"model": live, "scale": scale})
+    text = "\n".join(str(w.message) for w in caught)
+    assert "'model': tensors stored with another dtype" in text and "cast to the live dtype" in text
+    assert "0.weight (float32 -> float64)" in text and "(4 in all)" in text
+    assert "scale (float32 -> float16)" in text
+    for key, value in saved.state_dict().items():
+        assert live.state_dict()[key].dtype == torch.float64
+        assert torch.equal(live.state_dict()[key], value.to(torch.float64))
+    assert torch.equal(scale, torch.ones(3, dtype=torch.float16))

@@ -14,6 +14,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from dcp_plugin.accelerate import epochs
 from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import collect
@@ -23,7 +24,14 @@ from dcp_plugin.engine.staging.warmup import prepare_after_first_step
 log = logging.getLogger(__name__)
 
 ATTRIBUTE = "_dcp_plugin_checkpointer"
-_WRAPPED = ("save_state", "load_state", "wait_for_everyone", "end_training")
+_WRAPPED = (
+    "save_state",
+    "load_state",
+    "wait_for_everyone",
+    "end_training",
+    "prepare_data_loader",
+    "skip_first_batches",
+)
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed saves through its own engine",
     DistributedType.MEGATRON_LM: "Megatron-LM saves through its own engine",
@@ -130,6 +138,8 @@ def _install(accelerator: Accelerator, checkpointer: AccelerateCheckpointer) -> 
     for name in _WRAPPED:
         setattr(accelerator, name, _Method(accelerator, name))
     setattr(accelerator, ATTRIBUTE, checkpointer)
+    for dataloader in accelerator._dataloaders:  # prepared before enable()
+        epochs.watch(dataloader)
     if checkpointer.config.is_async and checkpointer.config.reuse_buffers:
         # the first save_state only copies into staging buffers prepared after the first optimizer step
         prepare_after_first_step(lambda: _checkpointer_for_prepare(accelerator), lambda: collect(accelerator, 0))
@@ -205,11 +215,26 @@ def _end_training(accelerator: Accelerator) -> None:
         type(accelerator).end_training(accelerator)
 
 
+def _prepare_data_loader(accelerator: Accelerator, *args: Any, **kwargs: Any) -> Any:
+    """:meth:`accelerate.Accelerator.prepare_data_loader`; the prepared loader also records its shuffling
+    generator as each epoch begins, so that a save in mid-epoch can be resumed with ``skip_first_batches``
+    (dcp-plugin)."""
+    return epochs.watch(type(accelerator).prepare_data_loader(accelerator, *args, **kwargs))
+
+
+def _skip_first_batches(accelerator: Accelerator, *args: Any, **kwargs: Any) -> Any:
+    """:meth:`accelerate.Accelerator.skip_first_batches`; the new loader records its shuffling generator as
+    its epoch begins, like the prepared ones, so a resumed run can save again in mid-epoch (dcp-plugin)."""
+    return epochs.watch(type(accelerator).skip_first_batches(accelerator, *args, **kwargs))
+
+
 _IMPLEMENTATIONS = {
     "save_state": _save_state,
     "load_state": _load_state,
     "wait_for_everyone": _wait_for_everyone,
     "end_training": _end_training,
+    "prepare_data_loader": _prepare_data_loader,
+    "skip_first_batches": _skip_first_batches,
 }
 
 

@@ -7,6 +7,7 @@ entry                      content                                              
 =========================  =========================================================  ==========
 ``model``, ``model_1``..   prepared models, FQN keys (sharded when the model is)      no
 ``optimizer``, ...         optimizers, keyed by parameter FQN                          no
+``optimizer_parameters``   parameters optimizers train outside the prepared models    no
 ``scheduler``, ...         ``scheduler.state_dict()``                                  no
 ``dataloader``, ...        epoch counter, sampler seed/epoch and shuffling generator  no
 ``dataloader_state``, ...  ``state_dict()`` of stateful data loaders                   yes
@@ -25,11 +26,15 @@ from typing import Any
 
 import torch
 
+from dcp_plugin.accelerate.epochs import epoch_start_state, sampler_of, shuffling_generator
 from dcp_plugin.accelerate.hooks import HOOK_FILES_ENTRY
 from dcp_plugin.format.state import ModelState, OptimizerState, PerRank, RNGState
 
 ACCELERATOR_ENTRY = "accelerator"
 RNG_ENTRY = "random_states"
+OPTIMIZER_PARAMETERS_ENTRY = "optimizer_parameters"
+"""Values of the parameters an optimizer trains outside every prepared model (one entry per such optimizer)."""
+OUTSIDE_PARAMETERS = "outside_models"
 
 
 def indexed(name: str, index: int) -> str:
@@ -42,7 +47,8 @@ class DataLoaderProgress:
 
     Accelerate's ``save_state`` keeps only a ``SeedableRandomSampler``; the loader's epoch counter
     (``iteration``, which re-seeds that sampler) and the shuffling generator it synchronizes across
-    processes are lost, so a resumed run shuffles differently. Both are kept here.
+    processes are lost, so a resumed run shuffles differently. Both are kept here; during an epoch, the
+    generator as that epoch began (see :mod:`dcp_plugin.accelerate.epochs`).
     """
 
     def __init__(self, dataloader: Any, *, for_load: bool = False) -> None:
@@ -51,25 +57,6 @@ class DataLoaderProgress:
         # generator (one process shuffles with the global RNG) and that is not an error.
         self.for_load = for_load
 
-    def _sampler(self) -> Any:
-        from accelerate.data_loader import get_sampler
-
-        try:
-            sampler = get_sampler(self.dataloader)
-        except AttributeError:
-            sampler = None
-        if sampler is None:
-            # On several processes the batch sampler is a BatchSamplerShard around the original one.
-            inner = getattr(getattr(self.dataloader, "batch_sampler", None), "batch_sampler", None)
-            sampler = getattr(inner, "sampler", None)
-        return sampler
-
-    def _generator(self, sampler: Any) -> torch.Generator | None:
-        generator = getattr(self.dataloader, "synchronized_generator", None)
-        if not isinstance(generator, torch.Generator):
-            generator = getattr(sampler, "generator", None)
-        return generator if isinstance(generator, torch.Generator) else None
-
     def state_dict(self) -> dict[str, Any]:
         from accelerate.data_loader import SeedableRandomSampler
 
@@ -77,23 +64,25 @@ class DataLoaderProgress:
         iteration = getattr(self.dataloader, "iteration", None)
         if isinstance(iteration, int):
             state["iteration"] = iteration
-        sampler = self._sampler()
+        sampler = sampler_of(self.dataloader)
         if isinstance(sampler, SeedableRandomSampler):
             state["sampler_epoch"] = int(sampler.epoch)
             state["sampler_initial_seed"] = int(sampler.initial_seed)
-        generator = self._generator(sampler)
+        generator = shuffling_generator(self.dataloader, sampler)
         if generator is not None and not self.for_load:
-            state["generator"] = generator.get_state()
+            # mid-epoch: the state the epoch's order was drawn from, so that it can be drawn again on resume
+            started = epoch_start_state(generator)
+            state["generator"] = started if started is not None else generator.get_state()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "iteration" in state:
             self.dataloader.iteration = int(state["iteration"])
-        sampler = self._sampler()
+        sampler = sampler_of(self.dataloader)
         if "sampler_epoch" in state and sampler is not None:
             sampler.epoch = int(state["sampler_epoch"])
             sampler.initial_seed = int(state["sampler_initial_seed"])
-        generator = self._generator(sampler)
+        generator = shuffling_generator(self.dataloader, sampler)
         if "generator" in state and generator is not None:
             generator.set_state(state["generator"])
 
@@ -103,24 +92,35 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _model_for(optimizer: torch.optim.Optimizer, models: list[torch.nn.Module]) -> torch.nn.Module:
-    """The module whose parameter names key ``optimizer``'s state: the prepared model holding all its
-    parameters or, for an optimizer over several prepared models (allowed by Accelerate), a container of those
-    models named as Accelerate names them (``model.<param>``, ``model_1.<param>``)."""
+def _model_for(
+    optimizer: torch.optim.Optimizer, models: list[torch.nn.Module]
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The module whose parameter names key ``optimizer``'s state, and the module holding the parameters it trains
+    that no prepared model holds (``None`` when there are none).
+
+    The keying module is the prepared model holding all its parameters or, for an optimizer over several prepared
+    models (allowed by Accelerate) or over parameters outside every prepared model (CLIP's ``logit_scale``), a
+    container named as Accelerate names the models (``model.<param>``, ``model_1.<param>``) plus
+    ``outside_models.g<group>_<position>`` for the others: they are keyed by where they sit in the optimizer, as
+    Accelerate keys all optimizer state.
+    """
     wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for model in models:
         if wanted <= {id(p) for p in model.parameters()}:
-            return model
-    owners = {
+            return model, None
+    owners: dict[str, torch.nn.Module] = {
         indexed("model", i): model for i, model in enumerate(models) if wanted & {id(p) for p in model.parameters()}
     }
     held = set().union(*({id(p) for p in m.parameters()} for m in owners.values())) if owners else set()
-    if not wanted <= held:
-        raise ValueError(
-            f"An optimizer trains {len(wanted - held)} parameter(s) that no prepared model holds: prepare every "
-            "model whose parameters an optimizer trains (accelerator.prepare(model, optimizer))."
-        )
-    return torch.nn.ModuleDict(owners)
+    outside = torch.nn.Module()
+    for g, group in enumerate(optimizer.param_groups):
+        for position, param in enumerate(group["params"]):
+            if id(param) not in held:
+                # registering keeps the very Parameter object: loading into it updates what the optimizer trains
+                outside.register_parameter(f"g{g}_{position}", param)
+    if not list(outside.parameters()):
+        return torch.nn.ModuleDict(owners), None
+    return torch.nn.ModuleDict({**owners, OUTSIDE_PARAMETERS: outside}), outside
 
 
 def collect(
@@ -146,7 +146,10 @@ def collect(
         state["scaler"] = accelerator.scaler
     for i, optimizer in enumerate(accelerator._optimizers):
         inner = _inner_optimizer(optimizer)
-        state[indexed("optimizer", i)] = OptimizerState(_model_for(inner, prepared), inner)
+        keyed_by, outside = _model_for(inner, prepared)
+        state[indexed("optimizer", i)] = OptimizerState(keyed_by, inner)
+        if outside is not None:
+            state[indexed(OPTIMIZER_PARAMETERS_ENTRY, i)] = ModelState(outside)
     for i, scheduler in enumerate(accelerator._schedulers):
         state[indexed("scheduler", i)] = scheduler
     for i, dataloader in enumerate(accelerator._dataloaders):

@@ -143,16 +143,18 @@ class Encoder:
             return {TAG: "device", "v": str(value)}
         if self.allow_pickle:
             return {TAG: "pickle", "v": base64.b64encode(pickle.dumps(value)).decode("ascii")}
+        what = value if isinstance(value, type) else type(value)
         raise EncodingError(
-            f"Cannot store a value of type {type(value).__module__}.{type(value).__qualname__} at "
-            f"{'.'.join(path)!r} without pickle. Convert it to tensors or JSON-like data (dict, list, str, numbers), "
-            "give its owner state_dict()/load_state_dict(), or set allow_pickle=True if every reader of "
+            f"Cannot store {'the class' if what is value else 'a value of type'} {what.__module__}.{what.__qualname__} "
+            f"at {'.'.join(path)!r} without pickle. Convert it to tensors or JSON-like data (dict, list, str, "
+            "numbers), give its owner state_dict()/load_state_dict(), or set allow_pickle=True if every reader of "
             "this checkpoint trusts it."
         )
 
     def _encode_rich(self, value: Any, path: tuple[str, ...]) -> dict | None:
         """What Lightning commonly stores in a checkpoint's hyper-parameters, tagged so it comes back as the
-        same type: OmegaConf containers, ``argparse.Namespace``, ``pathlib`` paths, dataclass instances."""
+        same type: OmegaConf containers, ``argparse.Namespace``, ``pathlib`` paths, dataclass instances, and the
+        OmegaConf container classes themselves (Lightning's ``hparams_type``)."""
         omegaconf_kind = _omegaconf_kind(value)
         if omegaconf_kind is not None:
             container = sys.modules["omegaconf"].OmegaConf.to_container(value, resolve=False)
@@ -164,6 +166,8 @@ class Encoder:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
             return {TAG: "dataclass", "cls": _class_path(type(value)), "v": self._encode(fields, path)}
+        if isinstance(value, type) and _class_path(value) in _CLASS_REFERENCES:
+            return {TAG: "class", "v": _class_path(value)}
         return None
 
     def _encode_dict(self, value: Mapping, path: tuple[str, ...]) -> Any:
@@ -266,6 +270,12 @@ def decode(skeleton: Any, resolve_tensor: Callable[[str], Any], allow_pickle: bo
 _PATH_CLASSES = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
 
 
+# Classes stored as a reference: Lightning stores ``type(hparams)`` (``hparams_type``) when the hyper-parameters
+# are an OmegaConf container, and calls it on load (``hparams_type(hparams)``). A reader may call a class named
+# in a checkpoint, so only these are stored (anything else needs allow_pickle) and only these come back.
+_CLASS_REFERENCES = frozenset({"omegaconf.dictconfig:DictConfig", "omegaconf.listconfig:ListConfig"})
+
+
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -341,6 +351,19 @@ def _decode_omegaconf(skeleton: dict, container: Any) -> Any:
     return OmegaConf.create(container)
 
 
+def _decode_class(skeleton: dict, path: Any) -> Any:
+    """An allowed class, imported; otherwise (not allowed, or its library is not installed) its name, which
+    Lightning reads as an older checkpoint's ``hparams_type`` (it then uses its ``AttributeDict``)."""
+    if path in _CLASS_REFERENCES:
+        module_name, _, name = path.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError):
+            pass
+    log.warning("The class %s named in the checkpoint is not loaded; it comes back as its name.", path)
+    return path
+
+
 def _decode_namespace(skeleton: dict, attributes: Any) -> Any:
     if not isinstance(attributes, dict) or not all(isinstance(k, str) for k in attributes):
         raise EncodingError("Malformed argparse.Namespace in checkpoint skeleton.")
@@ -363,6 +386,7 @@ _RICH_DECODERS: dict[str, Callable[[dict, Any], Any]] = {
     "omegaconf": _decode_omegaconf,
     "namespace": _decode_namespace,
     "path": _decode_path,
+    "class": _decode_class,
 }
 
 

@@ -157,6 +157,7 @@ def plan_load(
         saved_keys = encoding.tensor_keys(entry["value"])
         structural = defines_structure(obj)
         unexpected, missing = [], sorted(set(target_tensors) - set(saved_keys))
+        cast: list[str] = []
         for key in saved_keys:
             stored = md.get(key)
             if not isinstance(stored, TensorStorageMetadata):
@@ -172,7 +173,15 @@ def plan_load(
             elif _size(live) != tuple(stored.size):
                 plan.problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(stored.size)}, live {_size(live)}")
             else:
+                if live.dtype != stored.properties.dtype:
+                    cast.append(f"{key} ({_dtype(stored.properties.dtype)} -> {_dtype(live.dtype)})")
                 plan.flat[key] = live
+        if cast:
+            # copied into the live tensor as torch's copy_ casts (precision may be lost): a warning, not an error
+            plan.warnings.append(
+                f"{name!r}: tensors stored with another dtype than the live ones are cast to the live dtype "
+                f"(checkpoint -> live): {_short(cast, prefix)}"
+            )
         if unexpected:
             message = f"{name!r}: unexpected keys in checkpoint {_short(unexpected, prefix)}"
             (plan.problems if strict else plan.warnings).append(message)
@@ -234,6 +243,10 @@ def _tensor_leaves(value: Any, prefix: str) -> dict[str, Any]:
     encoder = encoding.Encoder(prefix, allow_pickle=True)
     encoder.encode(value)
     return encoder.tensors
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _short(keys: list[str], prefix: str, limit: int = 8) -> str:

@@ -1,4 +1,6 @@
-"""Run scripts the way users do: ``python script.py`` or ``torchrun --nproc-per-node N script.py``."""
+"""Run scripts the way users do: ``python script.py``, ``torchrun --nproc-per-node N script.py`` or
+``accelerate launch --multi_gpu --num_processes N script.py`` (on CPU: the script asks for ``Accelerator(cpu=True)``;
+``--cpu --num_processes N`` would quietly run one process)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("train_script.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
 def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -29,13 +32,28 @@ def launch(
     env: dict[str, str] | None = None,
     script: Path = SCRIPT,
     timeout: float = 300,
+    launcher: str = "torchrun",
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` processes; fail with its output if it does not succeed."""
+    """Run ``script`` on ``nproc`` processes (``launcher``: ``torchrun`` or ``accelerate``); fail with its output
+    if it does not succeed."""
+    from tests.multiproc import free_port
+
     if nproc == 1:
         command = [sys.executable, str(script), *args]
+    elif launcher == "accelerate":
+        command = [
+            str(ACCELERATE),
+            "launch",
+            "--multi_gpu",
+            f"--num_processes={nproc}",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            f"--main_process_port={free_port()}",
+            str(script),
+            *args,
+        ]
     else:
-        from tests.multiproc import free_port
-
         command = [
             str(TORCHRUN),
             f"--nproc-per-node={nproc}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +182,70 @@ def test_stateful_data_loaders_as_accelerate(tmp_path):
     compare(tmp_path, Scenario(stateful_dataloader=True, custom=True))
 
 
+class _WithTemperature:
+    """CLIP-like training: one optimizer over a prepared model and a bare ``logit_scale`` outside every model."""
+
+    def __init__(self, mode: str) -> None:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        self.accelerator = Accelerator(cpu=True)
+        if mode != "accelerate":
+            dpa.enable(self.accelerator, environ={}, async_mode=mode)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 8)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.6592))
+        optimizer = torch.optim.AdamW(
+            [{"params": model.parameters()}, {"params": [self.logit_scale], "lr": 0.1}], lr=1e-2
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+    def train(self, steps: int) -> None:
+        data = torch.Generator().manual_seed(self.accelerator.step)
+        for _ in range(steps):
+            logits = self.model(torch.randn(4, 16, generator=data)) * self.logit_scale.exp()
+            self.accelerator.backward(logits.logsumexp(dim=1).mean())
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.accelerator.step += 1
+
+    def state(self) -> dict:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "logit_scale": self.logit_scale.detach().clone(),
+            "optimizer": copy.deepcopy(self.optimizer.optimizer.state_dict()),
+        }
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+def test_a_parameter_outside_every_prepared_model_resumes_exactly(tmp_path, mode):
+    """A resume equals the uninterrupted run, the parameter outside the models (its value and its optimizer
+    state) included. Accelerate's own save_state restores its optimizer state but not its value."""
+    run = _WithTemperature(mode)
+    run.train(3)
+    run.accelerator.save_state(str(tmp_path / mode))
+    saved = run.state()
+    run.train(2)
+    uninterrupted = run.state()
+    run.accelerator.end_training()
+
+    resumed = _WithTemperature(mode)
+    assert not torch.equal(resumed.logit_scale, saved["logit_scale"])  # the save holds a trained value
+    resumed.accelerator.load_state(str(tmp_path / mode))
+    assert resumed.logit_scale is resumed.optimizer.optimizer.param_groups[1]["params"][0]  # loaded in place
+    assert_same(resumed.state(), saved)
+    resumed.train(2)
+    assert_same(resumed.state(), uninterrupted)
+    resumed.accelerator.end_training()
+
+    oracle = _WithTemperature("accelerate")
+    oracle.train(3)
+    oracle.accelerator.save_state(str(tmp_path / "accelerate"))
+    oracle = _WithTemperature("accelerate")
+    oracle.accelerator.load_state(str(tmp_path / "accelerate"))
+    assert_same(oracle.state()["optimizer"], saved["optimizer"])
+    assert not torch.equal(oracle.logit_scale, saved["logit_scale"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_processes_same_names_and_resumed_state_as_accelerate(tmp_path):
@@ -204,3 +269,45 @@ def test_two_processes_same_names_and_resumed_state_as_accelerate(tmp_path):
         for key in kept:
             assert_same(oracle[2][rank][key], oracle[1][rank][key], f"accelerate rank {rank} {key}")
             assert_same(ours[2][rank][key], oracle[2][rank][key], f"rank {rank} {key}")
+
+
+def _resumed_tail(full: dict, resumed: dict, epoch: int, batch: int) -> None:
+    """The resumed run saw the uninterrupted run's batches after (epoch, batch), with the same losses, and
+    ended with the same weights."""
+    tail = [seen for seen in full["seen"] if seen[:2] > (epoch, batch)]
+    assert [seen[:2] for seen in resumed["seen"]] == [seen[:2] for seen in tail]
+    for ours, expected in zip(resumed["seen"], tail):
+        assert torch.equal(ours[2], expected[2]), f"batch {ours[:2]} differs"
+    assert [seen[3] for seen in resumed["seen"]] == [seen[3] for seen in tail]
+    assert_same(resumed["model"], full["model"], "model")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mid_epoch_resume_with_skip_first_batches_sees_the_uninterrupted_batches(tmp_path):
+    """``accelerate launch`` on 2 processes, shuffled data: ``save_state()`` after batch 3 of an epoch, then a new
+    launch runs ``load_state()`` and ``skip_first_batches(dataloader, 3)``. With Accelerate's own save_state (the
+    oracle) and with dcp-plugin, the batches, losses and final weights are the uninterrupted run's; dcp-plugin
+    also in a later epoch (Accelerate's own save_state does not keep the shuffling generator)."""
+    from tests.accelerate.launch import SCRIPT, launch
+
+    script = SCRIPT.with_name("mid_epoch_script.py")
+
+    def run(name: str, args: list[str], **env: str) -> list[dict]:
+        out = str(tmp_path / name)
+        launch([*args, "--out", out], nproc=2, env=env, script=script, launcher="accelerate")
+        return [torch.load(f"{out}_rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+    def resume(name: str, checkpoint: Path, epoch: int, **env: str) -> tuple[list[dict], int]:
+        return run(name, ["resume", "--load", str(checkpoint), "--epoch", str(epoch), "--skip", "3"], **env), epoch
+
+    ours, oracle = tmp_path / "dcp", tmp_path / "accelerate"
+    full = run("full", ["train", "--save-dir", str(ours), "--oracle-dir", str(oracle), "--save-at", "0:3,1:3"])
+    resumes = [
+        resume("oracle_e0", oracle / "e0_b3", 0, DCP_PLUGIN_ENABLE="0"),
+        resume("ours_e0", ours / "e0_b3", 0),
+        resume("ours_e1", ours / "e1_b3", 1),
+    ]
+    for resumed, epoch in resumes:
+        for rank in range(2):
+            _resumed_tail(full[rank], resumed[rank], epoch, 3)

@@ -203,3 +203,22 @@ def test_lightning_hyper_parameters_with_a_dictconfig_save_and_load_without_pick
     plugin.teardown()
     assert isinstance(loaded["hyper_parameters"]["cfg"], omegaconf.DictConfig)
     assert loaded["hyper_parameters"]["cfg"] == hparams["cfg"] and loaded["hyper_parameters"]["path"] == hparams["path"]
+
+
+def test_omegaconf_container_classes_are_stored_by_name_and_other_classes_are_refused():
+    """Lightning stores ``type(hparams)`` (``hparams_type``) for OmegaConf hyper-parameters and calls it on load:
+    those classes come back as themselves; any other class stays an error without pickle."""
+    omegaconf = pytest.importorskip("omegaconf")
+    out, _ = roundtrip({"hparams_type": omegaconf.DictConfig, "list_type": omegaconf.ListConfig})
+    assert out["hparams_type"] is omegaconf.DictConfig and out["list_type"] is omegaconf.ListConfig
+    with pytest.raises(encoding.EncodingError, match="subprocess.Popen.*'entry.cls'.*allow_pickle"):
+        encoding.Encoder("entry").encode({"cls": __import__("subprocess").Popen})
+
+
+def test_a_class_named_in_a_checkpoint_is_never_called_or_imported_unless_allowed(caplog):
+    pytest.importorskip("omegaconf")
+    skeleton = encoding.Encoder("e").encode({"hparams_type": __import__("omegaconf").DictConfig})
+    skeleton["hparams_type"]["v"] = "subprocess:Popen"  # a tampered checkpoint
+    decoded = encoding.decode(encoding.loads(encoding.dumps(skeleton)), {}.__getitem__)
+    assert decoded == {"hparams_type": "subprocess:Popen"}  # a name; Lightning then uses its AttributeDict
+    assert "subprocess:Popen" in caplog.text

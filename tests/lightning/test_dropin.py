@@ -354,3 +354,42 @@ def test_remote_last_is_documented_and_auto_resume_finds_the_latest(tmp_path, me
     run(1)
     resumed, module = run(2, ckpt_path="last")  # Lightning finds no ModelCheckpoint "last": the callback resumes
     assert resumed.global_step == 8 and module.extra_seen["steps"] == 4
+
+
+# -- Hydra / OmegaConf hyper-parameters: Lightning also stores their class ("hparams_type") ------------------------
+class _ConfiguredModule(pl.LightningModule):
+    """A module configured as Hydra configures one: ``save_hyperparameters(cfg)`` with a ``DictConfig``."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.save_hyperparameters(cfg)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, cfg.model.hidden), torch.nn.Linear(cfg.model.hidden, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_omegaconf_hyper_parameters_save_with_default_options_and_load_back(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    from dcp_plugin.lightning import load_lightning_module, to_lightning_file
+
+    cfg = omegaconf.OmegaConf.create({"lr": 0.01, "model": {"hidden": 12, "width": "${model.hidden}"}})
+    seed_all(0)
+    module = _ConfiguredModule(cfg)
+    run = trainer(str(tmp_path), DCPCheckpointIO(), max_epochs=1, callbacks=[ModelCheckpoint(dirpath=str(tmp_path))])
+    run.fit(module, loader())
+    path = run.checkpoint_callback.best_model_path
+
+    assert DCPCheckpointIO().load_checkpoint(path)["hparams_type"] is omegaconf.DictConfig
+    for loaded in (
+        load_lightning_module(_ConfiguredModule, path),
+        _ConfiguredModule.load_from_checkpoint(to_lightning_file(path, str(tmp_path / "one.ckpt")), weights_only=False),
+    ):
+        assert isinstance(loaded.hparams, omegaconf.DictConfig) and loaded.hparams == cfg
+        assert loaded.hparams.model.width == 12  # the interpolation survived
+        for key, value in module.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value)
