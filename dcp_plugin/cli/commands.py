@@ -136,6 +136,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if key.startswith("__dcp_plugin__"):
             continue
         size = getattr(entry, "size", None)
+        if size is None:
+            continue  # a plain value DCP stores as bytes (e.g. an optimizer's param_groups), not a tensor
         dtype = getattr(getattr(entry, "properties", None), "dtype", None)
         nbytes = math.prod(size) * dtype.itemsize if size is not None and dtype is not None else None
         tensors.append(

@@ -282,7 +282,9 @@ class _Distrustful:
         transforms = self.transforms  # type: ignore[attr-defined]
         source = transforms.transform_load_stream(item, info.transform_descriptors or (), raw)
         if item.type == LoadItemType.BYTE_IO:
-            planner.load_bytes(item, io.BytesIO(source.read(-1)))
+            data = source.read(-1)
+            self._check_plain_value(item, data)
+            planner.load_bytes(item, io.BytesIO(data))
             return
         seekable = source if source.seekable() else io.BytesIO(source.read(-1))
         tensor = torch.load(seekable, map_location="cpu", weights_only=True)
@@ -302,6 +304,18 @@ class _Distrustful:
         else:
             target.detach().copy_(tensor)
         planner.commit_tensor(item, target)
+
+    def _check_plain_value(self, item: Any, data: bytes) -> None:
+        """DCP's planners unpickle byte items with ``torch.load(weights_only=False)``: hand them only bytes that
+        ``weights_only=True`` reads (plain values, no code to run)."""
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any refusal or damage: the value is not handed on
+            raise UnsafeCheckpointError(
+                f"Checkpoint {self._dcp_plugin_shown}: the value {item.storage_index.fqn!r} is not plain data that "
+                f"loads without running code ({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to "
+                "read it. If you trust this checkpoint, read it with torch.distributed.checkpoint directly."
+            ) from None
 
     def finish_verification(self) -> list[str]:
         """Verify the files a deferred read used but no later read hashed; returns the problems found."""
