@@ -29,6 +29,7 @@ from dcp_plugin.errors import (
     UnsafeCheckpointError,
 )
 from dcp_plugin.storage import manifest as manifests
+from dcp_plugin.storage import plain
 from dcp_plugin.storage.catalog import CheckpointInfo, StorageCatalog
 from dcp_plugin.storage.cleanup import StorageCleanup
 from dcp_plugin.storage.commit import (
@@ -109,6 +110,18 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
         kwargs["sync_files"] = False
         url = self._root.url(pending.directory)
         return CommittingFsspecWriter(url, **commit, **kwargs, **self.storage_options)
+
+    @storage_errors("adopt a checkpoint in")
+    def adopt(self, name: str) -> CheckpointInfo:
+        """Make the plain-DCP directory ``name`` (written by ``dcp.save``, no manifest) a regular checkpoint: check
+        its metadata (allow-list, confined paths, every named file present with enough bytes), then commit a
+        manifest with the checksums of its files as they are now. Its data is not touched."""
+        check_name(name)
+        if self.is_committed(name):
+            raise CheckpointExistsError(f"{self.url(name)} is already a committed checkpoint; nothing to adopt.")
+        info = self.info(name)  # a plain-DCP directory, checked; anything else raises saying what it is
+        plain.adopt(self._root, name, info.manifest)
+        return self.info(name)
 
     def abort(self, pending: PendingWrite) -> None:
         """Remove what a failed write left behind (best effort; never touches committed data)."""

@@ -12,6 +12,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError
+from dcp_plugin.storage import plain
 from dcp_plugin.storage.base import StorageBase
 from dcp_plugin.storage.integrity import check_checkpoint_files
 from dcp_plugin.storage.listing import Scan
@@ -23,11 +24,21 @@ log = logging.getLogger("dcp_plugin.storage")
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint: its name in the root, the URL of its data, and its validated manifest."""
+    """A committed checkpoint: its name in the root, the URL of its data, and its validated manifest.
+
+    ``unverified`` marks a directory written by plain ``dcp.save`` (no manifest, so no checksums): its manifest
+    is made up from its metadata, and it is only read (``dcp-plugin adopt`` commits one)."""
 
     name: str
     url: str
     manifest: dict[str, Any]
+    unverified: bool = False
+
+    @property
+    def layout(self) -> str | None:
+        """``"dcp"`` when the state is stored under DCP's own keys without a dcp-plugin skeleton (plain DCP)."""
+        layout = self.manifest.get("layout")
+        return layout if isinstance(layout, str) else None
 
     @property
     def step(self) -> int | None:
@@ -68,12 +79,27 @@ class StorageCatalog(StorageBase):
 
     @storage_errors("read")
     def info(self, name: str) -> CheckpointInfo:
-        """The committed checkpoint called ``name``; raises a project error saying why if there is none."""
+        """The committed checkpoint called ``name``, or the plain-DCP directory called ``name`` (``unverified``);
+        raises a project error saying why if there is neither."""
         check_name(name)
         found = self._listing.find(name)
         if found is None:
+            if plain.holds_plain_dcp(self._root, name):
+                return self._plain_info(name)
             raise CheckpointNotFoundError(self._listing.explain_missing(name))
         return self._info(found)
+
+    def _plain_info(self, name: str) -> CheckpointInfo:
+        manifest, written_by_us = plain.describe(self._root, name)
+        if written_by_us:  # a dcp-plugin write that never committed: it may be incomplete
+            raise CheckpointNotFoundError(self._listing.explain_missing(name))
+        return CheckpointInfo(name=name, url=self.url(name), manifest=manifest, unverified=True)
+
+    @storage_errors("list")
+    def plain_dcp(self) -> builtins.list[str]:
+        """Names of the directories written by plain ``dcp.save`` (no manifest), by the step their names end with.
+        They are never listed as committed checkpoints; :meth:`info` reads one, unverified."""
+        return plain.plain_names(self._root)
 
     def _info(self, found: Any) -> CheckpointInfo:
         return CheckpointInfo(name=found.name, url=self._root.url(found.directory), manifest=found.manifest)

@@ -34,7 +34,7 @@ from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
-from dcp_plugin.storage.names import BLOBS, METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, METADATA_NAME, is_safe_data_file
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -112,6 +112,7 @@ class _Distrustful:
         self._dcp_plugin_places = _Places(root, directory, self._dcp_plugin_files, manifest.get("blobs"))
         self._dcp_plugin_verified: set[str] = set()
         self._dcp_plugin_used: set[str] = set()
+        self._dcp_plugin_plain = manifest.get("layout") == "dcp"
         if root.is_local:
             self.fs = _RegularFilesOnly()
 
@@ -343,6 +344,15 @@ class _Distrustful:
     def _warn_unchecked(self) -> None:
         if self._dcp_plugin_shown not in _WARNED_UNCHECKED:
             _WARNED_UNCHECKED.add(self._dcp_plugin_shown)
+            if self._dcp_plugin_plain:
+                log.warning(
+                    "%s was written by plain DCP (no %s): it is read unverified, its files checked for size only. "
+                    "`dcp-plugin adopt %s` commits checksums for it.",
+                    self._dcp_plugin_shown,
+                    MANIFEST_NAME,
+                    self._dcp_plugin_shown,
+                )
+                return
             log.warning(
                 "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. "
                 "Save it again to protect it.",
