@@ -6,6 +6,10 @@ the skeleton. Code that resumes with DCP directly (``get_optimizer_state_dict`` 
 gives it, e.g. ``optimizer.param_groups.0.lr``. So each plain value of an entry is also handed to DCP, where DCP
 stores it as a byte item (``torch.save`` of the value).
 
+This is done for the entries such code loads with DCP: ``Stateful`` objects (models, optimizers, schedulers) and
+entries that are one scalar (``"step": 500``). Other entries (a Lightning checkpoint's ``loops`` and
+``hyper_parameters``) stay in the skeleton only: every byte item costs about 0.15 ms of CPU per save.
+
 Only values that ``torch.load(weights_only=True)`` reads back are stored that way: ``None``, booleans, integers,
 floats, strings, and lists, tuples and string- or int-keyed dicts of those, up to :data:`MAX_ELEMENTS` elements
 per value. Anything else (and any value in a per-rank entry) stays in the skeleton only, so a checkpoint still
@@ -18,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch.distributed.checkpoint._traverse import traverse_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
 from dcp_plugin.format.encoding import is_tensor
 
@@ -25,6 +30,11 @@ MAX_ELEMENTS = 65536
 """Larger plain values (a sampler's index list, say) stay in the skeleton only."""
 
 Path = tuple[str | int, ...]
+
+
+def applies(obj: Any, value: Any) -> bool:
+    """Whether the entry whose live object is ``obj`` (``value`` once expanded) gets its plain values stored."""
+    return isinstance(obj, Stateful) or value is None or type(value) in (bool, int, float, str)
 
 
 def plain_values(name: str, value: Any) -> dict[Path, Any]:
@@ -95,4 +105,4 @@ def insert(nested: dict[str, Any], path: Path, value: Any) -> bool:
     return False
 
 
-__all__ = ["MAX_ELEMENTS", "insert", "plain_values"]
+__all__ = ["MAX_ELEMENTS", "applies", "insert", "plain_values"]

@@ -3,7 +3,7 @@
 Each rank writes a skeleton (see :mod:`dcp_plugin.format.encoding`) under ``__dcp_plugin__/skeleton/rank<r>``.
 Entries whose content differs per rank (RNG states, :class:`~dcp_plugin.format.state.PerRank`) store their
 tensors under ``<entry>/rank<r>``; all other tensors are stored under ``<entry>.<path>`` — the same keys
-DCP's own flattening produces, so model weights are readable by other DCP tools. Plain values of those entries
+DCP's own flattening produces, so model weights are readable by other DCP tools. Plain values of Stateful entries
 (an optimizer's ``param_groups``) are also stored as DCP byte items under DCP's keys
 (:mod:`dcp_plugin.format.dcp_values`), so a resume through DCP alone finds them; dcp-plugin reads the skeleton.
 """
@@ -80,7 +80,7 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
         flat.update(encoder.tensors)
         for key, path in encoder.paths.items():
             _insert(nested, path, encoder.tensors[key])
-        if not per_rank:
+        if not per_rank and dcp_values.applies(state[name], value):
             for plain_path, plain in dcp_values.plain_values(name, value).items():
                 dcp_values.insert(nested, plain_path, plain)
         entries[name] = {"per_rank": per_rank, "value": skeleton}

@@ -63,20 +63,25 @@ def test_dcp_resume_of_the_optimizer_continues_bit_exactly(tmp_path, entry, asyn
 
 def test_byte_items_load_without_running_code_and_keep_their_structure(tmp_path):
     model, optimizer = _training()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     _step(model, optimizer, 0)
+    scheduler.step()
     with CheckpointManager(tmp_path, async_mode="sync") as manager:
-        info = manager.save(1, {"model": model, "optimizer": optimizer, "counters": {"epoch": 2, "tags": ["a"]}})
+        info = manager.save(
+            1, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 2, "log": {"a": 1}}
+        )
     metadata = dcp.FileSystemReader(info.url).read_metadata()
     byte_keys = {k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
-    assert "optimizer.param_groups.0.lr" in byte_keys and "counters.epoch" in byte_keys
+    assert {"optimizer.param_groups.0.lr", "scheduler.last_epoch", "epoch"} <= byte_keys
+    assert "log.a" not in byte_keys  # plain dict entries stay in the skeleton only
 
     out = os.fspath(tmp_path / "whole.pt")
     dcp_to_torch_save(info.url, out)
     whole = torch.load(out, weights_only=True)  # every stored value is plain data
     groups = whole["optimizer"]["param_groups"]
-    assert isinstance(groups, list) and groups[0]["lr"] == 3e-3
+    assert isinstance(groups, list) and groups[0]["lr"] == 3e-3 / 2
     assert groups[0]["params"] == list(get_model_state_dict(model))
-    assert whole["counters"] == {"epoch": 2, "tags": ["a"]}
+    assert whole["scheduler"]["last_epoch"] == 1 and whole["epoch"] == 2
 
 
 def test_own_loads_are_unchanged_with_and_without_byte_items(tmp_path, monkeypatch):
