@@ -284,7 +284,7 @@ class _Distrustful:
         source = transforms.transform_load_stream(item, info.transform_descriptors or (), raw)
         if item.type == LoadItemType.BYTE_IO:
             data = source.read(-1)
-            self._check_plain_value(item, data)
+            check_plain_value(data, self._dcp_plugin_shown, item.storage_index.fqn)
             planner.load_bytes(item, io.BytesIO(data))
             return
         seekable = source if source.seekable() else io.BytesIO(source.read(-1))
@@ -305,18 +305,6 @@ class _Distrustful:
         else:
             target.detach().copy_(tensor)
         planner.commit_tensor(item, target)
-
-    def _check_plain_value(self, item: Any, data: bytes) -> None:
-        """DCP's planners unpickle byte items with ``torch.load(weights_only=False)``: hand them only bytes that
-        ``weights_only=True`` reads (plain values, no code to run)."""
-        try:
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any refusal or damage: the value is not handed on
-            raise UnsafeCheckpointError(
-                f"Checkpoint {self._dcp_plugin_shown}: the value {item.storage_index.fqn!r} is not plain data that "
-                f"loads without running code ({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to "
-                "read it. If you trust this checkpoint, read it with torch.distributed.checkpoint directly."
-            ) from None
 
     def finish_verification(self) -> list[str]:
         """Verify the files a deferred read used but no later read hashed; returns the problems found."""
@@ -344,20 +332,30 @@ class _Distrustful:
     def _warn_unchecked(self) -> None:
         if self._dcp_plugin_shown not in _WARNED_UNCHECKED:
             _WARNED_UNCHECKED.add(self._dcp_plugin_shown)
-            if self._dcp_plugin_plain:
-                log.warning(
-                    "%s was written by plain DCP (no %s): it is read unverified, its files checked for size only. "
-                    "`dcp-plugin adopt %s` commits checksums for it.",
-                    self._dcp_plugin_shown,
-                    MANIFEST_NAME,
-                    self._dcp_plugin_shown,
-                )
-                return
-            log.warning(
-                "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. "
-                "Save it again to protect it.",
-                self._dcp_plugin_shown,
-            )
+            log.warning(_UNCHECKED_PLAIN if self._dcp_plugin_plain else _UNCHECKED_V01, self._dcp_plugin_shown)
+
+
+_UNCHECKED_V01 = (
+    "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. Save it again to "
+    "protect it."
+)
+_UNCHECKED_PLAIN = (
+    f"%s was written by plain DCP (no {MANIFEST_NAME}): it is read unverified, its files checked for size only. "
+    "`dcp-plugin adopt` commits checksums for it."
+)
+
+
+def check_plain_value(data: bytes, shown: str, fqn: str) -> None:
+    """DCP's planners unpickle byte items with ``torch.load(weights_only=False)``: hand them only bytes that
+    ``weights_only=True`` reads (plain values, no code to run); raise :class:`UnsafeCheckpointError` otherwise."""
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any refusal or damage: the value is not handed on
+        raise UnsafeCheckpointError(
+            f"Checkpoint {shown}: the value {fqn!r} is not plain data that loads without running code "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to read it. If you trust this "
+            "checkpoint, read it with torch.distributed.checkpoint directly."
+        ) from None
 
 
 _PLACEHOLDER = "_dcp_plugin_placeholder"
