@@ -3,7 +3,8 @@
 Each entry of the live state is matched as ``dcp.load`` matches it: its state dict (``get_model_state_dict`` /
 ``get_optimizer_state_dict`` for models and optimizers) is flattened by DCP's rules under the entry's name, and
 every key must be in the checkpoint. An entry without a live object (a plain value, or ``None`` for ``read``) is
-rebuilt from the checkpoint's metadata: tensors at their full size, plain values as stored.
+rebuilt from the checkpoint's metadata: tensors at their full size, plain values as stored. A model whose weights
+are stored at the top level, as torchtitan stores them, is found there.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def plan_dcp_load(state: Mapping[str, Any], metadata: Metadata, *, strict: bool)
     for name, obj in state.items():
         prefix = f"{name}."
         saved = [key for key in stored if key == name or key.startswith(prefix)]
+        if not saved and isinstance(obj, ModelState) and _plan_top_level_model(plan, name, obj, stored):
+            continue
         if not saved:
             message = f"entry {name!r} is not in the checkpoint (it has: {', '.join(_entries(stored)) or 'nothing'})"
             (plan.problems if strict else plan.warnings).append(message)
@@ -73,6 +76,24 @@ def plan_dcp_load(state: Mapping[str, Any], metadata: Metadata, *, strict: bool)
                 message = f"{name!r}: {what} {_short(keys, prefix)}"
                 (plan.problems if strict else plan.warnings).append(message)
     return plan
+
+
+def _plan_top_level_model(plan: DcpLoadPlan, name: str, model: ModelState, stored: Mapping[str, Any]) -> bool:
+    """torchtitan stores the model's weights at the top level (``tok_embeddings.weight``, not
+    ``model.tok_embeddings.weight``): take them from there when every one of them is there, with its shape."""
+    flat, mapping = flatten_state_dict(model.state_dict())
+    for key, live in flat.items():
+        item = stored.get(key)
+        if not isinstance(item, TensorStorageMetadata) or not torch.is_tensor(live):
+            return False
+        if tuple(live.size()) != tuple(item.size):
+            return False
+    if not flat:
+        return False
+    plan.entries.append(name)
+    for key, live in flat.items():
+        plan.flat[key], plan.mappings[key] = live, (name, *mapping[key])
+    return True
 
 
 def _from_metadata(plan: DcpLoadPlan, metadata: Metadata, keys: list[str]) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from dcp_plugin import OptimizerState
 from dcp_plugin.checkpointer import Checkpointer
@@ -174,3 +174,22 @@ def test_pickle_payloads_in_plain_dcp_are_refused(tmp_path, checkpointer, cli):
     with pytest.raises(UnsafeCheckpointError, match="extra.note"):
         checkpointer.load(evil_value, {"extra": None})
     assert RAN == []
+
+
+def test_torchtitans_own_layout_loads_model_weights_from_the_top_level(tmp_path, checkpointer):
+    model, optimizer = _trained()
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)  # what torchtitan's OptimizersContainer saves
+    path = os.fspath(tmp_path / "step-7")
+    state = {
+        **get_model_state_dict(model),  # torchtitan puts the model's weights at the top level
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=flat),
+        "train_state": {"step": 7},
+    }
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+
+    fresh_model = make_model(seed=0)
+    fresh_optimizer = torch.optim.AdamW(fresh_model.parameters(), lr=1.0)
+    live = {"model": fresh_model, "optimizer": OptimizerState(fresh_model, fresh_optimizer, flat), "train_state": 0}
+    checkpointer.load(path, live)
+    assert_same(snapshot(model, optimizer), snapshot(fresh_model, fresh_optimizer))
+    assert live["train_state"] == {"step": 7}
