@@ -193,3 +193,31 @@ def test_torchtitans_own_layout_loads_model_weights_from_the_top_level(tmp_path,
     checkpointer.load(path, live)
     assert_same(snapshot(model, optimizer), snapshot(fresh_model, fresh_optimizer))
     assert live["train_state"] == {"step": 7}
+
+
+def plain_fsdp_save(rank, world_size, path):
+    """torchtitan's way on 2 ranks: FSDP2-sharded model and optimizer saved with plain ``dcp.save``."""
+    from tests.test_distributed import _fsdp_training, _full_state
+
+    model, optimizer = _fsdp_training(0)
+    torch.manual_seed(11)
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    optimizer.step()
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path
+    )
+    return _full_state(model, optimizer)
+
+
+@pytest.mark.slow
+def test_a_sharded_plain_dcp_save_loads_resharded_on_one_process(tmp_path, checkpointer):
+    from tests.multiproc import run_ranks
+
+    path = os.fspath(tmp_path / "step-1")
+    saved = run_ranks(plain_fsdp_save, path)[0]
+    model = make_model(seed=9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    checkpointer.load(path, {"model": model, "optim": OptimizerState(model, optimizer)})
+    assert_same(saved["model"], {k: v.detach() for k, v in get_model_state_dict(model).items()})
+    assert_same(saved["optim"]["state"], get_optimizer_state_dict(model, optimizer)["state"])
+    assert optimizer.param_groups[0]["lr"] == 1e-2
