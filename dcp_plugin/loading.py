@@ -12,9 +12,10 @@ from typing import Any
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointLoadError, UnsafeCheckpointError
-from dcp_plugin.format import encoding, packing
+from dcp_plugin.format import dcp_layout, encoding, packing
 from dcp_plugin.format.state import wrap_state
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+from dcp_plugin.storage.plain import LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def _load_once(
     allow_pickle: bool,
 ) -> CheckpointInfo:
     """One attempt: read the skeleton, match it against the live state, read the tensors in place."""
+    if info.layout == LAYOUT:
+        return _load_dcp_layout(engine, storage, state, info, strict=strict)
     groups = engine.groups
     source_rank = packing.skeleton_source_rank(groups.rank, int(info.manifest.get("world_size", 1)))
     metadata, missing = None, None
@@ -149,6 +152,34 @@ def _load_once(
         kind = UnsafeCheckpointError if "pickle" in str(err).lower() else CheckpointCorruptError
         raise kind(f"Loading checkpoint {info.url} failed: {err}") from None
     for key, value in plain.items():
+        state[key] = value
+    return info
+
+
+def _load_dcp_layout(
+    engine: CheckpointEngine,
+    storage: CheckpointStorage,
+    state: MutableMapping[str, Any],
+    info: CheckpointInfo,
+    *,
+    strict: bool,
+) -> CheckpointInfo:
+    """A checkpoint written by plain ``dcp.save`` (no skeleton): matched by DCP's keys, as ``dcp.load`` does."""
+    groups = engine.groups
+    reader = storage.metadata_reader(info)
+    metadata = reader.read_metadata()
+    wrapped = wrap_state(state)
+    plan = dcp_layout.plan_dcp_load(wrapped, metadata, strict=strict)
+    all_problems = groups.all_gather(plan.problems)
+    if any(all_problems):
+        raise packing.mismatch_error(info.url, all_problems)
+    for warning in plan.warnings:
+        warnings.warn(f"Loading {info.url}: {warning}", stacklevel=5)
+    engine.load(plan.flat, reader, url=info.url)
+    _raise_if_damaged(groups, reader)
+    if _replaced_since(groups, storage, info):
+        raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: it was replaced while being read.")
+    for key, value in dcp_layout.finish_dcp_load(plan, wrapped, strict=strict).items():
         state[key] = value
     return info
 

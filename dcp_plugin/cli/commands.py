@@ -1,4 +1,4 @@
-"""The ``dcp-plugin`` commands that look at checkpoints: ls, latest, best, inspect, verify, purge.
+"""The ``dcp-plugin`` commands that look at checkpoints: ls, latest, best, inspect, verify, adopt, purge.
 
 Each takes the parsed arguments (with the global ``json``, ``storage_options`` and ``progress``) and returns the
 exit code; errors are raised and turned into exit codes by :func:`dcp_plugin.cli.main`.
@@ -119,6 +119,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             emit_note(f"{storage.root_url} is a checkpoint, not a directory of checkpoints; showing it.")
             infos = [parent.info(name)]
     leftovers = storage.incomplete()
+    plain = _plain_dcp(storage)
     if args.json:
         emit_json(
             {
@@ -126,10 +127,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "checkpoints": [_row(info) for info in infos],
                 "broken": [{"name": n, "url": storage.url(n), "reason": reason} for n, reason in broken],
                 "incomplete": leftovers,
+                "plain_dcp": [_plain_row(storage, name, found) for name, found in plain],
             }
         )
         return 0
-    if not infos and not broken:
+    if not infos and not broken and not plain:
         emit(f"no committed checkpoints in {storage.root_url}")
     else:
         rows: list[list[Any]] = [
@@ -144,21 +146,60 @@ def cmd_ls(args: argparse.Namespace) -> int:
             for i in infos
         ]
         rows += [[n, "-", "-", "-", "-", f"BROKEN: {reason}"] for n, reason in broken]
+        rows += [_plain_table_row(name, found) for name, found in plain]
         emit(table(["NAME", "STEP", "RANKS", "SIZE", "CREATED", "METRICS"], rows))
     if leftovers:
         emit_note(
             f"{len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; `dcp-plugin purge` removes them"
         )
+    if plain:
+        emit_note(_PLAIN_NOTE)
     return 0
+
+
+_PLAIN_NOTE = (
+    "PLAIN DCP: written by dcp.save, no dcp_plugin.json: readable, unverified (no checksums); "
+    "`dcp-plugin adopt DIR` checks one and commits checksums for it"
+)
+
+
+def _plain_dcp(storage: CheckpointStorage) -> list[tuple[str, CheckpointInfo | str]]:
+    """Each plain-DCP directory with its info, or why it is refused."""
+    found: list[tuple[str, CheckpointInfo | str]] = []
+    for name in storage.plain_dcp():
+        try:
+            found.append((name, storage.info(name)))
+        except (CheckpointError, OSError, ValueError) as err:
+            found.append((name, str(err)))
+    return found
+
+
+def _plain_row(storage: CheckpointStorage, name: str, found: CheckpointInfo | str) -> dict[str, Any]:
+    if isinstance(found, str):
+        return {"name": name, "url": storage.url(name), "refused": found}
+    return {**_row(found), "unverified": True}
+
+
+def _plain_table_row(name: str, found: CheckpointInfo | str) -> list[Any]:
+    if isinstance(found, str):
+        return [name, "-", "-", "-", "-", f"PLAIN DCP, REFUSED: {found}"]
+    step = found.step if found.step is not None else "-"
+    return [name, step, "-", human_size(found.manifest.get("bytes")), iso_time(found.created), "PLAIN DCP (unverified)"]
 
 
 def cmd_latest(args: argparse.Namespace) -> int:
     """Print the newest committed checkpoint's path or URL."""
     storage = open_directory(args.directory, args)
     latest = storage.latest()
+    plain = storage.plain_dcp()
     if latest is None:
-        raise CheckpointNotFoundError(f"No committed checkpoints in {storage.root_url}.")
-    emit_json(_row(latest)) if args.json else emit(latest.url)
+        found = f"; plain DCP directories (unverified, `dcp-plugin adopt` commits one): {', '.join(plain)}"
+        raise CheckpointNotFoundError(f"No committed checkpoints in {storage.root_url}{found if plain else ''}.")
+    emit_json({**_row(latest), "plain_dcp": [storage.url(n) for n in plain]}) if args.json else emit(latest.url)
+    if plain and not args.json:
+        emit_note(
+            f"also {len(plain)} plain DCP director{'y' if len(plain) == 1 else 'ies'} (unverified): {', '.join(plain)}"
+        )
     return 0
 
 
@@ -192,13 +233,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if key.startswith("__dcp_plugin__"):
             continue
         size = getattr(entry, "size", None)
+        if size is None:
+            continue  # a plain value DCP stores as bytes (e.g. an optimizer's param_groups), not a tensor
         dtype = getattr(getattr(entry, "properties", None), "dtype", None)
         nbytes = math.prod(size) * dtype.itemsize if size is not None and dtype is not None else None
         tensors.append(
             {"key": key, "shape": list(size) if size is not None else None, "dtype": str(dtype), "bytes": nbytes}
         )
     if args.json:
-        emit_json({**_row(info), "manifest": info.manifest, "tensors": tensors})
+        emit_json({**_row(info), "unverified": info.unverified, "manifest": info.manifest, "tensors": tensors})
         return 0
     manifest = info.manifest
     summary: list[list[Any]] = [
@@ -211,7 +254,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ["entries", ", ".join(manifest.get("entries", {})) or "-"],
         ["metrics", _metrics(info.metadata)],
         ["metadata", _other_metadata(info.metadata)],
-        ["format", _format(manifest)],
+        ["format", "plain DCP, unverified (no dcp_plugin.json)" if info.unverified else _format(manifest)],
     ]
     emit(table(["FIELD", "VALUE"], summary))
     emit("")
@@ -261,6 +304,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit(f"  the newest older checkpoint that verifies: {fallback.url if fallback else 'none'}")
         return 1
     checked = "checksums match" if files else "written without checksums: sizes checked only"
+    if info.unverified:
+        checked = "plain DCP, unverified: sizes checked only; `dcp-plugin adopt` commits checksums"
     if args.load:
         checked += "; every tensor and value was read back"
     emit(f"{info.url}: OK ({len(files)} files, {human_size(total)}, {checked})")
@@ -279,6 +324,20 @@ def _load_problems(storage: CheckpointStorage, info: CheckpointInfo, args: argpa
     finally:
         checkpointer.close()
     return []
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    """Make a directory written by plain dcp.save (torchtitan's step-N folders) a regular checkpoint: check its
+    metadata (allow-list, confined paths, every named file present with enough bytes), then commit a manifest with
+    the checksums of its files as they are now. Its data is not changed."""
+    storage, name = open_url(args.checkpoint, options(args))
+    info = storage.adopt(name)
+    files = info.manifest.get("files") or {}
+    if args.json:
+        emit_json({**_row(info), "files": len(files)})
+    else:
+        emit(f"adopted {info.url}: {len(files)} files, {human_size(info.manifest.get('bytes'))}, checksums committed")
+    return 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -342,6 +401,14 @@ def add_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     verify.add_argument("checkpoint", help=checkpoint_help)
     verify.add_argument("--load", action="store_true", help="also read every tensor")
     verify.set_defaults(func=cmd_verify)
+    adopt = sub.add_parser(
+        "adopt",
+        parents=parents,
+        help="commit checksums for a directory written by plain dcp.save",
+        description=cmd_adopt.__doc__,
+    )
+    adopt.add_argument("checkpoint", help="a directory written by dcp.save, e.g. outputs/checkpoint/step-1000")
+    adopt.set_defaults(func=cmd_adopt)
     purge = sub.add_parser(
         "purge", parents=parents, help="remove leftovers of writes that never committed", description=cmd_purge.__doc__
     )

@@ -3,7 +3,9 @@
 Each rank writes a skeleton (see :mod:`dcp_plugin.format.encoding`) under ``__dcp_plugin__/skeleton/rank<r>``.
 Entries whose content differs per rank (RNG states, :class:`~dcp_plugin.format.state.PerRank`) store their
 tensors under ``<entry>/rank<r>``; all other tensors are stored under ``<entry>.<path>`` — the same keys
-DCP's own flattening produces, so model weights are readable by other DCP tools.
+DCP's own flattening produces, so model weights are readable by other DCP tools. Plain values of Stateful entries
+(an optimizer's ``param_groups``) are also stored as DCP byte items under DCP's keys
+(:mod:`dcp_plugin.format.dcp_values`), so a resume through DCP alone finds them; dcp-plugin reads the skeleton.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dcp_plugin.format import encoding
+from dcp_plugin.format import dcp_values, encoding
 from dcp_plugin.format.state import ModelState, defines_structure, is_per_rank
 from dcp_plugin.storage.reader import placeholder
 
@@ -50,8 +52,9 @@ class Packed:
     """Every tensor under its checkpoint key (``model.layer.weight``, ``optimizer.state.layer.weight.exp_avg``)."""
     state_dict: dict[str, Any]
     """The same tensors nested by their path (``{"model": {"layer.weight": ...}, "optimizer": {"state": ...}}``):
-    what DCP is handed. DCP's own flattening turns it into exactly the keys of :attr:`tensors` and records the
-    nesting in ``.metadata`` (``planner_data``), so DCP's tools (``dcp_to_torch_save``, ``accelerate merge-weights``)
+    what DCP is handed, with the plain values DCP's own loaders look for (see :mod:`dcp_plugin.format.dcp_values`).
+    DCP's own flattening turns its tensors into exactly the keys of :attr:`tensors` and records the nesting in
+    ``.metadata`` (``planner_data``), so DCP's tools (``dcp_to_torch_save``, ``accelerate merge-weights``)
     rebuild ``{"model": ..., "optimizer": ...}`` instead of one flat mapping."""
     entries: dict[str, dict[str, Any]]
 
@@ -77,6 +80,9 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
         flat.update(encoder.tensors)
         for key, path in encoder.paths.items():
             _insert(nested, path, encoder.tensors[key])
+        if not per_rank and dcp_values.applies(state[name], value):
+            for plain_path, plain in dcp_values.plain_values(name, value).items():
+                dcp_values.insert(nested, plain_path, plain)
         entries[name] = {"per_rank": per_rank, "value": skeleton}
     # The checkpoint's format version is recorded once, in the manifest (see dcp_plugin.storage).
     document = {"rank": rank, "world_size": world_size, "entries": entries}

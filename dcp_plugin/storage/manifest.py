@@ -37,6 +37,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "fingerprints": (dict,),
     "bytes_new": (int,),
     "location": (str,),
+    "layout": (str,),
     CHECKSUM_KEY: (str,),
 }
 

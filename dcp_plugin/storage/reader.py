@@ -34,7 +34,7 @@ from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
-from dcp_plugin.storage.names import BLOBS, METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, METADATA_NAME, is_safe_data_file
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -112,6 +112,7 @@ class _Distrustful:
         self._dcp_plugin_places = _Places(root, directory, self._dcp_plugin_files, manifest.get("blobs"))
         self._dcp_plugin_verified: set[str] = set()
         self._dcp_plugin_used: set[str] = set()
+        self._dcp_plugin_plain = manifest.get("layout") == "dcp"
         if root.is_local:
             self.fs = _RegularFilesOnly()
 
@@ -282,7 +283,9 @@ class _Distrustful:
         transforms = self.transforms  # type: ignore[attr-defined]
         source = transforms.transform_load_stream(item, info.transform_descriptors or (), raw)
         if item.type == LoadItemType.BYTE_IO:
-            planner.load_bytes(item, io.BytesIO(source.read(-1)))
+            data = source.read(-1)
+            check_plain_value(data, self._dcp_plugin_shown, item.storage_index.fqn)
+            planner.load_bytes(item, io.BytesIO(data))
             return
         seekable = source if source.seekable() else io.BytesIO(source.read(-1))
         tensor = torch.load(seekable, map_location="cpu", weights_only=True)
@@ -329,11 +332,30 @@ class _Distrustful:
     def _warn_unchecked(self) -> None:
         if self._dcp_plugin_shown not in _WARNED_UNCHECKED:
             _WARNED_UNCHECKED.add(self._dcp_plugin_shown)
-            log.warning(
-                "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. "
-                "Save it again to protect it.",
-                self._dcp_plugin_shown,
-            )
+            log.warning(_UNCHECKED_PLAIN if self._dcp_plugin_plain else _UNCHECKED_V01, self._dcp_plugin_shown)
+
+
+_UNCHECKED_V01 = (
+    "%s was written without checksums (dcp-plugin 0.1); its files are checked for size only. Save it again to "
+    "protect it."
+)
+_UNCHECKED_PLAIN = (
+    f"%s was written by plain DCP (no {MANIFEST_NAME}): it is read unverified, its files checked for size only. "
+    "`dcp-plugin adopt` commits checksums for it."
+)
+
+
+def check_plain_value(data: bytes, shown: str, fqn: str) -> None:
+    """DCP's planners unpickle byte items with ``torch.load(weights_only=False)``: hand them only bytes that
+    ``weights_only=True`` reads (plain values, no code to run); raise :class:`UnsafeCheckpointError` otherwise."""
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any refusal or damage: the value is not handed on
+        raise UnsafeCheckpointError(
+            f"Checkpoint {shown}: the value {fqn!r} is not plain data that loads without running code "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to read it. If you trust this "
+            "checkpoint, read it with torch.distributed.checkpoint directly."
+        ) from None
 
 
 _PLACEHOLDER = "_dcp_plugin_placeholder"

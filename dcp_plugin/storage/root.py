@@ -3,13 +3,15 @@ when the storage itself cannot be used."""
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from dcp_plugin.errors import StorageAccessError
+from dcp_plugin.errors import CheckpointError, StorageAccessError
 from dcp_plugin.storage.names import WORK_DIR
 
 _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
@@ -89,4 +91,30 @@ def access_error(err: BaseException, url: str, *, action: str) -> StorageAccessE
     return StorageAccessError(f"Cannot {action} {url}: {hint} ({' '.join(text.split())[:300]}).")
 
 
-__all__ = ["StorageRoot", "access_error"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def storage_errors(action: str) -> Callable[[_F], _F]:
+    """On remote storage, turn the client's own errors (botocore, aiohttp, gcsfs...) into one
+    :class:`StorageAccessError` naming the URL and the likely fix. Project errors pass through unchanged.
+
+    Decorates methods of objects with ``is_local`` and ``root_url`` (the storage facade)."""
+
+    def decorate(method: _F) -> _F:
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except (CheckpointError, ValueError, NotADirectoryError):
+                raise
+            except Exception as err:
+                if self.is_local:
+                    raise
+                raise access_error(err, self.root_url, action=action) from err
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+__all__ = ["StorageRoot", "access_error", "storage_errors"]
