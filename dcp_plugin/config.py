@@ -156,6 +156,7 @@ class CheckpointConfig:
 
     @property
     def is_async(self) -> bool:
+        """Whether ``save`` returns before the files are written (``thread`` or ``process`` mode)."""
         return self.async_mode != "sync"
 
     @property

@@ -44,6 +44,7 @@ class CheckpointListing:
 
     @property
     def directory(self) -> str:
+        """The checkpoint directory: a plain path when local, otherwise its URL (``s3://bucket/run``)."""
         return self.storage.root_url
 
     @property
@@ -73,11 +74,13 @@ class CheckpointListing:
         return self._where.locations()
 
     def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (with ``remote``: of either tier), or ``None`` if there is none."""
         infos = self.list()
         return infos[-1] if infos else None
 
     @property
     def steps(self) -> list[int]:
+        """The steps of the committed checkpoints, oldest first (checkpoints saved without a step left out)."""
         return [info.step for info in self.list() if info.step is not None]
 
     def delete(self, step: int | None = None, *, name: str | None = None) -> None:
@@ -143,13 +146,17 @@ class CheckpointManager(CheckpointListing):
         schedule = schedule or Schedule(save_policy, retention, run_id or uuid.uuid4().hex)
         self._owns_checkpointer = checkpointer is None
         self.checkpointer = _checkpointer(config, engine, checkpointer, distributed, overrides)
+        """Saves, loads and reads single checkpoints for this manager (shared when passed in)."""
         self.config = self.checkpointer.config
+        """The options in effect: the checkpointer's, after keyword overrides and ``DCP_PLUGIN_*`` variables."""
         self.storage = CheckpointStorage(directory, self.config.storage_options)
+        """The local tier: the directory's committed checkpoints, their manifests and deletion."""
         self.checkpointer.check_storage(self.storage)
         self.storage.check_root()
         if self._owns_checkpointer:
             self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
+        """The save policy, retention, run id and last saved step of this run."""
         options = self.config.storage_options if remote_storage_options is None else remote_storage_options
         self._where = RunTiers.open(
             self.storage,
@@ -168,10 +175,12 @@ class CheckpointManager(CheckpointListing):
 
     @property
     def engine(self) -> CheckpointEngine:
+        """The engine under :attr:`checkpointer`: its rank, world size and the save in flight."""
         return self.checkpointer.engine
 
     @property
     def run_id(self) -> str | None:
+        """The id written into each checkpoint's manifest; retention deletes only this run's checkpoints."""
         return self.schedule.run_id
 
     @run_id.setter
@@ -180,14 +189,17 @@ class CheckpointManager(CheckpointListing):
 
     @property
     def save_policy(self) -> SavePolicy | None:
+        """When :meth:`maybe_save` saves (``None``: only explicit :meth:`save` calls)."""
         return self.schedule.save_policy
 
     @property
     def retention(self) -> RetentionPolicy | None:
+        """Which committed checkpoints of this run are kept (``None``: all)."""
         return self.schedule.retention
 
     @property
     def last_decision(self) -> SaveDecision | None:
+        """What the save policy decided at the last :meth:`maybe_save` (``None`` before the first)."""
         return self.schedule.last_decision
 
     # -- saving ----------------------------------------------------------------------------------

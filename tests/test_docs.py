@@ -151,3 +151,112 @@ def test_api_reference_covers_every_public_name():
     for module in (dcp_plugin, dcp_plugin.lightning, dcp_plugin.accelerate):
         public = {f"{module.__name__}.{name}" for name in module.__all__ if not name.startswith("__")}
         assert not public - documented, f"add these to docs/api/: {sorted(public - documented)}"
+
+
+REFERENCE_ENTRY = re.compile(r"^::: (?P<path>\S+)\n(?P<options>(?:[ \t]+\S.*\n?)*)", re.M)
+
+
+def _reference_entries() -> list[tuple[str, list[str] | None, bool]]:
+    """Each ``::: name`` of docs/api/*.md: the name, its ``members:`` list (None: all) and ``inherited_members``."""
+    entries = []
+    for page in sorted((DOCS / "api").glob("*.md")):
+        for entry in REFERENCE_ENTRY.finditer(page.read_text(encoding="utf-8")):
+            options = entry["options"]
+            members = re.findall(r"^\s+- (\w+)\s*$", options, re.M) or None
+            entries.append((entry["path"], members, bool(re.search(r"inherited_members:\s*true", options))))
+    return entries
+
+
+def _resolve(path: str) -> object:
+    import importlib
+
+    module_name, _, attribute = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _documented_attributes(cls: type) -> tuple[bool, set[str], set[str]]:
+    """From the class's source, as mkdocstrings reads it: whether the class has a docstring, the attributes it
+    declares (class body and ``self.x = ...`` in ``__init__``) and those followed by a docstring."""
+    import ast
+    import inspect
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef))
+
+    def names(statement: ast.stmt, owner: str | None) -> list[str]:
+        targets = statement.targets if isinstance(statement, ast.Assign) else [getattr(statement, "target", None)]
+        found = []
+        for target in targets:
+            if owner is None and isinstance(target, ast.Name):
+                found.append(target.id)
+            elif owner and isinstance(target, ast.Attribute) and getattr(target.value, "id", None) == owner:
+                found.append(target.attr)
+        return found
+
+    declared: set[str] = set()
+    with_doc: set[str] = set()
+
+    def scan(body: list[ast.stmt], owner: str | None) -> None:
+        for i, statement in enumerate(body):
+            if isinstance(statement, (ast.Assign, ast.AnnAssign)):
+                found = names(statement, owner)
+                declared.update(found)
+                after = body[i + 1] if i + 1 < len(body) else None
+                if (
+                    isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)
+                    and after.value.value.strip()
+                ):
+                    with_doc.update(found)
+            elif owner and isinstance(statement, (ast.If, ast.Try, ast.With, ast.For)):
+                for block in ("body", "orelse", "finalbody"):
+                    scan(getattr(statement, block, []), owner)
+                for handler in getattr(statement, "handlers", []):
+                    scan(handler.body, owner)
+
+    scan(node.body, None)
+    for statement in node.body:
+        if isinstance(statement, ast.FunctionDef) and statement.name == "__init__" and statement.args.args:
+            scan(statement.body, statement.args.args[0].arg)
+    return bool(ast.get_docstring(node)), declared, with_doc
+
+
+def _own_doc(value: object) -> str | None:
+    """The docstring the object itself carries (``inspect.getdoc`` would borrow a base class's)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if isinstance(value, property):
+        value = value.fget
+    return getattr(value, "__doc__", None)
+
+
+def _undocumented(path: str, obj: object, members: list[str] | None, inherited: bool) -> list[str]:
+    """What the API reference shows blank for one ``::: path`` entry."""
+    if not isinstance(obj, type):
+        return [] if (_own_doc(obj) or "").strip() else [path]
+    # members from our own classes only: those of Lightning, Accelerate, torch or object are theirs to document
+    classes = [c for c in obj.__mro__ if c.__module__.startswith("dcp_plugin")] if inherited else [obj]
+    missing: list[str] = []
+    seen: set[str] = set()
+    for index, cls in enumerate(classes):
+        has_doc, declared, with_doc = _documented_attributes(cls)
+        if index == 0 and not has_doc and not (_own_doc(vars(cls).get("__init__")) or "").strip():
+            missing.append(path)
+        names = [n for n in [*vars(cls), *declared] if not n.startswith("_") and n not in seen]
+        for name in dict.fromkeys(names):
+            seen.add(name)
+            if members is not None and name not in members:
+                continue
+            # an attribute's docstring is the string right after its assignment; a method's is its own
+            own = name in with_doc if name in declared else bool((_own_doc(vars(cls).get(name)) or "").strip())
+            if not own:
+                missing.append(f"{path}.{name} ({cls.__module__})")
+    return missing
+
+
+def test_api_reference_shows_a_docstring_for_every_member():
+    missing = []
+    for path, members, inherited in _reference_entries():
+        missing += _undocumented(path, _resolve(path), members, inherited)
+    assert not missing, f"{len(missing)} objects in the API reference have no docstring:\n" + "\n".join(missing)

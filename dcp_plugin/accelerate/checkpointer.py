@@ -60,8 +60,11 @@ class AccelerateCheckpointer:
 
     def __init__(self, accelerator: Any, options: AccelerateOptions) -> None:
         self.accelerator = accelerator
+        """The ``Accelerator`` whose ``save_state`` / ``load_state`` this serves."""
         self.options = options
+        """Where automatically named checkpoints go, how many to keep, the remote tier."""
         self.config = options.config
+        """How checkpoints are written and read (``options.config``)."""
         self._checkpointer: Checkpointer | None = None
         self._automatic: CheckpointManager | None = None
         self._closed = False
@@ -79,6 +82,7 @@ class AccelerateCheckpointer:
 
     @property
     def engine(self) -> CheckpointEngine:
+        """The engine under :attr:`checkpointer` (creates the checkpointer on first use)."""
         return self.checkpointer.engine
 
     # -- copying -----------------------------------------------------------------------------------
@@ -292,6 +296,7 @@ class AccelerateCheckpointer:
 
     @property
     def closed(self) -> bool:
+        """Whether ``end_training()`` or :meth:`close` shut this down (later saves raise)."""
         return self._closed
 
     def _check_usable(self) -> None:

@@ -255,3 +255,4 @@ class DCPAccelerator(Accelerator):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.dcp_checkpointer = enable(self, dcp_config, directory=dcp_directory, keep_last=dcp_keep_last)
+        """The :class:`AccelerateCheckpointer` serving this accelerator's saves and loads."""

@@ -85,8 +85,10 @@ class CheckpointEngine:
     """
 
     def __init__(self, config: CheckpointConfig | None = None, *, distributed: bool | None = None) -> None:
-        self.config = config or CheckpointConfig.resolve()  # arguments, then DCP_PLUGIN_* variables, then defaults
+        self.config = config or CheckpointConfig.resolve()
+        """The options this engine runs with (arguments, then ``DCP_PLUGIN_*`` variables, then defaults)."""
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
+        """Which ranks save together, and the gloo groups their collectives run on."""
         self._stagers = Stagers(self.config)
         self._plan_key = plans.new_key()
         self._in_flight: PendingSave | None = None
@@ -101,18 +103,22 @@ class CheckpointEngine:
     # -- who takes part (see ProcessGroups) ------------------------------------------------------
     @property
     def collective(self) -> bool:
+        """Whether every rank of the default process group takes part in each save and load."""
         return self.groups.collective
 
     @property
     def rank(self) -> int:
+        """This process's rank among those that save together (``0`` when it saves alone)."""
         return self.groups.rank
 
     @property
     def world_size(self) -> int:
+        """How many ranks save together (``1`` when this process saves alone)."""
         return self.groups.world_size
 
     @property
     def is_coordinator(self) -> bool:
+        """Whether this is rank 0, the one that opens and commits each checkpoint and deletes old ones."""
         return self.groups.is_coordinator
 
     def broadcast(self, obj: Any) -> Any:

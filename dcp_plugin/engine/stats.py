@@ -10,9 +10,13 @@ class SaveStats:
     """Timings of one save. Returned by every ``save``; the engine fills in the rest when the write ends."""
 
     name: str
+    """The checkpoint's name in its directory (``step_000000100``...)."""
     url: str
+    """Where the checkpoint was written (a local path or an fsspec URL)."""
     step: int | None
+    """The training step saved, or ``None`` when the save named none."""
     mode: str
+    """The ``async_mode`` the save ran in: ``sync``, ``thread`` or ``process``."""
     blocking_s: float
     """How long ``save`` kept the caller from continuing (measured by the checkpointer)."""
     staging_s: float | None = None
@@ -24,6 +28,7 @@ class SaveStats:
     staging_wait_s: float = 0.0
     """With async staging: time the loop later spent in ``wait_for_staging`` for this save."""
     error: str | None = None
+    """Why the background write failed; ``None`` while it runs or once it succeeded."""
 
     @property
     def training_wait_s(self) -> float:
@@ -32,11 +37,13 @@ class SaveStats:
 
     @property
     def throughput_bytes_per_s(self) -> float | None:
+        """Bytes written per second until the checkpoint was durable; ``None`` until then."""
         if not self.bytes_written or not self.durable_s:
             return None
         return self.bytes_written / self.durable_s
 
     def summary(self) -> str:
+        """One log line: the wait, staging and durable times, size, throughput and any failure."""
         parts = [f"{self.name}: blocked {self.blocking_s * 1000:.1f} ms"]
         if self.staging_wait_s:
             parts.append(f"+{self.staging_wait_s * 1000:.1f} ms waiting for staging")

@@ -46,11 +46,17 @@ class ExportResult:
     """What an export wrote."""
 
     output: str
+    """The file or directory written (a path or URL as given, or as the format's writer named it)."""
     format: str
+    """The format written: ``safetensors``, ``torch`` or a registered one such as ``lightning``."""
     checkpoint: str
+    """The URL of the checkpoint that was read."""
     entry: str | None
+    """The state entry exported (``model``...); ``None`` when a format wrote the whole checkpoint."""
     tensors: int
+    """How many tensors were written (``0`` when a registered format wrote the file)."""
     bytes: int
+    """Bytes of tensor data written, after any ``dtype`` conversion (``0`` for registered formats)."""
 
 
 def register_format(name: str, writer: WholeCheckpointWriter) -> None:

@@ -124,21 +124,33 @@ class DCPCheckpoint(Checkpoint):
     ) -> None:
         triggers = (every_n_train_steps, every_n_seconds, every_n_epochs)
         self.save_options = save_options(*triggers, save_on_signal, signals, save_on_exception, clock)
+        """The save triggers given to the constructor, as plain options."""
         self.retention_options = RetentionOptions(keep_last, keep_every_n_steps, keep_best, monitor, mode)
+        """The retention rules given to the constructor, as plain options."""
         export_dtype = checked_export_dtype(export_final, export_dtype)
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        """Directory or URL of this run's checkpoints (``None``: ``setup`` uses ``<default_root_dir>/checkpoints``)."""
         self.save_last = check_bool("save_last", save_last)
+        """Whether training's end saves once more (unless that step was just saved)."""
         self.auto_resume = check_bool("auto_resume", auto_resume)
+        """Whether ``fit`` without ``ckpt_path`` resumes from the latest committed checkpoint."""
         self.export_final = check_bool("export_final", export_final)
+        """Whether training's end also writes a model-only checkpoint under ``<dirpath>/export``."""
         self.export_dtype = export_dtype
+        """The dtype the exported floating-point weights are converted to (``None``: unchanged)."""
         self.log_metrics = check_bool("log_metrics", log_metrics)
+        """Whether each save's timings go to the trainer's loggers, with a summary line at the end."""
         self.schedule = Schedule(self.save_options.build(), self.retention_options.build(), run_id)
+        """The save policy, retention, run id and last saved step built from the options."""
         self.saves = SaveLog(HISTORY_LIMIT)
-        self.last_saved: str | None = None  # URL of the last checkpoint this callback saved
+        """This callback's saves: those still being written and the finished ones (see :attr:`history`)."""
+        self.last_saved: str | None = None
+        """URL of the last checkpoint this callback saved (``None`` before the first)."""
         self._storage: CheckpointStorage | None = None
         self._plugin: DCPCheckpointIO | None = None
         self._manifest_metadata: dict[str, Any] | None = None
         self.tiers = CallbackTiers.resolve(remote, remote_storage_options, replicate_every_n_steps, remote_keep_last)
+        """The remote tier, when one is configured, and the replication to it."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies keep options and run; not the trainer's plugin, storage or signal handlers (set up afresh)."""
@@ -155,17 +167,22 @@ class DCPCheckpoint(Checkpoint):
 
     @property
     def save_policy(self) -> SavePolicy | None:
+        """When this callback saves, built from the ``every_n_*`` and ``save_on_*`` options."""
         return self.schedule.save_policy
 
     @property
     def retention(self) -> RetentionPolicy | None:
+        """Which of this run's checkpoints are kept, built from the ``keep_*`` options (``None``: all)."""
         return self.schedule.retention
 
     @property
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint; it includes ``dirpath``."""
         return self._generate_state_key(dirpath=self.dirpath)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that the trainer saves through ``DCPCheckpointIO``; for ``fit``: agree on the run id, set up
+        auto-resume and the remote tier, install the signal handlers."""
         plugin = trainer.strategy.checkpoint_io
         if not isinstance(plugin, DCPCheckpointIO):
             raise TypeError(
@@ -202,21 +219,25 @@ class DCPCheckpoint(Checkpoint):
         return best_checkpoint_url(self._storage, self.run_id, options.monitor, options.mode)
 
     def state_dict(self) -> dict[str, Any]:
+        """The run id and checkpoint directory, saved in each checkpoint so a resumed run continues it."""
         return {"run_id": self.run_id, "dirpath": self._storage.root_url if self._storage else self.dirpath}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Resuming from one of this directory's checkpoints continues that run (retention included).
+        """Continue the run of the checkpoint resumed from when it lies in this callback's directory (retention too)."""
         ours = self._storage is not None and state_dict.get("dirpath") == self._storage.root_url
         if ours and state_dict.get("run_id"):
             self.run_id = state_dict["run_id"]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        """Ask the save policy about the step just finished; save, or stop after a preemption save."""
         self._maybe_save(trainer, "step")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Ask the save policy at the end of the epoch (``OnEpochEnd``)."""
         self._maybe_save(trainer, "epoch_end")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """With ``save_on_exception``: save while the exception ends ``fit`` (a failure to save is only logged)."""
         if isinstance(exception, (KeyboardInterrupt, SystemExit)) or self._plugin is None:
             return  # SIGTERMException is a SystemExit: the preemption save already happened
         try:
@@ -225,6 +246,7 @@ class DCPCheckpoint(Checkpoint):
             log.error("Saving a checkpoint after %s failed: %s", type(exception).__name__, err)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the last step (``save_last``), export the model (``export_final``), wait for the writes."""
         step = trainer.global_step
         if self.save_last and step > 0 and step != self.schedule.last_saved_step and not trainer.sanity_checking:
             self._save(trainer, step, SaveDecision(True, ("last",)))
@@ -245,6 +267,7 @@ class DCPCheckpoint(Checkpoint):
         return summarize(list(self.history), self.dirpath)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the signal handlers and wait for the copies to the remote tier."""
         _unwrap_resume_start(trainer)
         self.schedule.uninstall()
         self.tiers.close(self.schedule, coordinator=trainer.is_global_zero)
@@ -288,6 +311,7 @@ class DCPCheckpoint(Checkpoint):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        """Add the save's reasons, metrics and run id to the checkpoint (written into its manifest)."""
         if self._manifest_metadata is not None:
             checkpoint[lay.MANIFEST_METADATA_KEY] = self._manifest_metadata
             checkpoint[lay.RUN_ID_KEY] = self.run_id

@@ -208,6 +208,7 @@ class DCPModelParallelStrategy(_DCPStrategyMixin, ModelParallelStrategy):
     """
 
     lightning_strategy = ModelParallelStrategy
+    """Lightning's ``ModelParallelStrategy``, which this one extends (named in error messages)."""
 
 
 class DCPFSDPStrategy(_DCPStrategyMixin, FSDPStrategy):
@@ -218,3 +219,4 @@ class DCPFSDPStrategy(_DCPStrategyMixin, FSDPStrategy):
     """
 
     lightning_strategy = FSDPStrategy
+    """Lightning's ``FSDPStrategy``, which this one extends (named in error messages)."""

@@ -44,7 +44,9 @@ class OverheadBudget(SavePolicy):
     """
 
     agreement = "coordinator"
+    """Rank 0's measurements decide, so all ranks save the same step."""
     reason = "overhead_budget"
+    """Saves it triggers are labelled ``overhead_budget``."""
 
     def __init__(
         self,
@@ -71,11 +73,17 @@ class OverheadBudget(SavePolicy):
         if not callable(clock):
             raise TypeError("OverheadBudget(clock=...) must be a callable returning seconds.")
         self.fraction = float(fraction)
+        """The share of training time checkpointing may cost (``0.02``: 2 %)."""
         self.max_interval = float(max_interval)
+        """The longest time, in seconds, allowed between two checkpoints."""
         self.min_interval = float(min_interval)
+        """The shortest time, in seconds, allowed between two checkpoints."""
         self.first_after = float(min(self.max_interval, 300.0) if first_after is None else first_after)
+        """Seconds from the first step to the first save, whose cost is then measured."""
         self.mtbf = None if mtbf is None else float(mtbf)
+        """Mean time between failures in seconds; when set, the interval is at least the Young–Daly optimum."""
         self.clock = clock
+        """Returns the current time in seconds (:func:`time.monotonic` unless another was passed)."""
         self._steps: deque[float] = deque(maxlen=window)
         self._since_save: list[float] = []
         self._costs: deque[float] = deque(maxlen=8)
@@ -113,6 +121,7 @@ class OverheadBudget(SavePolicy):
 
     # -- the policy ---------------------------------------------------------------------------------
     def wants_save(self, ctx: SaveContext) -> bool:
+        """Record this step's time; true once :attr:`interval_s` has passed since the last save."""
         if ctx.event != "step":
             return False
         now = self.clock()
@@ -128,6 +137,7 @@ class OverheadBudget(SavePolicy):
         return since >= self.interval_s
 
     def saved(self, ctx: SaveContext) -> None:
+        """Charge the steps slowed by the previous save to its cost, and restart the interval."""
         baseline = self.baseline_step_s
         if self._last_save is not None and baseline is not None and self._since_save:
             self._costs.append(sum(max(0.0, step - baseline) for step in self._since_save))

@@ -33,6 +33,7 @@ class RetentionPolicy(ABC):
         """Names to keep among ``checkpoints`` (committed, written by this run, oldest first)."""
 
     def leaves(self) -> list[RetentionPolicy]:
+        """The elementary policies inside (itself for an elementary policy)."""
         return [self]
 
     def __or__(self, other: RetentionPolicy) -> KeepAny:
@@ -73,8 +74,10 @@ class KeepLast(RetentionPolicy):
     def __init__(self, k: int) -> None:
         check_positive_int("KeepLast(k)", k)
         self.k = k
+        """How many of the newest checkpoints are kept."""
 
     def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        """The names of the :attr:`k` newest checkpoints."""
         return {info.name for info in checkpoints[-self.k :]}
 
     def __repr__(self) -> str:
@@ -87,8 +90,10 @@ class KeepEveryNSteps(RetentionPolicy):
     def __init__(self, n: int) -> None:
         check_positive_int("KeepEveryNSteps(n)", n)
         self.n = n
+        """Checkpoints of steps ``0``, ``n``, ``2n``... are kept."""
 
     def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        """The names of the checkpoints whose step is a multiple of :attr:`n`."""
         return {info.name for info in checkpoints if info.step is not None and info.step % self.n == 0}
 
     def __repr__(self) -> str:
@@ -110,10 +115,14 @@ class KeepBest(RetentionPolicy):
         if mode not in ("min", "max"):
             raise ValueError(f"KeepBest(mode) must be 'min' or 'max', got {mode!r}.")
         self.metric = metric
+        """The name of the logged metric checkpoints are ranked by."""
         self.k = k
+        """How many of the best-ranked checkpoints are kept."""
         self.mode = mode
+        """``min``: lower :attr:`metric` values are better; ``max``: higher ones."""
 
     def keep(self, checkpoints: Sequence[CheckpointInfo]) -> set[str]:
+        """The names of the :attr:`k` checkpoints with the best :attr:`metric` (ties go to the newer one)."""
         return {info.name for info in best_first(checkpoints, self.metric, self.mode)[: self.k]}
 
     def __repr__(self) -> str:
@@ -250,6 +259,7 @@ class RetentionOptions:
             raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}.")
 
     def build(self) -> RetentionPolicy | None:
+        """The policy these options describe (a ``KeepAny`` of the rules set), or ``None``: keep all."""
         policies: list[RetentionPolicy] = []
         if self.keep_last is not None:
             policies.append(KeepLast(self.keep_last))

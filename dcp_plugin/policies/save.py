@@ -72,7 +72,9 @@ class SavePolicy(ABC):
     """
 
     agreement: ClassVar[Agreement] = "local"
+    """How the ranks' votes combine: ``local`` (all vote alike), ``coordinator`` (rank 0 decides), ``any``."""
     reason: ClassVar[str] = "policy"
+    """The label of the saves this policy triggers, listed in ``SaveDecision.reasons``."""
 
     @abstractmethod
     def wants_save(self, ctx: SaveContext) -> bool:
@@ -136,12 +138,15 @@ class EveryNSteps(SavePolicy):
     """Save after steps that are a positive multiple of ``n``."""
 
     reason = "every_n_steps"
+    """Saves it triggers are labelled ``every_n_steps``."""
 
     def __init__(self, n: int) -> None:
         check_positive_int("EveryNSteps(n)", n)
         self.n = n
+        """The step interval: steps ``n``, ``2n``, ``3n``... are saved."""
 
     def wants_save(self, ctx: SaveContext) -> bool:
+        """True after a training step that is a positive multiple of :attr:`n`."""
         return ctx.event == "step" and ctx.step > 0 and ctx.step % self.n == 0
 
     def __repr__(self) -> str:
@@ -156,7 +161,9 @@ class EveryNSeconds(SavePolicy):
     """
 
     agreement = "coordinator"
+    """Rank 0's clock decides (the ranks' clocks differ), so all ranks save the same step."""
     reason = "every_n_seconds"
+    """Saves it triggers are labelled ``every_n_seconds``."""
 
     def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
@@ -164,10 +171,13 @@ class EveryNSeconds(SavePolicy):
         if not callable(clock):
             raise TypeError("EveryNSeconds(clock=...) must be a callable returning seconds.")
         self.seconds = float(seconds)
+        """The wall-clock interval between checkpoints, in seconds."""
         self.clock = clock
+        """Returns the current time in seconds (:func:`time.monotonic` unless another was passed)."""
         self._since: float | None = None
 
     def wants_save(self, ctx: SaveContext) -> bool:
+        """True once :attr:`seconds` have passed since the last save; the first call starts the clock."""
         now = self.clock()
         if self._since is None:
             self._since = now
@@ -175,6 +185,7 @@ class EveryNSeconds(SavePolicy):
         return ctx.event == "step" and now - self._since >= self.seconds
 
     def saved(self, ctx: SaveContext) -> None:
+        """Restart the interval from now."""
         self._since = self.clock()
 
     def __repr__(self) -> str:
@@ -185,12 +196,15 @@ class OnEpochEnd(SavePolicy):
     """Save at the end of every ``every_n_epochs``-th training epoch (epochs counted from 0)."""
 
     reason = "epoch_end"
+    """Saves it triggers are labelled ``epoch_end``."""
 
     def __init__(self, every_n_epochs: int = 1) -> None:
         check_positive_int("OnEpochEnd(every_n_epochs)", every_n_epochs)
         self.every_n_epochs = every_n_epochs
+        """Save at the end of every this-many-th epoch (``2``: epochs 1, 3, 5..., counted from 0)."""
 
     def wants_save(self, ctx: SaveContext) -> bool:
+        """True at the end of every :attr:`every_n_epochs`-th epoch (every epoch when none is known)."""
         if ctx.event != "epoch_end":
             return False
         return ctx.epoch is None or (ctx.epoch + 1) % self.every_n_epochs == 0
@@ -207,8 +221,10 @@ class OnException(SavePolicy):
     """
 
     reason = "exception"
+    """Saves it triggers are labelled ``exception``."""
 
     def wants_save(self, ctx: SaveContext) -> bool:
+        """True when the question is asked while an exception ends training."""
         return ctx.event == "exception"
 
     def __repr__(self) -> str:
@@ -226,10 +242,13 @@ class OnPreemption(SavePolicy):
     """
 
     agreement = "any"
+    """A signal delivered to any one rank makes every rank save."""
     reason = "preemption"
+    """Saves it triggers are labelled ``preemption``; the loop is then asked to stop."""
 
     def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
         self.signals = tuple(signal.Signals(s) for s in signals)
+        """The signals taken as preemption notices."""
         if not self.signals:
             raise ValueError("OnPreemption needs at least one signal.")
         self._received: signal.Signals | None = None
@@ -251,14 +270,17 @@ class OnPreemption(SavePolicy):
         self._acted = False
 
     def wants_save(self, ctx: SaveContext) -> bool:
+        """True once after each preemption signal, until a save has started."""
         return self._received is not None and not self._acted
 
     def saved(self, ctx: SaveContext) -> None:
         # One save per signal: a loop that keeps going after it does not save at every step.
+        """Mark the signal as handled, so the following steps do not save again."""
         if self._received is not None:
             self._acted = True
 
     def install(self) -> None:
+        """Handle :attr:`signals` (main thread only; logs a warning elsewhere), chaining the previous handlers."""
         if self._previous:
             return
         if threading.current_thread() is not threading.main_thread():
@@ -269,6 +291,7 @@ class OnPreemption(SavePolicy):
             signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the signal handlers that were there before :meth:`install`."""
         if threading.current_thread() is not threading.main_thread():
             return
         for signum, previous in self._previous.items():
@@ -347,6 +370,7 @@ class SaveOptions:
             raise ValueError(f"every_n_seconds must be a positive number, got {self.every_n_seconds!r}.")
 
     def build(self) -> SavePolicy | None:
+        """The policy these options describe (an ``AnyOf`` of the triggers set), or ``None`` when none is."""
         policies: list[SavePolicy] = []
         if self.every_n_steps is not None:
             policies.append(EveryNSteps(self.every_n_steps))

@@ -73,19 +73,27 @@ class Schedule:
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError(f"retention must be a RetentionPolicy (e.g. KeepLast(3)), got {type(retention).__name__}.")
         self.save_policy = save_policy
+        """When to save (``None``: never by itself, only on explicit saves)."""
         self.retention = retention
+        """Which committed checkpoints of this run to keep (``None``: all)."""
         self.run_id = run_id
+        """The run whose checkpoints retention may delete (matched against each manifest)."""
         self.owned = owned
+        """Instead of :attr:`run_id`: picks the listed checkpoints retention may delete."""
         self.last_saved_step: int | None = None
+        """The step of the last save started (``None`` before the first); a step is not saved twice."""
         self.last_decision: SaveDecision | None = None
+        """The save policy's last decision, with the policies that fired (``None`` before the first)."""
         self._retention_due = False
 
     # -- process-wide resources of the policies (signal handlers) -------------------------------
     def install(self) -> None:
+        """Install the save policy's process-wide resources (the signal handlers of ``OnPreemption``)."""
         if self.save_policy is not None:
             self.save_policy.install()
 
     def uninstall(self) -> None:
+        """Remove what :meth:`install` installed (restores the previous signal handlers)."""
         if self.save_policy is not None:
             self.save_policy.uninstall()
 

@@ -207,22 +207,18 @@ REMOTE_ENV = {
 
 @dataclass(frozen=True)
 class RemoteTier:
-    """A remote tier as the adapters configure it: plain values (a LightningCLI YAML file can write them).
-
-    Attributes:
-        url: where checkpoints are replicated (``s3://bucket/run1``); ``None``: one tier. Env ``DCP_PLUGIN_REMOTE``.
-        storage_options: fsspec options for ``url`` (default: the local tier's). Env
-            ``DCP_PLUGIN_REMOTE_STORAGE_OPTIONS`` (JSON).
-        replicate_every_n_steps: replicate only checkpoints of steps that are a multiple of N (``EveryNSteps``);
-            ``None``: every checkpoint. Env ``DCP_PLUGIN_REPLICATE_EVERY_N_STEPS``.
-        keep_last: the remote tier keeps this run's N newest checkpoints (``KeepLast``); ``None``: all. Env
-            ``DCP_PLUGIN_REMOTE_KEEP_LAST``.
-    """
+    """A remote tier as the adapters configure it: plain values (a LightningCLI YAML file can write them)."""
 
     url: str | None = None
+    """Where checkpoints are replicated (``s3://bucket/run1``); ``None``: one tier. Env ``DCP_PLUGIN_REMOTE``."""
     storage_options: dict[str, Any] | None = None
+    """fsspec options for ``url`` (default: the local tier's). Env ``DCP_PLUGIN_REMOTE_STORAGE_OPTIONS`` (JSON)."""
     replicate_every_n_steps: int | None = None
+    """Replicate only checkpoints of steps that are a multiple of N (``EveryNSteps``); ``None``: every checkpoint.
+    Env ``DCP_PLUGIN_REPLICATE_EVERY_N_STEPS``."""
     keep_last: int | None = None
+    """The remote tier keeps this run's N newest checkpoints (``KeepLast``); ``None``: all. Env
+    ``DCP_PLUGIN_REMOTE_KEEP_LAST``."""
 
     def __post_init__(self) -> None:
         if self.url is not None and (not isinstance(self.url, (str, os.PathLike)) or not os.fspath(self.url)):
