@@ -65,8 +65,11 @@ class Checkpointer:
         if engine is not None and config is not None:
             raise ConfigError("Pass either engine= or config=, not both: a shared engine has its own config.")
         self.engine = engine or CheckpointEngine(config, distributed=distributed)
+        """The engine that runs DCP for this checkpointer (shared when one was passed in)."""
         self.config = self.engine.config
+        """The engine's options: async mode, staging, threads, storage options."""
         self.groups = self.engine.groups
+        """Who saves together: this rank, the world size and the gloo groups saves and loads use."""
         self._owns_engine = engine is None
         self._staging_hooks: dict[int, Any] = {}
         self._incremental = IncrementalTracker(self.config)

@@ -26,19 +26,23 @@ from torch.distributed.checkpoint.stateful import Stateful
 class ModelState(Stateful):
     """A model's parameters and buffers under canonical FQN keys (sharded tensors stay sharded)."""
 
-    #: Tensors the live model has but the checkpoint lacks (or the other way) are reported on load.
     defines_structure = True
+    """Tensors the live model has but the checkpoint lacks (or the other way) are reported on load."""
 
     def __init__(self, model: torch.nn.Module, options: StateDictOptions | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ModelState wraps a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
+        """The live module (plain, DDP, FSDP2 or tensor-parallel) whose state is saved and loaded in place."""
         self.options = options
+        """``StateDictOptions`` for torch's ``get/set_model_state_dict`` (``None``: torch's defaults)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The model's parameters and buffers by FQN, as ``get_model_state_dict`` gives them (no copies)."""
         return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Copy ``state_dict`` into the live model; ``strict=False`` leaves tensors the checkpoint lacks as they are."""
         options = self.options
         if not strict:
             options = dataclasses.replace(options or StateDictOptions(), strict=False)
@@ -49,6 +53,7 @@ class OptimizerState(Stateful):
     """An optimizer's state and param groups keyed by parameter FQN (survives resharding and resume)."""
 
     defines_structure = True
+    """State the live optimizer has but the checkpoint lacks (or the other way) is reported on load."""
 
     def __init__(
         self,
@@ -59,16 +64,21 @@ class OptimizerState(Stateful):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"OptimizerState needs the model the optimizer trains, got {type(model).__name__}.")
         self.model = model
+        """The module whose parameters the optimizer trains: its FQNs become the state's keys."""
         self.optimizer = optimizer
+        """The live optimizer, or several over the same model (their states are merged under FQN keys)."""
         self.options = options
+        """``StateDictOptions`` for torch's ``get/set_optimizer_state_dict`` (``None``: torch's defaults)."""
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The wrapped optimizers as a list, one or several."""
         if isinstance(self.optimizer, torch.optim.Optimizer):
             return [self.optimizer]
         return list(self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
+        """State and param groups by parameter FQN; an optimizer that never stepped is recorded as such."""
         # torch materialises the state of an optimizer that never stepped with a zero-lr step. That must not
         # leak into training (AdamW's step count would be off by one), so undo it and remember it was empty.
         never_stepped = all(not optimizer.state for optimizer in self.optimizers)
@@ -80,6 +90,7 @@ class OptimizerState(Stateful):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore state and param groups into the live optimizer(s); a never-stepped save leaves them empty."""
         state_dict = dict(state_dict)
         never_stepped = state_dict.pop(_NEVER_STEPPED, False)
         set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
@@ -99,8 +110,10 @@ class RNGState(Stateful):
     """
 
     per_rank = True
+    """Each rank saves and gets back its own generators."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The current generator states (``python``, ``torch``, ``numpy``, and ``cuda`` when CUDA is in use)."""
         state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
         try:
             import numpy as np
@@ -113,6 +126,7 @@ class RNGState(Stateful):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Set this process's generators to the saved states (CUDA only where it is available)."""
         random.setstate(state_dict["python"])
         torch.set_rng_state(state_dict["torch"])
         if "numpy" in state_dict:
@@ -130,14 +144,18 @@ class PerRank(Stateful):
     """
 
     per_rank = True
+    """Each rank saves and gets back its own copy."""
 
     def __init__(self, value: Any) -> None:
         self.value = value
+        """The wrapped value; after a load, this rank's saved copy (a ``Stateful`` is loaded in place instead)."""
 
     def state_dict(self) -> Any:
+        """The value to save: a ``Stateful``'s ``state_dict()``, otherwise the value itself."""
         return self.value.state_dict() if isinstance(self.value, Stateful) else self.value
 
     def load_state_dict(self, state_dict: Any) -> None:
+        """Load this rank's copy: into the wrapped ``Stateful``, or as the new :attr:`value`."""
         if isinstance(self.value, Stateful):
             self.value.load_state_dict(state_dict)
         else:

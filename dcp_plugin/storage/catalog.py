@@ -30,9 +30,13 @@ class CheckpointInfo:
     is made up from its metadata, and it is only read (``dcp-plugin adopt`` commits one)."""
 
     name: str
+    """The checkpoint's name in its root (``step_000000100``, or the name it was saved under)."""
     url: str
+    """Where its data files are: a local path or fsspec URL that DCP's readers accept."""
     manifest: dict[str, Any]
+    """The validated manifest (``dcp_plugin.json``): step, ranks, entries, files and their checksums."""
     unverified: bool = False
+    """True for a directory written by plain ``dcp.save``: read only, nothing checksummed."""
 
     @property
     def layout(self) -> str | None:
@@ -42,18 +46,22 @@ class CheckpointInfo:
 
     @property
     def step(self) -> int | None:
+        """The training step it was saved at, or ``None`` when the save named none."""
         return self.manifest.get("step")
 
     @property
     def created(self) -> float:
+        """When it was written, in seconds since the epoch (0.0 when unknown)."""
         return float(self.manifest.get("created", 0.0))
 
     @property
     def metadata(self) -> dict[str, Any]:
+        """The plain values saved with it (``save(metadata=...)``, metrics, the adapters' notes)."""
         return self.manifest.get("metadata", {})
 
     @property
     def has_checksums(self) -> bool:
+        """Whether its manifest records a checksum for every file (all checkpoints since format 2)."""
         return isinstance(self.manifest.get("files"), dict)
 
 
