@@ -126,4 +126,3 @@ def _silence_stdout() -> None:
 def run() -> None:
     """The console script's entry point."""
     sys.exit(main())
-
