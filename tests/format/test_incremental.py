@@ -14,7 +14,9 @@ import torch
 
 from dcp_plugin import CheckpointConfig, Checkpointer, CheckpointManager, KeepLast, ModelState, OptimizerState
 from dcp_plugin.errors import CheckpointCorruptError, ConfigError, UnsafeCheckpointError
-from dcp_plugin.storage import CheckpointStorage, copy_checkpoint, manifests
+from dcp_plugin.format import write_watch
+from dcp_plugin.storage import CheckpointStorage, copy_checkpoint, dcp_io, manifests
+from dcp_plugin.storage.blobs import fingerprint
 from dcp_plugin.storage.names import MANIFEST_NAME
 from tests.models import assert_same, lora_step, make_lora, snapshot
 
@@ -91,6 +93,10 @@ def _in_place_through_data(model):
     model[0].base.weight.data.mul_(2.0)  # .data has its own version counter: only the content tells
 
 
+def _numpy_view(model):
+    model[0].base.weight.detach().numpy()[0, 0] += 1.0  # outside torch: no version counter at all
+
+
 def _data_assignment(model):
     model[0].base.weight.data = torch.randn_like(model[0].base.weight)
 
@@ -111,6 +117,7 @@ CHANGES = {
     "data_assignment": _data_assignment,
     "load_state_dict": _load_state_dict,
     "dtype": _dtype,
+    "numpy_view": _numpy_view,
 }
 
 
@@ -139,6 +146,50 @@ def test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ck
         old, old_optimizer = lora_training(seed=9)
         manager.load(state_of(old, old_optimizer), step=2)
         assert_same(snapshot(old), snapshot(make_lora(0)))  # the older checkpoint still holds the old values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["in_place_through_data", "numpy_view", "load_state_dict"])
+def test_changes_a_process_mode_save_cannot_see_in_the_version_counter_are_rewritten(ckpt_dir, change):
+    test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ckpt_dir, change, "process")
+
+
+@pytest.mark.skipif(not write_watch.available(), reason="the kernel offers no write tracking here")
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_unwritten_frozen_tensors_are_not_read_and_a_written_one_is(ckpt_dir, monkeypatch, change, mode):
+    """The frozen base is fingerprinted (read) once; after that only a tensor something wrote is read again."""
+    read: list[str] = []
+
+    def counting(tensor):
+        read.append(tuple(tensor.shape))
+        return fingerprint(tensor)
+
+    monkeypatch.setattr(dcp_io, "fingerprint", counting)
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode=mode) as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.wait()
+        assert len(read) == 8  # weight and bias of 4 frozen layers
+        for step in (2, 3):
+            read.clear()
+            lora_step(model, optimizer)
+            manager.save(step, state_of(model, optimizer))
+            manager.wait()
+            assert (step, read) == (step, [s for s in read if len(s) == 1])  # biases are too small to watch
+        CHANGES[change](model)
+        read.clear()
+        manager.save(4, state_of(model, optimizer))
+        manager.wait()
+        assert (384, 384) in read
+        assert storage_of(manager.storage, "step_000000004", "model.1.base.weight") == storage_of(
+            manager.storage, "step_000000001", "model.1.base.weight"
+        )
+        fresh, fresh_optimizer = lora_training(seed=9)
+        if change == "dtype":
+            fresh[0].base.to(torch.float64)
+        manager.load(state_of(fresh, fresh_optimizer), step=4)
+        assert_same(snapshot(fresh, fresh_optimizer), snapshot(model, optimizer))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
