@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointSaveError
-from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id_of
+from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, link_into, write_id_of
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
@@ -265,7 +265,8 @@ class _CommitOnFinish:
 
 
 def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:
-    """Every blob the checkpoint will list is there with its committed size (and durable), or nothing commits."""
+    """Every blob the checkpoint will list is there with its committed size (and durable), or nothing commits; on
+    a local disk each is linked into the checkpoint's directory too, so that any DCP reader finds it."""
     area = root.work(BLOBS)
     for name, record in sorted(blobs.items()):
         try:
@@ -280,6 +281,8 @@ def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pe
             )
     if root.is_local and blobs:
         fsync_dir(area)
+        link_into(area, blobs, pending.directory)
+        fsync_dir(pending.directory)
 
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):

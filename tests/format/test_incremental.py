@@ -487,3 +487,36 @@ def test_a_save_with_bounded_staging_writes_everything_and_loads_exactly(ckpt_di
         fresh, fresh_optimizer = lora_training(seed=9)
         manager.load(state_of(fresh, fresh_optimizer), step=2)
     assert_same(snapshot(fresh, fresh_optimizer), snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+def test_pytorchs_own_dcp_tools_read_an_incremental_checkpoint_after_its_base_is_deleted(ckpt_dir, tmp_path, mode):
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode=mode, retention=KeepLast(1)) as manager:
+        manager.save(1, {"model": model})
+        manager.wait()
+        first_blobs = set(manager.storage.read_manifest("step_000000001")["blobs"])
+        lora_step(model, optimizer)
+        manager.save(2, {"model": model})  # refers to step 1's bytes; retention then deletes step 1
+        manager.wait()
+        storage = manager.storage
+        assert manager.steps == [2]
+        storage.purge()
+        assert blob_files(storage) == referenced(storage)
+    directory = os.path.join(ckpt_dir, "step_000000002")
+    reused = {storage_of(storage, "step_000000002", f"model.{i}.base.weight") for i in range(4)}
+    assert reused <= first_blobs
+    for name in reused:  # the bytes are stored once: the directory's name is a link to the shared file
+        assert os.path.samefile(os.path.join(directory, name), os.path.join(storage.blob_area, name))
+    expected = {key: value.clone() for key, value in model.state_dict().items()}
+
+    dcp_to_torch_save(directory, str(tmp_path / "model.pt"))
+    converted = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert_same(converted, expected)
+
+    live = {"model": {key: torch.zeros_like(value) for key, value in expected.items()}}
+    dcp_load(live, checkpoint_id=directory)
+    assert_same(live["model"], expected)
