@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,11 +146,14 @@ class Watch:
     start: int
     end: int
     edges: bytes
+    storage: weakref.ref  # dead once the storage is freed, even if new memory comes at the same address
 
     def unwritten(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is the same memory as when this watch was armed, and none of it was written."""
         kernel = _kernel()
         if kernel is None or not _watchable(tensor) or _identity(tensor) != self.identity:
+            return False
+        if self.storage() is not tensor.untyped_storage():
             return False
         return _edges(tensor, self.start, self.end) == self.edges and not kernel.written(self.start, self.end)
 
@@ -205,7 +209,7 @@ def watch(tensor: torch.Tensor, previous: Watch | None = None) -> Watch | None:
     start, end = _pages(tensor)
     identity = _identity(tensor)
     try:
-        if previous is None or previous.identity != identity:
+        if previous is None or previous.identity != identity or previous.storage() is not storage:
             if not _private_anonymous(start, end):
                 return None
             kernel.register(start, end)
@@ -213,7 +217,8 @@ def watch(tensor: torch.Tensor, previous: Watch | None = None) -> Watch | None:
     except OSError as err:  # EBUSY: watched by another userfaultfd of the program; EINVAL: not watchable
         log.debug("Cannot watch a tensor's memory for writes (%s); it is fingerprinted at every save.", err)
         return None
-    return Watch(identity, start, end, _edges(tensor, start, end))  # read after arming: a later write shows
+    # the edges are read after arming, so that a write in between shows at the next save
+    return Watch(identity, start, end, _edges(tensor, start, end), weakref.ref(storage))
 
 
 __all__ = ["MIN_BYTES", "Watch", "available", "watch"]
