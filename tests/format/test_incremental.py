@@ -149,6 +149,38 @@ def test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ck
         assert_same(snapshot(old), snapshot(make_lora(0)))  # the older checkpoint still holds the old values
 
 
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_without_write_tracking_every_change_is_still_found_by_fingerprints(ckpt_dir, monkeypatch, change):
+    monkeypatch.setattr(write_watch, "_kernel", lambda: None)  # as on systems without the facility
+    test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ckpt_dir, change, "sync")
+
+
+def _write_from_another_process(tensor: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.add_(1.0)
+
+
+def test_a_frozen_tensor_in_shared_memory_written_by_another_process_is_rewritten(ckpt_dir):
+    import torch.multiprocessing as multiprocessing
+
+    model, optimizer = lora_training()
+    model[0].base.weight.share_memory_()  # e.g. handed to DataLoader workers: writes bypass this process
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.save(2, state_of(model, optimizer))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_write_from_another_process, args=(model[0].base.weight,)
+        )
+        child.start()
+        child.join()
+        assert child.exitcode == 0
+        manager.save(3, state_of(model, optimizer))
+        fresh, fresh_optimizer = lora_training(seed=9)
+        manager.load(state_of(fresh, fresh_optimizer), step=3)
+    assert_same(snapshot(fresh), snapshot(model))
+    assert not torch.equal(fresh[0].base.weight, make_lora(0)[0].base.weight)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ["in_place_through_data", "numpy_view", "load_state_dict"])
 def test_changes_a_process_mode_save_cannot_see_in_the_version_counter_are_rewritten(ckpt_dir, change):
