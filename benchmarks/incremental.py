@@ -1,12 +1,18 @@
 """Full against incremental saves of a LoRA-style fine-tune: bytes written and time to durable per save.
 
     python benchmarks/incremental.py [--base-mib 512] [--saves 4] [--mode thread]
+    python benchmarks/incremental.py --every-step [--base-mib 192] [--steps 60] [--mode thread]
 
 The model is a stack of frozen ``Linear`` layers (the base, about ``--base-mib`` MiB of float32 weights) with a
 rank-8 trainable adapter on each, trained with AdamW between saves. Each save is made through a
 ``CheckpointManager`` with ``incremental=False`` (full) and with the default ``incremental=True``. Reported per
 save: the bytes of the files the save added to the directory, and the time from ``save`` until it was durable
 (committed).
+
+``--every-step`` trains the same model (batch 8) and saves after every step, against the same steps without
+checkpoints, in one process and alternating blocks of 10 steps (median block time per step); reported: the
+extra training time, the bytes each save added, and the process CPU time each save adds (less sensitive than
+wall time to other load on the host).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import time
 import torch
 
 
-def _files(directory: str) -> dict[str, int]:
+def _files(directory: str) -> dict[tuple[int, int], int]:
+    """File sizes by inode: the hard links an incremental checkpoint holds to shared data add no bytes."""
     found = {}
     for folder, _, names in os.walk(directory):
         for name in names:
-            found[os.path.join(folder, name)] = os.path.getsize(os.path.join(folder, name))
+            status = os.stat(os.path.join(folder, name))
+            found[(status.st_dev, status.st_ino)] = status.st_size
     return found
 
 
@@ -51,9 +59,68 @@ def run(incremental: bool, base_mib: float, saves: int, mode: str) -> list[dict]
             manager.wait()
             durable = time.perf_counter() - began
             after = _files(directory)
-            written = sum(size for path, size in after.items() if path not in before)
+            written = sum(size for inode, size in after.items() if inode not in before)
             rows.append({"save": step, "bytes": written, "durable_s": durable})
     return rows
+
+
+def every_step(base_mib: float, steps: int, mode: str, block: int = 10) -> dict:
+    import statistics
+
+    from dcp_plugin import CheckpointManager, KeepLast
+    from tests.models import LoRALinear
+
+    width, layers = 2048, max(1, round(base_mib * 2**20 / (2048 * 2048 * 4)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[LoRALinear(width, 8) for _ in range(layers)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = torch.randn(8, width)
+
+    def step() -> None:
+        model(batch).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    plain: list[float] = []
+    saving: list[float] = []
+    cpu_plain: list[float] = []
+    cpu_saving: list[float] = []
+    written: list[int] = []
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        CheckpointManager(directory, async_mode=mode, retention=KeepLast(2)) as manager,
+    ):
+        for _ in range(3):  # warm-up: the first save writes the base
+            step()
+        manager.save(0, {"model": model, "optim": optimizer})
+        manager.wait()
+        number = 0
+        for _ in range(max(1, steps // (2 * block))):
+            began, cpu = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                step()
+            plain.append((time.perf_counter() - began) / block)
+            cpu_plain.append((time.process_time() - cpu) / block)
+            began, cpu = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                step()
+                number += 1
+                stats = manager.save(number, {"model": model, "optim": optimizer})
+            manager.wait()
+            saving.append((time.perf_counter() - began) / block)
+            cpu_saving.append((time.process_time() - cpu) / block)
+            written.append(stats.bytes_written)
+    base, with_saves = statistics.median(plain), statistics.median(saving)
+    return {
+        "mode": mode,
+        "base_mib": layers * width * width * 4 / 2**20,
+        "step_s": base,
+        "step_with_save_s": with_saves,
+        "extra": with_saves / base - 1,
+        "bytes_per_save": statistics.median(written),
+        "cpu_s_per_save": statistics.median(cpu_saving) - statistics.median(cpu_plain),
+        "cpu_s_per_step": statistics.median(cpu_plain),
+    }
 
 
 def main() -> None:
@@ -62,7 +129,22 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=4)
     parser.add_argument("--mode", default="thread", choices=["sync", "thread", "process"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--every-step", action="store_true", help="train and save after every step")
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
+    if args.every_step:
+        result = every_step(args.base_mib, args.steps, args.mode)
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return
+        print(
+            f"{args.mode}: base {result['base_mib']:.0f} MiB frozen; {result['step_s'] * 1000:.1f} ms per step "
+            f"without checkpoints, {result['step_with_save_s'] * 1000:.1f} ms with a save after each "
+            f"({result['extra'] * 100:+.1f} %); {result['bytes_per_save'] / 1e6:.1f} MB written per save; CPU "
+            f"{result['cpu_s_per_save'] * 1000:.1f} ms per save against {result['cpu_s_per_step'] * 1000:.1f} ms "
+            "per training step"
+        )
+        return
     results = {
         kind: run(kind == "incremental", args.base_mib, args.saves, args.mode) for kind in ("full", "incremental")
     }

@@ -129,6 +129,7 @@ class Checkpointer:
             "metadata": dict(metadata or {}),
         }
         plan, held = self._incremental.plan(storage, pending, packed.tensors, wrapped, self.groups.rank, frozen_from)
+        self._incremental.stand_in(packed.state_dict, plan, packed.tensors)
         writer = storage.writer(
             pending,
             thread_count=self.config.thread_count,

@@ -12,6 +12,10 @@ The rule (see docs/incremental.md):
   fingerprint recorded when those blob bytes were committed, in the base checkpoint this save refers to. A
   changed tensor never matches, however it was changed (in place under ``no_grad``, through ``.data``,
   ``load_state_dict``, a new dtype or device).
+* **Unchanged without reading** (cost): a frozen tensor whose memory the kernel watches for writes
+  (:mod:`dcp_plugin.format.write_watch`) and that was not written since before the base's snapshot is neither
+  staged nor fingerprinted: DCP is handed a one-element stand-in of its shape and dtype, and the writer refers
+  to the base's bytes and carries their fingerprint over. Every other candidate is fingerprinted as above.
 * The **base** is the checkpoint this checkpointer last saved or loaded in the same root, only while it is
   still committed with the same ``save_id`` and its blobs are there with their committed sizes.
 """
@@ -26,6 +30,7 @@ import torch
 
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.errors import CheckpointError
+from dcp_plugin.format import write_watch
 from dcp_plugin.format.state import models_in
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite
 from dcp_plugin.storage import blobs as shared
@@ -41,8 +46,9 @@ class IncrementalTracker:
     def __init__(self, config: CheckpointConfig) -> None:
         self.enabled = config.incremental
         self.full_save_every = config.full_save_every
-        self._base: tuple[str, str, str] | None = None  # (root URL, name, save_id)
+        self._base: tuple[str, str, str, int | None] | None = None  # (root URL, name, save_id, save number)
         self._saves = 0
+        self._watches: dict[str, tuple[write_watch.Watch, int]] = {}  # key -> (watch, save number it was armed at)
 
     def plan(
         self,
@@ -65,24 +71,58 @@ class IncrementalTracker:
         full = self.full_save_every is not None and self._saves % self.full_save_every == 0
         reuse: dict[str, Any] = {}
         records: dict[str, Any] = {}
+        base_number = None
         if not full and self._base is not None and self._base[0] == storage.root_url:
             reuse, records = _reusable(storage, self._base[1], self._base[2])
             held += shared.hold(storage.root_url, records)
             keys |= {key.rsplit("@", 1)[0] for key in reuse}
+            base_number = self._base[3]
+        keys &= tensor_keys
+        unchanged = self._unchanged(tensors, keys, reuse, base_number)
         self._saves += 1
-        plan = IncrementalPlan(write_id, rank, frozenset(keys & tensor_keys), reuse, records)
+        plan = IncrementalPlan(write_id, rank, frozenset(keys), reuse, records, frozenset(unchanged))
         return plan, held
+
+    def _unchanged(
+        self, tensors: Mapping[str, Any], keys: set[str], reuse: Mapping[str, Any], base_number: int | None
+    ) -> set[str]:
+        """The keys whose tensors nobody wrote since before the base's snapshot, and whose every chunk the base
+        keeps in a blob. Every other watchable tensor is armed now, before this save's snapshot."""
+        number, unchanged = self._saves, set()
+        for key in sorted(keys):
+            tensor = tensors[key]
+            known = self._watches.get(key)
+            if known is not None and known[0].unwritten(tensor):
+                if base_number is not None and known[1] <= base_number and _chunk_key(key, tensor) in reuse:
+                    unchanged.add(key)
+                continue
+            armed = write_watch.watch(tensor, known[0] if known is not None else None)
+            if armed is None:
+                self._watches.pop(key, None)
+            else:
+                self._watches[key] = (armed, number)
+        for key in self._watches.keys() - keys:
+            del self._watches[key]
+        return unchanged
+
+    def stand_in(self, state_dict: dict[str, Any], plan: IncrementalPlan | None, tensors: Mapping[str, Any]) -> None:
+        """Replace, in the nested dict handed to DCP, each unchanged tensor by a one-element stand-in of its
+        shape and dtype: it is neither staged nor read (the writer refers to the base's bytes instead)."""
+        if plan is None or not plan.unchanged:
+            return
+        stand_ins = {id(tensors[key]): _stand_in(tensors[key]) for key in plan.unchanged}
+        _replace(state_dict, stand_ins)
 
     def saved(self, storage: CheckpointStorage, name: str, save_id: str) -> None:
         """The next save may refer to this one (checked against the storage when it does)."""
         if self.enabled:
-            self._base = (storage.root_url, name, save_id)
+            self._base = (storage.root_url, name, save_id, self._saves - 1)
 
     def loaded(self, storage: CheckpointStorage, info: CheckpointInfo) -> None:
         """A resumed run's first save may refer to the checkpoint it resumed from."""
         save_id = info.manifest.get("save_id")
         if self.enabled and isinstance(save_id, str):
-            self._base = (storage.root_url, info.name, save_id)
+            self._base = (storage.root_url, info.name, save_id, None)  # its bytes are fingerprinted once
 
 
 def _reusable(storage: CheckpointStorage, name: str, save_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -116,6 +156,23 @@ def _has_size(storage: CheckpointStorage, name: str, size: int) -> bool:
         return regular_file_size(storage.fs, f"{storage.blob_area}/{name}", is_local=storage.is_local) == size
     except (OSError, ValueError, CheckpointError):
         return False
+
+
+def _chunk_key(key: str, tensor: torch.Tensor) -> str:
+    """The chunk key of a whole plain tensor (the only kind that is watched)."""
+    return shared.chunk_key(key, [0] * tensor.dim())
+
+
+def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+
+
+def _replace(node: dict[str, Any], stand_ins: dict[int, torch.Tensor]) -> None:
+    for name, value in node.items():
+        if isinstance(value, dict):
+            _replace(value, stand_ins)
+        elif id(value) in stand_ins:
+            node[name] = stand_ins[id(value)]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

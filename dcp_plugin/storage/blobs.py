@@ -10,11 +10,20 @@ decides whether a blob is in use:
 * a blob is in flight while the write that creates it or a save that refers to it runs in this process
   (:func:`hold`), or while the work entry of the write that created it exists (another process is writing);
 * everything else is unreferenced: ``purge`` and retention remove it.
+
+On a local disk each committed checkpoint directory also holds a hard link to every blob it uses, under the
+blob's name (:func:`link_into`): ``.metadata`` names the blob by that name, so every DCP reader (``dcp.load``,
+``dcp_to_torch_save``) finds the bytes in the checkpoint's own directory, and the bytes are still stored once.
+The blob area keeps its own link, which later saves refer to; deleting a checkpoint removes only its links.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import re
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -25,6 +34,7 @@ import xxhash
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
 _BLOB = re.compile(r"^blob_([0-9a-f]{12})_r(\d+)_(\d+)\.distcp$")
 _held: Counter[tuple[str, str]] = Counter()
 _held_lock = threading.Lock()
@@ -48,6 +58,35 @@ def write_id_of(name: str) -> str | None:
 def write_id_of_entry(entry: str) -> str:
     """The write id in a work entry name (``<name>.<id>``)."""
     return entry.rsplit(".", 1)[-1]
+
+
+def link_into(area: str, names: Iterable[str], directory: str) -> None:
+    """Make each blob of the local blob ``area`` appear in the checkpoint ``directory`` under its own name: a hard
+    link, or a copy where the filesystem refuses links (then logged: the bytes are stored twice). Durable on
+    return."""
+    copied = []
+    for name in sorted(names):
+        source, target = os.path.join(area, name), os.path.join(directory, name)
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            if not os.path.samefile(source, target):
+                raise
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            with open(source, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            copied.append(name)
+    if copied:
+        log.warning(
+            "The filesystem of %s refuses hard links: %d shared data file(s) were copied into the checkpoint so "
+            "that any DCP reader finds them (their bytes are stored twice).",
+            directory,
+            len(copied),
+        )
 
 
 # -- in flight in this process --------------------------------------------------------------------------
@@ -107,4 +146,4 @@ def chunk_key(fqn: str, offsets: Any) -> str:
     return f"{fqn}@{','.join(str(int(o)) for o in (offsets or ()))}"
 
 
-__all__ = ["blob_name", "chunk_key", "fingerprint", "hold", "is_blob", "release", "unreferenced"]
+__all__ = ["blob_name", "chunk_key", "fingerprint", "hold", "is_blob", "link_into", "release", "unreferenced"]

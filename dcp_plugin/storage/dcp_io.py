@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointSaveError
-from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id_of
+from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, link_into, write_id_of
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
@@ -94,13 +94,16 @@ class IncrementalPlan:
     """What one rank's writer needs for an incremental save (picklable: it travels to the writer daemon).
 
     ``blob_keys``: the tensors (by DCP key) to keep in blobs; ``reuse``: per chunk (``chunk_key``), where its bytes
-    already are and their fingerprint; ``records``: the committed size and checksum of each of those blobs."""
+    already are and their fingerprint; ``records``: the committed size and checksum of each of those blobs;
+    ``unchanged``: the tensors known to hold the bytes ``reuse`` points at (handed to DCP as stand-ins: never
+    read, never written)."""
 
     write_id: str
     rank: int
     blob_keys: frozenset[str] = frozenset()
     reuse: dict[str, tuple[_StorageInfo, str]] = field(default_factory=dict)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unchanged: frozenset[str] = frozenset()
 
 
 def _bytes_written(metadata: Metadata) -> int:
@@ -170,11 +173,19 @@ class _CommitOnFinish:
             if item.type == WriteItemType.BYTE_IO or item.index.fqn not in incremental.blob_keys:
                 own.append(item)
                 continue
-            digest = fingerprint(planner.resolve_data(item))
+            key = chunk_key(item.index.fqn, item.index.offset)
+            if item.index.fqn in incremental.unchanged:
+                if key not in incremental.reuse:  # a stand-in's bytes are not the tensor's: never write them
+                    raise CheckpointSaveError(
+                        f"{item.index.fqn} was planned as unchanged, but the base checkpoint has no chunk {key}; "
+                        "nothing was committed. Save again: the next save writes it afresh."
+                    )
+                digest = incremental.reuse[key][1]
+            else:
+                digest = fingerprint(planner.resolve_data(item))
             if digest is None:
                 own.append(item)
                 continue
-            key = chunk_key(item.index.fqn, item.index.offset)
             report["fingerprints"][key] = digest
             earlier = incremental.reuse.get(key)
             if earlier is not None and earlier[1] == digest:
@@ -254,7 +265,8 @@ class _CommitOnFinish:
 
 
 def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:
-    """Every blob the checkpoint will list is there with its committed size (and durable), or nothing commits."""
+    """Every blob the checkpoint will list is there with its committed size (and durable), or nothing commits; on
+    a local disk each is linked into the checkpoint's directory too, so that any DCP reader finds it."""
     area = root.work(BLOBS)
     for name, record in sorted(blobs.items()):
         try:
@@ -269,6 +281,8 @@ def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pe
             )
     if root.is_local and blobs:
         fsync_dir(area)
+        link_into(area, blobs, pending.directory)
+        fsync_dir(pending.directory)
 
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):

@@ -14,21 +14,24 @@ import torch
 
 from dcp_plugin import CheckpointConfig, Checkpointer, CheckpointManager, KeepLast, ModelState, OptimizerState
 from dcp_plugin.errors import CheckpointCorruptError, ConfigError, UnsafeCheckpointError
-from dcp_plugin.storage import CheckpointStorage, copy_checkpoint, manifests
+from dcp_plugin.format import write_watch
+from dcp_plugin.storage import CheckpointStorage, copy_checkpoint, dcp_io, manifests
+from dcp_plugin.storage.blobs import fingerprint
 from dcp_plugin.storage.names import MANIFEST_NAME
 from tests.models import assert_same, lora_step, make_lora, snapshot
 
 
-def files_in(directory: str) -> dict[str, int]:
+def files_in(directory: str) -> dict[tuple[int, int], int]:
+    """The size of each file under ``directory``, by inode: a hard link to bytes already there adds nothing."""
     found = {}
     for folder, _, names in os.walk(directory):
         for name in names:
-            path = os.path.join(folder, name)
-            found[path] = os.path.getsize(path)
+            status = os.stat(os.path.join(folder, name))
+            found[(status.st_dev, status.st_ino)] = status.st_size
     return found
 
 
-def new_bytes(before: dict[str, int], after: dict[str, int]) -> int:
+def new_bytes(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> int:
     return sum(size for path, size in after.items() if path not in before)
 
 
@@ -73,7 +76,7 @@ def test_second_save_of_a_lora_model_writes_a_fraction_and_loads_exactly(ckpt_di
         expected = snapshot(model, optimizer)
         written_first, written_second = new_bytes(before, first), new_bytes(first, second)
         assert written_second <= 0.15 * written_first, (written_first, written_second)
-        manifest_size = second[os.path.join(ckpt_dir, "step_000000002", MANIFEST_NAME)]
+        manifest_size = os.path.getsize(os.path.join(ckpt_dir, "step_000000002", MANIFEST_NAME))
         assert manager.storage.read_manifest("step_000000002")["bytes_new"] == written_second - manifest_size
 
         fresh, fresh_optimizer = lora_training(seed=9)
@@ -89,6 +92,10 @@ def _no_grad_in_place(model):
 
 def _in_place_through_data(model):
     model[0].base.weight.data.mul_(2.0)  # .data has its own version counter: only the content tells
+
+
+def _numpy_view(model):
+    model[0].base.weight.detach().numpy()[0, 0] += 1.0  # outside torch: no version counter at all
 
 
 def _data_assignment(model):
@@ -111,6 +118,7 @@ CHANGES = {
     "data_assignment": _data_assignment,
     "load_state_dict": _load_state_dict,
     "dtype": _dtype,
+    "numpy_view": _numpy_view,
 }
 
 
@@ -139,6 +147,82 @@ def test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ck
         old, old_optimizer = lora_training(seed=9)
         manager.load(state_of(old, old_optimizer), step=2)
         assert_same(snapshot(old), snapshot(make_lora(0)))  # the older checkpoint still holds the old values
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_without_write_tracking_every_change_is_still_found_by_fingerprints(ckpt_dir, monkeypatch, change):
+    monkeypatch.setattr(write_watch, "_kernel", lambda: None)  # as on systems without the facility
+    test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ckpt_dir, change, "sync")
+
+
+def _write_from_another_process(tensor: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.add_(1.0)
+
+
+def test_a_frozen_tensor_in_shared_memory_written_by_another_process_is_rewritten(ckpt_dir):
+    import torch.multiprocessing as multiprocessing
+
+    model, optimizer = lora_training()
+    model[0].base.weight.share_memory_()  # e.g. handed to DataLoader workers: writes bypass this process
+    with CheckpointManager(ckpt_dir, async_mode="sync") as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.save(2, state_of(model, optimizer))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_write_from_another_process, args=(model[0].base.weight,)
+        )
+        child.start()
+        child.join()
+        assert child.exitcode == 0
+        manager.save(3, state_of(model, optimizer))
+        fresh, fresh_optimizer = lora_training(seed=9)
+        manager.load(state_of(fresh, fresh_optimizer), step=3)
+    assert_same(snapshot(fresh), snapshot(model))
+    assert not torch.equal(fresh[0].base.weight, make_lora(0)[0].base.weight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["in_place_through_data", "numpy_view", "load_state_dict"])
+def test_changes_a_process_mode_save_cannot_see_in_the_version_counter_are_rewritten(ckpt_dir, change):
+    test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ckpt_dir, change, "process")
+
+
+@pytest.mark.skipif(not write_watch.available(), reason="the kernel offers no write tracking here")
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_unwritten_frozen_tensors_are_not_read_and_a_written_one_is(ckpt_dir, monkeypatch, change, mode):
+    """The frozen base is fingerprinted (read) once; after that only a tensor something wrote is read again."""
+    read: list[str] = []
+
+    def counting(tensor):
+        read.append(tuple(tensor.shape))
+        return fingerprint(tensor)
+
+    monkeypatch.setattr(dcp_io, "fingerprint", counting)
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode=mode) as manager:
+        manager.save(1, state_of(model, optimizer))
+        manager.wait()
+        assert len(read) == 8  # weight and bias of 4 frozen layers
+        for step in (2, 3):
+            read.clear()
+            lora_step(model, optimizer)
+            manager.save(step, state_of(model, optimizer))
+            manager.wait()
+            assert (step, read) == (step, [s for s in read if len(s) == 1])  # biases are too small to watch
+        CHANGES[change](model)
+        read.clear()
+        manager.save(4, state_of(model, optimizer))
+        manager.wait()
+        assert (384, 384) in read
+        assert storage_of(manager.storage, "step_000000004", "model.1.base.weight") == storage_of(
+            manager.storage, "step_000000001", "model.1.base.weight"
+        )
+        fresh, fresh_optimizer = lora_training(seed=9)
+        if change == "dtype":
+            fresh[0].base.to(torch.float64)
+        manager.load(state_of(fresh, fresh_optimizer), step=4)
+        assert_same(snapshot(fresh, fresh_optimizer), snapshot(model, optimizer))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -314,7 +398,8 @@ def test_a_shared_file_replaced_by_a_link_is_never_followed(ckpt_dir, tmp_path):
 def test_metadata_pointing_at_a_blob_the_manifest_does_not_list_is_refused(ckpt_dir):
     storage = _two_saves(ckpt_dir)
     _forge(storage, "step_000000002", lambda m: m.update(blobs={}))
-    with pytest.raises(CheckpointCorruptError, match="step_000000002/blob_.* is missing"):
+    # the directory holds a link to the blob, but no checksum vouches for it
+    with pytest.raises(CheckpointCorruptError, match="step_000000002 has no checksum for blob_"):
         _load_step_2(ckpt_dir)
 
 
@@ -436,3 +521,36 @@ def test_a_save_with_bounded_staging_writes_everything_and_loads_exactly(ckpt_di
         fresh, fresh_optimizer = lora_training(seed=9)
         manager.load(state_of(fresh, fresh_optimizer), step=2)
     assert_same(snapshot(fresh, fresh_optimizer), snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("mode", ["sync", "thread"])
+def test_pytorchs_own_dcp_tools_read_an_incremental_checkpoint_after_its_base_is_deleted(ckpt_dir, tmp_path, mode):
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model, optimizer = lora_training()
+    with CheckpointManager(ckpt_dir, async_mode=mode, retention=KeepLast(1)) as manager:
+        manager.save(1, {"model": model})
+        manager.wait()
+        first_blobs = set(manager.storage.read_manifest("step_000000001")["blobs"])
+        lora_step(model, optimizer)
+        manager.save(2, {"model": model})  # refers to step 1's bytes; retention then deletes step 1
+        manager.wait()
+        storage = manager.storage
+        assert manager.steps == [2]
+        storage.purge()
+        assert blob_files(storage) == referenced(storage)
+    directory = os.path.join(ckpt_dir, "step_000000002")
+    reused = {storage_of(storage, "step_000000002", f"model.{i}.base.weight") for i in range(4)}
+    assert reused <= first_blobs
+    for name in reused:  # the bytes are stored once: the directory's name is a link to the shared file
+        assert os.path.samefile(os.path.join(directory, name), os.path.join(storage.blob_area, name))
+    expected = {key: value.clone() for key, value in model.state_dict().items()}
+
+    dcp_to_torch_save(directory, str(tmp_path / "model.pt"))
+    converted = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert_same(converted, expected)
+
+    live = {"model": {key: torch.zeros_like(value) for key, value in expected.items()}}
+    dcp_load(live, checkpoint_id=directory)
+    assert_same(live["model"], expected)

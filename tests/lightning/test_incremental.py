@@ -71,12 +71,13 @@ def written(dirpath: str, names: tuple[str, ...] = ("epoch=0-step=2.ckpt", "epoc
     storage = CheckpointStorage(dirpath)
     sizes, seen = [], set()
     for name in names:
-        own = sum(
+        blobs = storage.read_manifest(name).get("blobs", {})
+        own = sum(  # the directory's links to shared files are counted once, below
             os.path.getsize(os.path.join(folder, f))
             for folder, _, files in os.walk(os.path.join(dirpath, name))
             for f in files
+            if f not in blobs
         )
-        blobs = storage.read_manifest(name).get("blobs", {})
         sizes.append(own + sum(record["size"] for blob, record in blobs.items() if blob not in seen))
         seen |= set(blobs)
     return sizes
