@@ -14,7 +14,12 @@ from typing import Any, Protocol, TypeVar
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-from torch.distributed.checkpoint.filesystem import _split_by_size_and_type, _StorageInfo
+from torch.distributed.checkpoint.filesystem import (
+    FileSystem,
+    SerializationFormat,
+    _split_by_size_and_type,
+    _StorageInfo,
+)
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -26,6 +31,7 @@ from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME
+from dcp_plugin.storage.record_writer import FileWriting, RecordFile
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import regular_file_size
 
@@ -136,6 +142,7 @@ class _CommitOnFinish:
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink, staging)
+        self._dcp_plugin_writing = _file_writing(original, sink, staging, fsync=self.sync_files)  # type: ignore[attr-defined]
         write = super().write_data  # type: ignore[misc]
         # A bounded staging pool hands tensors out in writing order only: such saves write everything.
         incremental = self._dcp_plugin_incremental if staging is None else None
@@ -153,6 +160,7 @@ class _CommitOnFinish:
                     future = run_write(lambda: write(plan, pool_planner))
         finally:
             self.fs = original
+            self._dcp_plugin_writing = None
         results = list(future.wait()) + reused
         report["files"] = sink.files
         results.append(WriteResult(index=MetadataIndex(_CHECKSUMS_FQN), size_in_bytes=0, storage_data=report))
@@ -198,6 +206,17 @@ class _CommitOnFinish:
                 report["new_blobs"].append(name)
                 files.put((self.fs.concat_path(area_path, name), name, bucket))
         return self._write_data(planner, files), reused  # type: ignore[attr-defined]
+
+    def _write_data(self, planner: Any, file_queue: queue.Queue) -> Future:
+        """DCP's file layout written by :class:`FileWriting` (records without crc32, hashed once); DCP's own loop
+        for what it does not cover (stream transform extensions, safetensors)."""
+        writing = getattr(self, "_dcp_plugin_writing", None)
+        standard = self.serialization_format == SerializationFormat.TORCH_SAVE and not self.transforms.extensions  # type: ignore[attr-defined]
+        if writing is None or not standard:
+            return super()._write_data(planner, file_queue)  # type: ignore[misc]
+        out: Future = Future()
+        out.set_result(writing.write_all(planner, file_queue, self.thread_count))  # type: ignore[attr-defined]
+        return out
 
     def bytes_added(self, metadata: Metadata) -> int:
         """Bytes of tensor data this save wrote itself (chunks that refer to earlier blobs are not counted)."""
@@ -251,6 +270,24 @@ class _CommitOnFinish:
             )
             manifest.update(blobs=blobs, fingerprints=fingerprints, bytes_new=written)
         self._dcp_plugin_strategy.commit(pending, manifest)
+
+
+def _file_writing(fs: Any, sink: ChecksumSink, staging: StagingSession | None, *, fsync: bool) -> FileWriting:
+    """How this save's writer threads open files: a descriptor on a local disk, the filesystem's stream otherwise."""
+    local = isinstance(fs, FileSystem)
+
+    @contextmanager
+    def open_file(path: Any) -> Any:
+        if local:
+            yield RecordFile.create_local(os.fspath(path))
+            return
+        with fs.create_stream(path, "wb") as stream:
+            yield RecordFile(stream=stream)
+
+    def record(name: str, size: int, digest: str) -> None:
+        sink.recorder(name)(size, digest)
+
+    return FileWriting(open_file, record, fsync=fsync, on_closed=None if staging is None else staging.stream_closed)
 
 
 def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:
