@@ -45,7 +45,8 @@ MODES: dict[str, dict[str, Any]] = {
     "dcp-plugin process": {"async_mode": "process"},
     "dcp-plugin process+staging": {"async_mode": "process", "async_staging": True},
 }
-CONTENDERS = [RAW, "dcp.save", "dcp.save, crc32 off", *MODES]
+PAGE_CACHE = "dcp-plugin sync, no O_DIRECT"
+CONTENDERS = [RAW, "dcp.save", "dcp.save, crc32 off", *MODES, PAGE_CACHE]
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -115,10 +116,11 @@ class Writer:
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self._manager: Any = None
-        if name in MODES:
+        if name in MODES or name == PAGE_CACHE:
             from dcp_plugin import CheckpointManager
 
-            self._manager = CheckpointManager(directory, distributed=False, **MODES[name])
+            options = MODES.get(name, {"async_mode": "sync"})
+            self._manager = CheckpointManager(directory, distributed=False, **options)
         self._state = state
 
     def write(self, number: int) -> None:
@@ -130,8 +132,14 @@ class Writer:
         elif self.name == "dcp.save, crc32 off":
             _dcp_save(self._state, path, crc32=False)
         else:
-            self._manager.save(number, self._state)
-            self._manager.wait()
+            from dcp_plugin.storage import record_writer
+
+            record_writer.DIRECT_IO = self.name != PAGE_CACHE  # in this process: sync mode writes here
+            try:
+                self._manager.save(number, self._state)
+                self._manager.wait()
+            finally:
+                record_writer.DIRECT_IO = True
 
     def clean(self, number: int) -> None:
         if self._manager is not None:

@@ -217,6 +217,7 @@ class CheckpointEngine:
             _call_done(on_done)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata, writer)
+            stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
             self._completed.append(stats)
             return stats
         staging: Future | None
@@ -243,6 +244,7 @@ class CheckpointEngine:
             try:
                 metadata = future.result()
                 stats.bytes_written = _bytes(metadata, flight.writer)
+                stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
             except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
                 stats.error = _describe(err)
                 with self._lock:

@@ -38,6 +38,8 @@ from dcp_plugin.storage.safe_io import regular_file_size
 log = logging.getLogger(__name__)
 
 _WARNED_UNCHECKED: set[str] = set()
+DIRECT_IO_ATTRIBUTE = "dcp_plugin_direct_io"
+"""Set on the Metadata a save returns: whether its files went to the disk with O_DIRECT (``SaveStats.direct_io``)."""
 _CHECKSUMS_FQN = "__dcp_plugin_checksums__"
 """WriteResults under this name carry a rank's file checksums to the coordinator's ``finish``; they are
 taken out before DCP builds ``.metadata``."""
@@ -142,7 +144,7 @@ class _CommitOnFinish:
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink, staging)
-        self._dcp_plugin_writing = _file_writing(original, sink, staging, fsync=self.sync_files)  # type: ignore[attr-defined]
+        writing = self._dcp_plugin_writing = _file_writing(original, sink, staging, fsync=self.sync_files)  # type: ignore[attr-defined]
         write = super().write_data  # type: ignore[misc]
         # A bounded staging pool hands tensors out in writing order only: such saves write everything.
         incremental = self._dcp_plugin_incremental if staging is None else None
@@ -163,6 +165,7 @@ class _CommitOnFinish:
             self._dcp_plugin_writing = None
         results = list(future.wait()) + reused
         report["files"] = sink.files
+        report["direct_io"] = writing.direct_io
         results.append(WriteResult(index=MetadataIndex(_CHECKSUMS_FQN), size_in_bytes=0, storage_data=report))
         out: Future = Future()
         out.set_result(results)
@@ -238,6 +241,7 @@ class _CommitOnFinish:
         files: dict[str, dict[str, Any]] = {}
         blobs: dict[str, dict[str, Any]] = {}
         fingerprints: dict[str, str] = {}
+        direct: list[bool] = []
         data_results = []
         for rank_results in results:
             kept = []
@@ -250,8 +254,14 @@ class _CommitOnFinish:
                     (blobs if name in report["new_blobs"] else files)[name] = record
                 blobs.update(report["used_blobs"])
                 fingerprints.update(report["fingerprints"])
+                if report.get("direct_io") is not None:
+                    direct.append(report["direct_io"])
             data_results.append(kept)
+        # DCP's plan cache hands the same Metadata object to the next save: what the last one set is not written.
+        vars(metadata).pop(DIRECT_IO_ATTRIBUTE, None)
         super().finish(metadata, data_results)  # type: ignore[misc]
+        # Set after .metadata is written: it travels back to every rank's save (and from the writer daemon) only.
+        metadata.dcp_plugin_direct_io = all(direct) if direct else None  # type: ignore[attr-defined]
         reached("save.written")
         root, pending = self._dcp_plugin_root, self._dcp_plugin_pending
         needed = {str(info.relative_path) for info in (metadata.storage_data or {}).values()}
