@@ -12,7 +12,8 @@ one untimed warm-up save first (first-save costs such as starting the writer dae
 CPU is process CPU time (user + system, all threads, ``resource.getrusage(RUSAGE_SELF)``) plus the CPU time of
 every live child process (the ``process`` mode's writer daemon, read from ``/proc/<pid>/stat``) plus finished,
 waited-for children (``RUSAGE_CHILDREN``). Reported: min and median over ``--repeats`` in seconds per GiB, and
-each median as a ratio to the raw write's. Outputs ``<out>.json`` and a printed table.
+each as a ratio to the raw write's (minimum to minimum: other work on a shared host only ever adds CPU, for
+instance page reclaim charged to whoever writes into the page cache). Outputs ``<out>.json`` and a printed table.
 """
 
 from __future__ import annotations
@@ -179,17 +180,23 @@ def summarise(samples: dict[str, list[float]], nbytes: int) -> dict[str, dict[st
     rows = {}
     for name, values in samples.items():
         rows[name] = {"min_s_per_gib": min(values) / gib, "median_s_per_gib": statistics.median(values) / gib}
-    floor = rows[RAW]["median_s_per_gib"]
+    floor, floor_min = rows[RAW]["median_s_per_gib"], rows[RAW]["min_s_per_gib"]
     for row in rows.values():
         row["ratio_to_raw"] = row["median_s_per_gib"] / floor if floor > 0 else float("nan")
+        # other work on the host only ever adds CPU (page reclaim lands on whoever writes): minimum against minimum
+        row["min_ratio_to_raw"] = row["min_s_per_gib"] / floor_min if floor_min > 0 else float("nan")
     return rows
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| writer | CPU s/GiB, min | CPU s/GiB, median | median vs raw write |", "|---|---|---|---|"]
+    lines = [
+        "| writer | CPU s/GiB, min | CPU s/GiB, median | min vs raw min | median vs raw median |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
         lines.append(
-            f"| {name} | {row['min_s_per_gib']:.3f} | {row['median_s_per_gib']:.3f} | {row['ratio_to_raw']:.2f}x |"
+            f"| {name} | {row['min_s_per_gib']:.3f} | {row['median_s_per_gib']:.3f} | "
+            f"{row['min_ratio_to_raw']:.2f}x | {row['ratio_to_raw']:.2f}x |"
         )
     return "\n".join(lines)
 
