@@ -122,3 +122,22 @@ def test_replication_benchmark_at_tiny_size_compares_the_stall_with_and_without_
     assert summary[replication.REPLICATED]["saves"] == summary[replication.LOCAL]["saves"] == 2
     with open(f"{out}.md") as handle:
         assert "stall per save, replicated / local-only:" in handle.read()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_write_cpu_benchmark_at_tiny_size_reports_every_writer_against_the_raw_write(tmp_path):
+    from benchmarks import write_cpu
+
+    out = tmp_path / "write_cpu"
+    argv = ["--mib", "2", "--tensors", "2", "--repeats", "1", "--dir", str(tmp_path / "w"), "--out", str(out)]
+    assert write_cpu.main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    assert set(rows) == set(write_cpu.CONTENDERS)
+    assert rows[write_cpu.RAW]["ratio_to_raw"] == pytest.approx(1.0)
+    for name, row in rows.items():
+        assert row["median_s_per_gib"] >= row["min_s_per_gib"] > 0 and row["min_ratio_to_raw"] > 0, name
+        assert len(data["samples_s"][name]) == 1
+    assert data["bytes"] == 2 * 2**20 and data["machine"]["torch"]
+    assert not list((tmp_path / "w").iterdir()), "files left behind"

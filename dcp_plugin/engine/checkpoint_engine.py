@@ -214,6 +214,7 @@ class CheckpointEngine:
             _call_done(on_done)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata, writer)
+            stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
             self._outcomes.finished(stats)
             return stats
         staging: Future | None

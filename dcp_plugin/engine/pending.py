@@ -39,6 +39,7 @@ class PendingSave:
             try:
                 metadata = future.result()
                 stats.bytes_written = bytes_written(metadata, self.writer)
+                stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
             except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
                 stats.error = describe(err)
                 outcomes.failed(err, stats)

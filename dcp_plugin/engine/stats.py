@@ -27,6 +27,10 @@ class SaveStats:
     """Bytes this save wrote (all ranks together)."""
     staging_wait_s: float = 0.0
     """With async staging: time the loop later spent in ``wait_for_staging`` for this save."""
+    direct_io: bool | None = None
+    """Whether the tensor files bypassed the page cache (``O_DIRECT``): False where the filesystem refused it and
+    they were written through the page cache (logged once per filesystem), None where it does not apply (remote
+    storage, or the save failed)."""
     error: str | None = None
     """Why the background write failed; ``None`` while it runs or once it succeeded."""
 

@@ -14,7 +14,12 @@ from typing import Any, Protocol, TypeVar
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-from torch.distributed.checkpoint.filesystem import _split_by_size_and_type, _StorageInfo
+from torch.distributed.checkpoint.filesystem import (
+    FileSystem,
+    SerializationFormat,
+    _split_by_size_and_type,
+    _StorageInfo,
+)
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -26,12 +31,15 @@ from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME
+from dcp_plugin.storage.record_writer import FileWriting, RecordFile
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import regular_file_size
 
 log = logging.getLogger(__name__)
 
 _WARNED_UNCHECKED: set[str] = set()
+DIRECT_IO_ATTRIBUTE = "dcp_plugin_direct_io"
+"""Set on the Metadata a save returns: whether its files went to the disk with O_DIRECT (``SaveStats.direct_io``)."""
 _CHECKSUMS_FQN = "__dcp_plugin_checksums__"
 """WriteResults under this name carry a rank's file checksums to the coordinator's ``finish``; they are
 taken out before DCP builds ``.metadata``."""
@@ -139,6 +147,7 @@ class _CommitOnFinish:
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink, staging)
+        writing = self._dcp_plugin_writing = _file_writing(original, sink, staging, fsync=self.sync_files)  # type: ignore[attr-defined]
         write = super().write_data  # type: ignore[misc]
         # A bounded staging pool hands tensors out in writing order only: such saves write everything.
         incremental = self._dcp_plugin_incremental if staging is None else None
@@ -156,8 +165,10 @@ class _CommitOnFinish:
                     future = run_write(lambda: write(plan, pool_planner))
         finally:
             self.fs = original
+            self._dcp_plugin_writing = None
         results = list(future.wait()) + reused
         report["files"] = sink.files
+        report["direct_io"] = writing.direct_io
         results.append(WriteResult(index=MetadataIndex(_CHECKSUMS_FQN), size_in_bytes=0, storage_data=report))
         out: Future = Future()
         out.set_result(results)
@@ -210,6 +221,17 @@ class _CommitOnFinish:
                 files.put((self.fs.concat_path(area_path, name), name, bucket))
         return self._write_data(planner, files), reused  # type: ignore[attr-defined]
 
+    def _write_data(self, planner: Any, file_queue: queue.Queue) -> Future:
+        """DCP's file layout written by :class:`FileWriting` (records without crc32, hashed once); DCP's own loop
+        for what it does not cover (stream transform extensions, safetensors)."""
+        writing = getattr(self, "_dcp_plugin_writing", None)
+        standard = self.serialization_format == SerializationFormat.TORCH_SAVE and not self.transforms.extensions  # type: ignore[attr-defined]
+        if writing is None or not standard:
+            return super()._write_data(planner, file_queue)  # type: ignore[misc]
+        out: Future = Future()
+        out.set_result(writing.write_all(planner, file_queue, self.thread_count))  # type: ignore[attr-defined]
+        return out
+
     def bytes_added(self, metadata: Metadata) -> int:
         """Bytes of tensor data this save wrote itself (chunks that refer to earlier blobs are not counted)."""
         plan = self._dcp_plugin_incremental
@@ -230,6 +252,7 @@ class _CommitOnFinish:
         files: dict[str, dict[str, Any]] = {}
         blobs: dict[str, dict[str, Any]] = {}
         fingerprints: dict[str, str] = {}
+        direct: list[bool] = []
         data_results = []
         for rank_results in results:
             kept = []
@@ -242,8 +265,14 @@ class _CommitOnFinish:
                     (blobs if name in report["new_blobs"] else files)[name] = record
                 blobs.update(report["used_blobs"])
                 fingerprints.update(report["fingerprints"])
+                if report.get("direct_io") is not None:
+                    direct.append(report["direct_io"])
             data_results.append(kept)
+        # DCP's plan cache hands the same Metadata object to the next save: what the last one set is not written.
+        vars(metadata).pop(DIRECT_IO_ATTRIBUTE, None)
         super().finish(metadata, data_results)  # type: ignore[misc]
+        # Set after .metadata is written: it travels back to every rank's save (and from the writer daemon) only.
+        metadata.dcp_plugin_direct_io = all(direct) if direct else None  # type: ignore[attr-defined]
         reached("save.written")
         root, pending = self._dcp_plugin_root, self._dcp_plugin_pending
         needed = {str(info.relative_path) for info in (metadata.storage_data or {}).values()}
@@ -262,6 +291,24 @@ class _CommitOnFinish:
             )
             manifest.update(blobs=blobs, fingerprints=fingerprints, bytes_new=written)
         self._dcp_plugin_strategy.commit(pending, manifest)
+
+
+def _file_writing(fs: Any, sink: ChecksumSink, staging: StagingSession | None, *, fsync: bool) -> FileWriting:
+    """How this save's writer threads open files: a descriptor on a local disk, the filesystem's stream otherwise."""
+    local = isinstance(fs, FileSystem)
+
+    @contextmanager
+    def open_file(path: Any) -> Any:
+        if local:
+            yield RecordFile.create_local(os.fspath(path))
+            return
+        with fs.create_stream(path, "wb") as stream:
+            yield RecordFile(stream=stream)
+
+    def record(name: str, size: int, digest: str) -> None:
+        sink.recorder(name)(size, digest)
+
+    return FileWriting(open_file, record, fsync=fsync, on_closed=None if staging is None else staging.stream_closed)
 
 
 def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:

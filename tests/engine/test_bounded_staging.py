@@ -7,7 +7,7 @@ import threading
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.distributed.checkpoint import FileSystemWriter, filesystem
+from torch.distributed.checkpoint import FileSystemWriter
 
 import tests.faultyfs  # noqa: F401 - registers faulty://
 from dcp_plugin import (
@@ -21,7 +21,8 @@ from dcp_plugin import (
 )
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.staging.pool import StagingPool
-from dcp_plugin.storage.integrity import HashingStream
+from dcp_plugin.storage import record_writer
+from dcp_plugin.storage.record_writer import RecordFile
 from tests.lightning.helpers import TinyModule, full, loader
 from tests.lightning.helpers import trainer as lightning_trainer
 from tests.models import assert_same, make_training, snapshot, train_step
@@ -65,16 +66,15 @@ def pool_of(manager: CheckpointManager) -> StagingPool:
 
 @pytest.fixture()
 def written_tensors(monkeypatch):
-    """Every tensor DCP's writer threads write (a spy on DCP's per-item write; the write itself happens)."""
+    """Every tensor the writer threads write (a spy on the per-tensor record; the write itself happens)."""
     seen: list[torch.Tensor] = []
-    original = filesystem._write_item
+    original = record_writer.tensor_record
 
-    def spy(transforms, stream, data, write_item, storage_key, serialization_format):
-        if torch.is_tensor(data):
-            seen.append(data)
-        return original(transforms, stream, data, write_item, storage_key, serialization_format)
+    def spy(tensor):
+        seen.append(tensor)
+        return original(tensor)
 
-    monkeypatch.setattr(filesystem, "_write_item", spy)
+    monkeypatch.setattr(record_writer, "tensor_record", spy)
     return seen
 
 
@@ -128,13 +128,13 @@ def test_a_budget_larger_than_the_state_stages_everything_at_once(tmp_path):
 def writes_on_hold(monkeypatch):
     """Data writes wait until the returned event is set (nothing is written before; nothing fails)."""
     gate = threading.Event()
-    original = HashingStream.write
+    original = RecordFile.append
 
-    def write(self, data):
+    def append(self, *buffers):
         assert gate.wait(120), "the test never let the writes through"
-        return original(self, data)
+        return original(self, *buffers)
 
-    monkeypatch.setattr(HashingStream, "write", write)
+    monkeypatch.setattr(RecordFile, "append", append)
     return gate
 
 

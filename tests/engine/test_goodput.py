@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.planner import SavePlanner
 from dcp_plugin import CheckpointConfig, CheckpointManager
 from dcp_plugin.engine import plans, priority
 from dcp_plugin.policies import EveryNSteps
-from dcp_plugin.storage import dcp_io
+from dcp_plugin.storage import record_writer
 from tests.models import assert_same, make_training, snapshot, train_step
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
@@ -25,14 +25,13 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pe
 def _record_writing_threads(monkeypatch) -> list[tuple[int, int]]:
     """(native thread id, nice value) of every thread that opens a checkpoint file for writing."""
     seen: list[tuple[int, int]] = []
-    original = dcp_io._HashingFileSystem.create_stream
+    original = record_writer.FileWriting._write_file
 
-    def create_stream(self, path, mode):
-        if "w" in mode:
-            seen.append((threading.get_native_id(), priority.thread_nice()))
-        return original(self, path, mode)
+    def write_file(self, planner, path, storage_key, items):
+        seen.append((threading.get_native_id(), priority.thread_nice()))
+        return original(self, planner, path, storage_key, items)
 
-    monkeypatch.setattr(dcp_io._HashingFileSystem, "create_stream", create_stream)
+    monkeypatch.setattr(record_writer.FileWriting, "_write_file", write_file)
     return seen
 
 
