@@ -149,6 +149,19 @@ def test_few_modules_sit_directly_in_the_package():
     assert len(top) <= TOP_LEVEL_LIMIT, f"{len(top)} modules directly in dcp_plugin/: {top}"
 
 
+CLASS_LINE_LIMIT = 250
+
+
+def test_every_class_fits_in_250_lines():
+    """A class longer than this does more than one job: split it along a seam that exists."""
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > CLASS_LINE_LIMIT:
+                long.append(f"{module}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"classes over {CLASS_LINE_LIMIT} lines: {long}"
+
+
 def test_the_checks_see_the_imports_they_guard():
     # the reading itself: function-level imports count, TYPE_CHECKING-only ones do not
     assert "dcp_plugin.lightning.inference" in IMPORTS["dcp_plugin.cli.export"]

@@ -22,7 +22,6 @@ from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from dcp_plugin.engine.stats import SaveStats
@@ -30,7 +29,15 @@ from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
 from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
-from dcp_plugin.lightning.tiers import CallbackTiers, lightning_checkpoints
+from dcp_plugin.lightning.run import (
+    RunCheckpoints,
+    free_name,
+    required_storage,
+    resume_path,
+    unwrap_resume_start,
+    wrap_resume_start,
+)
+from dcp_plugin.lightning.tiers import CallbackTiers
 from dcp_plugin.policies import (
     RetentionPolicy,
     SaveContext,
@@ -39,9 +46,9 @@ from dcp_plugin.policies import (
     SavePolicy,
     as_metrics,
 )
-from dcp_plugin.policies.retention import RetentionOptions, best_first
+from dcp_plugin.policies.retention import RetentionOptions
 from dcp_plugin.policies.schedule import Schedule
-from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
+from dcp_plugin.storage import CheckpointStorage, step_name
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ EXPORT_DIR = "export"
 HISTORY_LIMIT = 1000
 
 
-class DCPCheckpoint(Checkpoint):
+class DCPCheckpoint(RunCheckpoints):
     """Save Lightning checkpoints on a schedule, on preemption, and keep only what is wanted.
 
     Needs ``Trainer(plugins=[DCPCheckpointIO(...)])``. It replaces ``ModelCheckpoint`` (Lightning adds no
@@ -157,15 +164,6 @@ class DCPCheckpoint(Checkpoint):
         return {**self.__dict__, "_storage": None, "_plugin": None, "_manifest_metadata": None}
 
     @property
-    def run_id(self) -> str | None:
-        """Identifies this run's checkpoints (retention never deletes others)."""
-        return self.schedule.run_id
-
-    @run_id.setter
-    def run_id(self, run_id: str | None) -> None:
-        self.schedule.run_id = run_id
-
-    @property
     def save_policy(self) -> SavePolicy | None:
         """When this callback saves, built from the ``every_n_*`` and ``save_on_*`` options."""
         return self.schedule.save_policy
@@ -200,33 +198,8 @@ class DCPCheckpoint(Checkpoint):
         groups = plugin.checkpointer(collective=True).groups
         self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups)
         if self.auto_resume:
-            _wrap_resume_start(trainer, lambda trainer: _resume_path(self, trainer))
+            wrap_resume_start(trainer, lambda trainer: resume_path(self, trainer))
         self.schedule.install()
-
-    def latest_checkpoint(self) -> CheckpointInfo | None:
-        """The latest committed Lightning checkpoint in ``dirpath`` (any run; with a remote tier: of either tier,
-        copied into ``dirpath`` if only the remote one has it), or ``None``."""
-        return self.tiers.latest(_required(self._storage))
-
-    @property
-    def best_model_path(self) -> str:
-        """This run's best checkpoint by ``monitor`` (without ``monitor``: the latest); ``""`` if none.
-
-        Lets ``trainer.test(ckpt_path="best")`` use this callback like ``ModelCheckpoint``."""
-        if self._storage is None:
-            return ""
-        options = self.retention_options
-        return best_checkpoint_url(self._storage, self.run_id, options.monitor, options.mode)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The run id and checkpoint directory, saved in each checkpoint so a resumed run continues it."""
-        return {"run_id": self.run_id, "dirpath": self._storage.root_url if self._storage else self.dirpath}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue the run of the checkpoint resumed from when it lies in this callback's directory (retention too)."""
-        ours = self._storage is not None and state_dict.get("dirpath") == self._storage.root_url
-        if ours and state_dict.get("run_id"):
-            self.run_id = state_dict["run_id"]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         """Ask the save policy about the step just finished; save, or stop after a preemption save."""
@@ -251,7 +224,7 @@ class DCPCheckpoint(Checkpoint):
         if self.save_last and step > 0 and step != self.schedule.last_saved_step and not trainer.sanity_checking:
             self._save(trainer, step, SaveDecision(True, ("last",)))
         if self.export_final:
-            url = _required(self._storage).url(EXPORT_DIR, step_name(step))
+            url = required_storage(self._storage).url(EXPORT_DIR, step_name(step))
             export_model(trainer, pl_module, url, step=step, dtype=self.export_dtype)
         self._after_commit(trainer, wait=True)
         if self.log_metrics and trainer.is_global_zero and self.history:
@@ -268,7 +241,7 @@ class DCPCheckpoint(Checkpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the signal handlers and wait for the copies to the remote tier."""
-        _unwrap_resume_start(trainer)
+        unwrap_resume_start(trainer)
         self.schedule.uninstall()
         self.tiers.close(self.schedule, coordinator=trainer.is_global_zero)
 
@@ -292,7 +265,7 @@ class DCPCheckpoint(Checkpoint):
 
     def _save(self, trainer: pl.Trainer, step: int, decision: SaveDecision) -> None:
         assert self._plugin is not None
-        storage = _required(self._storage)
+        storage = required_storage(self._storage)
         name = trainer.strategy.broadcast(free_name(storage, step, self.run_id) if trainer.is_global_zero else None)
         url = storage.url(name)
         self._manifest_metadata = _save_metadata(trainer, decision)
@@ -320,72 +293,12 @@ class DCPCheckpoint(Checkpoint):
         """Once this callback's saves committed (``wait``: wait for that): telemetry, then retention."""
         plugin, metrics_to = self._plugin, trainer if self.log_metrics else None
         if plugin is not None and self.saves.settle(plugin, metrics_to, wait=wait):
-            self.tiers.after_commit(self.schedule, _required(self._storage), coordinator=trainer.is_global_zero)
-
-
-def _required(storage: _T | None) -> _T:
-    if storage is None:
-        raise RuntimeError("DCPCheckpoint is not set up yet; it is used by Trainer.fit().")
-    return storage
-
-
-def _resume_path(self: DCPCheckpoint, trainer: pl.Trainer) -> str | None:
-    """Where auto-resume restores from: the latest checkpoint (rank 0 decides); continues its run."""
-    latest = trainer.strategy.broadcast(self.latest_checkpoint() if trainer.is_global_zero else None)
-    if latest is None:
-        return None
-    self.run_id = latest.manifest.get("run_id") or self.run_id
-    url = _required(self._storage).url(latest.name)  # the checkpoint's name (on object stores not its data)
-    rank_zero_info(f"DCPCheckpoint: resuming from {url} (the latest checkpoint in {self.dirpath}).")
-    return url
+            self.tiers.after_commit(self.schedule, required_storage(self._storage), coordinator=trainer.is_global_zero)
 
 
 def _save_metadata(trainer: pl.Trainer, decision: SaveDecision) -> dict[str, Any]:
     metrics = as_metrics(trainer.callback_metrics)
     return {"reasons": list(decision.reasons), "run": "DCPCheckpoint", **({"metrics": metrics} if metrics else {})}
-
-
-def best_checkpoint_url(storage: CheckpointStorage, run_id: str | None, monitor: str | None, mode: Any) -> str:
-    """The run's best checkpoint by ``monitor`` (without ``monitor``: the latest); ``""`` if none."""
-    ours = [info for info in lightning_checkpoints(storage) if info.manifest.get("run_id") == run_id]
-    best = best_first(ours, monitor, mode) if monitor else []
-    if best:
-        return storage.url(best[0].name)
-    return storage.url(ours[-1].name) if ours else ""
-
-
-def free_name(storage: CheckpointStorage, step: int, run_id: str | None) -> str:
-    """``step_<N>``, or ``step_<N>-v<k>`` when another run already committed that name here."""
-    base = name = step_name(step)
-    version = 0
-    while storage.is_committed(name) and storage.info(name).manifest.get("run_id") != run_id:
-        version += 1
-        name = f"{base}-v{version}"
-    return name
-
-
-def _wrap_resume_start(trainer: pl.Trainer, find: Callable[[pl.Trainer], str | None]) -> None:
-    """Make Lightning resume from ``find(trainer)`` when ``fit`` was given no checkpoint path.
-
-    Lightning resolves ``ckpt_path`` before any callback runs and has no public way for a callback to supply
-    one, so the (private) checkpoint connector's ``resume_start`` is wrapped on this instance: when it is
-    called with no path (none passed, or ``"last"`` found no ModelCheckpoint file), ``find`` supplies one.
-    This is the point at which Lightning restores, for every strategy.
-    """
-    connector = trainer._checkpoint_connector
-    original = connector.resume_start
-
-    def resume_start(checkpoint_path: Any = None, weights_only: Any = None) -> None:
-        _unwrap_resume_start(trainer)  # once
-        if checkpoint_path is None:
-            checkpoint_path = find(trainer)
-        return original(checkpoint_path, weights_only=weights_only)
-
-    connector.resume_start = resume_start
-
-
-def _unwrap_resume_start(trainer: pl.Trainer) -> None:
-    trainer._checkpoint_connector.__dict__.pop("resume_start", None)
 
 
 __all__ = ["DCPCheckpoint"]
