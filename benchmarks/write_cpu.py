@@ -120,7 +120,7 @@ class Writer:
         if name in MODES or name == PAGE_CACHE:
             from dcp_plugin import CheckpointManager
 
-            options = MODES.get(name, {"async_mode": "sync"})
+            options = MODES.get(name, {"async_mode": "sync", "direct_io": False})
             self._manager = CheckpointManager(directory, distributed=False, **options)
         self._state = state
 
@@ -133,14 +133,8 @@ class Writer:
         elif self.name == "dcp.save, crc32 off":
             _dcp_save(self._state, path, crc32=False)
         else:
-            from dcp_plugin.storage import record_writer
-
-            record_writer.DIRECT_IO = self.name != PAGE_CACHE  # in this process: sync mode writes here
-            try:
-                self._manager.save(number, self._state)
-                self._manager.wait()
-            finally:
-                record_writer.DIRECT_IO = True
+            self._manager.save(number, self._state)
+            self._manager.wait()
 
     def clean(self, number: int) -> None:
         if self._manager is not None:

@@ -137,6 +137,7 @@ class Checkpointer:
             per_thread_copy_ahead=self.config.per_thread_copy_ahead,
             run_write=functools.partial(priority.run_lowered, self.config.background_nice),
             incremental=plan,
+            direct_io=self.config.direct_io,
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None

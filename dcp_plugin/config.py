@@ -63,6 +63,12 @@ class CheckpointConfig:
     """fsync every file before the checkpoint is committed. Turning this off makes a crash shortly after
     a save able to lose it."""
 
+    direct_io: bool = True
+    """Write local checkpoint files with ``O_DIRECT``, past the page cache: about a third less writer CPU per
+    byte, and the checkpoint does not push training data out of the cache. Where the filesystem refuses it
+    (``SaveStats.direct_io`` is then ``False``) files go through the page cache. ``False``: always through the
+    page cache, e.g. when the checkpoint is read again right away (a copy to a second tier reads it back)."""
+
     per_thread_copy_ahead: int = 10_000_000
     """Bytes each writer thread copies ahead of writing."""
 
@@ -123,7 +129,7 @@ class CheckpointConfig:
                 f"writer_nice={self.writer_nice!r} must be an integer from 0 (normal priority) to 19, or None "
                 "(automatic)."
             )
-        for name in ("reuse_buffers", "sync_files", "strict", "allow_pickle", "incremental"):
+        for name in ("reuse_buffers", "sync_files", "direct_io", "strict", "allow_pickle", "incremental"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         for name in ("async_staging", "pinned_memory", "shared_memory"):

@@ -87,10 +87,12 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
         per_thread_copy_ahead: int,
         run_write: RunWrite | None = None,
         incremental: IncrementalPlan | None = None,
+        direct_io: bool = True,
     ) -> Any:
         """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written.
         ``run_write(work)`` runs the write (by default on the calling thread; the engine lowers its priority).
-        With ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged."""
+        With ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged.
+        ``direct_io``: local files are written with ``O_DIRECT`` where the filesystem accepts it."""
         from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter  # imports torch
 
         kwargs: dict[str, Any] = dict(
@@ -105,7 +107,7 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
         if run_write is not None:
             commit["run_write"] = run_write
         if self.is_local:
-            return CommittingFileSystemWriter(pending.directory, **commit, **kwargs)
+            return CommittingFileSystemWriter(pending.directory, **commit, **kwargs, direct_io=direct_io)
         # Remote files are durable once closed; DCP would fall back to a machine-wide os.sync() per file.
         kwargs["sync_files"] = False
         url = self._root.url(pending.directory)

@@ -130,8 +130,10 @@ class _CommitOnFinish:
         pending: PendingWrite,
         run_write: RunWrite,
         incremental: IncrementalPlan | None,
+        direct_io: bool = True,
     ) -> None:
         self._dcp_plugin_root = root
+        self._dcp_plugin_direct_io = direct_io
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
         self._dcp_plugin_run_write = run_write
@@ -147,7 +149,9 @@ class _CommitOnFinish:
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
         self.fs = _HashingFileSystem(original, sink, staging)
-        writing = self._dcp_plugin_writing = _file_writing(original, sink, staging, fsync=self.sync_files)  # type: ignore[attr-defined]
+        writing = self._dcp_plugin_writing = _file_writing(
+            original, sink, staging, fsync=self.sync_files, direct=self._dcp_plugin_direct_io
+        )  # type: ignore[attr-defined]
         write = super().write_data  # type: ignore[misc]
         # A bounded staging pool hands tensors out in writing order only: such saves write everything.
         incremental = self._dcp_plugin_incremental if staging is None else None
@@ -293,14 +297,16 @@ class _CommitOnFinish:
         self._dcp_plugin_strategy.commit(pending, manifest)
 
 
-def _file_writing(fs: Any, sink: ChecksumSink, staging: StagingSession | None, *, fsync: bool) -> FileWriting:
+def _file_writing(
+    fs: Any, sink: ChecksumSink, staging: StagingSession | None, *, fsync: bool, direct: bool
+) -> FileWriting:
     """How this save's writer threads open files: a descriptor on a local disk, the filesystem's stream otherwise."""
     local = isinstance(fs, FileSystem)
 
     @contextmanager
     def open_file(path: Any) -> Any:
         if local:
-            yield RecordFile.create_local(os.fspath(path))
+            yield RecordFile.create_local(os.fspath(path), direct=direct)
             return
         with fs.create_stream(path, "wb") as stream:
             yield RecordFile(stream=stream)
@@ -342,10 +348,11 @@ class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
         pending: PendingWrite,
         run_write: RunWrite = run_here,
         incremental: IncrementalPlan | None = None,
+        direct_io: bool = True,
         **kwargs: Any,
     ) -> None:
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, run_write, incremental)
+        self._init_commit(root, strategy, pending, run_write, incremental, direct_io)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):

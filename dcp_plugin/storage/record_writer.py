@@ -40,8 +40,6 @@ DIRECT_BUFFER = 8 * 2**20
 """Bytes per ``O_DIRECT`` write: large enough for the disk, small enough to stay in the CPU's cache."""
 _BLOCK = 4096  # O_DIRECT needs offsets and lengths in multiples of the logical block size (512 or 4096)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-DIRECT_IO = True
-"""Try ``O_DIRECT`` for local files (False: always through the page cache; benchmarks compare both)."""
 _REFUSED_LOGGED: set[Any] = set()
 _BUFFERS = threading.local()
 
@@ -88,11 +86,11 @@ class RecordFile:
         self._flushed = 0
 
     @classmethod
-    def create_local(cls, path: str, *, direct: bool | None = None) -> RecordFile:
-        """A new local file, written with ``O_DIRECT`` where asked for (default: :data:`DIRECT_IO`) and the
+    def create_local(cls, path: str, *, direct: bool = True) -> RecordFile:
+        """A new local file, written with ``O_DIRECT`` where asked for (``CheckpointConfig.direct_io``) and the
         filesystem accepts it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        if (DIRECT_IO if direct is None else direct) and _O_DIRECT:
+        if direct and _O_DIRECT:
             try:
                 return cls(fd=os.open(path, flags | _O_DIRECT, 0o666), direct=True, path=path)
             except OSError as err:

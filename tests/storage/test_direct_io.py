@@ -69,6 +69,16 @@ def test_files_on_a_local_disk_bypass_the_page_cache_and_are_exact(tmp_path, mod
         _check_checkpoint(manager, state, tmp_path)
 
 
+def test_o_direct_turned_off_writes_through_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCP_PLUGIN_DIRECT_IO", "0")
+    state = _state()
+    with CheckpointManager(str(tmp_path / "ckpt"), async_mode="sync") as manager:
+        assert manager.checkpointer.config.direct_io is False
+        stats = manager.save(1, state)
+        assert stats.direct_io is False and stats.error is None
+        _check_checkpoint(manager, state, tmp_path)
+
+
 @pytest.fixture(params=["open", "write"])
 def refusing(request, monkeypatch):
     """A filesystem that refuses O_DIRECT: with EINVAL on open (tmpfs before Linux 6.6) or on the first write
