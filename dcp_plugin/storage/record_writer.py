@@ -5,11 +5,14 @@ same order of items in a file, same ``WriteResult`` byte ranges, so DCP's ``.met
 always see. The hot path per tensor is one hash over its memory and one ``writev`` of (head, memory, tail) on a
 local disk; no per-chunk Python work, no copy of the tensor's bytes.
 
-On a local disk that accepts it, files are written with ``O_DIRECT`` instead: the bytes go through a page-aligned
-buffer of a few MiB (hashed, then copied there while they are in the CPU's cache) straight to the disk, so the
-kernel neither copies them into the page cache nor writes them back later, which costs less CPU per byte than a
-buffered write. The last block is padded for the disk and the file truncated to its size; fsync and the commit
-protocol are as before. Where the filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems: ``EINVAL`` on
+On a local disk that accepts it, files are written with ``O_DIRECT`` instead, so the kernel neither copies the
+bytes into the page cache nor writes them back later, which costs less CPU per byte than a buffered write. A large
+tensor goes to the disk straight from its own memory in one ``pwrite``: its record is placed in the file so that
+the data's file offset and memory address agree modulo the block size (the gap before it is zeros that no item
+covers), the few bytes up to the first aligned address, the record's head and tail and small records go through a
+page-aligned buffer of a few MiB. One large write keeps many requests in flight, so the disk never waits for the
+next buffer to be filled. The last block is padded for the disk and the file truncated to its size; fsync and the
+commit protocol are as before. Where the filesystem refuses ``O_DIRECT`` (tmpfs, some network filesystems: ``EINVAL`` on
 open or on write), the file is written through the page cache, and the save reports it (``SaveStats.direct_io``).
 """
 
@@ -38,7 +41,10 @@ log = logging.getLogger(__name__)
 _WRITEV_MAX = 0x7FFFF000  # Linux writes at most this many bytes per call
 DIRECT_BUFFER = 8 * 2**20
 """Bytes per ``O_DIRECT`` write: large enough for the disk, small enough to stay in the CPU's cache."""
-_BLOCK = 4096  # O_DIRECT needs offsets and lengths in multiples of the logical block size (512 or 4096)
+_BLOCK = 4096  # O_DIRECT needs offsets, lengths and addresses in multiples of the logical block size (512 or 4096)
+DIRECT_FROM_MEMORY = 2**20
+"""Tensors of at least this many bytes are written to an ``O_DIRECT`` file from their own memory; smaller ones
+are copied into the buffer (a gap of up to a block before each would cost more than the copy saves)."""
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _REFUSED_LOGGED: set[Any] = set()
 _BUFFERS = threading.local()
@@ -118,6 +124,29 @@ class RecordFile:
                     view = view[len(view) if written is None else written :]
         self.size += total
 
+    def append_record(self, head: Any, data: memoryview, tail: Any, *, address: int) -> int:
+        """Append one tensor record (``data`` is the tensor's memory, which starts at ``address``); returns the
+        file offset where the record begins, which on an ``O_DIRECT`` file may follow a gap of zeros."""
+        if self._buffer is None or len(data) < DIRECT_FROM_MEMORY:
+            start = self.size
+            self.append(head, data, tail)
+            return start
+        gap = (address - self.size - len(head)) % _BLOCK
+        if gap:
+            self.append(bytes(gap))
+        start = self.size
+        lead = (-address) % _BLOCK
+        self.append(head, data[:lead])
+        body = (len(data) - lead) // _BLOCK * _BLOCK
+        self._write_buffer(self._fill)  # the file is now written up to a block boundary: ``size``
+        aligned = data[lead : lead + body]
+        self._hasher.update(aligned)
+        self._pwrite(aligned, self._flushed)
+        self._flushed += body
+        self.size += body
+        self.append(data[lead + body :], tail)
+        return start
+
     def _buffered(self, view: memoryview) -> None:
         buffer = self._buffer
         assert buffer is not None
@@ -132,9 +161,14 @@ class RecordFile:
 
     def _write_buffer(self, length: int) -> None:
         """Write the buffer's first ``length`` bytes (a multiple of the block size) at their file offset."""
-        assert self._buffer is not None and self._fd is not None
-        offset = self._flushed
-        data = self._buffer[:length]
+        assert self._buffer is not None
+        self._pwrite(self._buffer[:length], self._flushed)
+        self._flushed += length
+        self._fill = 0
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        """Write ``data`` at ``offset``; where the filesystem refuses ``O_DIRECT`` on write, through the page cache."""
+        assert self._fd is not None
         while len(data):
             try:
                 written = os.pwrite(self._fd, data, offset)
@@ -146,8 +180,6 @@ class RecordFile:
                 self.direct = False
                 continue
             data, offset = data[written:], offset + written
-        self._flushed += length
-        self._fill = 0
 
     def close(self, *, fsync: bool) -> tuple[int, str]:
         """Make the file durable (``fsync``) and close it; returns (size, xxh3-128 hex digest)."""
@@ -273,8 +305,11 @@ class FileWriting:
                     for item in items:
                         if item.type != WriteItemType.BYTE_IO:
                             tensor = _cpu_tensor(planner.resolve_data(item))
-                            written.append(_append(out, item, storage_key, *tensor_record(tensor)))
-                            del tensor
+                            head, data, tail = tensor_record(tensor)
+                            address = tensor.untyped_storage().data_ptr()
+                            offset = out.append_record(head, data, tail, address=address)
+                            written.append(_result(item, storage_key, offset, out.size - offset))
+                            del tensor, data
                     size, digest = out.close(fsync=self.fsync)
                     self._direct.append(out.direct)
                 except BaseException:
@@ -301,7 +336,10 @@ def _cpu_tensor(tensor: Any) -> Any:
 def _append(out: RecordFile, item: Any, storage_key: str, *buffers: Any) -> WriteResult:
     offset = out.size
     out.append(*buffers)
-    length = out.size - offset
+    return _result(item, storage_key, offset, out.size - offset)
+
+
+def _result(item: Any, storage_key: str, offset: int, length: int) -> WriteResult:
     return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(storage_key, offset, length))
 
 

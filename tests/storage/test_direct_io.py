@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 
+import numpy
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -117,3 +118,42 @@ def test_a_filesystem_that_refuses_o_direct_gets_the_page_cache_reported_and_log
         _check_checkpoint(manager, state, tmp_path)
     refusals = [r.getMessage() for r in caplog.records if "refuses O_DIRECT" in r.getMessage()]
     assert len(refusals) == 1 and f"EINVAL on {refusing}" in refusals[0], refusals
+
+
+@linux_only
+@pytest.mark.parametrize("misalignment", [0, 64, 1000])
+def test_a_large_tensor_goes_to_the_disk_from_its_own_memory_wherever_it_lies(tmp_path, misalignment, monkeypatch):
+    """The record of a large tensor is placed so that its data can be written with O_DIRECT straight from the
+    tensor's memory, at any address (the disk wants 512- or 4096-byte alignment, torch gives 64): one large write
+    whose memory is the tensor's, and every byte still where PyTorch's readers look for it."""
+    if not _accepts_direct_io(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    size = 3 * record_writer.DIRECT_FROM_MEMORY + 12  # bytes, not a multiple of the block
+    backing = bytearray(size + 4096 + misalignment)
+    start = (-_address(backing)) % 4096 + misalignment  # the tensor's first byte lies `misalignment` past a page
+    big = torch.frombuffer(backing, dtype=torch.uint8, offset=start, count=size)
+    big.copy_(torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)))
+    assert big.untyped_storage().data_ptr() % 4096 == misalignment
+    state = {"small": torch.randn(3, 5), "big": big, "after": torch.randn(2 * record_writer.DIRECT_FROM_MEMORY // 4)}
+
+    addresses: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def watching_pwrite(fd, data, offset):
+        view = memoryview(data)
+        if len(view) >= record_writer.DIRECT_FROM_MEMORY:
+            addresses.append((_address(view), len(view)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", watching_pwrite)
+    with CheckpointManager(str(tmp_path / "ckpt"), async_mode="sync") as manager:
+        stats = manager.save(1, state)
+        assert stats.direct_io is True and stats.error is None
+        big_address = big.untyped_storage().data_ptr()
+        from_memory = [length for address, length in addresses if big_address <= address < big_address + 4096]
+        assert from_memory and from_memory[0] >= size - 8192
+        _check_checkpoint(manager, state, tmp_path)
+
+
+def _address(buffer) -> int:
+    return int(numpy.frombuffer(buffer, dtype=numpy.uint8).ctypes.data)
