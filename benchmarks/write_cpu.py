@@ -6,8 +6,10 @@
 Rows: a raw buffered write + fsync of the tensors' bytes (the floor every other row is compared with),
 ``dcp.save`` with one writer thread (and the same with ``torch.save``'s crc32 off, for reference), and each
 dcp-plugin mode (sync, thread, process; with and without async staging). Every repetition writes fresh files
-(a new checkpoint), from just before the save until it is durable (``wait()`` returned). Every contender takes
-one untimed warm-up save first (first-save costs such as starting the writer daemon are not per-byte costs).
+(a new checkpoint), from just before the save until it is durable (``wait()`` returned); the contenders take
+turns within each repetition. Every contender takes one untimed warm-up save first (first-save costs such as
+starting the writer daemon are not per-byte costs). The time from the save until it is durable is reported too,
+against the raw write's.
 
 CPU is process CPU time (user + system, all threads, ``resource.getrusage(RUSAGE_SELF)``) plus the CPU time of
 every live child process (the ``process`` mode's writer daemon, read from ``/proc/<pid>/stat``) plus finished,
@@ -48,6 +50,8 @@ MODES: dict[str, dict[str, Any]] = {
 }
 PAGE_CACHE = "dcp-plugin sync, no O_DIRECT"
 CONTENDERS = [RAW, "dcp.save", "dcp.save, crc32 off", *MODES, PAGE_CACHE]
+Sample = tuple[float, float]
+"""(CPU seconds, seconds until durable) of one write."""
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -151,46 +155,61 @@ class Writer:
             self._manager.close()
 
 
-def measure(name: str, state: dict[str, torch.Tensor], directory: str, repeats: int) -> list[float]:
-    """CPU seconds of each timed repetition (after one warm-up write)."""
-    writer = Writer(name, state, directory)
+def measure(names: list[str], state: dict[str, torch.Tensor], base: str, repeats: int) -> dict[str, list[Sample]]:
+    """(CPU seconds, seconds until durable) of each timed repetition of each contender, after one warm-up write
+    each; the contenders take turns within every repetition (in a rotating order), so that a disk or host
+    whose speed drifts during the run affects them alike."""
+    writers = {name: Writer(name, state, os.path.join(base, f"c{index}")) for index, name in enumerate(names)}
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
     try:
-        writer.write(0)
-        writer.clean(0)
-        samples = []
+        for writer in writers.values():
+            writer.write(0)
+            writer.clean(0)
         for number in range(1, repeats + 1):
-            before = cpu_seconds()
-            writer.write(number)
-            samples.append(cpu_seconds() - before)
-            writer.clean(number)
+            turn = (number - 1) % len(names)
+            for name in names[turn:] + names[:turn]:
+                writer = writers[name]
+                before, began = cpu_seconds(), time.perf_counter()
+                writer.write(number)
+                samples[name].append((cpu_seconds() - before, time.perf_counter() - began))
+                writer.clean(number)
         return samples
     finally:
-        writer.close()
-        shutil.rmtree(directory, ignore_errors=True)
+        for writer in writers.values():
+            writer.close()
+            shutil.rmtree(writer.directory, ignore_errors=True)
 
 
-def summarise(samples: dict[str, list[float]], nbytes: int) -> dict[str, dict[str, float]]:
+def summarise(samples: dict[str, list[Sample]], nbytes: int) -> dict[str, dict[str, float]]:
     gib = nbytes / 2**30
     rows = {}
     for name, values in samples.items():
-        rows[name] = {"min_s_per_gib": min(values) / gib, "median_s_per_gib": statistics.median(values) / gib}
+        cpu, durable = [c for c, _ in values], [d for _, d in values]
+        rows[name] = {
+            "min_s_per_gib": min(cpu) / gib,
+            "median_s_per_gib": statistics.median(cpu) / gib,
+            "durable_s": statistics.median(durable),
+        }
     floor, floor_min = rows[RAW]["median_s_per_gib"], rows[RAW]["min_s_per_gib"]
     for row in rows.values():
         row["ratio_to_raw"] = row["median_s_per_gib"] / floor if floor > 0 else float("nan")
         # other work on the host only ever adds CPU (page reclaim lands on whoever writes): minimum against minimum
         row["min_ratio_to_raw"] = row["min_s_per_gib"] / floor_min if floor_min > 0 else float("nan")
+        row["durable_ratio_to_raw"] = row["durable_s"] / rows[RAW]["durable_s"]
     return rows
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
     lines = [
-        "| writer | CPU s/GiB, min | CPU s/GiB, median | min vs raw min | median vs raw median |",
-        "|---|---|---|---|---|",
+        "| writer | CPU s/GiB, min | CPU s/GiB, median | min vs raw min | median vs raw median "
+        "| time to durable (s), median | durable vs raw |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         lines.append(
             f"| {name} | {row['min_s_per_gib']:.3f} | {row['median_s_per_gib']:.3f} | "
-            f"{row['min_ratio_to_raw']:.2f}x | {row['ratio_to_raw']:.2f}x |"
+            f"{row['min_ratio_to_raw']:.2f}x | {row['ratio_to_raw']:.2f}x | "
+            f"{row['durable_s']:.2f} | {row['durable_ratio_to_raw']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -221,11 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     state = make_state(args.mib, args.tensors)
     nbytes = sum(t.nbytes for t in state.values())
     base = args.dir or tempfile.mkdtemp(prefix="write-cpu-")
-    samples: dict[str, list[float]] = {}
     try:
-        for index, name in enumerate(names):
-            samples[name] = measure(name, state, os.path.join(base, f"c{index}"), args.repeats)
-            print(f"{name}: {[round(s, 4) for s in samples[name]]} CPU s", file=sys.stderr, flush=True)
+        samples = measure(names, state, base, args.repeats)
+        for name, values in samples.items():
+            print(f"{name}: {[(round(c, 4), round(d, 3)) for c, d in values]} (CPU s, durable s)", file=sys.stderr)
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -243,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         "tensors": args.tensors,
         "repeats": args.repeats,
         "cpu_measure": "RUSAGE_SELF + RUSAGE_CHILDREN + live child processes (/proc), user + system",
-        "samples_s": samples,
+        "samples_s": {name: [cpu for cpu, _ in values] for name, values in samples.items()},
+        "durable_s": {name: [durable for _, durable in values] for name, values in samples.items()},
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

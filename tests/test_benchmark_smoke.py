@@ -136,8 +136,10 @@ def test_write_cpu_benchmark_at_tiny_size_reports_every_writer_against_the_raw_w
     rows = data["rows"]
     assert set(rows) == set(write_cpu.CONTENDERS)
     assert rows[write_cpu.RAW]["ratio_to_raw"] == pytest.approx(1.0)
+    assert rows[write_cpu.RAW]["durable_ratio_to_raw"] == pytest.approx(1.0)
     for name, row in rows.items():
         assert row["median_s_per_gib"] >= row["min_s_per_gib"] > 0 and row["min_ratio_to_raw"] > 0, name
-        assert len(data["samples_s"][name]) == 1
+        assert row["durable_s"] > 0 and row["durable_ratio_to_raw"] > 0, name
+        assert len(data["samples_s"][name]) == 1 and len(data["durable_s"][name]) == 1
     assert data["bytes"] == 2 * 2**20 and data["machine"]["torch"]
     assert not list((tmp_path / "w").iterdir()), "files left behind"

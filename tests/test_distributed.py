@@ -130,7 +130,7 @@ def test_fsdp2_checkpoint_reshards_across_world_sizes(tmp_path, save_ranks, load
     directory = str(tmp_path / "ckpts")
     saved = run_ranks(fsdp_save, directory, "thread", world_size=save_ranks)
     if save_ranks == 2:
-        assert saved[0]["files"] == ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"]  # every rank wrote
+        assert saved[0]["files"] == ["__0_0.distcp", "__1_0.distcp"]  # every rank wrote (one file each: a small save)
     loaded = run_ranks(fsdp_load, directory, "thread", world_size=load_ranks)
     for result in loaded[:1]:  # full (gathered) state dicts live on rank 0 only
         assert_same(result["full"]["model"], saved[0]["full"]["model"])

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.filesystem import (
     FileSystem,
     SerializationFormat,
+    _item_size,
     _split_by_size_and_type,
     _StorageInfo,
 )
@@ -66,6 +67,14 @@ class StagingSession(Protocol):
 
 
 # -- writing --------------------------------------------------------------------------------------------
+ONE_FILE_BELOW = 32 * 2**20
+"""A rank whose tensors hold fewer bytes than this writes them to one file (``thread_count`` files otherwise)."""
+
+
+def _tensor_bytes(items: Sequence[Any]) -> int:
+    return sum(_item_size(item) for item in items if item.type != WriteItemType.BYTE_IO)
+
+
 class _HashingFileSystem:
     """Wraps a DCP filesystem so every stream opened for writing is hashed into ``sink`` (and, with a staging
     pool, the pool hears when a writer thread closed its file, and of the error that closed it)."""
@@ -155,6 +164,8 @@ class _CommitOnFinish:
         write = super().write_data  # type: ignore[misc]
         # A bounded staging pool hands tensors out in writing order only: such saves write everything.
         incremental = self._dcp_plugin_incremental if staging is None else None
+        if incremental is None and _tensor_bytes(plan.items) < ONE_FILE_BELOW:
+            self.thread_count = 1  # one file: a second would cost an open, an fsync and a thread for little
         report: dict[str, Any] = {"new_blobs": [], "used_blobs": {}, "fingerprints": {}}
         reused: list[WriteResult] = []
         try:
@@ -211,7 +222,7 @@ class _CommitOnFinish:
                 fresh.append(item)
         files: queue.Queue = queue.Queue()
         prefix = plan.storage_data.prefix
-        for number, bucket in enumerate(b for b in _split_by_size_and_type(self.thread_count, own) if b):  # type: ignore[attr-defined]
+        for number, bucket in enumerate(b for b in _split_by_size_and_type(self._files_for(own), own) if b):
             name = f"{prefix}{number}.distcp"
             files.put((self.fs.concat_path(self.path, name), name, bucket))  # type: ignore[attr-defined]
         if fresh:
@@ -219,11 +230,15 @@ class _CommitOnFinish:
             area = root.url(root.work(BLOBS))
             area_path = type(self.path)(area)  # type: ignore[attr-defined]
             self.fs.mkdir(area_path)
-            for number, bucket in enumerate(b for b in _split_by_size_and_type(self.thread_count, fresh) if b):  # type: ignore[attr-defined]
+            for number, bucket in enumerate(b for b in _split_by_size_and_type(self._files_for(fresh), fresh) if b):
                 name = blob_name(incremental.write_id, incremental.rank, number)
                 report["new_blobs"].append(name)
                 files.put((self.fs.concat_path(area_path, name), name, bucket))
         return self._write_data(planner, files), reused  # type: ignore[attr-defined]
+
+    def _files_for(self, items: Sequence[Any]) -> int:
+        """How many files ``items`` are written to: one below ``ONE_FILE_BELOW`` bytes, ``thread_count`` above."""
+        return 1 if _tensor_bytes(items) < ONE_FILE_BELOW else self.thread_count  # type: ignore[attr-defined]
 
     def _write_data(self, planner: Any, file_queue: queue.Queue) -> Future:
         """DCP's file layout written by :class:`FileWriting` (records without crc32, hashed once); DCP's own loop
@@ -233,7 +248,8 @@ class _CommitOnFinish:
         if writing is None or not standard:
             return super()._write_data(planner, file_queue)  # type: ignore[misc]
         out: Future = Future()
-        out.set_result(writing.write_all(planner, file_queue, self.thread_count))  # type: ignore[attr-defined]
+        threads = min(self.thread_count, file_queue.qsize())  # type: ignore[attr-defined]
+        out.set_result(writing.write_all(planner, file_queue, max(1, threads)))
         return out
 
     def bytes_added(self, metadata: Metadata) -> int:

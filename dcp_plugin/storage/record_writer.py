@@ -29,6 +29,7 @@ from collections.abc import Callable
 from io import UnsupportedOperation
 from typing import Any
 
+import torch
 import xxhash
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -327,7 +328,10 @@ class FileWriting:
 
 def _cpu_tensor(tensor: Any) -> Any:
     """As DCP's writer loads a tensor: detached, on the CPU, and holding no bytes beyond its own."""
-    tensor = tensor.detach().cpu()
+    if tensor.requires_grad or type(tensor) is not torch.Tensor:  # a Parameter becomes a plain tensor
+        tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
     if tensor.untyped_storage().nbytes() != tensor.nbytes:
         tensor = tensor.clone()
     return tensor

@@ -84,7 +84,7 @@ def test_a_damaged_checkpoint_never_replaces_an_earlier_export(ckpt_dir, tmp_pat
     target = tmp_path / "out" / "model.safetensors"
     export_checkpoint(path, target)
     before = target.read_bytes()
-    data = os.path.join(path, "__0_1.distcp")
+    data = os.path.join(path, "__0_0.distcp")
     with open(data, "r+b") as handle:
         handle.seek(200)
         handle.write(b"\x00" * 16)
@@ -172,7 +172,7 @@ def test_safetensors_to_s3_appear_whole_or_not_at_all(ckpt_dir, tmp_path, s3_url
     assert main(["export", path, target, "--output-options", json.dumps(options)]) == 0
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     assert_same(load(fs.cat(target)), model.state_dict())
-    with open(os.path.join(path, "__0_1.distcp"), "r+b") as handle:
+    with open(os.path.join(path, "__0_0.distcp"), "r+b") as handle:
         handle.seek(200)
         handle.write(b"\x00" * 16)
     broken = f"{url}/broken.safetensors"
