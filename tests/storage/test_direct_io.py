@@ -58,7 +58,7 @@ def _check_checkpoint(manager: CheckpointManager, state: dict[str, torch.Tensor]
 
 
 @linux_only
-@pytest.mark.parametrize("mode", ["sync", "thread"])
+@pytest.mark.parametrize("mode", ["sync", "thread", "process"])
 def test_files_on_a_local_disk_bypass_the_page_cache_and_are_exact(tmp_path, mode):
     if not _accepts_direct_io(tmp_path):
         pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
