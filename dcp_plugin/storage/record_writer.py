@@ -48,15 +48,24 @@ DIRECT_FROM_MEMORY = 2**20
 are copied into the buffer (a gap of up to a block before each would cost more than the copy saves)."""
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _REFUSED_LOGGED: set[Any] = set()
-_BUFFERS = threading.local()
+_FREE_BUFFERS: list[mmap.mmap] = []
+_FREE_BUFFERS_LOCK = threading.Lock()
+_BUFFERS_KEPT = 4
 
 
-def _direct_buffer() -> mmap.mmap:
-    """This thread's page-aligned buffer (kept for the thread's next file: its pages are already mapped)."""
-    buffer = getattr(_BUFFERS, "buffer", None)
-    if buffer is None:
-        buffer = _BUFFERS.buffer = mmap.mmap(-1, DIRECT_BUFFER)
-    return buffer
+def _take_buffer() -> mmap.mmap:
+    """A page-aligned buffer, one whose pages are already mapped where there is one: the writer threads are new at
+    every save, and a fresh mapping would fault in every page it is filled with."""
+    with _FREE_BUFFERS_LOCK:
+        if _FREE_BUFFERS:
+            return _FREE_BUFFERS.pop()
+    return mmap.mmap(-1, DIRECT_BUFFER)
+
+
+def _give_back(buffer: mmap.mmap) -> None:
+    with _FREE_BUFFERS_LOCK:
+        if len(_FREE_BUFFERS) < _BUFFERS_KEPT:
+            _FREE_BUFFERS.append(buffer)
 
 
 def _refused(path: str, reason: str) -> None:
@@ -88,7 +97,8 @@ class RecordFile:
         self._path = path
         self.direct: bool | None = direct if fd is not None else None
         """``O_DIRECT`` for this file: True, False (refused: through the page cache), None (not a local file)."""
-        self._buffer = memoryview(_direct_buffer()) if direct else None
+        self._mapping = _take_buffer() if direct else None
+        self._buffer = memoryview(self._mapping) if self._mapping is not None else None
         self._fill = 0  # bytes waiting in the buffer, to be written at file offset ``_flushed``
         self._flushed = 0
 
@@ -190,7 +200,7 @@ class RecordFile:
                 self._buffer[self._fill : padded] = bytes(padded - self._fill)
                 self._write_buffer(padded)
                 os.ftruncate(self._fd, self.size)
-            self._buffer = None
+            self._release_buffer()
         if self._fd is not None:
             try:
                 if fsync:
@@ -207,8 +217,16 @@ class RecordFile:
                     os.sync()  # as DCP does for streams without a descriptor
         return self.size, self._hasher.hexdigest()
 
+    def _release_buffer(self) -> None:
+        if self._buffer is not None:
+            self._buffer.release()
+            self._buffer = None
+        if self._mapping is not None:
+            _give_back(self._mapping)
+            self._mapping = None
+
     def abandon(self) -> None:
-        self._buffer = None
+        self._release_buffer()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
