@@ -12,6 +12,12 @@ repetitions, as a percentage of the baseline), the median stall per save (how lo
 wait kept the loop from stepping), and the time the last write needed after the loop ended. Every contender
 takes one warm-up save before the timed loop (first-save costs such as starting a writer process are the
 benchmark's other figure). Outputs ``<out>.json`` and ``<out>.md``.
+
+Every run pins glibc's malloc thresholds (``--malloc-defaults`` leaves them adaptive): with the adaptive
+defaults, a loop that frees large gradients and optimizer temporaries every step either keeps them in the heap
+or gets them afresh from the kernel every step (tens of thousands of page faults, about 2x slower on a 2-core
+host), depending on where the heap's last live block happens to lie. Any allocation, a save's included, can flip
+that, so runs of one contender differed by 2x. The minor page faults per step of each run are reported.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ DEFAULT_CONTENDERS = [
 ]
 
 
+STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+"""glibc malloc settings for every run: freed memory stays in the heap, blocks up to 32 MiB come from it."""
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-mib", type=float, default=400.0)
@@ -56,6 +66,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="OMP_WAIT_POLICY for every run (default: inherited). On a busy host, OpenMP's spin-waiting makes the "
         "loop's speed depend on how many OpenMP thread teams the process has (a background staging thread adds one "
         "and throttles the spinning): PASSIVE gives every contender the same footing",
+    )
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds to adapt as they do by default. Without this flag every run (the "
+        "baseline too) pins them (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_): with the adaptive defaults, "
+        "whether a training step faults its freed gradients and optimizer temporaries back in (about 2x slower "
+        "here) depends on where the heap's last live block happens to be, and any allocation, a save's included, "
+        "can flip it; runs then differ by 2x for reasons that are not the checkpoint's cost",
     )
     parser.add_argument("--dir", help="where checkpoints are written (default: a temporary directory)")
     parser.add_argument("--out", default="benchmarks/results/goodput")
@@ -80,6 +99,8 @@ def run_once(name: str, args: argparse.Namespace, directory: str) -> dict[str, A
     env = dict(os.environ)
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if not args.malloc_defaults:
+        env.update(STEADY_MALLOC)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.goodput_worker", json.dumps(spec)],
@@ -115,6 +136,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "extra_fastest": (min(r["train_s"] for r in results) / fastest_base - 1.0) if fastest_base else None,
             "stall_per_save_s": statistics.median(stalls) if stalls else 0.0,
             "drain_s": statistics.median(r["drain_s"] for r in results),
+            "faults_per_step": statistics.median(r.get("faults_per_step", 0) for r in results),
             "saves": results[0]["saves"],
         }
     return summary
@@ -125,23 +147,24 @@ def markdown(args: argparse.Namespace, summary: dict[str, dict[str, Any]]) -> st
         f"State {args.state_mib:g} MiB (MLP + AdamW), {args.steps} steps, a save every {args.every} steps, "
         f"{args.repeats} interleaved repetition(s), each run in a fresh process"
         + (f", OMP_WAIT_POLICY={args.omp_wait_policy}" if args.omp_wait_policy else "")
+        + (", glibc's adaptive malloc thresholds" if args.malloc_defaults else ", malloc thresholds pinned")
         + ". Median (min–max); 'extra, fastest runs' compares the fastest run of each (a shared host only ever "
         "slows a run down).",
         "",
         "| contender | training time (s) | extra training time | extra, fastest runs | stall per save (ms) "
-        "| last write after the loop (s) |",
-        "|---|---|---|---|---|---|",
+        "| last write after the loop (s) | page faults per step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in summary.items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error']} | | | | |")
+            lines.append(f"| {name} | failed: {row['error']} | | | | | |")
             continue
         low, high = row["train_range_s"]
         extra = "baseline" if name == BASELINE else f"{row['extra'] * 100:+.1f} %"
         fastest = "baseline" if name == BASELINE else f"{row['extra_fastest'] * 100:+.1f} %"
         lines.append(
             f"| {name} | {row['train_s']:.2f} ({low:.2f}–{high:.2f}) | {extra} | {fastest} | "
-            f"{row['stall_per_save_s'] * 1000:.0f} | {row['drain_s']:.2f} |"
+            f"{row['stall_per_save_s'] * 1000:.0f} | {row['drain_s']:.2f} | {row['faults_per_step']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ The ``__main__`` guard matters: DCP's process mode re-imports this module in its
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from typing import Any
@@ -34,7 +35,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             contender.wait_staging()
             stalls[-1] += time.perf_counter() - waiting
 
-    began = time.perf_counter()
+    began, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for step in range(1, spec["steps"] + 1):
         work.train_step(before_optimizer_step=wait_for_staging)
         if contender is not None and step % spec["every"] == 0:
@@ -42,6 +43,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             contender.save(step)
             stalls.append(time.perf_counter() - saving)
     train_s = time.perf_counter() - began
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     drained = time.perf_counter()
     if contender is not None:
         contender.wait()
@@ -52,6 +54,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "stalls_s": stalls,
         "saves": len(stalls),
         "state_bytes": work.state_bytes,
+        "faults_per_step": faults / spec["steps"],  # minor page faults: memory the loop gets afresh each step
     }
 
 
