@@ -17,7 +17,7 @@ from tests.paths import REPO
 PACKAGE = Path(REPO) / "dcp_plugin"
 
 LAYERS: list[set[str]] = [
-    {"errors", "config", "logs"},
+    {"_lazy", "errors", "config", "logs"},
     {"storage"},
     {"format", "engine"},
     {"loading", "checkpointer"},

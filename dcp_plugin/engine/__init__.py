@@ -5,8 +5,7 @@ writer priority, saves in flight per URL, the exit-time flush, save statistics, 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dcp_plugin._lazy import lazy_getattr
 
 # The names this package's module of the same name had, imported on first use (the submodules import torch).
 _MOVED = {
@@ -14,9 +13,4 @@ _MOVED = {
     "SaveStats": "dcp_plugin.engine.stats",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _MOVED)

@@ -4,8 +4,7 @@ at all)."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dcp_plugin._lazy import lazy_getattr
 
 # The names this package's module of the same name had, imported on first use (the submodules import torch).
 _MOVED = {
@@ -13,9 +12,4 @@ _MOVED = {
     "ExportResult": "dcp_plugin.export.exporter",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _MOVED)
