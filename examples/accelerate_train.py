@@ -66,6 +66,9 @@ def main() -> None:
         location = accelerator.save_state()  # returns once the snapshot is taken; written in the background
         accelerator.print(f"epoch {epoch + 1}: loss {total / len(dataloader):.4f}, saving {location}")
 
+    # Let go of the prepared model before end_training() destroys the process group: on CPU (gloo) with several
+    # processes, freeing it afterwards can hang the process at exit (docs/troubleshooting.md).
+    model, optimizer = accelerator.free_memory(model, optimizer)
     accelerator.end_training()  # commits the last checkpoint and stops the writer
     if checkpointer is not None:
         for stats in checkpointer.engine.drain_completed():

@@ -14,6 +14,7 @@ state. dcp-plugin is on unless ``DCP_PLUGIN_ENABLE=0`` (Accelerate's own ``save_
 from __future__ import annotations
 
 import argparse
+import weakref
 
 import torch
 from accelerate import Accelerator
@@ -72,6 +73,12 @@ def main() -> None:
     accelerator.wait_for_everyone()
     weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     torch.save({"seen": seen, "model": weights}, f"{args.out}_rank{accelerator.process_index}.pt")
+    # Release the DDP-wrapped model before end_training() destroys the process group. Otherwise DDP's reducer holds
+    # the group's last reference, and freeing it (with the GIL held) can deadlock against a gloo worker thread that
+    # needs the GIL to free the last finished collective: the process then never exits (torch 2.13, pytorch#56297).
+    wrapped = weakref.ref(model)
+    model, optimizer = accelerator.free_memory(model, optimizer)
+    assert wrapped() is None, "something still holds the prepared model after free_memory()"
     accelerator.end_training()
 
 

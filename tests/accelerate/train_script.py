@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import weakref
 
 import numpy as np
 import torch
@@ -103,6 +104,12 @@ def main() -> None:
     if args.check_load:
         accelerator.load_state(args.check_load)
         record(args.check_tag)
+    # Release the DDP-wrapped model before end_training() destroys the process group. Otherwise DDP's reducer holds
+    # the group's last reference, and freeing it (with the GIL held) can deadlock against a gloo worker thread that
+    # needs the GIL to free the last finished collective: the process then never exits (torch 2.13, pytorch#56297).
+    wrapped = weakref.ref(model)
+    model, optimizer = accelerator.free_memory(model, optimizer)
+    assert wrapped() is None, "something still holds the prepared model after free_memory()"
     accelerator.end_training()
 
 
