@@ -61,13 +61,51 @@ def launch(
             str(script),
             *args,
         ]
-    result = subprocess.run(command, env=script_env(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(
+        command, env=script_env(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stacks = _stop_tree(process.pid)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command)} did not finish in {timeout:.0f} s\n--- stacks\n{stacks}\n"
+            f"--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-8000:]}"
+        ) from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited with {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
             f"--- stderr\n{result.stderr[-8000:]}"
         )
     return result
+
+
+def _stop_tree(pid: int) -> str:
+    """Kill a hung launch and every process under it (the ranks outlive a killed launcher otherwise); return the
+    stacks of each, native frames included, as py-spy saw them just before."""
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    py_spy = Path(sys.executable).with_name("py-spy")
+    stacks = []
+    for process in processes:
+        try:
+            dump = subprocess.run(
+                [str(py_spy), "dump", "--native", "--pid", str(process.pid)], capture_output=True, text=True, timeout=60
+            )
+            stacks.append(dump.stdout + dump.stderr)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            stacks.append(f"pid {process.pid}: no stack ({error})")
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=30)
+    return "\n".join(stacks)
 
 
 def records(prefix: str, tag: str, world_size: int) -> list[dict]:
