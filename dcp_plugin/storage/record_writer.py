@@ -59,7 +59,9 @@ def _take_buffer() -> mmap.mmap:
     with _FREE_BUFFERS_LOCK:
         if _FREE_BUFFERS:
             return _FREE_BUFFERS.pop()
-    return mmap.mmap(-1, DIRECT_BUFFER)
+    # Private, not mmap's default shared mapping: a process forked later (notebook_launcher, DataLoader workers,
+    # ddp_fork) gets its own copy of a kept buffer instead of writing into the same pages as its siblings.
+    return mmap.mmap(-1, DIRECT_BUFFER, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _give_back(buffer: mmap.mmap) -> None:

@@ -7,6 +7,8 @@ import errno
 import fcntl
 import logging
 import os
+import subprocess
+import sys
 
 import numpy
 import pytest
@@ -16,6 +18,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from dcp_plugin import CheckpointManager
 from dcp_plugin.storage import record_writer
+from tests.paths import REPO, SCRIPTS
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 linux_only = pytest.mark.skipif(not O_DIRECT, reason="O_DIRECT is Linux's")
@@ -157,3 +160,19 @@ def test_a_large_tensor_goes_to_the_disk_from_its_own_memory_wherever_it_lies(tm
 
 def _address(buffer) -> int:
     return int(numpy.frombuffer(buffer, dtype=numpy.uint8).ctypes.data)
+
+
+@linux_only
+def test_processes_forked_after_a_save_write_their_own_bytes(tmp_path):
+    """A process that has saved keeps page-aligned buffers for its next save. Two processes forked from it (as
+    ``notebook_launcher`` or fork-started ranks are) that save at the same time each get their own bytes back from
+    every checkpoint, and every checkpoint verifies against its digests."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "fork_writers.py"), str(tmp_path), "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
