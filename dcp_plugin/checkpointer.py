@@ -25,7 +25,7 @@ from typing import Any, Union
 import torch
 
 from dcp_plugin.config import CheckpointConfig
-from dcp_plugin.engine import inflight, priority
+from dcp_plugin.engine import inflight, plans, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import (
@@ -117,7 +117,7 @@ class Checkpointer:
         wrapped = wrap_state(state)
         if self.config.stages_in_background:
             self._hook_staging_waits(wrapped)
-        packed, pending = self._prepare(storage, name, wrapped, overwrite)
+        packed, pending, structure = self._prepare(storage, name, wrapped, overwrite)
         pending.manifest = {
             "step": step,
             "world_size": self.groups.world_size,
@@ -142,11 +142,24 @@ class Checkpointer:
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
         self.engine.save(
-            packed.flat, writer, stats=stats, started=started, on_failure=on_failure, on_done=lambda: release(held)
+            packed.flat,
+            writer,
+            stats=stats,
+            started=started,
+            on_failure=on_failure,
+            on_done=functools.partial(self._save_done, storage, plan, held),
+            structure=structure,
         )
         self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
         return stats
+
+    def _save_done(self, storage: CheckpointStorage, plan: Any, held: list[tuple[str, str]], metadata: Any) -> None:
+        """After a save's write ended (in the background): incremental bookkeeping, then its blobs are let go."""
+        try:
+            self._incremental.committed(storage, plan, metadata)
+        finally:
+            release(held)
 
     def prepare(self, state: Mapping[str, Any]) -> None:
         """Set up the staging buffers for ``state`` (what later saves will hold) in the background now, so the
@@ -161,24 +174,27 @@ class Checkpointer:
 
     def _prepare(
         self, storage: CheckpointStorage, name: str, wrapped: Mapping[str, Any], overwrite: bool
-    ) -> tuple[packing.Packed, PendingWrite]:
-        """Pack the state on every rank and open the write on the coordinator; any rank's failure fails all."""
+    ) -> tuple[packing.Packed, PendingWrite, str]:
+        """Pack the state on every rank and open the write on the coordinator; any rank's failure fails all.
+        Also agrees on the save's structure (what its ``.metadata`` records besides the bytes) over all ranks."""
         groups = self.groups
         packed: packing.Packed | None = None
         pending: PendingWrite | None = None
         local_error: BaseException | None = None
+        structure = ""
         try:
             packed = packing.pack(
                 wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
             )
+            structure = plans.structure(packed.state_dict)
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
                 pending.manifest["save_id"] = uuid.uuid4().hex
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             local_error = err
-        outcomes = groups.all_gather((pending, _error_text(local_error)))
+        outcomes = groups.all_gather((pending, _error_text(local_error), structure))
         pending = outcomes[0][0]
-        failures = [(rank, text) for rank, (_, text) in enumerate(outcomes) if text]
+        failures = [(rank, text) for rank, (_, text, _) in enumerate(outcomes) if text]
         if failures:
             if groups.is_coordinator and pending is not None:
                 storage.abort(pending)
@@ -186,7 +202,7 @@ class Checkpointer:
                 raise local_error
             raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
         assert packed is not None and pending is not None
-        return packed, pending
+        return packed, pending, plans.agreed([digest for _, _, digest in outcomes])
 
     def _hook_staging_waits(self, state: Mapping[str, Any]) -> None:
         """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every

@@ -104,6 +104,12 @@ class CheckpointConfig:
     full_save_every: int | None = None
     """With ``incremental``: every Nth save refers to no earlier checkpoint's data (``None``: only the first)."""
 
+    blob_check_interval: float = 1800.0
+    """With ``incremental``: a shared data file is read back and checked against its checksum after it is
+    written, and again before a save refers to it once this many seconds passed since its last check (done in the
+    background after saves, off the training thread, where saves come often enough). A file that fails a check is
+    never referred to again: the next save writes its tensors afresh. ``0``: check before every save."""
+
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem (for example ``{"endpoint_url": ...}`` for s3)."""
 
@@ -122,6 +128,12 @@ class CheckpointConfig:
             raise ConfigError(
                 f"full_save_every={self.full_save_every!r} must be a positive integer (every Nth save writes "
                 "everything) or None."
+            )
+        interval = self.blob_check_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
+            raise ConfigError(
+                f"blob_check_interval={interval!r} must be a number of seconds >= 0 (0: check shared data before "
+                "every save that refers to it)."
             )
         nice = self.writer_nice
         if nice is not None and (isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19):
@@ -274,6 +286,11 @@ def _parse_env_value(key: str, raw: str, default: Any) -> Any:
             return int(text)
         except ValueError:
             raise ConfigError(f"{key}={raw!r} must be an integer.") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} must be a number.") from None
     return text
 
 

@@ -90,7 +90,8 @@ class CheckpointEngine:
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         """Which ranks save together, and the gloo groups their collectives run on."""
         self._stagers = Stagers(self.config)
-        self._plan_key = plans.new_key()
+        self._plan_base = plans.new_key()
+        self._plan_key = self._plan_base
         self._in_flight: PendingSave | None = None
         self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
@@ -165,12 +166,16 @@ class CheckpointEngine:
         started: float,
         on_failure: Any = None,
         on_done: Any = None,
+        structure: str = "",
     ) -> SaveStats:
         """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate
         (or, with async staging, once staging was started). Fills ``stats`` in (now and when done).
-        ``on_done`` is called once the write committed or failed."""
+        ``on_done(metadata)`` is called once the write committed (with the save's ``Metadata``) or failed
+        (``None``). ``structure``: the save's structure agreed
+        over all ranks (:func:`~dcp_plugin.engine.plans.agreed`); a cached plan is reused only for the same one."""
         self._check_open()
         self.wait()
+        self._use_plans_of(structure)
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
@@ -211,7 +216,7 @@ class CheckpointEngine:
             raise _project_error(err, CheckpointSaveError, message) from err
         if mode == "sync":
             inflight.finish(writing)
-            _call_done(on_done)
+            _call_done(on_done, metadata)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
             stats.bytes_written = _bytes(metadata, writer)
             stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
@@ -233,6 +238,12 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
+
+    def _use_plans_of(self, structure: str) -> None:
+        key = f"{self._plan_base}-{structure}"
+        if key != self._plan_key:
+            plans.forget(self._plan_key)
+            self._plan_key = key
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""

@@ -21,11 +21,12 @@ def cleanup_after_failure(on_failure: Any, url: str) -> None:
         log.warning("Cleanup after the failed save of %s failed: %s", url, cleanup_error)
 
 
-def call_done(on_done: Any) -> None:
+def call_done(on_done: Any, metadata: Any = None) -> None:
+    """Call a save's ``on_done(metadata)`` (``None`` when the save failed); its errors are logged, never raised."""
     if on_done is None:
         return
     try:
-        on_done()
+        on_done(metadata)
     except Exception as err:  # noqa: BLE001 - bookkeeping must not replace the save's outcome
         log.warning("Finishing the bookkeeping of a save failed: %s", err)
 

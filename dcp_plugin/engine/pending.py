@@ -34,6 +34,7 @@ class PendingSave:
     def upload_done(self, future: Future, outcomes: SaveOutcomes) -> None:
         """DCP's write ended: record how (called from DCP's thread, once)."""
         stats = self.stats
+        metadata = None
         try:
             stats.durable_s = time.perf_counter() - self.started
             try:
@@ -41,13 +42,14 @@ class PendingSave:
                 stats.bytes_written = bytes_written(metadata, self.writer)
                 stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
             except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
+                metadata = None
                 stats.error = describe(err)
                 outcomes.failed(err, stats)
                 cleanup_after_failure(self.on_failure, stats.url)
             outcomes.finished(stats)
         finally:
             inflight.finish(self.writing)
-            call_done(self.on_done)
+            call_done(self.on_done, metadata)
             self.finished.set()  # whatever happened above, wait() must not hang
 
     def wait_for_staging(self) -> None:

@@ -34,8 +34,8 @@ from dcp_plugin.format import write_watch
 from dcp_plugin.format.state import models_in
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite
 from dcp_plugin.storage import blobs as shared
+from dcp_plugin.storage.blob_checks import BlobChecks
 from dcp_plugin.storage.dcp_io import IncrementalPlan
-from dcp_plugin.storage.safe_io import regular_file_size
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class IncrementalTracker:
         self._base: tuple[str, str, str, int | None] | None = None  # (root URL, name, save_id, save number)
         self._saves = 0
         self._watches: dict[str, tuple[write_watch.Watch, int]] = {}  # key -> (watch, save number it was armed at)
+        self._checks = BlobChecks(config.blob_check_interval)
 
     def plan(
         self,
@@ -73,7 +74,7 @@ class IncrementalTracker:
         records: dict[str, Any] = {}
         base_number = None
         if not full and self._base is not None and self._base[0] == storage.root_url:
-            reuse, records = _reusable(storage, self._base[1], self._base[2])
+            reuse, records = _reusable(storage, self._base[1], self._base[2], self._checks)
             held += shared.hold(storage.root_url, records)
             keys |= {key.rsplit("@", 1)[0] for key in reuse}
             base_number = self._base[3]
@@ -89,20 +90,24 @@ class IncrementalTracker:
         """The keys whose tensors nobody wrote since before the base's snapshot, and whose every chunk the base
         keeps in a blob. Every other watchable tensor is armed now, before this save's snapshot."""
         number, unchanged = self._saves, set()
+        trusted = write_watch.trustworthy()
         for key in sorted(keys):
             tensor = tensors[key]
             known = self._watches.get(key)
-            if known is not None and known[0].unwritten(tensor):
+            if trusted and known is not None and known[0].unwritten(tensor):
                 if base_number is not None and known[1] <= base_number and _chunk_key(key, tensor) in reuse:
                     unchanged.add(key)
                 continue
-            armed = write_watch.watch(tensor, known[0] if known is not None else None)
+            armed = write_watch.watch(tensor) if trusted else None
             if armed is None:
                 self._watches.pop(key, None)
             else:
                 self._watches[key] = (armed, number)
         for key in self._watches.keys() - keys:
             del self._watches[key]
+        if not write_watch.trustworthy():  # memory was pinned while the watches were read: none of them counts
+            self._watches.clear()
+            return set()
         return unchanged
 
     def stand_in(self, state_dict: dict[str, Any], plan: IncrementalPlan | None, tensors: Mapping[str, Any]) -> None:
@@ -112,6 +117,20 @@ class IncrementalTracker:
             return
         stand_ins = {id(tensors[key]): _stand_in(tensors[key]) for key in plan.unchanged}
         _replace(state_dict, stand_ins)
+
+    def committed(self, storage: CheckpointStorage, plan: IncrementalPlan | None, metadata: Any) -> None:
+        """A save ended (``metadata``: ``None`` if it failed): remember the blobs it wrote as checked (its writer
+        read them back before committing), and check again the blobs it refers to whose last check is getting
+        old, so that the next save finds them known intact. Runs after the write, off the training thread."""
+        if plan is None or metadata is None:
+            return
+        area = storage.blob_area
+        for name, (found, digest) in (getattr(metadata, "dcp_plugin_blobs_checked", None) or {}).items():
+            self._checks.checked(f"{area}/{name}", found, digest)
+        for name, record in plan.records.items():
+            path = f"{area}/{name}"
+            if self._checks.due(path):
+                self._checks.recheck(storage.fs, path, record, is_local=storage.is_local)
 
     def saved(self, storage: CheckpointStorage, name: str, save_id: str) -> None:
         """The next save may refer to this one (checked against the storage when it does)."""
@@ -125,16 +144,22 @@ class IncrementalTracker:
             self._base = (storage.root_url, info.name, save_id, None)  # its bytes are fingerprinted once
 
 
-def _reusable(storage: CheckpointStorage, name: str, save_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _reusable(
+    storage: CheckpointStorage, name: str, save_id: str, checks: BlobChecks
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per chunk key, where the base keeps its bytes in a blob and their fingerprint; and those blobs' records.
-    Empty when the base is gone, replaced or unreadable (the save then writes everything)."""
+    Only blobs known intact count (see :class:`~dcp_plugin.storage.blob_checks.BlobChecks`). Empty when the base
+    is gone, replaced or unreadable (the save then writes everything)."""
     try:
         info = storage.info(name)
         manifest = info.manifest
         fingerprints, blobs = manifest.get("fingerprints") or {}, manifest.get("blobs") or {}
         if manifest.get("save_id") != save_id or not fingerprints or not blobs:
             return {}, {}
-        present = {n: r for n, r in blobs.items() if _has_size(storage, n, r["size"])}
+        area = storage.blob_area
+        present = {
+            n: r for n, r in blobs.items() if checks.intact(storage.fs, f"{area}/{n}", r, is_local=storage.is_local)
+        }
         metadata = storage.metadata_reader(info).read_metadata()
     except (CheckpointError, OSError, ValueError) as err:
         log.info("Writing every tensor of this save: the previous checkpoint %s cannot be used (%s).", name, err)
@@ -149,13 +174,6 @@ def _reusable(storage: CheckpointStorage, name: str, save_id: str) -> tuple[dict
             reuse[key] = (where, fingerprints[key])
             records[relative] = present[relative]
     return reuse, records
-
-
-def _has_size(storage: CheckpointStorage, name: str, size: int) -> bool:
-    try:
-        return regular_file_size(storage.fs, f"{storage.blob_area}/{name}", is_local=storage.is_local) == size
-    except (OSError, ValueError, CheckpointError):
-        return False
 
 
 def _chunk_key(key: str, tensor: torch.Tensor) -> str:

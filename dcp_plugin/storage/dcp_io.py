@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointSaveError
+from dcp_plugin.storage.blob_checks import Signature, check
 from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, link_into, write_id_of
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
@@ -290,6 +291,7 @@ class _CommitOnFinish:
             data_results.append(kept)
         # DCP's plan cache hands the same Metadata object to the next save: what the last one set is not written.
         vars(metadata).pop(DIRECT_IO_ATTRIBUTE, None)
+        vars(metadata).pop("dcp_plugin_blobs_checked", None)
         super().finish(metadata, data_results)  # type: ignore[misc]
         # Set after .metadata is written: it travels back to every rank's save (and from the writer daemon) only.
         metadata.dcp_plugin_direct_io = all(direct) if direct else None  # type: ignore[attr-defined]
@@ -304,7 +306,9 @@ class _CommitOnFinish:
         manifest = dict(pending.manifest)
         manifest.update(bytes=_bytes_written(metadata), committed=time.time(), files=files)
         if self._dcp_plugin_incremental is not None:
-            _check_blobs_present(root, blobs, pending)
+            new = {n for n in blobs if write_id_of(n) == self._dcp_plugin_incremental.write_id}
+            checked = _check_blobs_present(root, blobs, new, pending)
+            metadata.dcp_plugin_blobs_checked = checked  # type: ignore[attr-defined]
             written = sum(r["size"] for r in files.values())
             written += sum(
                 r["size"] for n, r in blobs.items() if write_id_of(n) == self._dcp_plugin_incremental.write_id
@@ -333,10 +337,22 @@ def _file_writing(
     return FileWriting(open_file, record, fsync=fsync, on_closed=None if staging is None else staging.stream_closed)
 
 
-def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pending: PendingWrite) -> None:
-    """Every blob the checkpoint will list is there with its committed size (and durable), or nothing commits; on
-    a local disk each is linked into the checkpoint's directory too, so that any DCP reader finds it."""
+def _check_blobs_present(
+    root: StorageRoot, blobs: dict[str, dict[str, Any]], new: set[str], pending: PendingWrite
+) -> dict[str, tuple[Signature, str]]:
+    """Every blob the checkpoint will list is there with its committed size (and durable), and each blob this save
+    wrote reads back as written, or nothing commits; on a local disk each is linked into the checkpoint's
+    directory too, so that any DCP reader finds it. Returns each new blob's file signature and checksum as checked."""
     area = root.work(BLOBS)
+    checked: dict[str, tuple[Signature, str]] = {}
+    for name in sorted(new):
+        found = check(root.fs, f"{area}/{name}", blobs[name], is_local=root.is_local)
+        if found is None:
+            raise CheckpointSaveError(
+                f"The shared data file {root.url(f'{area}/{name}')} does not read back as it was written (damaged "
+                f"while written, or changed by another process); {pending.name} was not committed. Save again."
+            )
+        checked[name] = (found, blobs[name]["xxh3_128"])
     for name, record in sorted(blobs.items()):
         try:
             size = regular_file_size(root.fs, f"{area}/{name}", is_local=root.is_local)
@@ -352,6 +368,7 @@ def _check_blobs_present(root: StorageRoot, blobs: dict[str, dict[str, Any]], pe
         fsync_dir(area)
         link_into(area, blobs, pending.directory)
         fsync_dir(pending.directory)
+    return checked
 
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):

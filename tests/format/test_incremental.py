@@ -151,7 +151,7 @@ def test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ck
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_without_write_tracking_every_change_is_still_found_by_fingerprints(ckpt_dir, monkeypatch, change):
-    monkeypatch.setattr(write_watch, "_kernel", lambda: None)  # as on systems without the facility
+    monkeypatch.setattr(write_watch, "_registry", lambda: None)  # as on systems without the facility
     test_every_way_of_changing_a_frozen_tensor_makes_the_next_save_rewrite_it(ckpt_dir, change, "sync")
 
 
