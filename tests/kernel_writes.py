@@ -22,8 +22,10 @@ _LIBC.syscall.restype = ctypes.c_long
 _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
-_SYS = {"x86_64": {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "process_vm_writev": 311},
-        "aarch64": {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "process_vm_writev": 271}}
+_SYS = {
+    "x86_64": {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "process_vm_writev": 311},
+    "aarch64": {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "process_vm_writev": 271},
+}
 
 
 def _syscall(name: str, *args: int) -> int:
@@ -113,7 +115,8 @@ def proc_mem_write(tensor: torch.Tensor, offset: int, data: bytes) -> None:
 def direct_read_into(tensor: torch.Tensor, offset: int, data: bytes, directory: str) -> None:
     """``preadv`` with ``O_DIRECT`` into the tensor's pages (the device copies into pinned pages)."""
     start, _ = _inner_pages(tensor)
-    assert (start - tensor.data_ptr()) <= offset and (tensor.data_ptr() + offset) % _PAGE == 0 and len(data) % _PAGE == 0
+    aligned = (tensor.data_ptr() + offset) % _PAGE == 0 and len(data) % _PAGE == 0
+    assert start - tensor.data_ptr() <= offset and aligned
     path = os.path.join(directory, "direct.bin")
     with open(path, "wb") as out:
         out.write(data)

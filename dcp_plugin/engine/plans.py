@@ -63,7 +63,8 @@ def _tensor(tensor: torch.Tensor) -> str:
         mesh = tensor.device_mesh
         sharding = f"{placements}{tuple(mesh.mesh.shape)}{mesh.get_coordinate()}{tuple(tensor.to_local().shape)}"
     pinned = tensor.device.type == "cpu" and torch.cuda.is_initialized() and tensor.is_pinned()
-    return f"{type(tensor).__name__}{tensor.dtype}{tuple(tensor.shape)}{tensor.layout}{tensor.requires_grad}{pinned}{sharding}"
+    kind = type(tensor).__name__
+    return f"{kind}{tensor.dtype}{tuple(tensor.shape)}{tensor.layout}{tensor.requires_grad}{pinned}{sharding}"
 
 
 def agreed(digests: Sequence[str]) -> str:

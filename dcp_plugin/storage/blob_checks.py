@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcp_plugin.errors import CheckpointError
-from dcp_plugin.storage.read_io import hash_descriptor
 from dcp_plugin.storage.integrity import hash_file
+from dcp_plugin.storage.read_io import hash_descriptor
 from dcp_plugin.storage.safe_io import open_local_regular, regular_file_size
 
 log = logging.getLogger(__name__)
