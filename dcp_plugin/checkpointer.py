@@ -138,6 +138,7 @@ class Checkpointer:
             run_write=functools.partial(priority.run_lowered, self.config.background_nice),
             incremental=plan,
             direct_io=self.config.direct_io,
+            aliases=packing.tied(packed.tensors),
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None

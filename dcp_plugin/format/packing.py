@@ -90,6 +90,28 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
     return Packed(tensors=flat, state_dict=nested, entries={n: {"per_rank": e["per_rank"]} for n, e in entries.items()})
 
 
+def tied(tensors: Mapping[str, Any]) -> dict[str, str]:
+    """Keys whose tensor views exactly the memory of an earlier key's tensor (tied weights, an optimizer state
+    shared by them), mapped to that key: such a tensor is stored once and read back as one tensor."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for key, value in tensors.items():
+        if type(value) is not torch.Tensor or value.is_meta or value.numel() == 0:
+            continue
+        identity = (
+            value.untyped_storage().data_ptr(),
+            value.device,
+            value.storage_offset(),
+            tuple(value.shape),
+            value.stride(),
+            value.dtype,
+        )
+        prior = first.setdefault(identity, key)
+        if prior != key:
+            aliases[key] = prior
+    return aliases
+
+
 def _insert(nested: dict[str, Any], path: tuple[str, ...], tensor: Any) -> None:
     """Put ``tensor`` at ``path`` in ``nested`` (dicts only, string keys: DCP joins them with '.' to the key)."""
     node = nested
@@ -150,6 +172,7 @@ def plan_load(
     plan = LoadPlan()
     saved = document.get("entries", {})
     md = metadata.state_dict_metadata
+    shared = _SharedPlaceholders(metadata)
     for name, obj in state.items():
         entry = saved.get(name)
         if entry is None:
@@ -175,7 +198,7 @@ def plan_load(
                     unexpected.append(key)
                     if strict:
                         continue
-                plan.flat[key] = placeholder(tuple(stored.size), stored.properties.dtype)
+                plan.flat[key] = shared.placeholder(key, stored)
             elif _size(live) != tuple(stored.size):
                 plan.problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(stored.size)}, live {_size(live)}")
             else:
@@ -195,6 +218,30 @@ def plan_load(
             message = f"{name!r}: missing keys (live state has them, checkpoint does not) {_short(missing, prefix)}"
             (plan.problems if strict else plan.warnings).append(message)
     return plan
+
+
+class _SharedPlaceholders:
+    """Placeholders for tensors read without a live target; tensors stored in the same bytes (tied weights,
+    stored once) get one placeholder, so they come back as one tensor, tied as they were saved."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = metadata
+        self._where: dict[str, tuple[Any, ...]] | None = None
+        self._made: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def placeholder(self, key: str, stored: TensorStorageMetadata) -> torch.Tensor:
+        if self._where is None:
+            self._where = {}
+            for index, info in (self._metadata.storage_data or {}).items():
+                place = (tuple(index.offset or ()), str(info.relative_path), int(info.offset), int(info.length))
+                self._where[index.fqn] = (*self._where.get(index.fqn, ()), place)
+        where = (self._where.get(key), tuple(stored.size), stored.properties.dtype)
+        if where[0] is None or len(where[0]) != 1:
+            return placeholder(tuple(stored.size), stored.properties.dtype)
+        made = self._made.get(where)
+        if made is None:
+            made = self._made[where] = placeholder(tuple(stored.size), stored.properties.dtype)
+        return made
 
 
 def mismatch_error(url: str, problems_per_rank: list[list[str]]) -> StateMismatchError:

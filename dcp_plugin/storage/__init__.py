@@ -88,11 +88,13 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
         run_write: RunWrite | None = None,
         incremental: IncrementalPlan | None = None,
         direct_io: bool = True,
+        aliases: dict[str, str] | None = None,
     ) -> Any:
         """A DCP writer that hashes what it writes and commits ``pending`` once every rank has written.
         ``run_write(work)`` runs the write (by default on the calling thread; the engine lowers its priority).
         With ``incremental``, tensors kept in shared blobs are written there, or not at all when unchanged.
-        ``direct_io``: local files are written with ``O_DIRECT`` where the filesystem accepts it."""
+        ``direct_io``: local files are written with ``O_DIRECT`` where the filesystem accepts it. ``aliases``:
+        keys whose tensor views the same memory as another key's (tied weights), to that key: stored once."""
         from dcp_plugin.storage.dcp_io import CommittingFileSystemWriter, CommittingFsspecWriter  # imports torch
 
         kwargs: dict[str, Any] = dict(
@@ -101,6 +103,7 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
             thread_count=thread_count,
             per_thread_copy_ahead=per_thread_copy_ahead,
             incremental=incremental,
+            aliases=aliases,
         )
         root, strategy = self._root, self.strategy
         commit: dict[str, Any] = dict(root=root, strategy=strategy, pending=pending)

@@ -3,6 +3,7 @@ coordinator calls once every rank wrote its part). The readers live in :mod:`dcp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -124,8 +125,17 @@ class IncrementalPlan:
     unchanged: frozenset[str] = frozenset()
 
 
+def _stored(metadata: Metadata) -> dict[tuple[str, int], int]:
+    """Each stored region once (tied tensors share one): ``(file, offset) -> length``."""
+    return {
+        (str(info.relative_path), int(info.offset)): int(info.length)
+        for info in (metadata.storage_data or {}).values()
+        if hasattr(info, "length")
+    }
+
+
 def _bytes_written(metadata: Metadata) -> int:
-    return sum(int(getattr(info, "length", 0)) for info in (metadata.storage_data or {}).values())
+    return sum(_stored(metadata).values())
 
 
 class _CommitOnFinish:
@@ -141,8 +151,10 @@ class _CommitOnFinish:
         run_write: RunWrite,
         incremental: IncrementalPlan | None,
         direct_io: bool = True,
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self._dcp_plugin_root = root
+        self._dcp_plugin_aliases = dict(aliases or {})
         self._dcp_plugin_direct_io = direct_io
         self._dcp_plugin_strategy = strategy
         self._dcp_plugin_pending = pending
@@ -155,6 +167,7 @@ class _CommitOnFinish:
         self.per_thread_copy_ahead = 0  # DCP's copy-ahead loader would take tensors before they are written
 
     def write_data(self, plan: Any, planner: Any) -> Any:
+        plan, tied = self._without_ties(plan)
         sink = ChecksumSink()
         staging = getattr(self, "_dcp_plugin_staging", None)
         original = self.fs  # type: ignore[has-type]
@@ -183,11 +196,42 @@ class _CommitOnFinish:
             self.fs = original
             self._dcp_plugin_writing = None
         results = list(future.wait()) + reused
+        results += self._tied_results(tied, results, report["fingerprints"])
         report["files"] = sink.files
         report["direct_io"] = writing.direct_io
         results.append(WriteResult(index=MetadataIndex(_CHECKSUMS_FQN), size_in_bytes=0, storage_data=report))
         out: Future = Future()
         out.set_result(results)
+        return out
+
+    def _without_ties(self, plan: Any) -> tuple[Any, list[Any]]:
+        """The plan without the tensors that view the same memory as another tensor this rank writes (tied
+        weights: stored once), and those tensors' write items."""
+        aliases = self._dcp_plugin_aliases
+        if not aliases:
+            return plan, []
+        fqns = {item.index.fqn for item in plan.items}
+        tied = [
+            item for item in plan.items if item.type != WriteItemType.BYTE_IO and aliases.get(item.index.fqn) in fqns
+        ]
+        if not tied:
+            return plan, []
+        skipped = {id(item) for item in tied}
+        return dataclasses.replace(plan, items=[item for item in plan.items if id(item) not in skipped]), tied
+
+    def _tied_results(self, tied: list[Any], results: list[WriteResult], fingerprints: dict[str, str]) -> list:
+        """A tied tensor's storage entry points at the bytes of the tensor it shares memory with."""
+        by_fqn = {result.index.fqn: result for result in results}
+        out = []
+        for item in tied:
+            primary = self._dcp_plugin_aliases[item.index.fqn]
+            written = by_fqn[primary]
+            out.append(
+                WriteResult(index=item.index, size_in_bytes=written.size_in_bytes, storage_data=written.storage_data)
+            )
+            digest = fingerprints.get(chunk_key(primary, written.index.offset))
+            if digest is not None:
+                fingerprints[chunk_key(item.index.fqn, item.index.offset)] = digest
         return out
 
     def _write_incrementally(
@@ -257,9 +301,9 @@ class _CommitOnFinish:
         """Bytes of tensor data this save wrote itself (chunks that refer to earlier blobs are not counted)."""
         plan = self._dcp_plugin_incremental
         return sum(
-            int(info.length)
-            for info in (metadata.storage_data or {}).values()
-            if plan is None or write_id_of(str(info.relative_path)) in (None, plan.write_id)
+            length
+            for (relative, _), length in _stored(metadata).items()
+            if plan is None or write_id_of(relative) in (None, plan.write_id)
         )
 
     def _files_in_writing_order(self, plan: Any) -> list[list[Any]]:
@@ -382,10 +426,11 @@ class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):
         run_write: RunWrite = run_here,
         incremental: IncrementalPlan | None = None,
         direct_io: bool = True,
+        aliases: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         FileSystemWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, run_write, incremental, direct_io)
+        self._init_commit(root, strategy, pending, run_write, incremental, direct_io, aliases)
 
 
 class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
@@ -398,10 +443,11 @@ class CommittingFsspecWriter(_CommitOnFinish, FsspecWriter):
         pending: PendingWrite,
         run_write: RunWrite = run_here,
         incremental: IncrementalPlan | None = None,
+        aliases: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         FsspecWriter.__init__(self, path, **kwargs)
-        self._init_commit(root, strategy, pending, run_write, incremental)
+        self._init_commit(root, strategy, pending, run_write, incremental, aliases=aliases)
 
 
 __all__ = ["CommittingFileSystemWriter", "CommittingFsspecWriter"]

@@ -86,3 +86,51 @@ def test_values_that_need_pickle_are_refused_and_entries_may_not_collide():
         packing.pack({"x": Opaque()}, rank=0, world_size=1, allow_pickle=False)
     with pytest.raises(EncodingError, match="collide"):
         packing.pack({"a": {"b": torch.zeros(1)}, "a.b": torch.zeros(1)}, rank=0, world_size=1, allow_pickle=False)
+
+
+class _TiedLM(torch.nn.Module):
+    """GPT-2's layout: the output layer shares the token embedding's weight."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.wte = torch.nn.Embedding(512, 256)  # 512 KiB
+        self.block = torch.nn.Linear(256, 256)
+        self.lm_head = torch.nn.Linear(256, 512, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_tied_weights_are_stored_once_and_come_back_tied(tmp_path, incremental):
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from dcp_plugin import CheckpointManager, ModelState, OptimizerState
+
+    model = _TiedLM()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = model.lm_head(model.block(model.wte(torch.tensor([1, 2, 3])))).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    with CheckpointManager(tmp_path / "run", async_mode="sync", incremental=incremental) as manager:
+        manager.save(1, {"model": ModelState(model), "optim": OptimizerState(model, optimizer)})
+        directory = os.path.join(manager.storage.root_url, "step_000000001")
+        stored = sum(
+            os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(".distcp")
+        )
+        unique = sum(p.nbytes for p in model.parameters())  # each shared parameter counted once
+        assert stored < 3 * unique + model.wte.weight.nbytes // 4, stored  # weights + Adam's moments, each once
+        read = manager.read(1)["model"]
+        assert read["lm_head.weight"] is read["wte.weight"]
+        assert torch.equal(read["wte.weight"], model.wte.weight)
+        fresh = _TiedLM(seed=3)
+        manager.load({"model": ModelState(fresh)}, step=1)
+        assert fresh.lm_head.weight is fresh.wte.weight and torch.equal(fresh.wte.weight, model.wte.weight)
+    # PyTorch's own loader finds every name it asks for, both pointing at the one stored copy
+    other = _TiedLM(seed=4)
+    target = {"model": get_model_state_dict(other)}
+    dcp.load(target, checkpoint_id=directory)
+    set_model_state_dict(other, target["model"])
+    assert torch.equal(other.lm_head.weight, model.wte.weight)
