@@ -49,9 +49,11 @@ def _file_of(data: bytes) -> int:
 
 
 class FixedBuffer:
-    """An ``io_uring`` with ``tensor``'s whole pages registered as fixed buffer 0 (pinned until :meth:`close`)."""
+    """An ``io_uring`` with ``tensor``'s whole pages registered as fixed buffer 0 (pinned until :meth:`close`);
+    ``fixed=False``: nothing registered, reads go to plain addresses (the kernel copies through the page tables)."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, fixed: bool = True) -> None:
+        self.fixed = fixed
         params = ctypes.create_string_buffer(120)
         self.fd = _syscall("io_uring_setup", 4, ctypes.addressof(params))
         fields = struct.unpack_from("6I", params.raw, 0)
@@ -64,17 +66,21 @@ class FixedBuffer:
         self._cq = mmap.mmap(self.fd, cq_off[5] + cq_entries * 16, offset=0x8000000)
         self._sqes = mmap.mmap(self.fd, sq_entries * 64, offset=0x10000000)
         self.start, self.end = _inner_pages(tensor)
-        iovec = (ctypes.c_uint64 * 2)(self.start, self.end - self.start)
-        _syscall("io_uring_register", self.fd, 0, ctypes.addressof(iovec), 1)  # IORING_REGISTER_BUFFERS
+        if fixed:
+            iovec = (ctypes.c_uint64 * 2)(self.start, self.end - self.start)
+            _syscall("io_uring_register", self.fd, 0, ctypes.addressof(iovec), 1)  # IORING_REGISTER_BUFFERS
 
     def read_into(self, offset: int, data: bytes) -> None:
-        """Have the kernel read ``data`` (from a file) into the registered pages at ``offset`` (READ_FIXED)."""
+        """Have the kernel read ``data`` (from a file) into the pages at ``offset`` (READ_FIXED, or READ)."""
         source = _file_of(data)
         try:
             sq_tail = struct.unpack_from("I", self._ring, self._sq_off[1])[0]
             mask = struct.unpack_from("I", self._ring, self._sq_off[2])[0]
             index = sq_tail & mask
-            sqe = struct.pack("BBHiQQIIQHHiQQ", 4, 0, 0, source, 0, self.start + offset, len(data), 0, 7, 0, 0, 0, 0, 0)
+            opcode = 4 if self.fixed else 22  # IORING_OP_READ_FIXED, IORING_OP_READ
+            sqe = struct.pack(
+                "BBHiQQIIQHHiQQ", opcode, 0, 0, source, 0, self.start + offset, len(data), 0, 7, 0, 0, 0, 0, 0
+            )
             self._sqes[index * 64 : index * 64 + 64] = sqe
             struct.pack_into("I", self._ring, self._sq_off[6] + index * 4, index)
             struct.pack_into("I", self._ring, self._sq_off[1], sq_tail + 1)
@@ -128,6 +134,26 @@ def direct_read_into(tensor: torch.Tensor, offset: int, data: bytes, directory: 
         assert os.preadv(handle, [memoryview(view).cast("B")], 0) == len(data)
     finally:
         os.close(handle)
+
+
+def io_uring_read(tensor: torch.Tensor, offset: int, data: bytes) -> None:
+    """An io_uring READ into plain (not registered) memory: the kernel copies through the page tables."""
+    ring = FixedBuffer(tensor, fixed=False)
+    try:
+        ring.read_into(offset - (ring.start - tensor.data_ptr()), data)
+    finally:
+        ring.close()
+
+
+def map_over(tensor: torch.Tensor, offset: int, length: int) -> None:
+    """Map fresh anonymous pages over part of the tensor (``mmap(MAP_FIXED)``): they read as zeros."""
+    _LIBC.mmap.restype = ctypes.c_void_p
+    _LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    address = tensor.data_ptr() + offset
+    assert address % _PAGE == 0 and length % _PAGE == 0
+    mapped = _LIBC.mmap(address, length, mmap.PROT_READ | mmap.PROT_WRITE, 0x22 | 0x10, -1, 0)  # PRIVATE|ANON|FIXED
+    if mapped != address:
+        raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED)")
 
 
 def dont_need(tensor: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
-"""Save a LoRA-style model while the kernel fills a frozen weight through an io_uring fixed buffer:
-``pinned_writes.py DIR before_the_first_save|after_the_first_save``. Writes DIR/step_000000003 and DIR/live.pt
-(the weight's bytes at that save)."""
+"""Save a LoRA-style model while the kernel fills a frozen weight through an io_uring fixed buffer registered
+before the first save: ``pinned_writes.py DIR``. Writes DIR/step_000000003 and DIR/live.pt (the weight's bytes at
+that save)."""
 
 import os
 import sys
@@ -12,14 +12,12 @@ from tests.kernel_writes import FixedBuffer
 from tests.models import make_lora
 
 if __name__ == "__main__":
-    directory, when = sys.argv[1], sys.argv[2]
+    directory = sys.argv[1]
     model = make_lora()
     weight = model[1].base.weight
-    buffer = FixedBuffer(weight) if when == "before_the_first_save" else None
+    buffer = FixedBuffer(weight)
     with CheckpointManager(directory, async_mode="sync") as manager:
         manager.save(1, {"model": ModelState(model)})
-        if buffer is None:
-            buffer = FixedBuffer(weight)
         manager.save(2, {"model": ModelState(model)})
         before = weight.detach().clone()
         buffer.read_into(4096 * 4, b"\x05" * 8192)
