@@ -182,12 +182,12 @@ class Checkpointer:
         packed: packing.Packed | None = None
         pending: PendingWrite | None = None
         local_error: BaseException | None = None
-        structure = ""
+        structure = 0
         try:
             packed = packing.pack(
                 wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
             )
-            structure = plans.structure(packed.state_dict)
+            structure = self.engine.structure_number(plans.structure(packed.state_dict))
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
                 pending.manifest["save_id"] = uuid.uuid4().hex
@@ -203,7 +203,7 @@ class Checkpointer:
                 raise local_error
             raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
         assert packed is not None and pending is not None
-        return packed, pending, plans.agreed([digest for _, _, digest in outcomes])
+        return packed, pending, plans.agreed([number for _, _, number in outcomes])
 
     def _hook_staging_waits(self, state: Mapping[str, Any]) -> None:
         """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every

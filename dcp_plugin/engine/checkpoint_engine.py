@@ -92,6 +92,7 @@ class CheckpointEngine:
         self._stagers = Stagers(self.config)
         self._plan_base = plans.new_key()
         self._plan_key = self._plan_base
+        self._structures = plans.Structures()
         self._in_flight: PendingSave | None = None
         self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
@@ -238,6 +239,12 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
+
+    def structure_number(self, described: tuple[Any, ...]) -> int:
+        """This rank's number for a save's structure (:func:`~dcp_plugin.engine.plans.structure`); it changes
+        whenever the structure of this engine's saves does. Gather it over the ranks, pass the result
+        (:func:`~dcp_plugin.engine.plans.agreed`) to :meth:`save` as ``structure``."""
+        return self._structures.number(described)
 
     def _use_plans_of(self, structure: str) -> None:
         key = f"{self._plan_base}-{structure}"

@@ -96,16 +96,12 @@ def tied(tensors: Mapping[str, Any]) -> dict[str, str]:
     first: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
     for key, value in tensors.items():
-        if type(value) is not torch.Tensor or value.is_meta or value.numel() == 0:
+        if type(value) is not torch.Tensor:
             continue
-        identity = (
-            value.untyped_storage().data_ptr(),
-            value.device,
-            value.storage_offset(),
-            tuple(value.shape),
-            value.stride(),
-            value.dtype,
-        )
+        where = value.untyped_storage().data_ptr()
+        if where == 0:  # no memory (empty, meta): nothing to share
+            continue
+        identity = (where, value.device, value.storage_offset(), value.shape, value.stride(), value.dtype)
         prior = first.setdefault(identity, key)
         if prior != key:
             aliases[key] = prior
