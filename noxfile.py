@@ -16,6 +16,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
 CONSTRAINTS = ("-c", "requirements/constraints.txt")
+PYTEST = ("python", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider")
+"""Quiet, but with the reason of every skipped test in the summary."""
 
 
 def install(session: nox.Session, extras: str = "dev") -> None:
@@ -26,14 +28,14 @@ def install(session: nox.Session, extras: str = "dev") -> None:
 def tests(session: nox.Session) -> None:
     """The whole suite, multi-process and S3 tests included (a local S3 server is started by a fixture)."""
     install(session)
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run(*PYTEST, *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def tests_quick(session: nox.Session) -> None:
     """Single-process tests only (a couple of minutes)."""
     install(session)
-    session.run("python", "-m", "pytest", "-q", "-m", "not slow", *session.posargs)
+    session.run(*PYTEST, "-m", "not slow", *session.posargs)
 
 
 @nox.session(python=PYTHON)
