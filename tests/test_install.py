@@ -109,3 +109,12 @@ def test_mypy_uses_the_annotations_of_an_installed_copy(wheel, tmp_path):
     assert "missing library stubs or py.typed marker" not in out, out
     assert re.search(r'train.py:3: note: Revealed type is "(builtins\.)?int"', out), out
     assert 'train.py:2: error: Argument "thread_count" to "CheckpointConfig" has incompatible type "str"' in out, out
+
+
+def test_the_readme_and_the_changelog_name_the_version_of_these_sources():
+    base = re.match(r"\d+\.\d+\.\d+", dcp_plugin.__version__).group(0)
+    readme = README.read_text(encoding="utf-8")
+    assert f"describe **dcp-plugin {base}**" in readme and f"`{dcp_plugin.__version__}`" in readme
+    newest = re.search(r"^## (\S+) — (.+)$", (Path(REPO) / "CHANGELOG.md").read_text(encoding="utf-8"), re.M)
+    assert newest and newest.group(1) == base, "the CHANGELOG's newest section is not this version"
+    assert (newest.group(2) == "unreleased") == (".dev" in dcp_plugin.__version__)
