@@ -214,10 +214,11 @@ class CheckpointManager(CheckpointListing):
     ) -> SaveStats:
         """Checkpoint ``state`` as of now, for ``step``.
 
-        Returns when the snapshot is taken (with ``async_staging``: when it was started) and the write
-        continues in the background. The next ``save``, ``load``, ``delete`` and ``close`` wait for it; its
-        errors are raised by the next call. ``metadata`` (JSON-like, e.g. metrics) is stored in the
-        manifest. ``name`` overrides the directory name (default ``step_000000042``).
+        Returns when the snapshot copy was started (with ``async_staging=False``: when it is taken; in ``sync``
+        mode: when the checkpoint is committed) and the write continues in the background. The next ``save``,
+        ``load``, ``delete`` and ``close`` wait for it; its errors are raised by the next call. ``metadata``
+        (JSON-like, e.g. metrics) is stored in the manifest. ``name`` overrides the directory name (default
+        ``step_000000042``).
         """
         self.wait()  # the previous save committed: its retention runs before the next write starts
         stats = self.checkpointer.save(

@@ -99,6 +99,8 @@ class AccelerateOptions:
             raw = environ[KEEP_LAST_ENV].strip()
             if raw.lower() not in {"none", "all"}:
                 keep_last = _parse_env_value(KEEP_LAST_ENV, raw, 0)
+                if keep_last < 1:
+                    raise ConfigError(f"{KEEP_LAST_ENV}={raw!r} must be an integer >= 1 (or 'none' to keep all).")
         return cls(
             enable=True if enable is None else enable,
             directory=directory,

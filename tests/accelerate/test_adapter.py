@@ -226,8 +226,8 @@ def test_environment_switches_and_subclass(tmp_path):
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"DCP_PLUGIN_ASYNC_MODE": "fast"}, "async_mode='fast'"),
-        ({"DCP_PLUGIN_KEEP_LAST": "0"}, "keep_last=0"),
+        ({"DCP_PLUGIN_ASYNC_MODE": "fast"}, "DCP_PLUGIN_ASYNC_MODE='fast' is not supported"),
+        ({"DCP_PLUGIN_KEEP_LAST": "0"}, "DCP_PLUGIN_KEEP_LAST='0' must be an integer >= 1"),
         ({"DCP_PLUGIN_KEEP_LAST": "three"}, "DCP_PLUGIN_KEEP_LAST='three' must be an integer"),
         ({"DCP_PLUGIN_ENABLE": "maybe"}, "DCP_PLUGIN_ENABLE='maybe'"),
         ({"DCP_PLUGIN_ASYNC_MOD": "thread"}, "Unknown environment variable DCP_PLUGIN_ASYNC_MOD"),

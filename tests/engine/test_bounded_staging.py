@@ -168,7 +168,7 @@ def test_training_between_waves_gets_the_snapshot_of_the_save(tmp_path, writes_o
 def test_without_async_staging_save_returns_once_everything_is_staged(tmp_path):
     state, model, optimizer = training_state()
     before = snapshot(model, optimizer)
-    with CheckpointManager(str(tmp_path), max_staging_bytes=BUDGET) as manager:
+    with CheckpointManager(str(tmp_path), max_staging_bytes=BUDGET, async_staging=False) as manager:
         manager.save(1, state)
         flight = manager.engine._in_flight
         assert flight.staging.done()  # the live state may change right away
