@@ -246,6 +246,7 @@ class CheckpointEngine:
         if flight is not None:
             # PendingSave.upload_done records the outcome (and any error) before it sets the event
             flight.finished.wait()
+            flight.join_writer()
             self._in_flight = None
         self.raise_error()
         return flight.stats if flight is not None else None

@@ -5,10 +5,13 @@ first lets its save in flight commit."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 import lightning.pytorch as pl
+import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dcp_plugin import CheckpointStorage
 from dcp_plugin.lightning import DCPCheckpointIO
@@ -29,17 +32,24 @@ class _SaveInFit(pl.Callback):
             self.in_flight_after_call = trainer.strategy.checkpoint_io.in_flight is not None
 
 
-def test_saves_outside_fit_leave_no_thread_and_saves_in_fit_stay_in_the_background(tmp_path, monkeypatch):
+@pytest.mark.parametrize("enable_checkpointing", [True, False], ids=["with_callback", "without_callback"])
+def test_saves_outside_fit_leave_no_thread_and_saves_in_fit_stay_in_the_background(
+    tmp_path, monkeypatch, enable_checkpointing
+):
+    """With or without a checkpoint callback (the plugin learns the trainer from Trainer.save_checkpoint)."""
     hold_commits(monkeypatch, 0.3)  # every commit waits: a background save is surely still in flight
     before = set(threading.enumerate())
     plugin = DCPCheckpointIO(async_mode="thread")
     in_fit = _SaveInFit(str(tmp_path / "in_fit.ckpt"))
-    run = trainer(str(tmp_path), plugin, max_epochs=1, callbacks=[in_fit])
+    run = trainer(str(tmp_path), plugin, max_epochs=1, callbacks=[in_fit], enable_checkpointing=enable_checkpointing)
     module = TinyModule()
     run.fit(module, loader())
     assert in_fit.in_flight_after_call is True  # the async benefit inside fit is kept
 
     run.save_checkpoint(str(tmp_path / "after_fit.ckpt"))
+    # a ModelCheckpoint that fit never set up, driven by hand after fit (as Lightning's own tests do)
+    standalone = ModelCheckpoint(dirpath=str(tmp_path / "by_hand"), save_on_train_epoch_end=True, save_last=True)
+    standalone.on_train_epoch_end(run, module)
     run.validate(module, loader())
     run.save_checkpoint(str(tmp_path / "after_validate.ckpt"))
 
@@ -47,6 +57,7 @@ def test_saves_outside_fit_leave_no_thread_and_saves_in_fit_stay_in_the_backgrou
     assert set(threading.enumerate()) - before == set()  # nothing left running, without waiting for anything
     storage = CheckpointStorage(str(tmp_path))
     assert storage.is_committed("after_fit.ckpt") and storage.is_committed("after_validate.ckpt")
+    assert sorted(os.listdir(tmp_path / "by_hand")) == ["epoch=1-step=4.ckpt", "last.ckpt"]
     assert DCPCheckpointIO().load_checkpoint(str(tmp_path / "after_validate.ckpt"))["global_step"] == run.global_step
     assert DCPCheckpointIO().load_checkpoint(in_fit.path)["global_step"] == 2
 
