@@ -187,6 +187,7 @@ class CheckpointEngine:
                 else:
                     if mode == "process":
                         daemon.prepare()
+                        daemon.ensure_running(group)
                     stager = self._stagers.for_save(writer)  # a head start of staging is finished here
                     result = dcp.async_save(
                         flat_state,
