@@ -12,7 +12,6 @@ optional (defaults apply without it).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -29,9 +28,7 @@ from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-from dcp_plugin.lightning.plugin_support import committed_info
-
-log = logging.getLogger(__name__)
+from dcp_plugin.lightning.plugin_support import committed_info, report
 
 
 class _LiveState(Mapping):
@@ -182,7 +179,7 @@ class _DCPStrategyMixin:
         checkpoint["state_dict"] = ModelState(self.model).state_dict()  # type: ignore[attr-defined]
         checkpoint["optimizer_states"] = [OptimizerState(self.model, o).state_dict() for o in live_optimizers]  # type: ignore[attr-defined]
         if self.is_global_zero:  # type: ignore[attr-defined]
-            log.info("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
+            report("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
         return checkpoint
 
     # -- lifecycle -------------------------------------------------------------------------------
