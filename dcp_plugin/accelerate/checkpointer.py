@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dcp_plugin.accelerate import hooks
+from dcp_plugin.accelerate import hooks, not_found
 from dcp_plugin.accelerate.naming import AutomaticCheckpoints, auto_name
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
@@ -165,10 +165,9 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
                     else:
                         info = self.automatic_manager().load(state, strict=strict)
             except CheckpointNotFoundError as err:
-                raise CheckpointNotFoundError(
-                    f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
-                    "DCP_PLUGIN_ENABLE=0 or after dcp_plugin.accelerate.disable(accelerator)."
-                ) from None
+                if input_dir is None:
+                    raise not_found.explain(err, self.automatic_manager().storage, None) from None
+                raise not_found.explain(err, *self.checkpointer.locate(str(input_dir))) from None
         finally:
             hooks.cleanup(hook_dir)
         saved = state[ACCELERATOR_ENTRY]

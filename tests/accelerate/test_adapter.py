@@ -248,10 +248,31 @@ def test_unsupported_uses_get_clear_errors(tmp_path):
         accelerator.save_state()
     with pytest.raises(ValueError, match="load_state\\(\\) needs an input directory"):
         accelerator.load_state()
-    with pytest.raises(CheckpointNotFoundError, match="DCP_PLUGIN_ENABLE=0"):
+    with pytest.raises(CheckpointNotFoundError, match="No checkpoint at .*missing.*save_state") as missing:
         accelerator.load_state(str(tmp_path / "missing"))
+    assert "DCP_PLUGIN_ENABLE" not in str(missing.value)
     with pytest.raises(TypeError, match="DeepSpeed"):
         accelerator.save_state(str(tmp_path / "x"), tag="best")
     accelerator.end_training()
     with pytest.raises(RuntimeError, match="closed by end_training"):
         accelerator.save_state(str(tmp_path / "x"))
+
+
+def test_the_first_load_state_of_a_fresh_run_says_what_is_wrong_and_how_to_guard_it(tmp_path):
+    """Nothing saved yet: the error names the missing directory and the guard, not Accelerate's own saves; the
+    guard works. Only a directory holding Accelerate's own checkpoints is blamed on them."""
+    project = str(tmp_path / "run")
+    accelerator = auto_accelerator(project)
+    dpa.enable(accelerator, environ={}, async_mode="sync")
+    prepared(accelerator)
+    with pytest.raises(CheckpointNotFoundError) as fresh:
+        accelerator.load_state()
+    message = str(fresh.value)
+    assert f"{project}/checkpoints does not exist yet" in message
+    assert "checkpointer_of(accelerator).latest() is not None" in message and "Accelerate's own" not in message
+    if dpa.checkpointer_of(accelerator).latest() is not None:  # the documented guard
+        accelerator.load_state()
+    Accelerator.save_state(accelerator)  # Accelerate's own save_state: checkpoints/checkpoint_0
+    with pytest.raises(CheckpointNotFoundError, match=r"checkpoint_0 holds Accelerate's own checkpoint files"):
+        accelerator.load_state()
+    accelerator.end_training()
