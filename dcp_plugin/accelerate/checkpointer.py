@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from dcp_plugin.accelerate import hooks, not_found
+from dcp_plugin.accelerate.metrics import SaveMetrics
 from dcp_plugin.accelerate.naming import AutomaticCheckpoints, auto_name
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
@@ -52,6 +53,8 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
         self._automatic: CheckpointManager | None = None
         self._closed = False
         self._warned_ignored_dir = False
+        self.metrics = SaveMetrics(options.log_metrics)
+        """Committed saves for the ``Accelerator``'s trackers (``accelerator.log``)."""
         self.installed_automatically = False
         """Installed by ``DCP_PLUGIN_ENABLE=1`` (zero-code); a script's own ``enable()`` replaces it."""
 
@@ -91,6 +94,7 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
         """
         self._check_usable()
         self.checkpointer.wait()
+        self.metrics.log_committed(self.accelerator)
         project = self.accelerator.project_configuration
         iteration = int(project.iteration)
         automatic = self.automatic_naming and (output_dir is None or project.automatic_checkpoint_naming)
@@ -134,6 +138,7 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
                 "(which continues the numbering)."
             ) from None
         project.iteration = iteration + 1
+        self.metrics.started(stats, self.accelerator)
         return stats.url
 
     # -- load --------------------------------------------------------------------------------------
@@ -186,6 +191,7 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
         if self._closed or self._checkpointer is None:
             return  # nothing was saved through this checkpointer yet
         self.checkpointer.wait()
+        self.metrics.log_committed(self.accelerator)
         if self.automatic_naming:
             self.automatic_manager().wait()
 
