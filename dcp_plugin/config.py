@@ -261,7 +261,7 @@ def unknown_variable_message(key: str, prefix: str = ENV_PREFIX) -> str:
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).
 NON_CONFIG_ENV_NAMES = {
-    *("enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"),
+    *("enable", "dir", "keep_last", "log_metrics", "crash_at", "crash_group", "log_level"),
     *("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last"),  # dcp_plugin.tiers.two_tiers
 }
 TESTING_ENV_NAMES = {"crash_at", "crash_group"}

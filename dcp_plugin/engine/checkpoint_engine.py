@@ -193,6 +193,7 @@ class CheckpointEngine:
                 else:
                     if mode == "process":
                         daemon.prepare()
+                        daemon.ensure_running(group)
                     stager = self._stagers.for_save(writer)  # a head start of staging is finished here
                     result = dcp.async_save(
                         flat_state,
@@ -264,6 +265,7 @@ class CheckpointEngine:
         if flight is not None:
             # PendingSave.upload_done records the outcome (and any error) before it sets the event
             flight.finished.wait()
+            flight.join_writer()
             self._in_flight = None
         self.raise_error()
         return flight.stats if flight is not None else None
