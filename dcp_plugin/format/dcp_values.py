@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint._traverse import traverse_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -46,8 +47,36 @@ def plain_values(name: str, value: Any) -> dict[Path, Any]:
         if not is_tensor(leaf) and _count(leaf, MAX_ELEMENTS) is not None:
             found[path] = leaf
 
-    traverse_state_dict({name: value}, visit)
+    plain = _without_tensors(value)
+    if plain is not _NOTHING:
+        traverse_state_dict({name: plain}, visit)
     return found
+
+
+_NOTHING = object()
+
+
+def _without_tensors(value: Any) -> Any:
+    """``value`` without what holds no plain leaf, so that traversing it visits exactly the plain leaves DCP's
+    flattening visits in ``value``, at the same paths: a mapping loses its tensors and the mappings that hold only
+    tensors; in a list, such an element becomes an empty mapping (the indices, and whether DCP treats the list as
+    one leaf, stay as they were). ``_NOTHING`` when nothing plain is left of a mapping."""
+    if type(value) is dict or isinstance(value, Mapping):
+        kept = {}
+        for key, item in value.items():
+            if type(item) is torch.Tensor or is_tensor(item):
+                continue
+            item = _without_tensors(item)
+            if item is not _NOTHING:
+                kept[key] = item
+        return kept if kept or not value else _NOTHING
+    if type(value) is list:
+        out = []
+        for item in value:
+            item = {} if is_tensor(item) else _without_tensors(item)
+            out.append({} if item is _NOTHING else item)
+        return out
+    return value
 
 
 def _count(value: Any, budget: int) -> int | None:

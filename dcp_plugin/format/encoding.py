@@ -95,7 +95,10 @@ class Encoder:
         return self._encode(value, (self.prefix,))
 
     def _encode(self, value: Any, path: tuple[str, ...]) -> Any:
-        if is_tensor(value):
+        cls = type(value)
+        if cls is str or cls is int or cls is bool or value is None:  # the common leaves first (exact types)
+            return value
+        if cls is torch.Tensor or cls is torch.nn.Parameter or is_tensor(value):
             key = ".".join(path)
             if key in self.tensors:
                 raise EncodingError(
@@ -122,7 +125,7 @@ class Encoder:
             if math.isfinite(value) and type(value) is float:
                 return value
             return {TAG: "float", "v": repr(float(value))}
-        if isinstance(value, Mapping) and (type(value) is dict or _dict_class_name(value) is not None):
+        if cls is dict or (isinstance(value, Mapping) and _dict_class_name(value) is not None):
             return self._encode_dict(value, path)
         rich = self._encode_rich(value, path)
         if rich is not None:
@@ -171,11 +174,14 @@ class Encoder:
         return None
 
     def _encode_dict(self, value: Mapping, path: tuple[str, ...]) -> Any:
-        cls_name = _dict_class_name(value)
-        plain_keys = all(isinstance(k, str) for k in value) and TAG not in value
-        if plain_keys and cls_name is None:
-            return {k: self._encode(v, (*path, str(k))) for k, v in value.items()}
-        items = [[self._encode(k, (*path, "<key>")), self._encode(v, (*path, str(k)))] for k, v in value.items()]
+        cls_name = None if type(value) is dict else _dict_class_name(value)
+        str_keys = all(type(k) is str for k in value)
+        if str_keys and cls_name is None and TAG not in value:
+            return {k: self._encode(v, (*path, k)) for k, v in value.items()}
+        if str_keys:  # a plain string key encodes as itself
+            items = [[k, self._encode(v, (*path, k))] for k, v in value.items()]
+        else:
+            items = [[self._encode(k, (*path, "<key>")), self._encode(v, (*path, str(k)))] for k, v in value.items()]
         encoded: dict[str, Any] = {TAG: "dict", "v": items}
         if cls_name is not None:
             encoded["cls"] = cls_name

@@ -82,8 +82,9 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
         if clash:
             raise encoding.EncodingError(f"State entries collide on checkpoint keys {sorted(clash)[:3]}; rename one.")
         flat.update(encoder.tensors)
+        parents: dict[tuple[str, ...], dict[str, Any]] = {}
         for key, path in encoder.paths.items():
-            _insert(nested, path, encoder.tensors[key])
+            _insert(nested, path, encoder.tensors[key], parents)
         if not per_rank and dcp_values.applies(state[name], value):
             for plain_path, plain in dcp_values.plain_values(name, value).items():
                 dcp_values.insert(nested, plain_path, plain)
@@ -112,14 +113,20 @@ def tied(tensors: Mapping[str, Any]) -> dict[str, str]:
     return aliases
 
 
-def _insert(nested: dict[str, Any], path: tuple[str, ...], tensor: Any) -> None:
-    """Put ``tensor`` at ``path`` in ``nested`` (dicts only, string keys: DCP joins them with '.' to the key)."""
-    node = nested
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):  # pragma: no cover - a tensor path is never a prefix of another
-            raise encoding.EncodingError(f"Checkpoint key {'.'.join(path)!r} runs through a tensor.")
-        node = child
+def _insert(
+    nested: dict[str, Any], path: tuple[str, ...], tensor: Any, parents: dict[tuple[str, ...], dict[str, Any]]
+) -> None:
+    """Put ``tensor`` at ``path`` in ``nested`` (dicts only, string keys: DCP joins them with '.' to the key);
+    ``parents`` remembers the dict at each parent path already made (tensors of one dict come one after another)."""
+    node = parents.get(path[:-1])
+    if node is None:
+        node = nested
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # pragma: no cover - a tensor path is never a prefix of another
+                raise encoding.EncodingError(f"Checkpoint key {'.'.join(path)!r} runs through a tensor.")
+            node = child
+        parents[path[:-1]] = node
     if path[-1] in node:  # pragma: no cover - keys are unique, so paths are too
         raise encoding.EncodingError(f"Two tensors map to the checkpoint key {'.'.join(path)!r}.")
     node[path[-1]] = tensor

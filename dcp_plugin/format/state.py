@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from dcp_plugin.format import fast_state
+
 
 class ModelState(Stateful):
     """A model's parameters and buffers under canonical FQN keys (sharded tensors stay sharded)."""
@@ -39,6 +41,8 @@ class ModelState(Stateful):
 
     def state_dict(self) -> dict[str, Any]:
         """The model's parameters and buffers by FQN, as ``get_model_state_dict`` gives them (no copies)."""
+        if self.options is None:
+            return fast_state.model_state_dict(self.model)
         return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
@@ -82,6 +86,8 @@ class OptimizerState(Stateful):
         # torch materialises the state of an optimizer that never stepped with a zero-lr step. That must not
         # leak into training (AdamW's step count would be off by one), so undo it and remember it was empty.
         never_stepped = all(not optimizer.state for optimizer in self.optimizers)
+        if self.options is None and not never_stepped:
+            return fast_state.optimizer_state_dict(self.model, self.optimizers)
         state_dict = get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
         if never_stepped:
             for optimizer in self.optimizers:

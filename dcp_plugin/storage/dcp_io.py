@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import os
 import queue
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -28,21 +27,23 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointSaveError
-from dcp_plugin.storage.blob_checks import Signature, check
-from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, link_into, write_id_of
-from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
-from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
-from dcp_plugin.storage.names import BLOBS, METADATA_NAME
+from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id_of
+from dcp_plugin.storage.commit import CommitStrategy, PendingWrite
+from dcp_plugin.storage.integrity import ChecksumSink, HashingStream
+from dcp_plugin.storage.names import BLOBS
 from dcp_plugin.storage.record_writer import FileWriting, RecordFile
 from dcp_plugin.storage.root import StorageRoot
-from dcp_plugin.storage.safe_io import regular_file_size
+from dcp_plugin.storage.sealing import Written, seal
 
 log = logging.getLogger(__name__)
 
 _WARNED_UNCHECKED: set[str] = set()
 DIRECT_IO_ATTRIBUTE = "dcp_plugin_direct_io"
 """Set on the Metadata a save returns: whether its files went to the disk with O_DIRECT (``SaveStats.direct_io``)."""
+SET_AFTER_WRITING = (DIRECT_IO_ATTRIBUTE, "dcp_plugin_blobs_checked", "dcp_plugin_blobs", "dcp_plugin_fingerprints")
+"""Attributes a save sets on the ``Metadata`` it returns, after ``.metadata`` was written (never written into it):
+``dcp_plugin_blobs_checked`` (the new blobs as checked before the commit), ``dcp_plugin_blobs`` (the blobs the
+checkpoint lists) and ``dcp_plugin_fingerprints`` (of the chunks kept in blobs), for incremental saves."""
 _CHECKSUMS_FQN = "__dcp_plugin_checksums__"
 """WriteResults under this name carry a rank's file checksums to the coordinator's ``finish``; they are
 taken out before DCP builds ``.metadata``."""
@@ -334,31 +335,25 @@ class _CommitOnFinish:
                     direct.append(report["direct_io"])
             data_results.append(kept)
         # DCP's plan cache hands the same Metadata object to the next save: what the last one set is not written.
-        vars(metadata).pop(DIRECT_IO_ATTRIBUTE, None)
-        vars(metadata).pop("dcp_plugin_blobs_checked", None)
+        for name in SET_AFTER_WRITING:
+            vars(metadata).pop(name, None)
         super().finish(metadata, data_results)  # type: ignore[misc]
+        needed = {str(info.relative_path) for info in (metadata.storage_data or {}).values()}
+        incremental = self._dcp_plugin_incremental
+        written = Written(files, blobs, fingerprints, needed, _bytes_written(metadata))
+        checked = seal(
+            self._dcp_plugin_root,
+            self._dcp_plugin_strategy,
+            self._dcp_plugin_pending,
+            written,
+            None if incremental is None else incremental.write_id,
+        )
         # Set after .metadata is written: it travels back to every rank's save (and from the writer daemon) only.
         metadata.dcp_plugin_direct_io = all(direct) if direct else None  # type: ignore[attr-defined]
-        reached("save.written")
-        root, pending = self._dcp_plugin_root, self._dcp_plugin_pending
-        needed = {str(info.relative_path) for info in (metadata.storage_data or {}).values()}
-        unhashed = sorted(needed - set(files) - set(blobs))
-        if unhashed:
-            raise RuntimeError(f"No checksum was recorded for {unhashed[:3]}; the checkpoint is not committed.")
-        size, digest = hash_file(root.fs, f"{pending.directory}/{METADATA_NAME}", is_local=root.is_local)
-        files[METADATA_NAME] = {"size": size, "xxh3_128": digest}
-        manifest = dict(pending.manifest)
-        manifest.update(bytes=_bytes_written(metadata), committed=time.time(), files=files)
-        if self._dcp_plugin_incremental is not None:
-            new = {n for n in blobs if write_id_of(n) == self._dcp_plugin_incremental.write_id}
-            checked = _check_blobs_present(root, blobs, new, pending)
+        if incremental is not None:
             metadata.dcp_plugin_blobs_checked = checked  # type: ignore[attr-defined]
-            written = sum(r["size"] for r in files.values())
-            written += sum(
-                r["size"] for n, r in blobs.items() if write_id_of(n) == self._dcp_plugin_incremental.write_id
-            )
-            manifest.update(blobs=blobs, fingerprints=fingerprints, bytes_new=written)
-        self._dcp_plugin_strategy.commit(pending, manifest)
+            metadata.dcp_plugin_blobs = blobs  # type: ignore[attr-defined]
+            metadata.dcp_plugin_fingerprints = fingerprints  # type: ignore[attr-defined]
 
 
 def _file_writing(
@@ -379,40 +374,6 @@ def _file_writing(
         sink.recorder(name)(size, digest)
 
     return FileWriting(open_file, record, fsync=fsync, on_closed=None if staging is None else staging.stream_closed)
-
-
-def _check_blobs_present(
-    root: StorageRoot, blobs: dict[str, dict[str, Any]], new: set[str], pending: PendingWrite
-) -> dict[str, tuple[Signature, str]]:
-    """Every blob the checkpoint will list is there with its committed size (and durable), and each blob this save
-    wrote reads back as written, or nothing commits; on a local disk each is linked into the checkpoint's
-    directory too, so that any DCP reader finds it. Returns each new blob's file signature and checksum as checked."""
-    area = root.work(BLOBS)
-    checked: dict[str, tuple[Signature, str]] = {}
-    for name in sorted(new):
-        found = check(root.fs, f"{area}/{name}", blobs[name], is_local=root.is_local)
-        if found is None:
-            raise CheckpointSaveError(
-                f"The shared data file {root.url(f'{area}/{name}')} does not read back as it was written (damaged "
-                f"while written, or changed by another process); {pending.name} was not committed. Save again."
-            )
-        checked[name] = (found, blobs[name]["xxh3_128"])
-    for name, record in sorted(blobs.items()):
-        try:
-            size = regular_file_size(root.fs, f"{area}/{name}", is_local=root.is_local)
-        except FileNotFoundError:
-            size = -1
-        if size != record["size"]:
-            raise CheckpointSaveError(
-                f"The shared data file {root.url(f'{area}/{name}')} this save refers to was removed or changed while "
-                f"it was written (a purge by another process?); {pending.name} was not committed. Save again: the "
-                "next save writes those tensors afresh."
-            )
-    if root.is_local and blobs:
-        fsync_dir(area)
-        link_into(area, blobs, pending.directory)
-        fsync_dir(pending.directory)
-    return checked
 
 
 class CommittingFileSystemWriter(_CommitOnFinish, FileSystemWriter):

@@ -69,31 +69,48 @@ def _frame(tensor: torch.Tensor) -> tuple[bytes, bytes]:
     return b"".join(framing.parts[:hole]), b"".join(framing.parts[hole:])
 
 
-def _key(tensor: torch.Tensor) -> tuple[Any, ...]:
+def _key(tensor: torch.Tensor, alignment: int) -> tuple[Any, ...]:
     """Everything the record's framing depends on (its pickle describes the tensor, not its values)."""
+    metadata = torch._utils.get_tensor_metadata(tensor)
     return (
         tensor.dtype,
-        tuple(tensor.shape),
+        tensor.shape,
         tensor.stride(),
         tensor.storage_offset(),
         tensor.untyped_storage().nbytes(),
         tensor.requires_grad,
-        tuple(sorted(torch._utils.get_tensor_metadata(tensor).items())),
-        _get_storage_alignment(),
+        tuple(sorted(metadata.items())) if metadata else (),
+        alignment,
     )
 
 
-def tensor_record(tensor: torch.Tensor) -> tuple[bytes, memoryview, bytes]:
+def storage_alignment() -> int:
+    """``torch.save``'s storage alignment (its config is per thread and slow to read: ask once per file)."""
+    return _get_storage_alignment()
+
+
+def frame_of(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
+    """(head, tail) of the record of a contiguous CPU tensor of ``dtype`` and ``shape`` whose storage holds exactly
+    its elements: what frames such a tensor's bytes whatever their values."""
+    return _framed(torch.empty(shape, dtype=dtype), storage_alignment())
+
+
+def tensor_record(tensor: torch.Tensor, alignment: int | None = None) -> tuple[bytes, memoryview, bytes]:
     """(head, data, tail) of ``tensor``'s record: written in this order they are the record ``torch.save`` writes
     with ``compute_crc32=False``. ``data`` is the tensor's storage memory itself (keep ``tensor`` alive while it
     is used). ``tensor`` must be a CPU tensor whose storage holds nothing but its own elements, as DCP's writer
-    hands them out (it clones views of larger storages)."""
+    hands them out (it clones views of larger storages). ``alignment``: :func:`storage_alignment`, if known."""
     if tensor.device.type != "cpu":
         raise ValueError(f"tensor_record needs a CPU tensor, got one on {tensor.device}")
     if type(tensor) is not torch.Tensor or tensor.__dict__:  # subclasses and attributes pickle their own way
         head, tail = _frame(tensor)
         return head, _storage_view(tensor), tail
-    key = _key(tensor)
+    head, tail = _framed(tensor, storage_alignment() if alignment is None else alignment)
+    return head, _storage_view(tensor), tail
+
+
+def _framed(tensor: torch.Tensor, alignment: int) -> tuple[bytes, bytes]:
+    key = _key(tensor, alignment)
     with _FRAMES_LOCK:
         frames = _FRAMES.get(key)
         if frames is not None:
@@ -104,7 +121,7 @@ def tensor_record(tensor: torch.Tensor) -> tuple[bytes, memoryview, bytes]:
             _FRAMES[key] = frames
             if len(_FRAMES) > _FRAMES_KEPT:
                 _FRAMES.popitem(last=False)
-    return frames[0], _storage_view(tensor), frames[1]
+    return frames
 
 
 def _storage_view(tensor: torch.Tensor) -> memoryview:
@@ -115,4 +132,4 @@ def _storage_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * size).from_address(storage.data_ptr())).cast("B")
 
 
-__all__ = ["tensor_record"]
+__all__ = ["frame_of", "storage_alignment", "tensor_record"]
