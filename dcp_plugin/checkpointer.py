@@ -13,13 +13,15 @@ if the checkpoint is replaced while it is read).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -27,6 +29,7 @@ import torch
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import inflight, plans, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.repeat import RepeatRequest
 from dcp_plugin.engine.staging.waits import StagingWaits
 from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import (
@@ -35,7 +38,7 @@ from dcp_plugin.errors import (
     ConfigError,
 )
 from dcp_plugin.format import packing
-from dcp_plugin.format.incremental import IncrementalTracker
+from dcp_plugin.format.incremental import Choice, IncrementalTracker
 from dcp_plugin.format.state import models_in, optimizers_in, wrap_state
 from dcp_plugin.loading import REPLACED_RETRIES, Resolver, load_committed, resolve_on_coordinator
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
@@ -101,6 +104,7 @@ class Checkpointer:
         overwrite: bool = False,
         run_id: str | None = None,
         frozen_from: Sequence[torch.nn.Module] = (),
+        after_commit: Callable[[], None] | None = None,
     ) -> SaveStats:
         """Checkpoint ``state`` as of now at ``ref``; returns when the snapshot is taken (see ``async_mode``).
 
@@ -108,7 +112,9 @@ class Checkpointer:
         ``run_id`` go into the manifest. ``frozen_from``: modules a plain state dict in ``state`` was taken from
         (Lightning's module): their frozen parameters count for incremental saves, and with async staging their
         forward pass waits for the snapshot, as for a model in ``state``. The write continues in the
-        background; the next call on this checkpointer waits for it and raises its error.
+        background; the next call on this checkpointer waits for it and raises its error. ``after_commit()`` runs
+        once the checkpoint is committed, where the write ends (in the background but before the next call here
+        can start another save); its errors are logged.
         """
         started = time.perf_counter()
         storage, name = self.locate(ref)
@@ -119,7 +125,9 @@ class Checkpointer:
         wrapped = wrap_state(state)
         if self.config.stages_in_background:  # the next change of saved tensors waits for the snapshot copy
             self._staging_waits.hook(optimizers_in(wrapped), [*models_in(wrapped), *frozen_from])
-        packed, pending, structure = self._prepare(storage, name, wrapped, overwrite)
+        packed, pending, structure, choice, request = open_save(
+            self.engine, self._incremental, storage, name, wrapped, overwrite, frozen_from, self.config.allow_pickle
+        )
         pending.manifest = {
             "step": step,
             "world_size": self.groups.world_size,
@@ -130,8 +138,9 @@ class Checkpointer:
             "entries": packed.entries,
             "metadata": dict(metadata or {}),
         }
-        plan, held = self._incremental.plan(storage, pending, packed.tensors, wrapped, self.groups.rank, frozen_from)
-        self._incremental.stand_in(packed.state_dict, plan, packed.tensors)
+        plan, held = self._incremental.plan(storage, pending, choice, packed.tensors, self.groups.rank)
+        if not request.repeat:
+            self._incremental.stand_in(packed.state_dict, plan, packed.tensors)
         writer = storage.writer(
             pending,
             thread_count=self.config.thread_count,
@@ -140,7 +149,7 @@ class Checkpointer:
             run_write=functools.partial(priority.run_lowered, self.config.background_nice),
             incremental=plan,
             direct_io=self.config.direct_io,
-            aliases=packing.tied(packed.tensors),
+            aliases=dict(request.aliases),
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
         on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
@@ -150,19 +159,31 @@ class Checkpointer:
             stats=stats,
             started=started,
             on_failure=on_failure,
-            on_done=functools.partial(self._save_done, storage, plan, held),
+            on_done=functools.partial(self._save_done, storage, plan, held, pending.manifest["save_id"], after_commit),
             structure=structure,
+            repeat=request,
         )
         self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
         return stats
 
-    def _save_done(self, storage: CheckpointStorage, plan: Any, held: list[tuple[str, str]], metadata: Any) -> None:
-        """After a save's write ended (in the background): incremental bookkeeping, then its blobs are let go."""
+    def _save_done(
+        self,
+        storage: CheckpointStorage,
+        plan: Any,
+        held: list[tuple[str, str]],
+        save_id: str,
+        after_commit: Callable[[], None] | None,
+        metadata: Any,
+    ) -> None:
+        """After a save's write ended (in the background): incremental bookkeeping, then its blobs are let go,
+        then ``after_commit`` if it committed."""
         try:
-            self._incremental.committed(storage, plan, metadata)
+            self._incremental.committed(storage, plan, metadata, save_id)
         finally:
             release(held)
+        if after_commit is not None and metadata is not None:
+            after_commit()
 
     def prepare(self, state: Mapping[str, Any]) -> None:
         """Set up the staging buffers for ``state`` (what later saves will hold) in the background now, so the
@@ -174,38 +195,6 @@ class Checkpointer:
             wrap_state(state), rank=self.groups.rank, world_size=self.groups.world_size, allow_pickle=True
         )
         self.engine.prepare(packed.flat)
-
-    def _prepare(
-        self, storage: CheckpointStorage, name: str, wrapped: Mapping[str, Any], overwrite: bool
-    ) -> tuple[packing.Packed, PendingWrite, str]:
-        """Pack the state on every rank and open the write on the coordinator; any rank's failure fails all.
-        Also agrees on the save's structure (what its ``.metadata`` records besides the bytes) over all ranks."""
-        groups = self.groups
-        packed: packing.Packed | None = None
-        pending: PendingWrite | None = None
-        local_error: BaseException | None = None
-        structure = 0
-        try:
-            packed = packing.pack(
-                wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
-            )
-            structure = self.engine.plan_keys.number(plans.structure(packed.state_dict))
-            if groups.is_coordinator:
-                pending = storage.begin_write(name, overwrite=overwrite)
-                pending.manifest["save_id"] = uuid.uuid4().hex
-        except Exception as err:  # noqa: BLE001 - reported on every rank below
-            local_error = err
-        outcomes = groups.all_gather((pending, _error_text(local_error), structure))
-        pending = outcomes[0][0]
-        failures = [(rank, text) for rank, (_, text, _) in enumerate(outcomes) if text]
-        if failures:
-            if groups.is_coordinator and pending is not None:
-                storage.abort(pending)
-            if local_error is not None:
-                raise local_error
-            raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
-        assert packed is not None and pending is not None
-        return packed, pending, plans.agreed([number for _, _, number in outcomes])
 
     # -- loading ---------------------------------------------------------------------------------
     def load(
@@ -310,6 +299,70 @@ def locate(
             "they are merged over the configured storage_options."
         )
     return open_url(os.fspath(ref), {**base_options, **dict(storage_options or {})})
+
+
+def open_save(
+    engine: CheckpointEngine,
+    incremental: IncrementalTracker,
+    storage: CheckpointStorage,
+    name: str,
+    wrapped: Mapping[str, Any],
+    overwrite: bool,
+    frozen_from: Sequence[torch.nn.Module],
+    allow_pickle: bool,
+) -> tuple[packing.Packed, PendingWrite, str, Choice | None, RepeatRequest]:
+    """Pack the state on every rank and open the write on the coordinator; any rank's failure fails all. Also agrees
+    over all ranks, in one all-gather, on the save's structure (what its ``.metadata`` records besides the bytes) and
+    on whether it repeats the structure of a save DCP planned, so that it can be written without DCP."""
+    groups = engine.groups
+    packed: packing.Packed | None = None
+    pending: PendingWrite | None = None
+    choice: Choice | None = None
+    local_error: BaseException | None = None
+    numbers: tuple[int, int] = (0, 0)
+    aliases: dict[str, str] = {}
+    try:
+        with _collection_paused():
+            packed = packing.pack(wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=allow_pickle)
+            structure = engine.plan_keys.number(plans.structure(packed.state_dict))
+            aliases = packing.tied(packed.tensors)
+            choice = incremental.choose(storage, packed.tensors, wrapped, frozen_from)
+            blobs = choice.keys if choice is not None else frozenset()
+            numbers = (structure, engine.repeats.number(structure, packed.tensors, aliases, blobs, storage.root_url))
+        if groups.is_coordinator:
+            pending = storage.begin_write(name, overwrite=overwrite)
+            pending.manifest["save_id"] = uuid.uuid4().hex
+    except Exception as err:  # noqa: BLE001 - reported on every rank below
+        local_error = err
+    outcomes = groups.all_gather((pending, _error_text(local_error), numbers, engine.repeats.ready()))
+    pending = outcomes[0][0]
+    failures = [(rank, text) for rank, (_, text, _, _) in enumerate(outcomes) if text]
+    if failures:
+        if groups.is_coordinator and pending is not None:
+            storage.abort(pending)
+        if local_error is not None:
+            raise local_error
+        raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
+    assert packed is not None and pending is not None
+    agreed = plans.agreed([number for _, _, (number, _), _ in outcomes])
+    key = f"{agreed}/{plans.agreed([repeat for _, _, (_, repeat), _ in outcomes])}"
+    blobs = choice.keys if choice is not None else frozenset()
+    repeat = all(ready == key for _, _, _, ready in outcomes)
+    request = RepeatRequest(packed.tensors, packed.plain, aliases, blobs, key, repeat)
+    return packed, pending, agreed, choice, request
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """No garbage collection while a save's state is taken apart: it makes a few small objects per tensor, and with
+    many tensors the collector would walk the whole heap over and over (torch pauses it in get_state_dict too)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _error_text(err: BaseException | None) -> str | None:

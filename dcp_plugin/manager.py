@@ -8,7 +8,9 @@ through it or through the same parts.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import uuid
 from collections import deque
 from collections.abc import Mapping, MutableMapping
@@ -171,6 +173,7 @@ class CheckpointManager(CheckpointListing):
         """Stats of this manager's most recent saves (oldest dropped after 1000)."""
         self.should_stop = False
         """Set by :meth:`maybe_save` after a preemption save committed: the loop should exit now."""
+        self._retention_lock = threading.Lock()
         schedule.install()
 
     @property
@@ -220,7 +223,7 @@ class CheckpointManager(CheckpointListing):
         (JSON-like, e.g. metrics) is stored in the manifest. ``name`` overrides the directory name (default
         ``step_000000042``).
         """
-        self.wait()  # the previous save committed: its retention runs before the next write starts
+        self.wait()  # the previous save committed: its retention (if not done in the background) runs first
         stats = self.checkpointer.save(
             (self.storage, name or step_name(step)),
             state,
@@ -228,6 +231,7 @@ class CheckpointManager(CheckpointListing):
             metadata=metadata,
             overwrite=overwrite,
             run_id=self.run_id,
+            after_commit=functools.partial(self._after_commit, False) if self.config.is_async else None,
         )
         self.history.append(stats)
         self.schedule.saved(step)
@@ -276,10 +280,12 @@ class CheckpointManager(CheckpointListing):
         self.should_stop = self.should_stop or verdict.stop
         return stats
 
-    def _after_commit(self) -> None:
-        coordinator = self.checkpointer.groups.is_coordinator
-        writing = self.checkpointer.in_flight is not None
-        self._where.after_commit(self.schedule, coordinator=coordinator, writing=writing)
+    def _after_commit(self, writing: bool | None = None) -> None:
+        """Retention once the last save committed (background modes: called where the write ends, off the loop)."""
+        writing = self.checkpointer.in_flight is not None if writing is None else writing
+        with self._retention_lock:
+            coordinator = self.checkpointer.groups.is_coordinator
+            self._where.after_commit(self.schedule, coordinator=coordinator, writing=writing)
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""

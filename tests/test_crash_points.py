@@ -31,6 +31,13 @@ OUTCOMES = {
     ("delete", "delete.hidden"): {2: VALUES["step2"]},
     ("retention", "delete.hidden"): {2: VALUES["step2"]},
 }
+TWO = {1: VALUES["step1"], 2: VALUES["step2"]}
+REPEAT = {  # a save that repeats the structure of the one before, written without DCP (thread mode)
+    ("repeat", "save.begun"): TWO,
+    ("repeat", "save.written"): TWO,
+    ("repeat", "save.sealed"): TWO,
+    ("repeat", "save.committed"): {**TWO, 3: VALUES["step3"]},
+}
 LOCAL_ONLY = {("replace_two_step", "replace.old_moved"): OLD, ("replace_two_step", "save.committed"): {1: 11.0}}
 
 
@@ -77,8 +84,16 @@ def test_crash_point_on_local_disk(scenario, point, mode, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scenario, point, mode", _cases(REPEAT, ("thread", "sync")))
+def test_crash_point_of_a_save_written_without_dcp(scenario, point, mode, tmp_path):
+    url = str(tmp_path / "ckpts")
+    crash(scenario, mode, url, {}, point, tmp_path)
+    check_after_crash(url, {}, REPEAT[(scenario, point)])
+
+
+@pytest.mark.slow
 @pytest.mark.s3
-@pytest.mark.parametrize("scenario, point, mode", _cases(OUTCOMES, ("thread", "process")))
+@pytest.mark.parametrize("scenario, point, mode", _cases({**OUTCOMES, **REPEAT}, ("thread", "process")))
 def test_crash_point_on_s3(scenario, point, mode, tmp_path, s3_url):
     url, options = s3_url
     crash(scenario, mode, url, options, point, tmp_path)

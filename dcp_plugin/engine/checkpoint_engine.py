@@ -14,7 +14,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_for_first
 from typing import Any
 
@@ -32,6 +32,7 @@ from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.engine.outcomes import SaveOutcomes
 from dcp_plugin.engine.pending import PendingSave
 from dcp_plugin.engine.pending import bytes_written as _bytes
+from dcp_plugin.engine.repeat import RepeatRequest, RepeatSaves
 from dcp_plugin.engine.staging.pool import BoundedStager
 from dcp_plugin.engine.staging.stagers import Stagers
 from dcp_plugin.engine.stats import SaveStats
@@ -93,6 +94,7 @@ class CheckpointEngine:
         self.plan_keys = plans.PlanKeys()
         """Its DCP plan cache keys; ``plan_keys.number(plans.structure(...))`` numbers a save's structure."""
         self._in_flight: PendingSave | None = None
+        self.repeats = RepeatSaves(self.config, self.groups)  # saves that repeat a structure: written without DCP
         self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
         _quiet_discarded_dcp_telemetry()
@@ -167,43 +169,26 @@ class CheckpointEngine:
         on_failure: Any = None,
         on_done: Any = None,
         structure: str = "",
+        repeat: RepeatRequest | None = None,
     ) -> SaveStats:
         """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate
         (or, with async staging, once staging was started). Fills ``stats`` in (now and when done).
         ``on_done(metadata)`` is called once the write committed (with the save's ``Metadata``) or failed
-        (``None``). ``structure``: the save's structure agreed
-        over all ranks (:func:`~dcp_plugin.engine.plans.agreed`); a cached plan is reused only for the same one."""
+        (``None``). ``structure``: the save's structure agreed over all ranks (:func:`~dcp_plugin.engine.plans.agreed`);
+        a cached plan is reused only for the same one. ``repeat``: what lets a save of a structure DCP already
+        planned be written without DCP (:mod:`dcp_plugin.engine.repeat`), and whether all ranks agreed to."""
         self._check_open()
         self.wait()
-        group = self.groups.checkpoint_group()
-        no_dist = not self.groups.collective
         mode = self.config.async_mode
-        if mode == "thread" and no_dist:
-            _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
+        if repeat is None or not repeat.repeat:
+            self.repeats.forget()  # its images go before DCP stages anew
+            on_done = self.repeats.seeding(repeat, writer, on_done, self._stagers.close)
         writing = inflight.begin(stats.url)  # visible to every instance in this process until committed
         try:
-            with _single_process_intent():
-                planner = plans.save_planner(self.plan_keys.use(structure))
-                if mode == "sync":
-                    metadata = dcp.save(
-                        flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
-                    )
-                else:
-                    if mode == "process":
-                        daemon.prepare()
-                        daemon.ensure_running(group)
-                    stager = self._stagers.for_save(writer)  # a head start of staging is finished here
-                    result = dcp.async_save(
-                        flat_state,
-                        storage_writer=writer,
-                        process_group=group,
-                        async_checkpointer_type=AsyncCheckpointerType.PROCESS
-                        if mode == "process"
-                        else AsyncCheckpointerType.THREAD,
-                        async_stager=stager,
-                        planner=planner,
-                        no_dist=no_dist,
-                    )
+            if repeat is not None and repeat.repeat:
+                result = self.repeats.begin(repeat, writer, self.config.stages_in_background)
+            else:
+                result = self._start_dcp(flat_state, writer, structure)
         except BaseException as err:
             _cleanup_after_failure(on_failure, stats.url)
             inflight.finish(writing)
@@ -214,21 +199,15 @@ class CheckpointEngine:
             if mode == "process":
                 message += daemon.shared_memory_hint(err, flat_state)
             raise _project_error(err, CheckpointSaveError, message) from err
-        if mode == "sync":
+        if not isinstance(result, tuple):  # written and committed already (sync mode)
             inflight.finish(writing)
-            _call_done(on_done, metadata)
+            _call_done(on_done, result)
             stats.blocking_s = stats.staging_s = stats.durable_s = time.perf_counter() - started
-            stats.bytes_written = _bytes(metadata, writer)
-            stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
+            stats.bytes_written = _bytes(result, writer)
+            stats.direct_io = getattr(result, "dcp_plugin_direct_io", None)
             self._outcomes.finished(stats)
             return stats
-        staging: Future | None
-        if isinstance(result, AsyncSaveResponse):
-            staging, upload = result.staging_completion, result.upload_completion
-        else:
-            staging, upload = (stager.completion if isinstance(stager, BoundedStager) else None), result
-            if staging is not None and not self.config.stages_in_background:
-                wait_for_first([staging, upload], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
+        staging, upload = result
         stats.blocking_s = time.perf_counter() - started
         if staging is None:
             stats.staging_s = stats.blocking_s
@@ -238,6 +217,40 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
+
+    def _start_dcp(self, flat_state: dict[str, Any], writer: Any, structure: str) -> Any:
+        """Hand the save to DCP: its ``Metadata`` once committed (``sync``), or its (staging, upload) futures."""
+        group = self.groups.checkpoint_group()
+        no_dist = not self.groups.collective
+        mode = self.config.async_mode
+        if mode == "thread" and no_dist:
+            _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
+        with _single_process_intent():
+            planner = plans.save_planner(self.plan_keys.use(structure))
+            if mode == "sync":
+                return dcp.save(
+                    flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
+                )
+            if mode == "process":
+                daemon.prepare()
+                daemon.ensure_running(group)
+            stager = self._stagers.for_save(writer)  # a head start of staging is finished here
+            kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
+            result = dcp.async_save(
+                flat_state,
+                storage_writer=writer,
+                process_group=group,
+                async_checkpointer_type=kind,
+                async_stager=stager,
+                planner=planner,
+                no_dist=no_dist,
+            )
+        if isinstance(result, AsyncSaveResponse):
+            return result.staging_completion, result.upload_completion
+        staging = stager.completion if isinstance(stager, BoundedStager) else None
+        if staging is not None and not self.config.stages_in_background:
+            wait_for_first([staging, result], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
+        return staging, result
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""
@@ -303,6 +316,7 @@ class CheckpointEngine:
             self.wait()
         finally:
             self._closed = True
+            self.repeats.forget()
             self.plan_keys.forget()
             self._stagers.close()
             if self.config.async_mode == "process":

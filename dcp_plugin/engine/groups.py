@@ -89,6 +89,14 @@ class ProcessGroups:
         dist.all_gather_object(out, obj, group=self.checkpoint_group())
         return out
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (``None`` on the other ranks)."""
+        if not self.collective:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
+        dist.gather_object(obj, out, dst=0, group=self.checkpoint_group())
+        return out
+
     def all_gather_control(self, obj: Any) -> list[Any]:
         """``all_gather`` for small control messages (e.g. save decisions), safe while a save is in flight.
 

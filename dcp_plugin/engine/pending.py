@@ -90,6 +90,9 @@ class PendingSave:
 
 def bytes_written(metadata: Any, writer: Any = None) -> int | None:
     """Bytes of tensor data the save wrote (a writer that refers to earlier data says how much it added)."""
+    added = getattr(metadata, "dcp_plugin_bytes_added", None)  # a save written without DCP says it itself
+    if added is not None:
+        return int(added)
     storage = getattr(metadata, "storage_data", None)
     if not storage:
         return None

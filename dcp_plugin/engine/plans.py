@@ -47,15 +47,16 @@ def structure(state_dict: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _describe(node: Mapping[str, Any], out: list[Any]) -> None:
-    pinning = torch.cuda.is_initialized()
+def _describe(node: Mapping[str, Any], out: list[Any], pinning: bool | None = None) -> None:
+    if pinning is None:
+        pinning = torch.cuda.is_initialized()
     for name, value in node.items():
-        if isinstance(value, Mapping):
+        kind = type(value)
+        if kind is dict or isinstance(value, Mapping):
             out.append((name, "{"))
-            _describe(value, out)
+            _describe(value, out, pinning)
             out.append("}")
-        elif isinstance(value, torch.Tensor):
-            kind = type(value)
+        elif kind is torch.Tensor or isinstance(value, torch.Tensor):
             description = (name, kind, value.dtype, value.shape, value.layout, value.requires_grad)
             if kind is not torch.Tensor:
                 description += (_sharding(value),)

@@ -415,9 +415,11 @@ def tensor_keys(skeleton: Any) -> list[str]:
     return keys
 
 
-def dumps(document: Any) -> torch.Tensor:
-    """JSON document -> uint8 tensor (how a skeleton travels through DCP)."""
+def dumps(document: Any, granule: int = 1) -> torch.Tensor:
+    """JSON document -> uint8 tensor (how a skeleton travels through DCP), padded with spaces to a multiple of
+    ``granule`` bytes (JSON allows trailing whitespace)."""
     raw = json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    raw += b" " * (-len(raw) % granule)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
 
 

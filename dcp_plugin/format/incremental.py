@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +41,17 @@ from dcp_plugin.storage.dcp_io import IncrementalPlan
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Choice:
+    """Which tensors a save keeps in blobs, and what its base offers, decided before the save's write is opened."""
+
+    keys: frozenset[str]
+    """The tensors (by checkpoint key) kept in shared blobs."""
+    reuse: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)
+    base_number: int | None = None
+
+
 class IncrementalTracker:
     """One checkpointer's memory between saves: the base checkpoint and the identity of each saved tensor."""
 
@@ -47,42 +59,66 @@ class IncrementalTracker:
         self.enabled = config.incremental
         self.full_save_every = config.full_save_every
         self._base: tuple[str, str, str, int | None] | None = None  # (root URL, name, save_id, save number)
+        self._known: tuple[str, str, dict[str, Any], dict[str, Any]] | None = None  # (root, save_id, reuse, records)
         self._saves = 0
         self._watches: dict[str, tuple[write_watch.Watch, int]] = {}  # key -> (watch, save number it was armed at)
         self._checks = BlobChecks(config.blob_check_interval)
+
+    def choose(
+        self,
+        storage: CheckpointStorage,
+        tensors: Mapping[str, Any],
+        state: Mapping[str, Any],
+        frozen_from: Sequence[torch.nn.Module] = (),
+    ) -> Choice | None:
+        """Which tensors this save keeps in blobs and what the base offers (``None`` when saves are not
+        incremental). ``frozen_from``: more modules whose frozen parameters count, besides the models in ``state``."""
+        if not self.enabled:
+            return None
+        frozen = _frozen_storages([*models_in(state), *frozen_from])
+        keys = _viewing(tensors, frozen) if frozen else set()
+        full = self.full_save_every is not None and self._saves % self.full_save_every == 0
+        choice = Choice(frozenset())
+        if not full and self._base is not None and self._base[0] == storage.root_url:
+            choice.reuse, choice.records = self._reusable(storage)
+            keys |= {key.rsplit("@", 1)[0] for key in choice.reuse}
+            choice.base_number = self._base[3]
+        choice.keys = frozenset(key for key in keys if isinstance(tensors.get(key), torch.Tensor))
+        return choice
 
     def plan(
         self,
         storage: CheckpointStorage,
         pending: PendingWrite,
+        choice: Choice | None,
         tensors: Mapping[str, Any],
-        state: Mapping[str, Any],
         rank: int,
-        frozen_from: Sequence[torch.nn.Module] = (),
     ) -> tuple[IncrementalPlan | None, list[tuple[str, str]]]:
-        """The writer's plan for this save and the blobs it holds until the save is done (release them then).
-        ``frozen_from``: more modules whose frozen parameters count, besides the models in ``state``."""
-        if not self.enabled:
+        """The writer's plan for this save and the blobs it holds until the save is done (release them then)."""
+        if choice is None:
             return None, []
         write_id = shared.write_id_of_entry(pending.write_name)
         held = shared.hold(storage.root_url, [write_id])
-        frozen = _frozen_storages([*models_in(state), *frozen_from])
-        tensor_keys = {key for key, value in tensors.items() if isinstance(value, torch.Tensor)}
-        keys = {key for key in tensor_keys if _identity(tensors[key]) in frozen}
-        full = self.full_save_every is not None and self._saves % self.full_save_every == 0
-        reuse: dict[str, Any] = {}
-        records: dict[str, Any] = {}
-        base_number = None
-        if not full and self._base is not None and self._base[0] == storage.root_url:
-            reuse, records = _reusable(storage, self._base[1], self._base[2], self._checks)
-            held += shared.hold(storage.root_url, records)
-            keys |= {key.rsplit("@", 1)[0] for key in reuse}
-            base_number = self._base[3]
-        keys &= tensor_keys
-        unchanged = self._unchanged(tensors, keys, reuse, base_number)
+        held += shared.hold(storage.root_url, choice.records)
+        unchanged = self._unchanged(tensors, set(choice.keys), choice.reuse, choice.base_number)
         self._saves += 1
-        plan = IncrementalPlan(write_id, rank, frozenset(keys), reuse, records, frozenset(unchanged))
+        plan = IncrementalPlan(write_id, rank, choice.keys, choice.reuse, choice.records, frozenset(unchanged))
         return plan, held
+
+    def _reusable(self, storage: CheckpointStorage) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What the base keeps in blobs known intact: from this process's memory of its commit, or read back."""
+        assert self._base is not None
+        known = self._known
+        if known is None or known[:2] != (storage.root_url, self._base[2]):
+            return _reusable(storage, self._base[1], self._base[2], self._checks)
+        area = storage.blob_area
+        intact = {
+            name: record
+            for name, record in known[3].items()
+            if self._checks.intact(storage.fs, f"{area}/{name}", record, is_local=storage.is_local)
+        }
+        reuse = {key: where for key, where in known[2].items() if where[0].relative_path in intact}
+        return reuse, {name: intact[name] for name in {where[0].relative_path for where in reuse.values()}}
 
     def _unchanged(
         self, tensors: Mapping[str, Any], keys: set[str], reuse: Mapping[str, Any], base_number: int | None
@@ -118,12 +154,14 @@ class IncrementalTracker:
         stand_ins = {id(tensors[key]): _stand_in(tensors[key]) for key in plan.unchanged}
         _replace(state_dict, stand_ins)
 
-    def committed(self, storage: CheckpointStorage, plan: IncrementalPlan | None, metadata: Any) -> None:
-        """A save ended (``metadata``: ``None`` if it failed): remember the blobs it wrote as checked (its writer
-        read them back before committing), and check again the blobs it refers to whose last check is getting
-        old, so that the next save finds them known intact. Runs after the write, off the training thread."""
+    def committed(self, storage: CheckpointStorage, plan: IncrementalPlan | None, metadata: Any, save_id: str) -> None:
+        """A save ended (``metadata``: ``None`` if it failed): remember what it keeps in blobs (the next save's base,
+        without reading it back), the blobs it wrote as checked (its writer read them back before committing), and
+        check again the blobs it refers to whose last check is getting old, so that the next save finds them known
+        intact. Runs after the write, off the training thread."""
         if plan is None or metadata is None:
             return
+        self._remember(storage, plan, metadata, save_id)
         area = storage.blob_area
         for name, (found, digest) in (getattr(metadata, "dcp_plugin_blobs_checked", None) or {}).items():
             self._checks.checked(f"{area}/{name}", found, digest)
@@ -131,6 +169,21 @@ class IncrementalTracker:
             path = f"{area}/{name}"
             if self._checks.due(path):
                 self._checks.recheck(storage.fs, path, record, is_local=storage.is_local)
+
+    def _remember(self, storage: CheckpointStorage, plan: IncrementalPlan, metadata: Any, save_id: str) -> None:
+        blobs = getattr(metadata, "dcp_plugin_blobs", None)
+        fingerprints = getattr(metadata, "dcp_plugin_fingerprints", None)
+        if blobs is None or fingerprints is None:
+            self._known = None
+            return
+        reuse: dict[str, Any] = {}
+        if plan.blob_keys:
+            for index, where in (metadata.storage_data or {}).items():
+                if index.fqn in plan.blob_keys and where.relative_path in blobs:
+                    key = shared.chunk_key(index.fqn, index.offset)
+                    if key in fingerprints:
+                        reuse[key] = (where, fingerprints[key])
+        self._known = (storage.root_url, save_id, reuse, dict(blobs))
 
     def saved(self, storage: CheckpointStorage, name: str, save_id: str) -> None:
         """The next save may refer to this one (checked against the storage when it does)."""
@@ -208,13 +261,28 @@ def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (where, local.storage_offset(), tuple(local.shape), local.dtype)
 
 
+def _viewing(tensors: Mapping[str, Any], frozen: set[tuple[Any, ...]]) -> set[str]:
+    """The keys of ``tensors`` that view one of the ``frozen`` identities (those starting at one of their addresses
+    are compared in full)."""
+    starts = {identity[0] for identity in frozen}
+    keys = set()
+    for key, value in tensors.items():
+        if type(value) is torch.Tensor and value.untyped_storage().data_ptr() not in starts:
+            continue
+        if isinstance(value, torch.Tensor) and _identity(value) in frozen:
+            keys.add(key)
+    return keys
+
+
 def _frozen_storages(models: Sequence[torch.nn.Module]) -> set[tuple[Any, ...]]:
-    return {
-        _identity(parameter.detach())
+    frozen = [
+        parameter
         for model in models
-        for parameter in model.parameters()
-        if not parameter.requires_grad
-    }
+        for module in model.modules()
+        for parameter in module._parameters.values()  # as parameters() finds them, without its per-name work
+        if parameter is not None and not parameter.requires_grad
+    ]
+    return {_identity(parameter.detach()) for parameter in frozen}
 
 
 __all__ = ["IncrementalTracker"]

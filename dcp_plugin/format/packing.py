@@ -31,6 +31,10 @@ from dcp_plugin.storage.reader import placeholder
 log = logging.getLogger(__name__)
 
 SKELETON_PREFIX = "__dcp_plugin__/skeleton/rank"
+SKELETON_GRANULE = 1024
+"""Skeletons are padded to a multiple of this many bytes: a plain value whose text grows or shrinks a little (a step
+count, a learning rate) then leaves the save's structure (the skeleton's shape) as it was, and the next save can
+be written as the last one was (:mod:`dcp_plugin.engine.repeat`)."""
 
 
 class StateMismatchError(KeyError):
@@ -61,6 +65,8 @@ class Packed:
     ``.metadata`` (``planner_data``), so DCP's tools (``dcp_to_torch_save``, ``accelerate merge-weights``)
     rebuild ``{"model": ..., "optimizer": ...}`` instead of one flat mapping."""
     entries: dict[str, dict[str, Any]]
+    plain: dict[str, Any] = field(default_factory=dict)
+    """The plain values handed to DCP, under the keys DCP stores them (byte items: ``optim.param_groups.0.lr``)."""
 
     @property
     def flat(self) -> dict[str, Any]:
@@ -74,6 +80,7 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
     flat: dict[str, Any] = {}
     nested: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
+    plains: dict[str, Any] = {}
     for name, value in expanded.items():
         per_rank = is_per_rank(state[name])
         encoder = encoding.Encoder(entry_prefix(name, per_rank, rank), allow_pickle=allow_pickle)
@@ -87,22 +94,27 @@ def pack(state: Mapping[str, Any], *, rank: int, world_size: int, allow_pickle: 
             _insert(nested, path, encoder.tensors[key], parents)
         if not per_rank and dcp_values.applies(state[name], value):
             for plain_path, plain in dcp_values.plain_values(name, value).items():
-                dcp_values.insert(nested, plain_path, plain)
+                if dcp_values.insert(nested, plain_path, plain):
+                    plains[".".join(map(str, plain_path))] = plain
         entries[name] = {"per_rank": per_rank, "value": skeleton}
     # The checkpoint's format version is recorded once, in the manifest (see dcp_plugin.storage).
     document = {"rank": rank, "world_size": world_size, "entries": entries}
-    flat[skeleton_key(rank)] = nested[skeleton_key(rank)] = encoding.dumps(document)
-    return Packed(tensors=flat, state_dict=nested, entries={n: {"per_rank": e["per_rank"]} for n, e in entries.items()})
+    flat[skeleton_key(rank)] = nested[skeleton_key(rank)] = encoding.dumps(document, SKELETON_GRANULE)
+    entries_out = {n: {"per_rank": e["per_rank"]} for n, e in entries.items()}
+    return Packed(tensors=flat, state_dict=nested, entries=entries_out, plain=plains)
 
 
 def tied(tensors: Mapping[str, Any]) -> dict[str, str]:
     """Keys whose tensor views exactly the memory of an earlier key's tensor (tied weights, an optimizer state
     shared by them), mapped to that key: such a tensor is stored once and read back as one tensor."""
+    plain = [(key, value) for key, value in tensors.items() if type(value) is torch.Tensor]
+    starts = [value.data_ptr() for _, value in plain]
+    nonzero = [start for start in starts if start]
+    if len(set(nonzero)) == len(nonzero):  # two views of the same memory start at the same address
+        return {}
     first: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
-    for key, value in tensors.items():
-        if type(value) is not torch.Tensor:
-            continue
+    for key, value in plain:
         where = value.untyped_storage().data_ptr()
         if where == 0:  # no memory (empty, meta): nothing to share
             continue

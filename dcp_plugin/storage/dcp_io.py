@@ -15,7 +15,6 @@ from typing import Any, Protocol, TypeVar
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.filesystem import (
-    FileSystem,
     SerializationFormat,
     _item_size,
     _split_by_size_and_type,
@@ -31,7 +30,8 @@ from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream
 from dcp_plugin.storage.names import BLOBS
-from dcp_plugin.storage.record_writer import FileWriting, RecordFile
+from dcp_plugin.storage.record_writer import FileWriting, open_record_file
+from dcp_plugin.storage.repeat_io import WriterContext
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.sealing import Written, seal
 
@@ -162,12 +162,38 @@ class _CommitOnFinish:
         self._dcp_plugin_run_write = run_write
         self._dcp_plugin_incremental = incremental
 
+    @property
+    def incremental_plan(self) -> IncrementalPlan | None:
+        """The incremental plan this save's writer was made with."""
+        return self._dcp_plugin_incremental
+
+    def repeat_context(self) -> WriterContext:
+        """This writer's save, for writing it without DCP (:mod:`dcp_plugin.storage.repeat_io`)."""
+        return WriterContext(
+            fs=self.fs,
+            path=self.path,  # type: ignore[attr-defined]
+            root=self._dcp_plugin_root,
+            strategy=self._dcp_plugin_strategy,
+            pending=self._dcp_plugin_pending,
+            sync_files=self.sync_files,  # type: ignore[attr-defined]
+            direct_io=self._dcp_plugin_direct_io,
+            thread_count=self.thread_count,  # type: ignore[attr-defined]
+            incremental=self._dcp_plugin_incremental,
+            checkpoint_id=self.checkpoint_id,  # type: ignore[attr-defined]
+        )
+
+    @property
+    def final_items(self) -> list[Any] | None:
+        """The write items DCP's final plan gave this rank (``None`` before DCP called :meth:`write_data`)."""
+        return getattr(self, "_dcp_plugin_final_items", None)
+
     def attach_staging(self, session: StagingSession) -> None:
         """Write this save's tensors from a bounded staging pool (``max_staging_bytes``)."""
         self._dcp_plugin_staging: StagingSession | None = session
         self.per_thread_copy_ahead = 0  # DCP's copy-ahead loader would take tensors before they are written
 
     def write_data(self, plan: Any, planner: Any) -> Any:
+        self._dcp_plugin_final_items = list(plan.items)
         plan, tied = self._without_ties(plan)
         sink = ChecksumSink()
         staging = getattr(self, "_dcp_plugin_staging", None)
@@ -360,15 +386,9 @@ def _file_writing(
     fs: Any, sink: ChecksumSink, staging: StagingSession | None, *, fsync: bool, direct: bool
 ) -> FileWriting:
     """How this save's writer threads open files: a descriptor on a local disk, the filesystem's stream otherwise."""
-    local = isinstance(fs, FileSystem)
 
-    @contextmanager
     def open_file(path: Any) -> Any:
-        if local:
-            yield RecordFile.create_local(os.fspath(path), direct=direct)
-            return
-        with fs.create_stream(path, "wb") as stream:
-            yield RecordFile(stream=stream)
+        return open_record_file(fs, path, direct=direct)
 
     def record(name: str, size: int, digest: str) -> None:
         sink.recorder(name)(size, digest)

@@ -25,17 +25,18 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import UnsupportedOperation
 from typing import Any
 
 import torch
 import xxhash
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from dcp_plugin.storage.records import tensor_record
+from dcp_plugin.storage.records import storage_alignment, tensor_record
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ class RecordFile:
 
     Local files are written with ``os.writev`` on a descriptor; other filesystems through their stream."""
 
-    def __init__(self, *, fd: int | None = None, stream: Any = None, direct: bool = False, path: str = "") -> None:
+    def __init__(
+        self, *, fd: int | None = None, stream: Any = None, direct: bool = False, path: str = "", buffered: bool = True
+    ) -> None:
         self._fd = fd
         self._stream = stream
         self._hasher = xxhash.xxh3_128()
@@ -99,24 +102,45 @@ class RecordFile:
         self._path = path
         self.direct: bool | None = direct if fd is not None else None
         """``O_DIRECT`` for this file: True, False (refused: through the page cache), None (not a local file)."""
-        self._mapping = _take_buffer() if direct else None
+        self._mapping = _take_buffer() if direct and buffered else None
         self._buffer = memoryview(self._mapping) if self._mapping is not None else None
         self._fill = 0  # bytes waiting in the buffer, to be written at file offset ``_flushed``
         self._flushed = 0
+        self._padded = False  # a :meth:`put` wrote past the end (O_DIRECT pads the last block): truncate on close
 
     @classmethod
-    def create_local(cls, path: str, *, direct: bool = True) -> RecordFile:
+    def create_local(cls, path: str, *, direct: bool = True, buffered: bool = True) -> RecordFile:
         """A new local file, written with ``O_DIRECT`` where asked for (``CheckpointConfig.direct_io``) and the
-        filesystem accepts it."""
+        filesystem accepts it. ``buffered=False``: the file is written with :meth:`put` only."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         if direct and _O_DIRECT:
             try:
-                return cls(fd=os.open(path, flags | _O_DIRECT, 0o666), direct=True, path=path)
+                return cls(fd=os.open(path, flags | _O_DIRECT, 0o666), direct=True, path=path, buffered=buffered)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
                 _refused(path, "EINVAL on open")
-        return cls(fd=os.open(path, flags, 0o666), path=path)
+        return cls(fd=os.open(path, flags, 0o666), path=path, buffered=buffered)
+
+    def put(self, data: memoryview, offset: int, room: int | None = None) -> None:
+        """Write ``data`` at ``offset``, right after what was written so far (files written with ``put`` only). With
+        ``O_DIRECT``, ``offset`` and ``data``'s address are block-aligned, and a length that is not is padded from
+        ``room`` (``data`` extended over its buffer up to the next block, a view of at least that many bytes)."""
+        if offset != self.size:
+            raise ValueError(f"put at {offset}, but the file is written up to {self.size}")
+        self._hasher.update(data)
+        self.size = offset + len(data)
+        if self._fd is None:
+            while len(data):
+                written = self._stream.write(data)
+                data = data[len(data) if written is None else written :]
+            return
+        if self.direct and len(data) % _BLOCK:
+            padded = -(-len(data) // _BLOCK) * _BLOCK
+            if room is None or len(room) < padded:
+                raise ValueError("an O_DIRECT write needs room to pad its last block")
+            data, self._padded = room[:padded], True
+        self._pwrite(data, offset)
 
     def append(self, *buffers: Any) -> None:
         views = [view for view in (memoryview(b).cast("B") for b in buffers) if len(view)]
@@ -203,6 +227,8 @@ class RecordFile:
                 self._write_buffer(padded)
                 os.ftruncate(self._fd, self.size)
             self._release_buffer()
+        elif self._padded and self._fd is not None:
+            os.ftruncate(self._fd, self.size)
         if self._fd is not None:
             try:
                 if fsync:
@@ -252,6 +278,17 @@ def _writev_all(fd: int, views: list[memoryview]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
+
+
+@contextmanager
+def open_record_file(fs: Any, path: Any, *, direct: bool, buffered: bool = True) -> Iterator[RecordFile]:
+    """A new file of a DCP filesystem ``fs`` to write records to: a descriptor on a local disk (``O_DIRECT`` where
+    asked for and accepted), the filesystem's stream otherwise. ``buffered=False``: written with ``put`` only."""
+    if isinstance(fs, FileSystem):
+        yield RecordFile.create_local(os.fspath(path), direct=direct, buffered=buffered)
+        return
+    with fs.create_stream(path, "wb") as stream:
+        yield RecordFile(stream=stream)
 
 
 OpenFile = Callable[[Any], Any]
@@ -323,10 +360,11 @@ class FileWriting:
                     for item in items:
                         if item.type == WriteItemType.BYTE_IO:
                             written.append(_append(out, item, storage_key, planner.resolve_data(item).getbuffer()))
+                    alignment = storage_alignment()
                     for item in items:
                         if item.type != WriteItemType.BYTE_IO:
                             tensor = _cpu_tensor(planner.resolve_data(item))
-                            head, data, tail = tensor_record(tensor)
+                            head, data, tail = tensor_record(tensor, alignment)
                             address = tensor.untyped_storage().data_ptr()
                             offset = out.append_record(head, data, tail, address=address)
                             written.append(_result(item, storage_key, offset, out.size - offset))
@@ -367,4 +405,4 @@ def _result(item: Any, storage_key: str, offset: int, length: int) -> WriteResul
     return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(storage_key, offset, length))
 
 
-__all__ = ["FileWriting", "RecordFile"]
+__all__ = ["FileWriting", "RecordFile", "open_record_file"]

@@ -20,7 +20,7 @@ from dcp_plugin import CheckpointManager, KeepLast
 if os.environ.get("CRASH_TEST_NO_EXCHANGE") == "1":  # module level: applies in the writer daemon too
     commit.exchange = lambda source, target: False
 
-VALUES = {"step1": 1.0, "step1_replacement": 11.0, "step2": 2.0}
+VALUES = {"step1": 1.0, "step1_replacement": 11.0, "step2": 2.0, "step3": 3.0}
 
 
 def model_with(value: float) -> torch.nn.Linear:
@@ -40,6 +40,18 @@ def main() -> None:
         if scenario == "delete":
             manager.save(2, {"model": model_with(VALUES["step2"])})
         run_id = manager.run_id
+    if scenario == "repeat":  # step 2 plans the structure through DCP; step 3 repeats it, written without DCP
+        with CheckpointManager(url, async_mode=mode, storage_options=options) as manager:
+            model = model_with(VALUES["step2"])
+            manager.save(2, {"model": model})
+            manager.wait()
+            os.environ["DCP_PLUGIN_CRASH_AT"] = point
+            with torch.no_grad():
+                model.weight.fill_(VALUES["step3"])
+                model.bias.fill_(VALUES["step3"])
+            manager.save(3, {"model": model})
+        print("finished without reaching the crash point", flush=True)
+        return
     os.environ["DCP_PLUGIN_CRASH_AT"] = point
     if scenario == "save":
         with CheckpointManager(url, async_mode=mode, storage_options=options) as manager:
