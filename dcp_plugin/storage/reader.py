@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
-from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
-from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.integrity import ALGORITHM, blob_area_of, check_checkpoint_files, shared_directory
+from dcp_plugin.storage.names import MANIFEST_NAME, METADATA_NAME, is_safe_data_file
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -65,18 +65,19 @@ class _RegularFilesOnly(FileSystem):
 
 
 class _Places:
-    """Where each data file named in a checkpoint's metadata is, and its committed record: in the checkpoint
-    directory (``files``), or a blob an incremental checkpoint lists (``blobs``) in the root's shared blob area.
-    Nothing else can be named."""
+    """Where each data file named in a checkpoint's metadata is, and its committed record (``files``, or ``blobs``
+    for the shared files an incremental checkpoint uses). Nothing else can be named.
+
+    On a local disk every file is read from the checkpoint directory itself, shared ones included (the commit
+    links each blob there): what is verified is what any DCP reader of the directory reads, and the directory
+    needs nothing outside itself. On object stores a blob is read from the root's shared blob area."""
 
     def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
         self.root, self.directory, self.files = root, directory, files
         self.blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
 
     def path(self, relative: str) -> str:
-        if relative in (self.files or {}) or relative not in self.blobs:
-            return f"{self.directory}/{relative}"
-        return self.root.work(BLOBS, relative)
+        return f"{shared_directory(self.root, self.directory, relative, self.files or {}, self.blobs)}/{relative}"
 
     def record(self, relative: str) -> Any:
         if self.files is None:
@@ -89,7 +90,7 @@ class _Places:
             root.fs,
             self.directory,
             self.files or {},
-            blob_area=root.work(BLOBS),
+            blob_area=blob_area_of(root),
             blobs=self.blobs,
             is_local=root.is_local,
             only=names,
