@@ -39,9 +39,11 @@ from typing import Any
 from dcp_plugin.errors import CheckpointExistsError, NotACheckpointError
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage import work_areas
+from dcp_plugin.storage.blobs import write_id_of, write_id_of_entry
 from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.names import MANIFEST_NAME, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR, work_name
+from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR, work_name
 from dcp_plugin.storage.root import StorageRoot
+from dcp_plugin.storage.safe_io import MAX_MANIFEST_BYTES, open_local_regular
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +81,39 @@ class CommitStrategy(ABC):
         """Remove committed checkpoint ``name`` (its visibility first, then its data)."""
 
     def abort(self, pending: PendingWrite) -> None:
-        """Remove what a failed write left (best effort; never touches committed data)."""
+        """Remove what a failed write left (best effort; never touches committed data): its work entry and the
+        shared blobs it was creating, which no committed checkpoint can list (a disk filled by a failed save's
+        partial blob would fail the next saves too). A write found committed (a failure reported after its commit
+        point) is left alone."""
+        if self._committed(pending):
+            return
         try:
             remove_tree(self.root, pending.directory)
         except Exception as err:  # noqa: BLE001 - cleanup must not hide the original failure
             log.warning("Could not remove the incomplete write %s: %s", self.root.url(pending.directory), err)
+        try:
+            remove_blobs_of(self.root, write_id_of_entry(pending.write_name))
+        except Exception as err:  # noqa: BLE001 - as above; purge removes what is left
+            log.warning("Could not remove the shared files of the incomplete write %s: %s", pending.name, err)
         if self.root.is_local:
             tidy_work_dir(self.root)
+
+    def _committed(self, pending: PendingWrite) -> bool:
+        """Whether ``pending`` is the committed copy of its name (its save id is in the committed manifest)."""
+        save_id = pending.manifest.get("save_id")
+        if not isinstance(save_id, str):
+            return False
+        marker = self.root.join(pending.name, MANIFEST_NAME)
+        try:
+            if self.root.is_local:
+                with open_local_regular(marker) as handle:
+                    data = handle.read(MAX_MANIFEST_BYTES)
+            else:
+                self.root.forget_listings()
+                data = self.root.fs.cat_file(marker)
+            return manifests.decode(data, marker).get("save_id") == save_id
+        except Exception:  # noqa: BLE001 - no readable marker: not committed
+            return False
 
 
 class RenameCommit(CommitStrategy):
@@ -351,6 +379,21 @@ def remove_tree(root: StorageRoot, path: str) -> None:
     root.forget_listings()
     if root.fs.exists(path):
         root.fs.rm(path, recursive=True)
+
+
+def remove_blobs_of(root: StorageRoot, write_id: str) -> None:
+    """Remove the blobs the write ``write_id`` created (a failed write: no committed checkpoint lists them)."""
+    if root.is_local:
+        names = work_areas.entries(root, BLOBS)
+    else:
+        root.forget_listings()
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in root.fs.ls(root.work(BLOBS), detail=False)]
+        except FileNotFoundError:
+            return
+    for name in names:
+        if write_id_of(name) == write_id:
+            remove_tree(root, root.work(BLOBS, name))
 
 
 def tidy_work_dir(root: StorageRoot) -> None:
