@@ -66,9 +66,10 @@ def check_records(
                 "refusing to read it."
             )
         relative = str(relative)
-        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-        if not (_is_count(offset) and _is_count(length)):
+        raw_offset, raw_length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (_is_count(raw_offset) and _is_count(raw_length)):
             raise CheckpointCorruptError(f"{shown} has an invalid offset or length for {relative}.")
+        offset, length = int(raw_offset), int(raw_length)  # type: ignore[arg-type]
         if relative not in sizes:
             sizes[relative] = size_of(relative)
         if offset + length > sizes[relative]:

@@ -188,11 +188,11 @@ def remove_entry(root: StorageRoot, area: str, entry: str, *, manifest_first: st
     if not entry or "/" in entry or entry in (".", ".."):
         raise ValueError(f"{entry!r} is not an entry of a work area.")
     if area == "":
-        fd = _open_root(root)
+        top = _open_root(root)
         try:
-            _remove_at(fd, entry, os.fstat(fd).st_dev, 0, manifest_first)
+            _remove_at(top, entry, os.fstat(top).st_dev, 0, manifest_first)
         finally:
-            os.close(fd)
+            os.close(top)
         return
     with opened(root, area) as fd:
         if fd is not None:
