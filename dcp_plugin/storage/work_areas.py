@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 from dcp_plugin.errors import UnsafeCheckpointError
 from dcp_plugin.storage.blobs import is_blob
-from dcp_plugin.storage.names import BLOBS, LEGACY_PREFIXES, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR
+from dcp_plugin.storage.names import BLOBS, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR
 from dcp_plugin.storage.root import StorageRoot
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,18 @@ log = logging.getLogger(__name__)
 AREAS = (STAGING, TRASH, REPLACED, OBJECTS, BLOBS)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _WORK_ENTRY = re.compile(r"^[^/\x00]+\.[0-9a-f]{12}$")
+_LEGACY_ENTRY = re.compile(r"^\.(tmp|old)-[^/\x00]+-(deleting-[0-9a-f]{8}|[0-9a-f]{12})$")
 _MAX_DEPTH = 32
 """What dcp-plugin writes is at most two levels deep; anything deeper is not ours and is left alone."""
 
 
 def is_ours(area: str, entry: str) -> bool:
-    """Whether ``entry`` of work ``area`` has a name dcp-plugin gives (``<name>.<12 hex>``, blob names, v0.1's
-    prefixes in the root when ``area`` is ``""``)."""
+    """Whether ``entry`` of work ``area`` has a name dcp-plugin gives (``<name>.<12 hex>``, blob names; in the root
+    when ``area`` is ``""``, v0.1's ``.tmp-<name>-<12 hex>`` and ``.old-<name>-<12 hex>``)."""
     if area == BLOBS:
         return is_blob(entry)
     if area == "":
-        return entry.startswith(LEGACY_PREFIXES)
+        return bool(_LEGACY_ENTRY.match(entry))
     return bool(_WORK_ENTRY.match(entry))
 
 
