@@ -48,3 +48,37 @@ def test_a_save_that_fills_the_disk_leaves_no_partial_blob_and_the_next_save_wor
         fresh = make_lora(3, width=384, layers=4)
         CheckpointManager(root).load({"model": ModelState(fresh)})
         assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_aborted_write_on_s3_removes_its_partial_blobs_and_no_others(s3_url):
+    """The marker-commit path (object stores), on a real S3 server: what a failed write created in the shared
+    blob area goes with it; blobs of other writes stay."""
+    from dcp_plugin.storage import CheckpointStorage
+    from dcp_plugin.storage.blobs import blob_name, write_id_of_entry
+
+    url, options = s3_url
+    storage = CheckpointStorage(url, options)
+    pending = storage.begin_write("step_000000001")
+    pending.manifest["save_id"] = "0" * 32
+    mine = f"{storage.blob_area}/{blob_name(write_id_of_entry(pending.write_name), 0, 0)}"
+    other = f"{storage.blob_area}/{blob_name('abcdefabcdef', 0, 0)}"
+    storage.fs.pipe_file(mine, b"partial")
+    storage.fs.pipe_file(other, b"someone else's")
+    storage.abort(pending)
+    storage.fs.invalidate_cache()
+    assert not storage.fs.exists(mine) and storage.fs.exists(other)
+
+
+def test_an_abort_reported_after_the_commit_point_leaves_the_checkpoint_alone(s3_url):
+    """A failure reported after a write committed (its marker is there) must not remove what the marker names."""
+    from dcp_plugin.storage import CheckpointStorage, PendingWrite
+
+    url, options = s3_url
+    model = make_lora(width=128, layers=2)
+    with CheckpointManager(url, async_mode="sync", storage_options=options) as manager:
+        manager.save(1, {"model": ModelState(model)})
+    storage = CheckpointStorage(url, options)
+    manifest = storage.read_manifest("step_000000001")
+    directory = f"{storage.root}/{manifest['location']}"
+    storage.abort(PendingWrite("step_000000001", directory, False, {"save_id": manifest["save_id"]}))
+    assert storage.verify("step_000000001") == []
