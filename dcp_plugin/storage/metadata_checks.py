@@ -94,15 +94,14 @@ def check_items(metadata: Metadata, shown: str, stored: int, memory: int | None)
     """Each tensor's dimensions and chunks against its records, and (``memory``: for a load) what reading each
     tensor and value would allocate against this machine's memory."""
     storage = metadata.storage_data or {}
+    if memory is not None:
+        for index, info in storage.items():  # a record is read whole: a value, or the data of a tensor chunk
+            if int(info.length) > memory:
+                raise _too_large(shown, index.fqn, int(info.length), memory)
     declared = 0
     for fqn, item in (metadata.state_dict_metadata or {}).items():
-        if not isinstance(item, TensorStorageMetadata):
-            if memory is not None:
-                for index, info in storage.items():
-                    if index.fqn == fqn and int(info.length) > memory:
-                        raise _too_large(shown, fqn, int(info.length), memory)
-            continue
-        declared += _check_tensor(fqn, item, storage, shown, memory)
+        if isinstance(item, TensorStorageMetadata):
+            declared += _check_tensor(fqn, item, storage, shown, memory)
     if declared > stored + _SLACK:
         raise CheckpointCorruptError(
             f"{shown} declares {declared} bytes of tensors but its files hold only {stored}; "
