@@ -89,12 +89,16 @@ def _open_dir(name: str, dir_fd: int) -> int | None:
 
 def _open_or_make(name: str, dir_fd: int, create: bool) -> int | None:
     fd = _open_dir(name, dir_fd)
-    if fd is None and create:
+    for _ in range(5 if create else 0):
+        if fd is not None:
+            break
         try:
             os.mkdir(name, dir_fd=dir_fd)
         except FileExistsError:
             pass
-        fd = _open_dir(name, dir_fd)
+        fd = _open_dir(name, dir_fd)  # None again if another process tidied the empty folder meanwhile
+    if fd is None and create:
+        raise FileNotFoundError(errno.ENOENT, "removed by another process while being created", name)
     return fd
 
 
