@@ -8,6 +8,7 @@ a single-process run), and in ``process`` mode the writer daemon sets up its own
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch.distributed as dist

@@ -13,9 +13,8 @@ from typing import Any
 
 from dcp_plugin.errors import CheckpointError, UnsafeCheckpointError
 from dcp_plugin.storage import blobs as shared
-from dcp_plugin.storage import file_kinds
+from dcp_plugin.storage import file_kinds, work_areas
 from dcp_plugin.storage import manifest as manifests
-from dcp_plugin.storage import work_areas
 from dcp_plugin.storage.commit import CommitStrategy, list_dir, remove_tree, tidy_work_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.names import (
