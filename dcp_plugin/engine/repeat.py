@@ -110,8 +110,8 @@ class RepeatSaves:
         cpu = all(t.is_cpu for t in tensors.values() if isinstance(t, torch.Tensor))
         described: tuple[Any, ...] = (root, cpu, tuple(sorted(aliases.items())), blob_keys)
         if not self.staged:  # sync mode writes large tensors from their own memory: where it starts matters
-            if self._large[0] != structure:
-                self._large = (structure, [k for k, t in tensors.items() if _large(t)])
+            if self._large[0] != structure:  # tensors kept in blobs are copied, never written from their memory
+                self._large = (structure, [k for k, t in tensors.items() if _large(t) and k not in blob_keys])
             where = []
             for key in self._large[1]:
                 tensor = tensors[key]

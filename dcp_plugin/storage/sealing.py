@@ -96,8 +96,8 @@ def check_blobs_present(
     if root.is_local and blobs:
         if new:
             fsync_dir(area)
+        # the links become durable with the manifest: the local commit fsyncs the directory once it is written
         link_into(area, blobs, pending.directory)
-        fsync_dir(pending.directory)
     return checked
 
 
