@@ -13,7 +13,8 @@ save: the bytes of the files the save added to the directory, and the time from 
 checkpoints, in one process and alternating blocks of 10 steps (median block time per step); reported: the
 extra training time, the bytes each save added, and the process CPU time each save adds (less sensitive than
 wall time to other load on the host), and the CPU a plain ``dcp.save`` of only the trainable tensors and their
-optimizer state costs, in the same process (the least any DCP-based save of this model can cost).
+optimizer state costs, in the same process. The run pins glibc's malloc thresholds as ``benchmarks/goodput.py``
+does (``--malloc-defaults`` leaves them adaptive) and takes ``--omp-wait-policy``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
-import torch
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(2**36), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+"""As in ``benchmarks/goodput.py``: glibc keeps freed memory in the heap, so a training step does not fault its
+freed gradients back in depending on where the heap's last block happens to lie (any save's allocation can flip
+that, by 2x here)."""
 
 
 def _files(directory: str) -> dict[tuple[int, int], int]:
@@ -149,6 +159,16 @@ def _plain_dcp_cpu(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir
     return statistics.median(samples)
 
 
+def _steady_environment(args: argparse.Namespace) -> None:
+    """Run again with the malloc thresholds pinned (and OMP_WAIT_POLICY set) unless they already are: glibc and
+    OpenMP read them when the process starts."""
+    wanted = {} if args.malloc_defaults else dict(STEADY_MALLOC)
+    if args.omp_wait_policy:
+        wanted["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    if any(os.environ.get(name) != value for name, value in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-mib", type=float, default=512)
@@ -157,8 +177,18 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--every-step", action="store_true", help="train and save after every step")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["ACTIVE", "PASSIVE"],
+        help="--every-step: OMP_WAIT_POLICY for the run (default: inherited). On a busy host OpenMP's spinning makes "
+        "a step's speed depend on how many OpenMP thread teams the process has, whatever a save costs",
+    )
+    parser.add_argument(
+        "--malloc-defaults", action="store_true", help="--every-step: leave glibc's malloc thresholds adaptive"
+    )
     args = parser.parse_args()
     if args.every_step:
+        _steady_environment(args)
         result = every_step(args.base_mib, args.steps, args.mode)
         if args.json:
             print(json.dumps(result, indent=1))
