@@ -149,13 +149,11 @@ class RankLayout:
 
     def targets(self, sources: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """For one save: the image views to copy into and what to copy there (views of ``sources``)."""
-        targets, values = [], []
-        for copy in self.copies:
-            source = sources[copy.source]
-            if copy.count is not None:
-                source = source.reshape(-1)[copy.first : copy.first + copy.count]
-            targets.append(copy.target)
-            values.append(source)
+        whole = [copy for copy in self.copies if copy.count is None]
+        edges = [copy for copy in self.copies if copy.count is not None]
+        targets = [copy.target for copy in whole] + [copy.target for copy in edges]
+        values = [sources[copy.source] for copy in whole]
+        values += [sources[c.source].reshape(-1)[c.first : c.first + c.count] for c in edges]  # type: ignore[operator]
         return targets, values
 
     def direct_sources(self) -> list[int]:
