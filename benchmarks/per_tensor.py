@@ -11,8 +11,9 @@ changed in place before each save, in a process of its own per (contender, N); t
 * ``dcp.save``: plain ``torch.distributed.checkpoint.save`` of the state dict into a fresh directory;
 * ``dcp-plugin sync``: ``CheckpointManager(dir, async_mode="sync").save(step, {"model": model})``;
 * ``dcp-plugin thread``: the default mode (a writer thread, the snapshot copied in the background): the *blocking*
-  part is the ``save`` call, the *stall* the ``save`` call plus the wait for the snapshot copy right after it (no
-  training overlaps it here), the *total* until the checkpoint is committed (``wait()``).
+  part is the ``save`` call (wall time, and the CPU time of the calling thread), the *stall* the ``save`` call plus
+  the wait for the snapshot copy right after it (no training overlaps it here), the *total* until the checkpoint is
+  committed (``wait()``).
 
 Per save: wall time and process CPU time (all threads), medians. The cost per added tensor is the slope of a
 least-squares line through (N, time); ratios are taken against ``torch.save`` measured in the same run.
@@ -80,7 +81,7 @@ def run_tensors(contender: str, count: int, total_mib: float, saves: int, warmup
     import torch.distributed.checkpoint as dcp
 
     model = _model(total_mib, count)
-    samples: dict[str, list[float]] = {"wall": [], "cpu": [], "blocking": [], "stall": []}
+    samples: dict[str, list[float]] = {"wall": [], "cpu": [], "blocking": [], "blocking_cpu": [], "stall": []}
     manager = None
     if contender.startswith("dcp-plugin"):
         from dcp_plugin import CheckpointManager
@@ -89,8 +90,8 @@ def run_tensors(contender: str, count: int, total_mib: float, saves: int, warmup
     for number in range(warmup + saves):
         _touch(model)
         target = os.path.join(directory, f"save_{number}")
-        began, cpu = time.perf_counter(), time.process_time()
-        blocking = stall = 0.0
+        began, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
+        blocking = stall = blocking_cpu = 0.0
         if contender == "torch.save":
             torch.save(model.state_dict(), target)
         elif contender == "dcp.save":
@@ -100,7 +101,7 @@ def run_tensors(contender: str, count: int, total_mib: float, saves: int, warmup
         else:
             assert manager is not None
             manager.save(number, {"model": model})
-            blocking = time.perf_counter() - began
+            blocking, blocking_cpu = time.perf_counter() - began, time.thread_time() - own
             manager.wait_for_staging()
             stall = time.perf_counter() - began
             manager.wait()
@@ -109,6 +110,7 @@ def run_tensors(contender: str, count: int, total_mib: float, saves: int, warmup
             samples["wall"].append(wall)
             samples["cpu"].append(used)
             samples["blocking"].append(blocking or wall)
+            samples["blocking_cpu"].append(blocking_cpu or used)
             samples["stall"].append(stall or wall)
         if manager is None:
             (shutil.rmtree if os.path.isdir(target) else os.remove)(target)
@@ -116,7 +118,15 @@ def run_tensors(contender: str, count: int, total_mib: float, saves: int, warmup
             manager.delete(number - 1)
     if manager is not None:
         manager.close()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    if contender == "dcp-plugin thread":  # the least per-tensor work a save's caller does: take the state dict
+        floor = []
+        for _ in range(saves):
+            own = time.thread_time()
+            model.state_dict()
+            floor.append(time.thread_time() - own)
+        result["state_dict_cpu"] = statistics.median(floor)
+    return result
 
 
 # -- ranks --------------------------------------------------------------------------------------------------
@@ -266,7 +276,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
             kind: _slope([(count, row[kind]) for count, row in rows.items()]) * 1e3 for kind in ("wall", "cpu")
         }
         if contender == "dcp-plugin thread":
-            for kind in ("blocking", "stall"):
+            for kind in ("blocking", "blocking_cpu", "stall", "state_dict_cpu"):
                 slopes[contender][kind] = _slope([(count, row[kind]) for count, row in rows.items()]) * 1e3
     reference = slopes.get("torch.save")
     ratios = {}
@@ -279,8 +289,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict[str, Any]:
         few, many = min(thread), max(thread)
         blocking_ratio = {
             "tensors": [few, many],
-            "blocking": thread[many]["blocking"] / thread[few]["blocking"],
-            "stall": thread[many]["stall"] / thread[few]["stall"],
+            **{kind: thread[many][kind] / thread[few][kind] for kind in ("blocking", "blocking_cpu", "stall")},
         }
     return {"ms_per_tensor": slopes, "per_tensor_vs_torch_save": ratios, "thread_many_vs_few": blocking_ratio}
 
@@ -347,8 +356,11 @@ def _print(report: dict) -> None:
         print(f"| {contender} | {cells} | {slope['wall']:.4f} (CPU {slope['cpu']:.4f}) |")
     thread = report["tensors"].get("dcp-plugin thread")
     if thread:
-        cells = " | ".join(f"{row['blocking'] * 1e3:.1f} / {row['stall'] * 1e3:.1f} ms" for row in thread.values())
-        print(f"| dcp-plugin thread: blocking / stall | {cells} | |")
+        cells = " | ".join(
+            f"{row['blocking'] * 1e3:.1f} (CPU {row['blocking_cpu'] * 1e3:.1f}) / {row['stall'] * 1e3:.1f} ms"
+            for row in thread.values()
+        )
+        print(f"| dcp-plugin thread: blocking (its CPU) / stall | {cells} | |")
     print(json.dumps(report["summary"], indent=1))
     for world, row in report["ranks"]["by_world_size"].items():
         cells = [
