@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from dcp_plugin.engine import plans as plugin_plans
 
 GRIDS = {
-    "full": [(64, world) for world in (16, 128, 1024)],
+    "full": [(64, world) for world in (16, 256, 2048)],
     "quick": [(16, 4), (16, 32)],
 }
 """``(tensors, world)`` points of a full run and of ``--quick``."""

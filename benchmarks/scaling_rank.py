@@ -24,9 +24,6 @@ import time
 import traceback
 from typing import Any
 
-DETAIL_RANKS = "coordinator and last"
-"""Ranks whose collective calls are kept one by one (the others keep totals): rank 0 and the last rank."""
-
 
 def main(argv: list[str]) -> int:
     spec_path, out_dir = argv
@@ -70,7 +67,7 @@ def measure_point(raw: dict[str, Any], spec: dict[str, Any], rank: int, world: i
     point = scaling_state.Point(**raw)
     state = scaling_state.build(point, rank)
     root = os.path.join(spec["directory"], point.key)
-    detail = rank in (0, world - 1)
+    detail = rank == 0  # the coordinator's calls are kept one by one; every rank's totals
     savers = {name: contenders.saver(name, os.path.join(root, name), state) for name in spec["savers"]}
     out: list[dict[str, Any]] = []
     repeats = int(spec["repeats"]) if point.tensors < int(spec["fewer_repeats_from"]) else 1

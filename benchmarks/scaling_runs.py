@@ -10,8 +10,8 @@ The grid (:data:`GRIDS`) varies one thing at a time around a 64 MiB state:
 One job per rank count runs all of its configurations (ranks start once), and every saver and restorer of
 ``benchmarks/scaling_contenders.py`` runs on each. The results file keeps, per configuration, contender and
 repetition, the slowest rank's wall time, the CPU time of the busiest rank and of all ranks together, the
-coordinator's collectives (counts, pickled and wire bytes), and the calls one by one for the first and a repeated
-save (coordinator and last rank): what ``benchmarks/scaling_model.py`` fits.
+coordinator's collectives (counts, pickled and wire bytes), and the coordinator's calls one by one for the first and
+a repeated save: what ``benchmarks/scaling_model.py`` fits.
 """
 
 from __future__ import annotations
@@ -137,7 +137,6 @@ def combine(ranks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str
     """One row per (configuration, contender, repetition) from every rank's records, and the calls one by one."""
     rows = []
     detail: dict[str, list[Any]] = {}
-    world = len(ranks)
     for index, first in enumerate(ranks[0]["measurements"]):
         same = [rank["measurements"][index] for rank in ranks]
         assert all(
@@ -164,10 +163,9 @@ def combine(ranks: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str
         if "verified" in first:
             row["verified"] = all(m["verified"] for m in same)
         rows.append(row)
-        for rank, role in ((0, "coordinator"), (world - 1, "last")):
-            calls = ranks[rank]["measurements"][index]["calls"]
-            if calls is not None and (role == "coordinator" or world > 1):
-                detail[call_key(first["point"], first["contender"], first["rep"], role)] = calls
+        calls = ranks[0]["measurements"][index]["calls"]
+        if calls is not None:
+            detail[call_key(first["point"], first["contender"], first["rep"], "coordinator")] = calls
     return rows, detail
 
 
