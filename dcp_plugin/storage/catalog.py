@@ -14,7 +14,7 @@ from fsspec.core import url_to_fs
 from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError
 from dcp_plugin.storage import plain
 from dcp_plugin.storage.base import StorageBase
-from dcp_plugin.storage.integrity import check_checkpoint_files
+from dcp_plugin.storage.integrity import blob_area_of, check_checkpoint_files
 from dcp_plugin.storage.listing import Scan
 from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, check_name, step_name
 from dcp_plugin.storage.root import storage_errors
@@ -160,6 +160,7 @@ class StorageCatalog(StorageBase):
         try:
             info = name if isinstance(name, CheckpointInfo) else self.info(name)
             reader = self.metadata_reader(info)
+            reader.bound_allocations = False  # nothing is allocated: a checkpoint larger than this machine verifies
             reader.read_metadata()
         except (CheckpointError, ValueError, OSError) as err:
             return [str(err)]
@@ -170,7 +171,7 @@ class StorageCatalog(StorageBase):
             self.fs,
             self.data_path(info),
             files,
-            blob_area=self.blob_area,
+            blob_area=blob_area_of(self._root),
             blobs=info.manifest.get("blobs") or {},
             is_local=self.is_local,
             progress=progress,
@@ -178,7 +179,8 @@ class StorageCatalog(StorageBase):
 
     @property
     def blob_area(self) -> str:
-        """Where the shared blobs of incremental checkpoints are (a path for ``self.fs``)."""
+        """Where writers keep the shared blobs of incremental checkpoints (a path for ``self.fs``). Readers of a local
+        checkpoint never need it: each blob a checkpoint uses is linked into its own directory."""
         return self._root.work(BLOBS)
 
     def newest_verified_before(self, info: CheckpointInfo, *, limit: int = 3) -> CheckpointInfo | None:
