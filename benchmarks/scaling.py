@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import scaling_charts, scaling_cluster, scaling_model, scaling_page, scaling_runs  # noqa: E402
+from benchmarks.charts import plotted  # noqa: E402
 from benchmarks.figures import ROOT  # noqa: E402
 
 MEASURED_DIGITS = 6
@@ -74,8 +75,6 @@ def check(results: dict[str, Any], model: dict[str, Any]) -> list[str]:
         problems.append(f"{scaling_page.MODEL.name} is not what {scaling_page.RESULTS.name} gives: --refit")
     for name, data in scaling_charts.chart_data(results, model).items():
         path = scaling_charts.CHARTS / f"{name}.svg"
-        from benchmarks.charts import plotted
-
         if not path.exists() or plotted(path) != json.loads(json.dumps(data)):
             problems.append(f"{os.path.relpath(path, ROOT)}: not drawn from the scaling files: --render")
     if scaling_page.stale(results, model):

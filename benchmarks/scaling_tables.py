@@ -190,6 +190,17 @@ def figures(results: dict[str, Any], model: dict[str, Any]) -> dict[str, str]:
         c = row["collectives"]
         out.setdefault(f"measured.{row['contender']}.{kind}.calls", str(c["calls"]))
         out.setdefault(f"measured.{row['contender']}.{kind}.payload", size(c["pickled_out"] + c["pickled_in"]))
+    points = results.get("probe") or []
+    if len(points) > 1:
+        small, large = min(points, key=lambda p: p["chunks"]), max(points, key=lambda p: p["chunks"])
+        growth = max(
+            (large["seconds"][step] / large["chunks"]) / (small["seconds"][step] / small["chunks"])
+            for step in large["seconds"]
+            if small["seconds"][step] > 0
+        )
+        out["probe.growth"] = f"{growth:.1f}×"
+        out["probe.span"] = f"{large['chunks'] / small['chunks']:.0f}×"
+        out["probe.smallest"] = count(small["chunks"])
     measured_chunks = max(p["shape"]["chunks"] for p in results["points"])
     if probe:
         out["probe.times_measured"] = f"{probe['largest']['chunks'] / measured_chunks:.0f}"
