@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +215,30 @@ class StorageCatalog(StorageBase):
     def open_file(self, name: str, mode: str = "rb") -> Any:
         """Open the plain file ``name`` (to read checkpoints written by other tools)."""
         return self.fs.open(self._root.join(name), mode)
+
+    def foreign_entries(self, marker_files: Sequence[str]) -> builtins.list[str]:
+        """The names in the root (sorted) holding any of ``marker_files``: directories another tool wrote (say,
+        Accelerate's own ``save_state``), for messages that say what is there; empty if the root is missing or
+        cannot be listed."""
+        self._root.forget_listings()
+        try:
+            if not self.fs.exists(self.root):
+                return []
+            names = sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+            return [
+                name
+                for name in names
+                if not name.startswith(".") and any(self.fs.exists(self._root.join(name, f)) for f in marker_files)
+            ]
+        except OSError:
+            return []
+
+    def root_exists(self) -> bool | None:
+        """Whether the root directory exists (``None`` when the storage cannot tell)."""
+        try:
+            return bool(self.fs.exists(self.root))
+        except OSError:
+            return None
 
 
 __all__ = ["CheckpointInfo", "StorageCatalog"]
