@@ -37,7 +37,7 @@ TERM_UNIT_NAMES = {
 
 def seconds(value: float) -> str:
     """``12 ms``, ``1.23 s``, ``4.6 min``, ``1.6 h``."""
-    if value < 1.0:
+    if value < 0.9995:  # rounds to at most 999 ms
         return f"{value * 1000:.0f} ms" if value >= 0.0095 else f"{value * 1000:.1f} ms"
     if value < 120:
         return f"{value:.2f} s" if value < 10 else f"{value:.0f} s"
