@@ -52,7 +52,10 @@ def _describe(node: Mapping[str, Any], out: list[Any], pinning: bool | None = No
         pinning = torch.cuda.is_initialized()
     for name, value in node.items():
         kind = type(value)
-        if kind is dict or isinstance(value, Mapping):
+        if kind is torch.Tensor:  # the common leaf first: an exact type check, no ABC instance check
+            description = (name, kind, value.dtype, value.shape, value.layout, value.requires_grad)
+            out.append(description + (value.is_pinned(),) if pinning and value.device.type == "cpu" else description)
+        elif kind is dict or isinstance(value, Mapping):
             out.append((name, "{"))
             _describe(value, out, pinning)
             out.append("}")

@@ -98,6 +98,8 @@ class Encoder:
         cls = type(value)
         if cls is str or cls is int or cls is bool or value is None:  # the common leaves first (exact types)
             return value
+        if cls is float and math.isfinite(value):  # a learning rate, a beta: before the numpy and rich checks
+            return value
         if cls is torch.Tensor or cls is torch.nn.Parameter or is_tensor(value):
             key = ".".join(path)
             if key in self.tensors:
