@@ -59,6 +59,7 @@ class PendingSave:
         finally:
             inflight.finish(self.writing)
             call_done(self.on_done, metadata)
+            self.on_done = None  # what it holds (the save's tensors, by reference) is not kept past the save
             self.writer_thread = threading.current_thread()
             self.finished.set()  # whatever happened above, wait() must not hang
 

@@ -70,9 +70,9 @@ def written_tensors(monkeypatch):
     seen: list[torch.Tensor] = []
     original = record_writer.tensor_record
 
-    def spy(tensor):
+    def spy(tensor, *args):
         seen.append(tensor)
-        return original(tensor)
+        return original(tensor, *args)
 
     monkeypatch.setattr(record_writer, "tensor_record", spy)
     return seen
