@@ -94,7 +94,8 @@ class CheckpointEngine:
         self.plan_keys = plans.PlanKeys()
         """Its DCP plan cache keys; ``plan_keys.number(plans.structure(...))`` numbers a save's structure."""
         self._in_flight: PendingSave | None = None
-        self.repeats = RepeatSaves(self.config, self.groups)  # saves that repeat a structure: written without DCP
+        self.repeats = RepeatSaves(self.config, self.groups)
+        """Saves that repeat an earlier save's structure, written without DCP (:mod:`dcp_plugin.engine.repeat`)."""
         self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
         _quiet_discarded_dcp_telemetry()
@@ -171,12 +172,11 @@ class CheckpointEngine:
         structure: str = "",
         repeat: RepeatRequest | None = None,
     ) -> SaveStats:
-        """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate
-        (or, with async staging, once staging was started). Fills ``stats`` in (now and when done).
-        ``on_done(metadata)`` is called once the write committed (with the save's ``Metadata``) or failed
-        (``None``). ``structure``: the save's structure agreed over all ranks (:func:`~dcp_plugin.engine.plans.agreed`);
-        a cached plan is reused only for the same one. ``repeat``: what lets a save of a structure DCP already
-        planned be written without DCP (:mod:`dcp_plugin.engine.repeat`), and whether all ranks agreed to."""
+        """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate (or, with async
+        staging, once staging started). Fills ``stats`` in (now and when done). ``on_done(metadata)`` runs once the
+        write committed (with the save's ``Metadata``) or failed (``None``). ``structure``: the save's structure
+        agreed over all ranks (:func:`~dcp_plugin.engine.plans.agreed`), a cached plan's key. ``repeat``: what lets
+        a save DCP planned before be written without DCP, if all ranks agreed to (:mod:`dcp_plugin.engine.repeat`)."""
         self._check_open()
         self.wait()
         mode = self.config.async_mode
