@@ -235,6 +235,8 @@ class CheckpointEngine:
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
         flight = PendingSave(stats, started, upload, staging, on_failure, writing, on_done, writer)
+        if mode == "process":  # staging in the background may be what fills /dev/shm
+            flight.error_hint = lambda err: daemon.shared_memory_hint(err, flat_state)
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats

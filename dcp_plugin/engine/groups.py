@@ -71,14 +71,15 @@ class ProcessGroups:
 
     def _check_same_process(self) -> None:
         """A group made before ``fork()`` cannot be used in the child (gloo's threads stayed in the parent; a
-        collective there waits forever): say so instead."""
+        collective there waits forever), nor can an asynchronous engine's staging threads and writer (a staging
+        job queued in the child never runs): say so instead."""
         made_in = getattr(self, "_made_in", os.getpid())
         made_here = self._group is not None or getattr(self, "_owns_default_group", False)
-        if made_here and made_in != os.getpid():
+        if (made_here or self._async_mode != "sync") and made_in != os.getpid():
             raise ConfigError(
                 f"This checkpointer was set up in process {made_in} and is used in process {os.getpid()}, forked "
-                "from it: its process groups and writer belong to the parent and cannot work here. Create a new "
-                "CheckpointManager (or Checkpointer) in the child; it starts its own writer."
+                "from it: its process groups, background threads and writer belong to the parent and cannot work "
+                "here. Create a new CheckpointManager (or Checkpointer) in the child; it starts its own writer."
             )
 
     def _single_process_group(self) -> dist.ProcessGroup | None:
