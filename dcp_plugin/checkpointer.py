@@ -27,6 +27,7 @@ import torch
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import inflight, plans, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import (
     CheckpointNotFoundError,
@@ -111,6 +112,7 @@ class Checkpointer:
         started = time.perf_counter()
         storage, name = self.locate(ref)
         self.check_storage(storage)
+        storage = scoped(storage, self.config, self.groups)
         self.engine.wait()
         inflight.wait_for(storage.url(name))  # another instance's write of this name: ours comes after it
         _check_json(dict(metadata or {}))
@@ -141,15 +143,15 @@ class Checkpointer:
             aliases=packing.tied(packed.tensors),
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
-        on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
         self.engine.save(
             packed.flat,
             writer,
             stats=stats,
             started=started,
-            on_failure=on_failure,
+            on_failure=(lambda: storage.abort(pending)) if storage.cleans_up(self.groups.is_coordinator) else None,
             on_done=functools.partial(self._save_done, storage, plan, held),
             structure=structure,
+            on_written=storage.completion(pending),
         )
         self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
@@ -203,7 +205,7 @@ class Checkpointer:
                 raise local_error
             raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
         assert packed is not None and pending is not None
-        return packed, pending, plans.agreed([digest for _, _, digest in outcomes])
+        return packed, storage.here(pending), plans.agreed([digest for _, _, digest in outcomes])
 
     def _hook_staging_waits(self, state: Mapping[str, Any]) -> None:
         """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every
@@ -308,6 +310,14 @@ class Checkpointer:
             self._staging_hooks.clear()
 
 
+def scoped(storage: CheckpointStorage, config: CheckpointConfig, groups: ProcessGroups) -> CheckpointStorage:
+    """``storage`` as ``config`` writes it: with ``local_scope="node"``, on every node's own disk with the commit
+    across nodes (collective the first time: the ranks agree on their nodes)."""
+    if config.local_scope != "node" or storage.node_layout is not None:
+        return storage
+    return storage.on_nodes(groups.node_layout(), groups)
+
+
 def locate(
     ref: Ref, base_options: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[CheckpointStorage, str]:
@@ -345,4 +355,4 @@ def _check_json(value: Any) -> None:
         ) from None
 
 
-__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate"]
+__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate", "scoped"]

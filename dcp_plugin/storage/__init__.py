@@ -14,7 +14,10 @@ the only place that handles paths; everything else passes names and URLs around.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fsspec.core import url_to_fs
@@ -24,6 +27,7 @@ from dcp_plugin.errors import (
     CheckpointCorruptError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConfigError,
     NotACheckpointError,
     StorageAccessError,
     UnsafeCheckpointError,
@@ -38,14 +42,18 @@ from dcp_plugin.storage.commit import (
     RenameCommit,
     check_target_is_replaceable,
 )
+from dcp_plugin.storage.listing import Listing
 from dcp_plugin.storage.names import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     METADATA_NAME,
+    STAGING,
     STEP_NAME,
     check_name,
     step_name,
 )
+from dcp_plugin.storage.node_commit import Channel, NodeCommit
+from dcp_plugin.storage.node_parts import NodeLayout
 from dcp_plugin.storage.root import storage_errors
 from dcp_plugin.storage.transfer import copy_checkpoint
 
@@ -131,6 +139,48 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
     def abort(self, pending: PendingWrite) -> None:
         """Remove what a failed write left behind (best effort; never touches committed data)."""
         self.strategy.abort(pending)
+
+    # -- several nodes, each with its own disk ----------------------------------------------------------
+    def on_nodes(self, layout: NodeLayout, channel: Channel) -> CheckpointStorage:
+        """This directory on every node's own disk (the same path, different disks): writes are committed across
+        the nodes (:class:`~dcp_plugin.storage.node_commit.NodeCommit`), agreeing over ``channel``."""
+        if not self.is_local:
+            raise ConfigError(
+                f"local_scope='node' keeps checkpoints on each node's own disk, but {self.root_url} is not a local "
+                "directory; pass a local path (a node's NVMe disk, or /dev/shm/...) with remote= for object storage, "
+                "or use local_scope='shared'."
+            )
+        scoped = CheckpointStorage(self.root, self.storage_options)
+        scoped.strategy = NodeCommit(scoped._root, layout, channel)
+        scoped._listing = Listing(scoped._root, scoped.strategy)
+        return scoped
+
+    @property
+    def node_layout(self) -> NodeLayout | None:
+        """With a commit across nodes: which node each rank runs on (``None`` for a directory every rank reads)."""
+        return self.strategy.layout if isinstance(self.strategy, NodeCommit) else None
+
+    def cleans_up(self, is_coordinator: bool) -> bool:
+        """Whether this rank removes what a failed write left: the coordinator, or on node-local disks every
+        node's leader (each its own staging copy)."""
+        layout = self.node_layout
+        return is_coordinator if layout is None else layout.is_leader
+
+    def here(self, pending: PendingWrite) -> PendingWrite:
+        """The coordinator's write as it is on this node: with a commit across nodes each node has its own root
+        (the same path on every node, or, on one host standing for several nodes, one directory each), so the
+        staging copy is rebased onto this root; otherwise ``pending`` itself."""
+        if not isinstance(self.strategy, NodeCommit):
+            return pending
+        directory = self._root.work(STAGING, pending.write_name)
+        return dataclasses.replace(pending, directory=directory, manifest=dict(pending.manifest))
+
+    def completion(self, pending: PendingWrite) -> Callable[[Any], None] | None:
+        """What every rank runs once DCP's write of ``pending`` returned (with its ``Metadata``), before the save
+        counts as done: the commit across nodes; ``None`` where the coordinator's commit is all there is."""
+        if isinstance(self.strategy, NodeCommit):
+            return functools.partial(self.strategy.complete, pending)
+        return None
 
 
 def open_url(

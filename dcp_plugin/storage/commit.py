@@ -40,7 +40,18 @@ from typing import Any
 from dcp_plugin.errors import CheckpointExistsError, NotACheckpointError
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR, work_name
+from dcp_plugin.storage.names import (
+    BLOBS,
+    MANIFEST_NAME,
+    OBJECTS,
+    REPLACED,
+    REPLICAS,
+    RESTORE,
+    STAGING,
+    TRASH,
+    WORK_DIR,
+    work_name,
+)
 from dcp_plugin.storage.root import StorageRoot
 
 log = logging.getLogger(__name__)
@@ -54,6 +65,10 @@ class PendingWrite:
     directory: str
     overwrite: bool
     manifest: dict[str, Any] = field(default_factory=dict)
+    handoff: dict[str, Any] | None = None
+    """A commit across nodes: what the coordinator hands every node once DCP's write returned."""
+    decided: bool = False
+    """A commit across nodes: the checkpoint is committed (this copy is completed, never removed)."""
 
     @property
     def write_name(self) -> str:
@@ -353,7 +368,7 @@ def remove_tree(root: StorageRoot, path: str) -> None:
 
 def tidy_work_dir(root: StorageRoot) -> None:
     """Remove the empty work folders, so a quiet root holds only checkpoints (only empty folders go)."""
-    for area in (STAGING, TRASH, REPLACED, BLOBS, ""):
+    for area in (STAGING, TRASH, REPLACED, BLOBS, RESTORE, REPLICAS, ""):
         try:
             os.rmdir(root.work(area) if area else root.join(WORK_DIR))
         except OSError:

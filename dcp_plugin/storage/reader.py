@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -102,6 +102,9 @@ class _Distrustful:
     fs: Any
     defer_verification = False
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
+    fetch_missing: Callable[[list[str]], None] | None = None
+    """Called by every rank at the start of each read with the names of the files its part of the read uses
+    (collective): a restore on node-local disks fetches those this node lacks into the checkpoint directory."""
 
     def _init_checks(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
         self._dcp_plugin_root = root
@@ -192,8 +195,12 @@ class _Distrustful:
     def read_data(self, plan: Any, planner: Any) -> Any:
         storage_data = self.storage_data  # type: ignore[attr-defined]
         per_file: dict[str, list[Any]] = {}
-        for item in plan.items:
-            per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        try:
+            for item in plan.items:
+                per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        finally:
+            if self.fetch_missing is not None:  # collective: the other ranks must not wait for this one in vain
+                self.fetch_missing(sorted(per_file))
         for relative, items in per_file.items():
             self._read_file(relative, items, planner)
         done: Future = Future()
