@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tests.accelerate.launch import TORCHRUN, script_env
+from tests.accelerate.launch import script_env
 from tests.multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,9 @@ def launch_nodes(
     logs = []
     for node, directory in enumerate(dirs):
         command = [
-            str(TORCHRUN),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
             f"--nnodes={len(dirs)}",
             f"--node_rank={node}",
             "--nproc_per_node=1",
@@ -70,7 +73,7 @@ def launch_nodes(
         )
     deadline = time.monotonic() + timeout
     runs = []
-    for node, proc in enumerate(procs):
+    for proc in procs:
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

@@ -48,6 +48,10 @@ class StorageBase:
     def storage_options(self) -> dict[str, Any]:
         return self._root.storage_options
 
+    def root_path(self, name: str, *more: str) -> str:
+        """The filesystem path (no protocol) of ``name`` (and of ``more`` names below it) in this root."""
+        return self._root.join(name, *more)
+
     def url(self, name: str, *more: str) -> str:
         """A user-facing path or URL of ``name`` (and of ``more`` names below it)."""
         return self._root.url(self._root.join(name, *more))

@@ -67,8 +67,9 @@ class PendingWrite:
     manifest: dict[str, Any] = field(default_factory=dict)
     handoff: dict[str, Any] | None = None
     """A commit across nodes: what the coordinator hands every node once DCP's write returned."""
-    decided: bool = False
-    """A commit across nodes: the checkpoint is committed (this copy is completed, never removed)."""
+    keep: bool = False
+    """A commit across nodes: every node voted to commit, so only the coordinator's decision to abort removes this
+    copy; after any other failure it stays for the next start to complete (or, never decided, for ``purge``)."""
 
     @property
     def write_name(self) -> str:

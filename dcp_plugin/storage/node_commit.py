@@ -112,6 +112,7 @@ class NodeCommit(RenameCommit):
                     f"A committed checkpoint already exists at {shown} on every node; pick another step/name, delete "
                     "it first, or pass overwrite=True."
                 )
+        pending.keep = True  # every node voted yes: from here on only the coordinator's "no" removes this copy
         self._decide(pending, channel, shown)
         failure: str | None = None
         if layout.is_leader and layout.rank != 0:
@@ -140,7 +141,6 @@ class NodeCommit(RenameCommit):
         if decision is not None:
             self._abort_here(pending)
             raise CheckpointSaveError(f"Saving {shown} failed on the first node ({decision}); nothing was committed.")
-        pending.decided = True  # from here on this part is never removed: it is completed, now or at the next start
 
     def _prepare(self, pending: PendingWrite, manifest: dict[str, Any], metadata: bytes) -> str | None:
         """Seal this node's part in its staging copy; returns the save id of the part of that name this node has
@@ -173,14 +173,18 @@ class NodeCommit(RenameCommit):
         tidy_work_dir(self.root)
 
     def _abort_here(self, pending: PendingWrite) -> None:
+        """The decision is to abort, and every node knows it: remove this node's staging copy."""
         if self.layout.is_leader:
-            self.abort(pending)
+            super().abort(pending)
 
     def abort(self, pending: PendingWrite) -> None:
-        """Remove this node's staging copy, unless the checkpoint was decided (then it is completed later)."""
-        if getattr(pending, "decided", False):
+        """Remove this node's staging copy after a failed save, unless every node voted to commit and the decision
+        did not arrive (the node that failed may be the coordinator after it decided): then the next start
+        completes the copy if the checkpoint was committed anywhere, and leaves it to ``purge`` otherwise."""
+        if pending.keep:
             log.warning(
-                "Keeping %s: its checkpoint was committed and this part is completed when the job starts.",
+                "Keeping the sealed part %s: the commit's outcome did not arrive; the next start completes it if the "
+                "checkpoint was committed.",
                 pending.directory,
             )
             return

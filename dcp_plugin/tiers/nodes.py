@@ -84,6 +84,9 @@ class NodeTiers:
         storage.strategy.recover()  # commits a crash interrupted between the decision and a node's own rename
         if layout.is_leader:
             self._tidy()
+        if self.peers is not None:
+            for name in self.peers.missing(self.view()):  # copies a crash interrupted: made again
+                self.peers.enqueue(name)
 
     def _tidy(self) -> None:
         """Remove what interrupted restores and copies left on this node (nothing is writing them now)."""

@@ -33,7 +33,7 @@ from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.names import METADATA_NAME
 from dcp_plugin.storage.node_commit import committed_save_id
 from dcp_plugin.storage.node_parts import part_files, part_of, with_part
-from dcp_plugin.tiers.holdings import replica_parts, replica_storage
+from dcp_plugin.tiers.holdings import JobView, replica_parts, replica_storage
 from dcp_plugin.tiers.replication import ReplicationError, lower_priority
 from dcp_plugin.tiers.wire import Transfer, receive_file, run_transfers
 
@@ -133,22 +133,29 @@ class PeerReplicator:
         mine = None
         if layout.is_leader and committed_save_id(self.local._root, name) is not None:
             manifest = self.local.info(name).manifest
-            mine = (manifest.get("save_id"), manifest) if part_of(manifest) is not None else None
+            kept = {
+                part: committed_save_id(replica_storage(self.local, part)._root, name)
+                for part in replica_parts(self.local)
+            }
+            mine = (manifest.get("save_id"), manifest, kept) if part_of(manifest) is not None else None
         views = self.groups.all_gather(mine)
         held = [views[leader] for leader in layout.leaders]
         if any(view is None for view in held) or len({view[0] for view in held}) != 1:
             return  # not committed on every node (its save failed and said so): nothing to copy
+        save_id, manifest = held[0][0], held[0][1]  # type: ignore[index]
         parts = [part_of(view[1])["node"] for view in held]  # type: ignore[index]
-        manifest = held[0][1]  # type: ignore[index]
         records = manifest["files"]
-        transfers = []
+        transfers, receiving = [], set()
         for node, part in enumerate(parts):
             for peer in layout.peers(node, self.copies):
+                if held[peer][2].get(part) == save_id:  # type: ignore[index]
+                    continue  # that peer keeps this copy already (a copy made before a restart)
+                if peer == layout.node:
+                    receiving.add(part)
                 for file in part_files(manifest, part):
                     if file != METADATA_NAME:
                         size = int(records[file]["size"])
                         transfers.append(Transfer(layout.leader_of(node), layout.leader_of(peer), file, size))
-        receiving = {parts[node] for node in range(layout.nodes) if layout.node in layout.peers(node, self.copies)}
         problem = None
         try:
             self._exchange(name, manifest, transfers, receiving if layout.is_leader else set())
@@ -195,6 +202,21 @@ class PeerReplicator:
             for part, write in pending.items():
                 replica_storage(self.local, part).abort(write)
             raise
+
+    def missing(self, view: JobView) -> list[str]:
+        """The complete checkpoints of ``view`` whose parts, each on its own node, lack a copy on a peer (a copy
+        interrupted by a crash): every node computes the same list from the same view."""
+        layout, out = self.groups.layout, []
+        for checkpoint in view.complete:
+            owners = {copy.node: copy.part for copy in checkpoint.copies if copy.own and copy.part is not None}
+            if sorted(owners) != list(range(layout.nodes)) or checkpoint.parts != layout.nodes:
+                continue  # a part is not on its own node (or another layout): a round would have nothing to send
+            kept = {(copy.node, copy.part) for copy in checkpoint.copies if not copy.own}
+            if any(
+                (peer, part) not in kept for node, part in owners.items() for peer in layout.peers(node, self.copies)
+            ):
+                out.append(checkpoint.name)
+        return out
 
     def _apply_retention(self) -> None:
         """The run's retention, applied to the copies this node keeps."""

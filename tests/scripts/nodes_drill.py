@@ -6,8 +6,9 @@ FSDP2 on gloo, ``CheckpointManager(NODE_DIR, local_scope="node", peer_replicas=1
 * ``restore OUT``: restore the latest into a fresh model; report the step, the bytes from each place, the full
   state. With ``DRILL_LOSE_COPIES=1`` every node then drops the copies of other nodes' parts it keeps and a manager
   without a remote tier asks for the latest: report the error.
-* ``chain OUT STEP``: restore the latest (if any) and report what every node lists, then train one step and save
-  ``STEP`` (the test may have set ``DCP_PLUGIN_CRASH_AT`` to kill this node in that save or its copies).
+* ``chain OUT STEPS``: restore the latest (if any) and report what every node lists, then train and save the
+  comma-separated steps, each copied to the peer before the next; ``DRILL_CRASH_AT`` becomes
+  ``DCP_PLUGIN_CRASH_AT`` for the last save (the crash seam kills this node there).
 
 ``DRILL_REMOTE`` / ``DRILL_REMOTE_OPTIONS`` (JSON) add a remote tier; ``DRILL_MODE`` picks the async mode.
 Reports go to ``OUT/<phase>_<launch>.pt``, written by every node's process.
@@ -128,26 +129,27 @@ def restore(out: str) -> dict:
     return report
 
 
-def chain(out: str, step: str) -> dict:
+def chain(out: str, steps: str = "") -> dict:
     model, optimizer = build(3)
     state = state_of(model, optimizer)
     report: dict = {}
     with manager() as m:
-        latest = m.latest()
-        if latest is not None:
+        if m.latest() is not None:
             m.load(state)
         report.update(step=state["step"], list=[i.name for i in m.list()], listed=listed(m))
         report["full"] = full_state(model, optimizer)
-        save = int(step)
-        train_step(model, optimizer, save)
-        state["step"] = save
-        reference = full_state(model, optimizer)
-        if reference is not None:
-            torch.save(reference, os.path.join(out, f"reference_{save}.pt"))
-        _report(out, "chain", report)  # before the save, which may be killed
-        m.save(save, state)
-        m.wait()
-        if m.nodes is not None and m.nodes.peers is not None:
+        _report(out, "chain", report)  # before the saves, which may be killed
+        saves = [int(step) for step in steps.split(",") if step]
+        for number, step in enumerate(saves):
+            train_step(model, optimizer, step)
+            state["step"] = step
+            reference = full_state(model, optimizer)
+            if reference is not None:
+                torch.save(reference, os.path.join(out, f"reference_{step}.pt"))
+            if number == len(saves) - 1 and os.environ.get("DRILL_CRASH_AT"):
+                os.environ["DCP_PLUGIN_CRASH_AT"] = os.environ["DRILL_CRASH_AT"]  # the last save is killed there
+            m.save(step, state)
+            m.wait()
             m.nodes.peers.wait()
     return report
 
