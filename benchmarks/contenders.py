@@ -350,27 +350,41 @@ def _plugin(name: str, description: str, *, background: bool, **options: Any) ->
 
 
 _plugin("dcp-plugin sync", "CheckpointManager(async_mode='sync')", background=False, async_mode="sync")
-_plugin("dcp-plugin thread", "CheckpointManager(async_mode='thread')", background=True, async_mode="thread")
+_plugin(
+    "dcp-plugin thread",
+    "CheckpointManager(async_mode='thread', async_staging=False): the snapshot copied before save returns",
+    background=True,
+    async_mode="thread",
+    async_staging=False,
+)
 _plugin(
     "dcp-plugin thread+staging",
-    "CheckpointManager(async_mode='thread', async_staging=True)",
+    "CheckpointManager(async_mode='thread', async_staging=True): the defaults",
     background=True,
     async_mode="thread",
     async_staging=True,
 )
-_plugin("dcp-plugin process", "CheckpointManager(async_mode='process')", background=True, async_mode="process")
+_plugin(
+    "dcp-plugin process",
+    "CheckpointManager(async_mode='process', async_staging=False): the snapshot copied before save returns",
+    background=True,
+    async_mode="process",
+    async_staging=False,
+)
 _plugin(
     "dcp-plugin thread, writer_nice=0",
-    "CheckpointManager(async_mode='thread', writer_nice=0): the writer at the training priority",
+    "CheckpointManager(async_mode='thread', async_staging=False, writer_nice=0): the writer at the training priority",
     background=True,
     async_mode="thread",
+    async_staging=False,
     writer_nice=0,
 )
 _plugin(
     "dcp-plugin process, writer_nice=0",
-    "CheckpointManager(async_mode='process', writer_nice=0): the writer at the training priority",
+    "CheckpointManager(async_mode='process', async_staging=False, writer_nice=0): the writer at the training priority",
     background=True,
     async_mode="process",
+    async_staging=False,
     writer_nice=0,
 )
 _plugin(

@@ -36,6 +36,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import machine  # noqa: E402
 from benchmarks.contenders import CONTENDERS  # noqa: E402
 
 BASELINE = "no checkpoints"
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(f"{args.out}.json", "w") as handle:
-        json.dump({"settings": vars(args), "runs": runs, "summary": summary}, handle, indent=1)
+        described = machine.describe(base_dir)
+        json.dump({"settings": vars(args), "machine": described, "runs": runs, "summary": summary}, handle, indent=1)
     text = markdown(args, summary)
     with open(f"{args.out}.md", "w") as handle:
         handle.write(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
 from typing import Any
 
@@ -45,6 +46,7 @@ def describe(directory: str) -> dict[str, Any]:
     import torch
 
     return {
+        "date": time.strftime("%Y-%m-%d"),
         "cpu": _cpu_model(),
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from dcp_plugin import logs
 from dcp_plugin._lazy import lazy_getattr
 
-__version__ = "0.1.0"
+__version__ = "0.4.0.dev0"
+"""The version these sources are: 0.4.0 in development (the last release is 0.3.0; see CHANGELOG.md)."""
 
 if TYPE_CHECKING:
     from dcp_plugin.checkpointer import Checkpointer

@@ -105,8 +105,9 @@ class Checkpointer:
         """Checkpoint ``state`` as of now at ``ref``; returns when the snapshot is taken (see ``async_mode``).
 
         Collective when distributed: every rank calls it with the same ``ref``. ``metadata`` (JSON-like) and
-        ``run_id`` go into the manifest. ``frozen_from``: modules whose frozen parameters a plain state dict in
-        ``state`` views, for incremental saves (as for a model in ``state``). The write continues in the
+        ``run_id`` go into the manifest. ``frozen_from``: modules a plain state dict in ``state`` was taken from
+        (Lightning's module): their frozen parameters count for incremental saves, and with async staging their
+        forward pass waits for the snapshot, as for a model in ``state``. The write continues in the
         background; the next call on this checkpointer waits for it and raises its error.
         """
         started = time.perf_counter()
@@ -118,7 +119,7 @@ class Checkpointer:
         _check_json(dict(metadata or {}))
         wrapped = wrap_state(state)
         if self.config.stages_in_background:
-            self._hook_staging_waits(wrapped)
+            self._hook_staging_waits(wrapped, frozen_from)
         packed, pending, structure = self._prepare(storage, name, wrapped, overwrite)
         pending.manifest = {
             "step": step,
@@ -184,12 +185,12 @@ class Checkpointer:
         packed: packing.Packed | None = None
         pending: PendingWrite | None = None
         local_error: BaseException | None = None
-        structure = ""
+        structure = 0
         try:
             packed = packing.pack(
                 wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
             )
-            structure = plans.structure(packed.state_dict)
+            structure = self.engine.structure_number(plans.structure(packed.state_dict))
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
                 pending.manifest["save_id"] = uuid.uuid4().hex
@@ -205,16 +206,17 @@ class Checkpointer:
                 raise local_error
             raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
         assert packed is not None and pending is not None
-        return packed, storage.here(pending), plans.agreed([digest for _, _, digest in outcomes])
+        return packed, storage.here(pending), plans.agreed([number for _, _, number in outcomes])
 
-    def _hook_staging_waits(self, state: Mapping[str, Any]) -> None:
+    def _hook_staging_waits(self, state: Mapping[str, Any], modules: Sequence[torch.nn.Module] = ()) -> None:
         """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every
-        optimizer step, and the forward pass of models whose buffers change in forward (BatchNorm statistics)."""
+        optimizer step, and the forward pass of models (in ``state`` or ``modules``) whose buffers change in
+        forward (BatchNorm statistics), which may run outside an optimizer step (gradient accumulation)."""
         for optimizer in optimizers_in(state):
             if id(optimizer) not in self._staging_hooks:
                 handle = optimizer.register_step_pre_hook(lambda *_args, **_kw: self.engine.wait_for_staging())
                 self._staging_hooks[id(optimizer)] = handle
-        for model in models_in(state):
+        for model in [*models_in(state), *modules]:
             if id(model) not in self._staging_hooks and _has_persistent_buffers(model):
                 handle = model.register_forward_pre_hook(lambda *_args: self.engine.wait_for_staging())
                 self._staging_hooks[id(model)] = handle

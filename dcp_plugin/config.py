@@ -41,11 +41,14 @@ class CheckpointConfig:
     (no GIL contention with training; the script needs an ``if __name__ == "__main__":`` guard)."""
 
     async_staging: bool | None = None
-    """Copy the snapshot in the background too, so ``save`` returns almost at once. The training loop
-    must then call ``wait_for_staging()`` before it changes parameters; optimizers passed to ``save``
-    do this automatically in their step pre-hook. ``None`` (default): on when CUDA is available (the copy
-    from the GPU is done by its DMA engine) and the mode is asynchronous; off on a CPU-only host, where the
-    copy would compete with training for the same cores (see :attr:`stages_in_background`)."""
+    """Copy the snapshot in the background too, so ``save`` returns almost at once and the loop waits for the copy
+    only before it next changes the saved tensors. Optimizers in the saved state wait in their step pre-hook, and
+    models whose buffers change in forward (BatchNorm statistics) in a forward pre-hook; code that changes saved
+    tensors any other way (in-place edits, an EMA copy updated by hand) must call ``wait_for_staging()`` first.
+    ``None`` (default): on in ``thread`` and ``process`` mode, on every host (with CUDA the device's DMA engine
+    does the copy; on a CPU-only host the loop's next forward/backward overlaps it, which cost training less time
+    than a copy at save time in the goodput benchmark); off in ``sync`` mode. ``False``: ``save`` returns once
+    the snapshot is copied, so the live tensors may change right away (see :attr:`stages_in_background`)."""
 
     reuse_buffers: bool = True
     """Keep the host staging buffers between saves (one stager owned for the manager's life). Costs one
@@ -221,15 +224,11 @@ class CheckpointConfig:
 
     @property
     def stages_in_background(self) -> bool:
-        """Whether saves copy the snapshot in the background: ``async_staging``, or when it is ``None``, an
-        asynchronous mode on a host with CUDA."""
+        """Whether saves copy the snapshot in the background: ``async_staging``, or when it is ``None``, whether
+        the mode is asynchronous (``thread`` or ``process``)."""
         if self.async_staging is not None:
             return self.async_staging
-        if not self.is_async:
-            return False
-        import torch  # not at import: the configuration is read at interpreter start by the Accelerate hook
-
-        return torch.cuda.is_available()
+        return self.is_async
 
     def replace(self, **changes: Any) -> CheckpointConfig:
         """A copy with some fields changed (validated again)."""
@@ -247,6 +246,7 @@ class CheckpointConfig:
         environ = os.environ if environ is None else environ
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
+        variables: dict[str, tuple[str, str, Any]] = {}  # field -> (variable, value as set, value parsed)
         for key, raw in environ.items():
             if not key.startswith(prefix):
                 continue
@@ -256,14 +256,34 @@ class CheckpointConfig:
                     continue
                 raise ConfigError(unknown_variable_message(key, prefix))
             values[name] = _parse_env_value(key, raw, fields[name].default)
+            variables[name] = (key, raw, values[name])
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            from_env = {name: variables[name] for name in variables if name not in overrides}
+            raise ConfigError(_name_the_variables(str(err), from_env)) from None
 
     @classmethod
     def resolve(cls, environ: Mapping[str, str] | None = None, **arguments: Any) -> CheckpointConfig:
         """The one rule of every entry point: arguments that were given (not ``None``) win, then
         ``DCP_PLUGIN_*`` variables, then the defaults."""
         return cls.from_env(environ, **{name: value for name, value in arguments.items() if value is not None})
+
+
+def _name_the_variables(message: str, variables: dict[str, tuple[str, str, Any]]) -> str:
+    """A validation message about fields that came from ``DCP_PLUGIN_*`` variables (field -> (variable, value as
+    set, value parsed)), told in terms of the variables: ``async_mode='x' is not supported`` becomes
+    ``DCP_PLUGIN_ASYNC_MODE='x' is not supported``; a message about other fields ends with the variables it names."""
+    rest = dict(variables)
+    for name, (key, raw, value) in variables.items():
+        said = f"{name}={value!r}"
+        if message.startswith(said):
+            message = f"{key}={raw!r}{message[len(said) :]}"
+            del rest[name]
+            break
+    mentioned = [f"{key}={raw!r}" for name, (key, raw, _) in rest.items() if re.search(rf"\b{name}\b", message)]
+    return f"{message} (set in the environment: {', '.join(mentioned)})" if mentioned else message
 
 
 def known_variables(prefix: str = ENV_PREFIX) -> list[str]:
@@ -283,7 +303,7 @@ def unknown_variable_message(key: str, prefix: str = ENV_PREFIX) -> str:
 
 # Variables with our prefix that configure something other than CheckpointConfig (the adapters read them).
 NON_CONFIG_ENV_NAMES = {
-    *("enable", "dir", "keep_last", "crash_at", "crash_group", "log_level"),
+    *("enable", "dir", "keep_last", "log_metrics", "crash_at", "crash_group", "log_level"),
     *("remote", "remote_storage_options", "replicate_every_n_steps", "remote_keep_last"),  # dcp_plugin.tiers.two_tiers
 }
 TESTING_ENV_NAMES = {"crash_at", "crash_group"}

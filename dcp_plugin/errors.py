@@ -7,7 +7,10 @@ checkpoint or file and say what to do.
 
 from __future__ import annotations
 
+import importlib
 import pickle
+import sys
+from types import ModuleType
 
 
 class CheckpointError(Exception):
@@ -58,6 +61,29 @@ class StorageAccessError(CheckpointError, OSError):
     """The storage cannot be reached or used (missing bucket, bad credentials, unreachable endpoint)."""
 
 
+class MissingExtraError(CheckpointError, ModuleNotFoundError):
+    """An adapter's framework is not installed; the message names the ``pip install dcp-plugin[extra]`` to run."""
+
+
+def import_extra(module: str, *, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` (a framework an adapter needs); if it is not installed, raise :class:`MissingExtraError`
+    naming ``feature`` and the extra that installs the framework. A module missing *inside* the framework is not
+    ours to explain and is raised as it is."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if not missing or not (module == missing or module.startswith(missing + ".")):
+            raise
+        top = module.split(".")[0]
+        raise MissingExtraError(
+            f"{feature} needs {top}, which is not installed in this environment ({sys.executable}). "
+            f"Install it with the {extra!r} extra: python -m pip install 'dcp-plugin[{extra}]' "
+            f"(from a clone: python -m pip install '/path/to/dcp-plugin[{extra}]'), or install {top} itself.",
+            name=missing,
+        ) from None
+
+
 __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
@@ -67,7 +93,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "ConfigError",
+    "MissingExtraError",
     "NotACheckpointError",
     "StorageAccessError",
     "UnsafeCheckpointError",
+    "import_extra",
 ]

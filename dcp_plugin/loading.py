@@ -110,6 +110,8 @@ def _load_once(
     if missing is not None or metadata is None:
         raise CheckpointLoadError(f"Loading checkpoint {info.url} failed: {missing}")
     skeleton = packing.skeleton_target(metadata, source_rank)
+    if source_rank != 0:
+        skeleton.update(packing.skeleton_target(metadata, 0))  # values saved once are rank 0's
     reader.defer_verification = True  # the tensor read below hashes these files anyway; the rest is checked last
     try:
         engine.load(skeleton, reader, url=info.url)
@@ -120,8 +122,12 @@ def _load_once(
     wrapped = wrap_state(state)
     damage, plan = None, packing.LoadPlan()
     try:
-        document = encoding.loads(next(iter(skeleton.values())))
+        document = encoding.loads(skeleton[packing.skeleton_key(source_rank)])
         damage = packing.document_problem(document)
+        if damage is None and source_rank != 0:
+            coordinator = encoding.loads(skeleton[packing.skeleton_key(0)])
+            damage = packing.document_problem(coordinator)
+            document = document if damage else packing.take_replicated(document, coordinator)
         if damage is None:
             plan = packing.plan_load(wrapped, document, metadata, source_rank=source_rank, strict=strict)
     except (ValueError, TypeError, KeyError, AttributeError) as err:  # torn read, or a damaged checkpoint

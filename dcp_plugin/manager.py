@@ -224,10 +224,11 @@ class CheckpointManager(CheckpointListing):
     ) -> SaveStats:
         """Checkpoint ``state`` as of now, for ``step``.
 
-        Returns when the snapshot is taken (with ``async_staging``: when it was started) and the write
-        continues in the background. The next ``save``, ``load``, ``delete`` and ``close`` wait for it; its
-        errors are raised by the next call. ``metadata`` (JSON-like, e.g. metrics) is stored in the
-        manifest. ``name`` overrides the directory name (default ``step_000000042``).
+        Returns when the snapshot copy was started (with ``async_staging=False``: when it is taken; in ``sync``
+        mode: when the checkpoint is committed) and the write continues in the background. The next ``save``,
+        ``load``, ``delete`` and ``close`` wait for it; its errors are raised by the next call. ``metadata``
+        (JSON-like, e.g. metrics) is stored in the manifest. ``name`` overrides the directory name (default
+        ``step_000000042``).
         """
         self.wait()  # the previous save committed: its retention runs before the next write starts
         stats = self.checkpointer.save(
@@ -326,11 +327,9 @@ class CheckpointManager(CheckpointListing):
         try:
             try:
                 self.wait()
-                if self.nodes is not None:
-                    self.nodes.close()  # waits for the copies to peers and the remote tier
-                    self._after_commit()  # retention of what was kept only until it was copied
-                elif self.tiers is not None:
-                    self.tiers.close()  # waits for the replication of everything committed
+                copies = self.nodes or self.tiers
+                if copies is not None:
+                    copies.close()  # waits for the copies of everything committed (to peers, to the remote tier)
                     self._after_commit()  # retention of what was kept only until it was copied
             finally:
                 if self._owns_checkpointer:

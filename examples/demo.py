@@ -1,12 +1,14 @@
 """The main demo: train with asynchronous checkpoints, get killed, resume, and check nothing was lost.
 
-1. A training process saves every ``--save-every`` steps to the local disk in the background
-   (``async_mode="thread"`` with asynchronous staging), and is killed with SIGKILL at ``--kill-at``: by default
-   a save step, right after that save started, so its checkpoint is cut off in the middle of the write.
+1. A training process saves every ``--save-every`` steps to the local disk with ``CheckpointManager``'s defaults
+   (a background writer thread, the snapshot copied in the background too), and is killed with SIGKILL at
+   ``--kill-at``: by default a save step, right after that save started, so its checkpoint is cut off in the
+   middle of the write.
 2. The interrupted write is not listed; a new process resumes from the latest committed checkpoint and finishes.
 3. An uninterrupted run without checkpoints gives the reference: the resumed run must match it bit for bit.
-4. A summary: where the files are, why only the newest are left (retention), and how long training waited per
-   save next to ``torch.save`` of the same state, measured in the same run.
+4. A summary: where the files are, why only the newest are left (retention), how long training waited per save
+   next to ``torch.save`` of the same state, measured in the same run, and ``dcp-plugin`` commands to try next,
+   printed so that they run as shown from the directory the demo was started in.
 
 Run: ``python examples/demo.py`` (or ``nox -s demo``).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -61,10 +64,8 @@ def worker(directory: str, steps: int, save_every: int, keep: int, stats_path: s
     model, optimizer, scheduler = build()
     torch.manual_seed(1234)
     state = {"model": model, "optim": optimizer, "sched": scheduler, "rng": RNGState(), "step": 0}
-    manager = CheckpointManager(
+    manager = CheckpointManager(  # the defaults: what a new user gets (printed by the demo's first line)
         directory,
-        async_mode="thread",
-        async_staging=True,
         save_policy=EveryNSteps(save_every),
         retention=KeepLast(keep),
         run_id="demo",  # the resumed process continues the same run, so retention covers its checkpoints
@@ -135,6 +136,42 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+def cli_command() -> str:
+    """How to run the ``dcp-plugin`` command as typed in this shell: its name when the one on ``PATH`` is this
+    interpreter's, else the path of this interpreter's script (e.g. ``.nox/demo/bin/dcp-plugin`` under nox), else
+    ``python -m dcp_plugin.cli`` with this interpreter and the source tree it imported dcp-plugin from."""
+    script = Path(sys.executable).parent / "dcp-plugin"
+    on_path = shutil.which("dcp-plugin")
+    if script.exists():
+        if on_path and Path(on_path).resolve() == script.resolve():
+            return "dcp-plugin"
+        return shlex.quote(shown(script) if "/" in shown(script) else f"./{shown(script)}")
+    import dcp_plugin
+
+    source = Path(dcp_plugin.__file__).resolve().parents[1]  # not installed: run from the source tree
+    return f"PYTHONPATH={shlex.quote(str(source))} {shlex.quote(sys.executable)} -m dcp_plugin.cli"
+
+
+def try_next(command: str, directory: str, newest: str) -> list[str]:
+    """The commands the summary suggests, each runnable as printed."""
+    directory, newest = shlex.quote(directory), shlex.quote(newest)
+    return [
+        f"{command} ls {directory}",
+        f"{command} verify --load {newest}",
+        f"{command} inspect {newest}",
+        f"{command} export {newest} model.safetensors",
+    ]
+
+
+def defaults_line() -> str:
+    """What ``CheckpointManager``'s defaults resolve to on this host (the demo uses them)."""
+    from dcp_plugin import CheckpointConfig
+
+    config = CheckpointConfig()
+    staging = "in the background" if config.stages_in_background else "before save returns"
+    return f"async_mode={config.async_mode!r}, snapshot copied {staging}, {config.thread_count} writer threads"
+
+
 def run(args: argparse.Namespace) -> int:
     workdir = Path(args.dir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -167,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         f"== 1. training to step {args.steps}, checkpoint every {args.save_every} steps, keeping the last {args.keep}; "
         f"SIGKILL at step {args.kill_at}, {when}"
     )
+    print(f"   CheckpointManager with its defaults: {defaults_line()}")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     trigger = f"SAVING {args.kill_at}" if mid_write else f"STEP {args.kill_at}"
     for line in first.stdout:
@@ -240,11 +278,10 @@ def run(args: argparse.Namespace) -> int:
         )
     newest = shown(checkpoints / on_disk[-1].name) if on_disk else shown(checkpoints)
     print(f"== files: {shown(checkpoints)} (one directory per checkpoint, the data files and a checksummed manifest)")
-    print("   try next:")
-    print(f"     dcp-plugin ls {shown(checkpoints)}")
-    print(f"     dcp-plugin verify --load {newest}")
-    print(f"     dcp-plugin inspect {newest}")
-    print(f"     dcp-plugin export {newest} model.safetensors")
+    command = cli_command()
+    print("   try next (from this directory):")
+    for line in try_next(command, shown(checkpoints), newest):
+        print(f"     {line}")
     return 0 if identical and survivors else 1
 
 

@@ -1,7 +1,8 @@
-"""Small stand-ins for what the docs' snippets leave to the reader (``model``, ``train_step``...).
+"""Small stand-ins for what later snippets of a page leave to the reader (``MyModule``).
 
-Pages import them in a hidden ``<!-- test-setup ... -->`` comment (see tests/test_docs.py), so a snippet such as
-``trainer.fit(model)`` runs as printed. Everything is tiny, so every page runs in seconds.
+Pages import them in a hidden ``<!-- test-setup ... -->`` comment (see tests/test_docs.py; never before a page's
+first Python block, which shows everything it needs), so a snippet such as ``trainer.fit(MyModule())`` runs as
+printed. Everything is tiny, so every page runs in seconds.
 """
 
 from __future__ import annotations
@@ -42,21 +43,3 @@ class MyModule(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.randn(16, 8), torch.randn(16, 1)), batch_size=4)
-
-
-def plain_loop(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, Any]:
-    """A tiny model, its optimizer and scheduler, and a ``train_step()`` that trains them one step."""
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(16, 4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
-
-    def train_step() -> float:
-        loss = model(torch.randn(8, 16)).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-        return loss.item()
-
-    return model, optimizer, scheduler, train_step

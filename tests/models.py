@@ -27,7 +27,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     optimizer.zero_grad()
     if scheduler is not None:
         scheduler.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:

@@ -139,3 +139,27 @@ def test_an_empty_staging_budget_variable_means_no_bound():
     assert CheckpointConfig.from_env({"DCP_PLUGIN_MAX_STAGING_BYTES": ""}).max_staging_bytes is None
     assert CheckpointConfig.from_env({"DCP_PLUGIN_MAX_STAGING_BYTES": "none"}).max_staging_bytes is None
     assert CheckpointConfig().max_staging_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"DCP_PLUGIN_ASYNC_MODE": "proces"}, "DCP_PLUGIN_ASYNC_MODE='proces' is not supported; use one of sync"),
+        ({"DCP_PLUGIN_THREAD_COUNT": "0"}, "DCP_PLUGIN_THREAD_COUNT='0' must be an integer >= 1"),
+        (
+            {"DCP_PLUGIN_ASYNC_MODE": "sync", "DCP_PLUGIN_ASYNC_STAGING": "1"},
+            "DCP_PLUGIN_ASYNC_STAGING='1' needs a background writer",
+        ),
+        ({"DCP_PLUGIN_MAX_STAGING_BYTES": "12XB"}, "(set in the environment: DCP_PLUGIN_MAX_STAGING_BYTES='12XB')"),
+    ],
+)
+def test_a_bad_value_from_the_environment_names_the_variable(env, expected):
+    with pytest.raises(ConfigError) as info:
+        CheckpointConfig.from_env(env)
+    assert expected in str(info.value)
+
+
+def test_a_value_given_in_code_is_not_blamed_on_the_environment():
+    with pytest.raises(ConfigError) as info:
+        CheckpointConfig.from_env({"DCP_PLUGIN_THREAD_COUNT": "2"}, async_mode="bogus")
+    assert str(info.value).startswith("async_mode='bogus' is not supported") and "DCP_PLUGIN" not in str(info.value)

@@ -135,3 +135,75 @@ def test_fsdp2_checkpoint_reshards_across_world_sizes(tmp_path, save_ranks, load
     for result in loaded[:1]:  # full (gathered) state dicts live on rank 0 only
         assert_same(result["full"]["model"], saved[0]["full"]["model"])
         assert_same(result["full"]["optim"], saved[0]["full"]["optim"])
+
+
+# -- values saved once that differ between ranks ---------------------------------------------------------------------
+
+
+def _diverged(rank: int, seed: int):
+    """A DDP model plus parameters outside it, trained without gradient sync: their values and their optimizer's
+    state differ between ranks (rank-dependent data)."""
+    from dcp_plugin import PerRank
+
+    model, optimizer, scheduler = _ddp_training(seed=seed)
+    outside = torch.nn.Module()
+    outside.scale = torch.nn.Parameter(torch.ones(3))
+    outside.temp = torch.nn.Parameter(torch.zeros(2))
+    outside_optimizer = torch.optim.Adam(outside.parameters(), lr=0.1)
+    state = {
+        "model": model,
+        "optim": optimizer,
+        "outside": ModelState(outside),
+        "outside_optim": OptimizerState(outside, outside_optimizer),
+        "counter": {"count": 0, "lr": 0.0},
+        "mine": PerRank({"rank": -1}),
+    }
+    return state, outside, outside_optimizer
+
+
+def _observe(state, outside, outside_optimizer) -> dict:
+    return {
+        "outside": snapshot(outside, outside_optimizer),
+        "model": snapshot(state["model"].module, state["optim"]),
+        "counter": dict(state["counter"]),
+        "mine": dict(state["mine"].value),
+    }
+
+
+def diverged_save(rank, world_size, directory):
+    state, outside, outside_optimizer = _diverged(rank, seed=0)
+    torch.manual_seed(1000 + rank)
+    for _ in range(3):
+        train_step(state["model"], state["optim"])
+        loss = (outside.scale * torch.randn(3)).sum() + (outside.temp * torch.randn(2)).sum()
+        loss.backward()
+        outside_optimizer.step()
+        outside_optimizer.zero_grad()
+    state["counter"] = {"count": 10 + rank, "lr": 0.5 * (rank + 1)}
+    state["mine"].value = {"rank": rank}
+    with CheckpointManager(directory, async_mode="thread") as manager:
+        manager.save(1, state)
+    return _observe(state, outside, outside_optimizer)
+
+
+def diverged_load(rank, world_size, directory):
+    state, outside, outside_optimizer = _diverged(rank, seed=5)
+    with CheckpointManager(directory, async_mode="thread") as manager:
+        manager.load(state)
+    return _observe(state, outside, outside_optimizer)
+
+
+def test_values_saved_once_that_differ_between_ranks_load_as_rank_0s(tmp_path):
+    """Parameters outside the DDP model and a plain value differ between the 2 ranks at save time: after a load every
+    rank holds rank 0's, for the values, their optimizer state and the plain value alike; per-rank entries stay each
+    rank's own."""
+    directory = str(tmp_path / "ckpts")
+    saved = run_ranks(diverged_save, directory)
+    assert not torch.equal(saved[0]["outside"]["model"]["scale"], saved[1]["outside"]["model"]["scale"])
+    assert saved[0]["counter"] != saved[1]["counter"]
+    loaded = run_ranks(diverged_load, directory)
+    for rank in range(2):
+        assert_same(loaded[rank]["outside"], saved[0]["outside"], f"rank {rank} outside")
+        assert_same(loaded[rank]["model"], saved[0]["model"], f"rank {rank} model")
+        assert loaded[rank]["counter"] == saved[0]["counter"]
+        assert loaded[rank]["mine"] == {"rank": rank}

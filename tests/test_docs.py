@@ -5,8 +5,9 @@ directory with no ``DCP_PLUGIN_*`` variables set. Two HTML comments, invisible o
 
 - ``<!-- no-run: reason -->`` right before a block skips it (it needs S3 credentials, several GPUs,
   ``accelerate launch``...); the reason is required.
-- ``<!-- test-setup`` ... ``-->`` holds code run at that point (e.g. a tiny model for a snippet that
-  says ``model``), so the visible snippets stay the ones a user would write.
+- ``<!-- test-setup`` ... ``-->`` holds code run at that point (e.g. a tiny model for a later snippet that
+  says ``model``). Never before the first Python block of a page or of a README section: that block is what a
+  user copies first, so it must run exactly as shown, with everything it needs visible.
 
 The API reference must name every public name of the three public modules.
 """
@@ -140,6 +141,33 @@ def _reset_accelerate() -> None:
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
         GradientState._reset_state()
+
+
+def _sections(page: Path) -> list[list[Block]]:
+    """The blocks of a page, or of each ``##``/``###`` section of the README (each is a first read of its own)."""
+    blocks = parse(page)
+    if page.name != "README.md":
+        return [blocks]
+    lines = page.read_text(encoding="utf-8").splitlines()
+    starts = [i + 1 for i, line in enumerate(lines) if line.startswith(("## ", "### "))]
+    sections: list[list[Block]] = [[] for _ in range(len(starts) + 1)]
+    for block in blocks:
+        sections[sum(1 for start in starts if start < block.line)].append(block)
+    return sections
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_the_first_python_block_runs_as_shown(page: Path):
+    """A user copies the first block of a page (of a README section) first: no hidden setup may come before it."""
+    for blocks in _sections(page):
+        first = next((b for b in blocks if b.lang in PYTHON and b.skip is None and not b.hidden), None)
+        if first is None:
+            continue
+        hidden = [b.line - 1 for b in blocks if b.hidden and b.line < first.line]
+        assert not hidden, (
+            f"{page.name}:{first.line}: the first Python block depends on a hidden <!-- test-setup --> (line "
+            f"{hidden[0]}); show what it needs in the block itself"
+        )
 
 
 def test_api_reference_covers_every_public_name():

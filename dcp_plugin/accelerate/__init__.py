@@ -9,14 +9,19 @@
     accelerator.save_state()   # asynchronous, returns once the snapshot is taken
     accelerator.load_state()   # latest committed checkpoint, in place
 
-See ``docs/accelerate.md`` for the environment variables and caveats.
+See ``docs/accelerate.md`` for the environment variables and caveats. Needs Accelerate:
+``pip install 'dcp-plugin[accelerate]'`` (without it, importing this package says so).
 """
 
 from typing import TYPE_CHECKING, Any
 
-from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer
-from dcp_plugin.accelerate.install import DCPAccelerator, checkpointer_of, disable, enable
-from dcp_plugin.accelerate.options import AccelerateOptions
+from dcp_plugin.errors import import_extra
+
+import_extra("accelerate", extra="accelerate", feature="dcp_plugin.accelerate")
+
+from dcp_plugin.accelerate.checkpointer import AccelerateCheckpointer  # noqa: E402 - after the check above
+from dcp_plugin.accelerate.install import DCPAccelerator, checkpointer_of, disable, enable  # noqa: E402
+from dcp_plugin.accelerate.options import AccelerateOptions  # noqa: E402
 
 if TYPE_CHECKING:
     from dcp_plugin.accelerate.export import export_weights

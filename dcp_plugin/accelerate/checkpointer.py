@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dcp_plugin.accelerate import hooks
+from dcp_plugin.accelerate import hooks, not_found
+from dcp_plugin.accelerate.metrics import SaveMetrics
 from dcp_plugin.accelerate.naming import AutomaticCheckpoints, auto_name
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.accelerate.state import ACCELERATOR_ENTRY, collect
@@ -52,6 +53,8 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
         self._automatic: CheckpointManager | None = None
         self._closed = False
         self._warned_ignored_dir = False
+        self.metrics = SaveMetrics(options.log_metrics)
+        """Committed saves for the ``Accelerator``'s trackers (``accelerator.log``)."""
         self.installed_automatically = False
         """Installed by ``DCP_PLUGIN_ENABLE=1`` (zero-code); a script's own ``enable()`` replaces it."""
 
@@ -91,6 +94,7 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
         """
         self._check_usable()
         self.checkpointer.wait()
+        self.metrics.log_committed(self.accelerator)
         project = self.accelerator.project_configuration
         iteration = int(project.iteration)
         automatic = self.automatic_naming and (output_dir is None or project.automatic_checkpoint_naming)
@@ -134,6 +138,7 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
                 "(which continues the numbering)."
             ) from None
         project.iteration = iteration + 1
+        self.metrics.started(stats, self.accelerator)
         return stats.url
 
     # -- load --------------------------------------------------------------------------------------
@@ -165,10 +170,9 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
                     else:
                         info = self.automatic_manager().load(state, strict=strict)
             except CheckpointNotFoundError as err:
-                raise CheckpointNotFoundError(
-                    f"{err} If it was written by Accelerate's own save_state (without dcp-plugin), load it with "
-                    "DCP_PLUGIN_ENABLE=0 or after dcp_plugin.accelerate.disable(accelerator)."
-                ) from None
+                if input_dir is None:
+                    raise not_found.explain(err, self.automatic_manager().storage, None) from None
+                raise not_found.explain(err, *self.checkpointer.locate(str(input_dir))) from None
         finally:
             hooks.cleanup(hook_dir)
         saved = state[ACCELERATOR_ENTRY]
@@ -187,6 +191,7 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
         if self._closed or self._checkpointer is None:
             return  # nothing was saved through this checkpointer yet
         self.checkpointer.wait()
+        self.metrics.log_committed(self.accelerator)
         if self.automatic_naming:
             self.automatic_manager().wait()
 

@@ -9,7 +9,12 @@ epoch begins, and a save during that epoch stores the recorded state instead of 
 boundary the current state is the right one, and it is what is stored.
 
 "In progress" is Accelerate's own notion: the loader is among ``GradientState().dataloader_references``
-(it began an epoch and has not reached its end).
+(it began an epoch and has not reached its end). One position is special: when a loader hands out the last batch of
+its epoch it has already set ``end_of_dataloader`` (as ``accelerator.gradient_state.end_of_dataloader`` says), but
+it counts the epoch (``iteration``) and closes it only when the loop asks for one more batch. A save then is a save
+after the epoch (:func:`at_epoch_end`): the order of the epoch is drawn and spent, the current generator is the one
+the next epoch draws from, and the epoch counter is stored as it will be once the loop moves on, so a resumed run
+starts the next epoch, as Accelerate's checkpointing example does (``starting_epoch = step // len(dataloader)``).
 """
 
 from __future__ import annotations
@@ -70,14 +75,23 @@ def watch(dataloader: Any) -> Any:
     return dataloader
 
 
-def epoch_start_state(generator: torch.Generator) -> torch.Tensor | None:
-    """``generator``'s state when the epoch in progress that draws from it began; ``None`` between epochs."""
+def _in_progress() -> list[Any]:
     from accelerate.state import GradientState
 
-    for dataloader in GradientState().dataloader_references:
-        if dataloader is None:
-            continue
+    return [dataloader for dataloader in GradientState().dataloader_references if dataloader is not None]
+
+
+def at_epoch_end(dataloader: Any) -> bool:
+    """Whether ``dataloader`` is in an epoch and has handed out its last batch (only the closing of the epoch
+    remains): a save now is a save after the epoch."""
+    return bool(getattr(dataloader, "end_of_dataloader", False)) and any(d is dataloader for d in _in_progress())
+
+
+def epoch_start_state(generator: torch.Generator) -> torch.Tensor | None:
+    """``generator``'s state when the epoch in progress that draws from it began; ``None`` between epochs (and at an
+    epoch's last batch, when the current state is the next epoch's)."""
+    for dataloader in _in_progress():
         recorded = dataloader.__dict__.get(EPOCH_START)
         if recorded is not None and shuffling_generator(dataloader) is generator:
-            return recorded
+            return None if getattr(dataloader, "end_of_dataloader", False) else recorded
     return None

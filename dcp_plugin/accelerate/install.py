@@ -31,6 +31,7 @@ _WRAPPED = (
     "end_training",
     "prepare_data_loader",
     "skip_first_batches",
+    "log",
 )
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed saves through its own engine",
@@ -45,6 +46,7 @@ def enable(
     *,
     directory: str | None = None,
     keep_last: int | None = None,
+    log_metrics: bool | None = None,
     environ: dict[str, str] | None = None,
     **options: Any,
 ) -> AccelerateCheckpointer | None:
@@ -57,6 +59,8 @@ def enable(
             a URL such as ``s3://bucket/run/checkpoints``. Env: ``DCP_PLUGIN_DIR``.
         keep_last: committed checkpoints to keep (overrides ``ProjectConfiguration.total_limit``).
             Env: ``DCP_PLUGIN_KEEP_LAST``.
+        log_metrics: when the ``Accelerator`` has trackers, log each committed save's timings with
+            ``accelerator.log`` (default on). Env: ``DCP_PLUGIN_LOG_METRICS``.
         environ: read these variables instead of ``os.environ`` (for tests).
         **options: single :class:`~dcp_plugin.CheckpointConfig` fields, e.g. ``async_mode="process"``, and
             the remote tier's: ``remote="s3://bucket/run1"`` (the automatically named checkpoints are replicated
@@ -83,7 +87,9 @@ def enable(
             "dcp-plugin is already enabled on this Accelerator; call "
             "dcp_plugin.accelerate.disable(accelerator) first to change its options."
         )
-    settings = AccelerateOptions.from_env(environ, config=config, directory=directory, keep_last=keep_last, **options)
+    settings = AccelerateOptions.from_env(
+        environ, config=config, directory=directory, keep_last=keep_last, log_metrics=log_metrics, **options
+    )
     if not settings.enable:
         log.info("DCP_PLUGIN_ENABLE is off: keeping Accelerate's own save_state/load_state.")
         return None
@@ -215,6 +221,15 @@ def _end_training(accelerator: Accelerator) -> None:
         type(accelerator).end_training(accelerator)
 
 
+def _log(accelerator: Accelerator, values: dict, step: int | None = None, log_kwargs: dict | None = None) -> None:
+    """:meth:`accelerate.Accelerator.log`; checkpoint timings committed by now are logged first, at the step logged
+    before, and the new step is noted (dcp-plugin)."""
+    metrics = _checkpointer(accelerator).metrics
+    metrics.log_committed(accelerator)
+    metrics.note_step(step)
+    type(accelerator).log(accelerator, values, step=step, log_kwargs=log_kwargs)
+
+
 def _prepare_data_loader(accelerator: Accelerator, *args: Any, **kwargs: Any) -> Any:
     """:meth:`accelerate.Accelerator.prepare_data_loader`; the prepared loader also records its shuffling
     generator as each epoch begins, so that a save in mid-epoch can be resumed with ``skip_first_batches``
@@ -235,6 +250,7 @@ _IMPLEMENTATIONS = {
     "end_training": _end_training,
     "prepare_data_loader": _prepare_data_loader,
     "skip_first_batches": _skip_first_batches,
+    "log": _log,
 }
 
 
@@ -242,7 +258,8 @@ class DCPAccelerator(Accelerator):
     """An ``Accelerator`` whose ``save_state`` / ``load_state`` go through dcp-plugin.
 
     Takes every ``Accelerator`` argument, plus ``dcp_config`` (a :class:`~dcp_plugin.CheckpointConfig`),
-    ``dcp_directory`` and ``dcp_keep_last`` (see :func:`enable`); ``DCP_PLUGIN_*`` variables fill the rest.
+    ``dcp_directory``, ``dcp_keep_last`` and ``dcp_log_metrics`` (see :func:`enable`); ``DCP_PLUGIN_*`` variables
+    fill the rest.
     """
 
     def __init__(
@@ -251,8 +268,11 @@ class DCPAccelerator(Accelerator):
         dcp_config: CheckpointConfig | None = None,
         dcp_directory: str | None = None,
         dcp_keep_last: int | None = None,
+        dcp_log_metrics: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.dcp_checkpointer = enable(self, dcp_config, directory=dcp_directory, keep_last=dcp_keep_last)
+        self.dcp_checkpointer = enable(
+            self, dcp_config, directory=dcp_directory, keep_last=dcp_keep_last, log_metrics=dcp_log_metrics
+        )
         """The :class:`AccelerateCheckpointer` serving this accelerator's saves and loads."""

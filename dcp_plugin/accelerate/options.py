@@ -20,6 +20,7 @@ REMOTE_ARGUMENTS = ("remote", "remote_storage_options", "replicate_every_n_steps
 ENABLE_ENV = ENV_PREFIX + "ENABLE"
 DIR_ENV = ENV_PREFIX + "DIR"
 KEEP_LAST_ENV = ENV_PREFIX + "KEEP_LAST"
+LOG_METRICS_ENV = ENV_PREFIX + "LOG_METRICS"
 
 
 @dataclass
@@ -41,6 +42,10 @@ class AccelerateOptions:
     ``ProjectConfiguration.total_limit``).
     ``None``: use ``total_limit``; neither set: keep all."""
 
+    log_metrics: bool = True
+    """When the ``Accelerator`` has trackers, log each committed save's timings with ``accelerator.log``
+    (``checkpoint/blocking_s``, ``checkpoint/durable_s``, ...; see :mod:`dcp_plugin.accelerate.metrics`)."""
+
     config: CheckpointConfig = field(default_factory=CheckpointConfig)
     """How checkpoints are written and read (async mode, staging, writer threads, storage options...)."""
 
@@ -51,6 +56,8 @@ class AccelerateOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.enable, bool):
             raise ConfigError(f"enable={self.enable!r} must be True or False.")
+        if not isinstance(self.log_metrics, bool):
+            raise ConfigError(f"log_metrics={self.log_metrics!r} must be True or False.")
         if self.directory is not None:
             if not isinstance(self.directory, (str, os.PathLike)) or not os.fspath(self.directory):
                 raise ConfigError(f"directory={self.directory!r} must be a non-empty local path or URL.")
@@ -73,6 +80,7 @@ class AccelerateOptions:
         enable: bool | None = None,
         directory: str | None = None,
         keep_last: int | None = None,
+        log_metrics: bool | None = None,
         **config_overrides: Any,
     ) -> AccelerateOptions:
         """Read ``DCP_PLUGIN_*`` variables; arguments that are not ``None`` win over them.
@@ -95,14 +103,19 @@ class AccelerateOptions:
             enable = _parse_env_value(ENABLE_ENV, environ[ENABLE_ENV], False)
         if directory is None and environ.get(DIR_ENV, "").strip():
             directory = environ[DIR_ENV].strip()
+        if log_metrics is None and environ.get(LOG_METRICS_ENV, "").strip():
+            log_metrics = _parse_env_value(LOG_METRICS_ENV, environ[LOG_METRICS_ENV], True)
         if keep_last is None and environ.get(KEEP_LAST_ENV, "").strip():
             raw = environ[KEEP_LAST_ENV].strip()
             if raw.lower() not in {"none", "all"}:
                 keep_last = _parse_env_value(KEEP_LAST_ENV, raw, 0)
+                if keep_last < 1:
+                    raise ConfigError(f"{KEEP_LAST_ENV}={raw!r} must be an integer >= 1 (or 'none' to keep all).")
         return cls(
             enable=True if enable is None else enable,
             directory=directory,
             keep_last=keep_last,
+            log_metrics=True if log_metrics is None else log_metrics,
             config=config,
             remote=remote,
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dcp_plugin.accelerate.epochs import epoch_start_state, sampler_of, shuffling_generator
+from dcp_plugin.accelerate.epochs import at_epoch_end, epoch_start_state, sampler_of, shuffling_generator
 from dcp_plugin.accelerate.hooks import HOOK_FILES_ENTRY
 from dcp_plugin.format.state import ModelState, OptimizerState, PerRank, RNGState
 
@@ -48,7 +48,8 @@ class DataLoaderProgress:
     Accelerate's ``save_state`` keeps only a ``SeedableRandomSampler``; the loader's epoch counter
     (``iteration``, which re-seeds that sampler) and the shuffling generator it synchronizes across
     processes are lost, so a resumed run shuffles differently. Both are kept here; during an epoch, the
-    generator as that epoch began (see :mod:`dcp_plugin.accelerate.epochs`).
+    generator as that epoch began; at its last batch the epoch counts as finished (see
+    :mod:`dcp_plugin.accelerate.epochs`).
     """
 
     def __init__(self, dataloader: Any, *, for_load: bool = False) -> None:
@@ -63,7 +64,7 @@ class DataLoaderProgress:
         state: dict[str, Any] = {}
         iteration = getattr(self.dataloader, "iteration", None)
         if isinstance(iteration, int):
-            state["iteration"] = iteration
+            state["iteration"] = iteration + 1 if at_epoch_end(self.dataloader) else iteration
         sampler = sampler_of(self.dataloader)
         if isinstance(sampler, SeedableRandomSampler):
             state["sampler_epoch"] = int(sampler.epoch)

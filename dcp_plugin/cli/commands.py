@@ -12,23 +12,39 @@ import math
 from typing import Any
 
 from dcp_plugin.cli.output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
-from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError
-from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, open_url
+from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.storage import MANIFEST_NAME, METADATA_NAME, CheckpointInfo, CheckpointStorage, open_url
 from dcp_plugin.storage.manifest import CHECKSUM_KEY
+from dcp_plugin.storage.plain import step_of as plain_step_of
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
     return parse_options(args.storage_options, "--storage-options")
 
 
-def open_directory(url: str, args: argparse.Namespace) -> CheckpointStorage:
-    """A directory of checkpoints that exists (a missing one or a file is an error saying so)."""
+def open_directory(url: str, args: argparse.Namespace, *, checkpoint_ok: bool = False) -> CheckpointStorage:
+    """A directory of checkpoints that exists (a missing one or a file is an error saying so). Unless
+    ``checkpoint_ok``, one checkpoint given in its place is a usage error naming the directory that holds it."""
     storage = CheckpointStorage(url, options(args))
     if storage.fs.isfile(storage.root):
         raise CheckpointNotFoundError(f"{storage.root_url} is a file, not a directory of checkpoints.")
     if not storage.fs.exists(storage.root):
         raise CheckpointNotFoundError(f"{storage.root_url}: no such directory.")
+    if not checkpoint_ok:
+        _refuse_one_checkpoint(storage, args)
     return storage
+
+
+def _refuse_one_checkpoint(storage: CheckpointStorage, args: argparse.Namespace) -> None:
+    """A usage error when ``storage``'s directory is itself one checkpoint (its manifest or DCP's ``.metadata`` is
+    in it) rather than a directory of checkpoints: the command is meant for the directory that holds it."""
+    if not any(storage.fs.exists(f"{storage.root}/{marker}") for marker in (MANIFEST_NAME, METADATA_NAME)):
+        return
+    parent = storage.root_url.rstrip("/").rpartition("/")[0] or "/"
+    raise ConfigError(
+        f"{storage.root_url} is one checkpoint, not a directory of checkpoints. `dcp-plugin {args.command}` works "
+        f"on the directory that holds checkpoints: dcp-plugin {args.command} {parent}"
+    )
 
 
 def open_checkpoint(url: str, args: argparse.Namespace) -> tuple[CheckpointStorage, CheckpointInfo]:
@@ -109,7 +125,7 @@ def _other_metadata(metadata: dict[str, Any]) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List the committed (and broken) checkpoints of a directory, oldest first."""
-    storage = open_directory(args.directory, args)
+    storage = open_directory(args.directory, args, checkpoint_ok=True)
     scan = storage.scan()
     infos = [storage.info(found.name) for found in scan.found]
     broken = list(scan.broken)
@@ -134,20 +150,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not infos and not broken and not plain:
         emit(f"no committed checkpoints in {storage.root_url}")
     else:
-        rows: list[list[Any]] = [
-            [
-                i.name,
-                i.step if i.step is not None else "-",
-                i.manifest.get("world_size", "-"),
-                human_size(_size(i)),
-                iso_time(i.created),
-                _metrics(i.metadata),
-            ]
+        rows: list[tuple[tuple[int, float, str], list[Any]]] = [
+            (
+                _order(i.name, i.step, i.created),
+                [
+                    i.name,
+                    i.step if i.step is not None else "-",
+                    i.manifest.get("world_size", "-"),
+                    human_size(_size(i)),
+                    iso_time(i.created),
+                    _metrics(i.metadata),
+                ],
+            )
             for i in infos
         ]
-        rows += [[n, "-", "-", "-", "-", f"BROKEN: {reason}"] for n, reason in broken]
-        rows += [_plain_table_row(name, found) for name, found in plain]
-        emit(table(["NAME", "STEP", "RANKS", "SIZE", "CREATED", "METRICS"], rows))
+        rows += [(_order(n, None, None), [n, "-", "-", "-", "-", f"BROKEN: {reason}"]) for n, reason in broken]
+        rows += [
+            (_order(name, getattr(found, "step", None), getattr(found, "created", None)), _plain_table_row(name, found))
+            for name, found in plain
+        ]
+        rows.sort(key=lambda pair: pair[0])  # one listing, oldest first, whatever kind each entry is
+        emit(table(["NAME", "STEP", "RANKS", "SIZE", "CREATED", "METRICS"], [row for _, row in rows]))
     if leftovers:
         emit_note(
             f"{len(leftovers)} incomplete write(s) not listed: {', '.join(leftovers)}; `dcp-plugin purge` removes them"
@@ -155,6 +178,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if plain:
         emit_note(_PLAIN_NOTE)
     return 0
+
+
+def _order(name: str, step: int | None, created: float | None) -> tuple[int, float, str]:
+    """Where an entry goes in ``ls``: by step (from its name when it records none), then creation time, then
+    name; the same order for committed, adopted, plain and broken entries."""
+    if step is None:
+        step = plain_step_of(name)
+    return (step if step is not None else -1, float(created or 0.0), name)
 
 
 _PLAIN_NOTE = (
@@ -281,7 +312,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with progress(total, f"verifying {info.name}", show=args.progress) as bar:
         problems = storage.verify(info, progress=bar.update)
     if not problems and args.load:
-        problems += _load_problems(storage, info, args)
+        with progress(0, f"reading every tensor of {info.name} ({human_size(total)})", show=args.progress) as bar:
+            bar.update(0)
+            problems += _load_problems(storage, info, args)
     fallback = storage.newest_verified_before(info) if problems else None
     if args.json:
         emit_json(
@@ -330,6 +363,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     """Make a directory written by plain dcp.save (torchtitan's step-N folders) a regular checkpoint: check its
     metadata (allow-list, confined paths, every named file present with enough bytes), then commit a manifest with
     the checksums of its files as they are now. Its data is not changed."""
+    _refuse_run_directory_for_adopt(args.checkpoint, args)
     storage, name = open_url(args.checkpoint, options(args))
     info = storage.adopt(name)
     files = info.manifest.get("files") or {}
@@ -338,6 +372,32 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     else:
         emit(f"adopted {info.url}: {len(files)} files, {human_size(info.manifest.get('bytes'))}, checksums committed")
     return 0
+
+
+def _refuse_run_directory_for_adopt(url: str, args: argparse.Namespace) -> None:
+    """``adopt`` takes one directory written by ``dcp.save``; given a directory that holds checkpoints, name the
+    plain-DCP directories in it that can be adopted (never the ones already committed)."""
+    try:
+        storage = CheckpointStorage(url, options(args))
+        if not storage.fs.isdir(storage.root) or storage.fs.exists(f"{storage.root}/{METADATA_NAME}"):
+            return  # one checkpoint (or nothing): storage.adopt says what it is
+        plain = storage.plain_dcp()
+        committed = storage.scan().found
+    except (CheckpointError, OSError, ValueError):
+        return
+    if not plain and not committed:
+        return
+    if plain:
+        commands = "\n".join(f"  dcp-plugin adopt {storage.url(name)}" for name in plain)
+        raise ConfigError(
+            f"{storage.root_url} is a directory holding {len(plain)} plain DCP director"
+            f"{'y' if len(plain) == 1 else 'ies'} (written by dcp.save), not one of them. Adopt each one to keep:\n"
+            f"{commands}"
+        )
+    raise ConfigError(
+        f"{storage.root_url} is a directory of committed checkpoints ({len(committed)}) and holds no plain DCP "
+        "directory: there is nothing to adopt (`dcp-plugin ls` lists them)."
+    )
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dcp_plugin.cli.commands import open_checkpoint
 from dcp_plugin.cli.output import emit, emit_json, parse_options, progress
 from dcp_plugin.export.exporter import DTYPES, export_formats
 
@@ -84,6 +85,7 @@ def cmd_convert_lightning(args: argparse.Namespace) -> int:
 
     weights_only = False if args.allow_pickle else None
     options = parse_options(args.storage_options, "--storage-options")
+    open_checkpoint(args.checkpoint, args)  # a run directory, a file or a missing path: say which, plainly
     to_lightning_file(args.checkpoint, args.output, weights_only=weights_only, storage_options=options)
     if args.json:
         emit_json({"checkpoint": args.checkpoint, "output": args.output, "format": "lightning"})

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from dcp_plugin.cli.progress import ProgressBar
+
 
 def human_size(count: float | None) -> str:
     """``1536`` -> ``"1.5 KiB"``; None -> ``"-"``."""
@@ -57,20 +59,9 @@ def emit_json(value: Any) -> None:
     emit(json.dumps(value, indent=1, default=str))
 
 
-def progress(total: int, description: str, *, unit: str = "B", show: bool = True) -> Any:
-    """A tqdm bar on stderr; hidden when ``show`` is false or stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=description,
-        unit=unit,
-        unit_scale=unit == "B",
-        unit_divisor=1024 if unit == "B" else 1000,
-        disable=None if show else True,
-        file=sys.stderr,
-        leave=False,
-    )
+def progress(total: int, description: str, *, unit: str = "B", show: bool = True) -> ProgressBar:
+    """A progress bar on stderr; hidden when ``show`` is false or stderr is not a terminal."""
+    return ProgressBar(total, description, unit=unit, show=show)
 
 
 def parse_options(text: str | None, flag: str) -> dict[str, Any]:

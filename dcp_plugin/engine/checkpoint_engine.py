@@ -92,6 +92,7 @@ class CheckpointEngine:
         self._stagers = Stagers(self.config)
         self._plan_base = plans.new_key()
         self._plan_key = self._plan_base
+        self._structures = plans.Structures()
         self._in_flight: PendingSave | None = None
         self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
@@ -174,8 +175,7 @@ class CheckpointEngine:
         ``on_done(metadata)`` is called once the write committed (with the save's ``Metadata``) or failed
         (``None``). ``structure``: the save's structure agreed
         over all ranks (:func:`~dcp_plugin.engine.plans.agreed`); a cached plan is reused only for the same one.
-        ``on_written(metadata)``: run on every rank once DCP's write returned, before the save counts as done (the
-        commit across nodes); its failure fails the save."""
+        ``on_written(metadata)`` runs on every rank after DCP's write, as part of the save (the commit across nodes)."""
         self._check_open()
         self.wait()
         self._use_plans_of(structure)
@@ -197,6 +197,7 @@ class CheckpointEngine:
                 else:
                     if mode == "process":
                         daemon.prepare()
+                        daemon.ensure_running(group)
                     stager = self._stagers.for_save(writer)  # a head start of staging is finished here
                     result = dcp.async_save(
                         flat_state,
@@ -234,8 +235,7 @@ class CheckpointEngine:
             staging, upload = (stager.completion if isinstance(stager, BoundedStager) else None), result
             if staging is not None and not self.config.stages_in_background:
                 wait_for_first([staging, upload], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
-        if on_written is not None:
-            upload = then(upload, on_written)
+        upload = upload if on_written is None else then(upload, on_written)
         stats.blocking_s = time.perf_counter() - started
         if staging is None:
             stats.staging_s = stats.blocking_s
@@ -245,6 +245,12 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
+
+    def structure_number(self, described: tuple[Any, ...]) -> int:
+        """This rank's number for a save's structure (:func:`~dcp_plugin.engine.plans.structure`); it changes
+        whenever the structure of this engine's saves does. Gather it over the ranks, pass the result
+        (:func:`~dcp_plugin.engine.plans.agreed`) to :meth:`save` as ``structure``."""
+        return self._structures.number(described)
 
     def _use_plans_of(self, structure: str) -> None:
         key = f"{self._plan_base}-{structure}"
@@ -264,6 +270,7 @@ class CheckpointEngine:
         if flight is not None:
             # PendingSave.upload_done records the outcome (and any error) before it sets the event
             flight.finished.wait()
+            flight.join_writer()
             self._in_flight = None
         self.raise_error()
         return flight.stats if flight is not None else None

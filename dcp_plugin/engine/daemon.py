@@ -8,6 +8,11 @@ would run training again in it and hang, so that is checked before the daemon is
 DCP's daemon logs several INFO lines per save to its own stderr handler; the daemons started through this
 module (and by DCP itself once :func:`prepare` ran) log warnings and errors only. :func:`start` starts the
 daemon ahead of the first save, in the background, so that save does not wait for it.
+
+DCP sets the daemon up with a collective over the saving ranks' process group, so it needs
+``torch.distributed`` initialized even for one process. A process that saves alone without it (a single-device
+run) gets its daemon started here from the same description built by hand (rank 0 of 1, a free local port for the
+daemon's own store): the training process itself never initializes ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -87,8 +92,29 @@ def _use_quiet_daemon() -> None:
     executor._AsyncCheckpointProcess = _quiet_class()
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _lone_init_info() -> Any:
+    """DCP's ``_ProcessGroupInitInfo`` for a process that saves alone without ``torch.distributed``: what DCP's
+    own constructor computes for rank 0 of 1, without the collective (and the default group) it needs for that."""
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    info = object.__new__(_executor()._ProcessGroupInitInfo)
+    info.local_rank, info.global_rank, info.world_size = 0, 0, 1
+    info.tcp_store_master_addr, info.tcp_store_master_port = "127.0.0.1", get_free_port()
+    info.use_prefix_store = False  # the prefix store reuses the job's MASTER_ADDR/PORT; there is no job here
+    info.disable_automatic_gc = os.environ.get("DCP_DISABLE_AUTOMATIC_GC", "0") == "1"
+    info.disable_manual_gc = os.environ.get("DCP_DISABLE_MANUAL_GC", "0") == "1"
+    return info
+
+
 def start(group: Any) -> None:
-    """Start the daemon now, in the background, if none runs (every rank of ``group`` calls it, like a save).
+    """Start the daemon now, in the background, if none runs (every rank of ``group`` calls it, like a save;
+    ``None`` without ``torch.distributed``: this process alone).
 
     The next :func:`prepare` waits for it; an error starting it is raised there."""
     global _starting
@@ -96,7 +122,8 @@ def start(group: Any) -> None:
     executor = _executor()
     if executor._CHECKPOINT_PROCESS is not None or _starting is not None:
         return
-    info = executor._ProcessGroupInitInfo(group)  # collective: on the calling thread, like DCP does
+    # DCP's description is a collective over the group: on the calling thread, like DCP does
+    info = executor._ProcessGroupInitInfo(group) if _distributed() else _lone_init_info()
 
     def run() -> None:
         global _start_error
@@ -112,14 +139,25 @@ def start(group: Any) -> None:
     _starting.start()
 
 
-def _finish_start() -> None:
+def _finish_start(*, raise_error: bool = False) -> None:
     global _starting, _start_error
     if _starting is not None:
         _starting.join()
         _starting = None
     error, _start_error = _start_error, None
+    if error is not None and raise_error:
+        raise error
     if error is not None:
         log.warning("Starting the checkpoint writer process ahead of time failed (%s); DCP starts one itself.", error)
+
+
+def ensure_running(group: Any) -> None:
+    """Before a ``process`` save (after :func:`prepare`): without ``torch.distributed`` DCP cannot start the daemon
+    itself, so start it here (or finish starting it) and raise if that failed. With it, DCP starts one when needed."""
+    if _distributed() or _executor()._CHECKPOINT_PROCESS is not None:
+        return
+    start(group)
+    _finish_start(raise_error=True)
 
 
 def prepare() -> None:

@@ -1,14 +1,13 @@
 """Process groups for checkpoint collectives: who takes part in a save, and the groups they talk on.
 
 DCP's background collectives must not share a group with the training loop (a deadlock with gloo DDP and
-async saves) and, in ``process`` mode, need an initialized process group even for one process. This module
-creates those groups once and releases them in one place.
+async saves). This module creates those groups once and releases them in one place. A process that saves alone
+never gets a process group from us, in any mode: ``torch.distributed`` stays as the user left it (uninitialized in
+a single-process run), and in ``process`` mode the writer daemon sets up its own (:mod:`dcp_plugin.engine.daemon`).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 import torch.distributed as dist
@@ -23,7 +22,8 @@ class ProcessGroups:
     Args:
         distributed: ``None`` saves collectively when ``torch.distributed`` is initialized; ``False`` makes
             this process save alone; ``True`` requires an initialized process group.
-        async_mode: ``"process"`` needs a process group even for one process (created here when missing).
+        async_mode: in ``"process"`` mode a rank that saves alone while other ranks exist gets a one-rank group,
+            so its writer daemon does not wait for the others.
     """
 
     def __init__(self, distributed: bool | None = None, *, async_mode: str = "thread") -> None:
@@ -32,7 +32,6 @@ class ProcessGroups:
         self._group: dist.ProcessGroup | None = None
         self._control_group: dist.ProcessGroup | None = None
         self._group_ready = False
-        self._owns_default_group = False
         self._layout: NodeLayout | None = None
 
     @property
@@ -43,7 +42,7 @@ class ProcessGroups:
         initialized = dist.is_available() and dist.is_initialized()
         if self._request is True and not initialized:
             raise ConfigError("distributed=True but torch.distributed is not initialized.")
-        return initialized and not self._owns_default_group
+        return initialized
 
     @property
     def rank(self) -> int:
@@ -69,21 +68,12 @@ class ProcessGroups:
         return self._group
 
     def _single_process_group(self) -> dist.ProcessGroup | None:
-        if dist.is_initialized():
-            if dist.get_world_size() > 1:
-                # This rank saves alone (e.g. Lightning's rank 0): give its writer daemon a one-rank group, so
-                # the daemon does not wait for the other ranks of the default group. Only this rank joins it.
-                return dist.new_group(ranks=[dist.get_rank()], backend="gloo", use_local_synchronization=True)
-            return None
-        # DCP's process executor needs an initialized process group even for one process.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        hook = sys.excepthook
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        # init_process_group makes every later traceback read "[rank0]: ..."; a script that never asked for a
-        # process group keeps its plain tracebacks.
-        if sys.excepthook is not hook and getattr(sys.excepthook, "__name__", "") == "_distributed_excepthook":
-            sys.excepthook = hook
-        self._owns_default_group = True
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # This rank saves alone (e.g. Lightning's rank 0): give its writer daemon a one-rank group, so
+            # the daemon does not wait for the other ranks of the default group. Only this rank joins it.
+            return dist.new_group(ranks=[dist.get_rank()], backend="gloo", use_local_synchronization=True)
+        # One process: no group at all (torch.distributed uninitialized, as the user left it), or the user's own
+        # one-rank default group. The writer daemon is started without one (engine/daemon.py).
         return None
 
     def broadcast(self, obj: Any) -> Any:
@@ -124,7 +114,7 @@ class ProcessGroups:
         return self._layout
 
     def close(self) -> None:
-        """Release the groups created here (and the default group, if it was created here)."""
+        """Release the groups created here."""
         for group in (self._group, self._control_group):
             if group is not None:
                 try:
@@ -133,6 +123,3 @@ class ProcessGroups:
                     pass
         self._group = self._control_group = None
         self._group_ready = False
-        if self._owns_default_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._owns_default_group = False

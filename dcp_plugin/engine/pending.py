@@ -4,6 +4,7 @@ write ends (stats filled in, the failure recorded and cleaned up, the per-URL re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,12 @@ from dcp_plugin.engine import inflight
 from dcp_plugin.engine.failures import call_done, cleanup_after_failure, describe
 from dcp_plugin.engine.outcomes import SaveOutcomes
 from dcp_plugin.engine.stats import SaveStats
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 10.0
+"""How long :meth:`PendingSave.join_writer` waits for DCP's writer thread to leave (torch 2.13 ends it at once)."""
+_join_writers = True
 
 
 @dataclass
@@ -31,6 +38,8 @@ class PendingSave:
     on_done: Any = None
     writer: Any = None
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+    writer_thread: threading.Thread | None = None
+    """The thread DCP wrote in (it ends right after the write; :meth:`join_writer` waits for that)."""
 
     def upload_done(self, future: Future, outcomes: SaveOutcomes) -> None:
         """DCP's write ended: record how (called from DCP's thread, once)."""
@@ -51,7 +60,25 @@ class PendingSave:
         finally:
             inflight.finish(self.writing)
             call_done(self.on_done, metadata)
+            self.writer_thread = threading.current_thread()
             self.finished.set()  # whatever happened above, wait() must not hang
+
+    def join_writer(self) -> None:
+        """After the write ended: wait until DCP's writer thread is gone too. DCP shuts its one-save executor down
+        as the write ends, so the thread only has to leave; once this returns the save left no thread behind."""
+        global _join_writers
+        thread = self.writer_thread
+        if not _join_writers or thread is None or thread in (threading.current_thread(), threading.main_thread()):
+            return
+        thread.join(timeout=JOIN_TIMEOUT_S)  # a bound only against a torch release that keeps its thread
+        if thread.is_alive():
+            _join_writers = False
+            log.warning(
+                "DCP's writer thread %s still runs %.0f s after its write ended (a torch release that keeps it?); "
+                "saves no longer wait for their writer thread to end.",
+                thread.name,
+                JOIN_TIMEOUT_S,
+            )
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot has been copied (or the write ended first)."""

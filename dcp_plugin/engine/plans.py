@@ -1,6 +1,10 @@
 """DCP's save planner with plan caching, where torch has it: a save of the same structure as the previous save
 under the same key skips planning (and, across ranks, sending the plans to the coordinator).
 
+A tensor every rank holds under the same key (a DDP replica, a value outside the DDP model) is written once, by
+the lowest rank holding it: rank 0's copy, as Lightning and Accelerate save it. DCP's default spreads such tensors
+over the ranks to balance the bytes each writes, which stores a mix of the ranks' values when they differ.
+
 DCP keeps cached plans in class-level dicts of :class:`SavePlanner` under the planner's ``_cached_plans_key``,
 by default the planner's class name, shared by every save of the process. DCP decides whether a cached plan
 still fits by comparing keys, shapes and chunks only: after ``model.half()`` it would write fp16 bytes under the
@@ -19,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import xxhash
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import SavePlanner
 
-PLAN_CACHING = "enable_plan_caching" in inspect.signature(DefaultSavePlanner.__init__).parameters
+_PARAMETERS = inspect.signature(DefaultSavePlanner.__init__).parameters
+PLAN_CACHING = "enable_plan_caching" in _PARAMETERS
+_LOWEST_RANK = {"dedup_save_to_lowest_rank": True} if "dedup_save_to_lowest_rank" in _PARAMETERS else {}
 _CACHES = ("_cached_save_plan", "_cached_all_plans", "_cached_global_plan", "_cached_metadata")
 _CACHES += ("_cached_final_save_plan",)
 
@@ -33,50 +38,67 @@ def new_key() -> str:
     return f"dcp_plugin-{uuid.uuid4().hex}"
 
 
-def structure(state_dict: Mapping[str, Any]) -> str:
-    """A digest of everything a save's ``.metadata`` records about ``state_dict`` besides the bytes: the nesting,
-    and for each tensor its type, dtype, shape, layout, gradient flag, pinning and sharding (a
-    non-tensor counts by its path only: it is written afresh at every save)."""
-    hasher = xxhash.xxh3_128()
-    _describe(state_dict, hasher)
-    return hasher.hexdigest()
+def structure(state_dict: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Everything a save's ``.metadata`` records about ``state_dict`` besides the bytes: the nesting, and for each
+    tensor its type, dtype, shape, layout, gradient flag, pinning and sharding (a non-tensor counts by its path
+    and type only: it is written afresh at every save). Compared exactly, save to save."""
+    out: list[Any] = []
+    _describe(state_dict, out)
+    return tuple(out)
 
 
-def _describe(node: Mapping[str, Any], hasher: Any) -> None:
-    parts: list[str] = []
+def _describe(node: Mapping[str, Any], out: list[Any]) -> None:
+    pinning = torch.cuda.is_initialized()
     for name, value in node.items():
         if isinstance(value, Mapping):
-            hasher.update(f"{{{name!r}".encode())
-            _describe(value, hasher)
-            hasher.update(b"}")
+            out.append((name, "{"))
+            _describe(value, out)
+            out.append("}")
         elif isinstance(value, torch.Tensor):
-            parts.append(f"{name!r}{_tensor(value)};")
+            kind = type(value)
+            description = (name, kind, value.dtype, value.shape, value.layout, value.requires_grad)
+            if kind is not torch.Tensor:
+                description += (_sharding(value),)
+            if pinning and value.device.type == "cpu":
+                description += (value.is_pinned(),)
+            out.append(description)
         else:
-            parts.append(f"{name!r}:{type(value).__name__};")
-    hasher.update("".join(parts).encode())
+            out.append((name, type(value)))
 
 
-def _tensor(tensor: torch.Tensor) -> str:
-    sharding = ""
+def _sharding(tensor: torch.Tensor) -> Any:
     placements = getattr(tensor, "placements", None)
-    if placements is not None:  # a DTensor: its chunk comes from the mesh and the placements
-        mesh = tensor.device_mesh
-        sharding = f"{placements}{tuple(mesh.mesh.shape)}{mesh.get_coordinate()}{tuple(tensor.to_local().shape)}"
-    pinned = tensor.device.type == "cpu" and torch.cuda.is_initialized() and tensor.is_pinned()
-    kind = type(tensor).__name__
-    return f"{kind}{tensor.dtype}{tuple(tensor.shape)}{tensor.layout}{tensor.requires_grad}{pinned}{sharding}"
+    if placements is None:
+        return None
+    mesh = tensor.device_mesh  # a DTensor: its chunk comes from the mesh and the placements
+    return (tuple(placements), tuple(mesh.mesh.shape), tuple(mesh.get_coordinate() or ()), tensor.to_local().shape)
 
 
-def agreed(digests: Sequence[str]) -> str:
-    """One key suffix from every rank's :func:`structure` (a change on any rank changes it on all)."""
-    return xxhash.xxh3_64_hexdigest("|".join(digests).encode())
+class Structures:
+    """One engine's save structures: a number that changes whenever this rank's structure does."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, ...] | None = None
+        self.generation = 0
+
+    def number(self, described: tuple[Any, ...]) -> int:
+        """This rank's structure number for a save described by ``described`` (:func:`structure`)."""
+        if described != self._last:
+            self._last = described
+            self.generation += 1
+        return self.generation
+
+
+def agreed(numbers: Sequence[int]) -> str:
+    """One key suffix from every rank's structure number: a change on any rank changes it on all."""
+    return "-".join(str(number) for number in numbers)
 
 
 def save_planner(key: str) -> DefaultSavePlanner:
     """The planner for one save; plans are cached under ``key`` when torch supports it."""
     if not PLAN_CACHING:
-        return DefaultSavePlanner()
-    planner = DefaultSavePlanner(enable_plan_caching=True)
+        return DefaultSavePlanner(**_LOWEST_RANK)
+    planner = DefaultSavePlanner(enable_plan_caching=True, **_LOWEST_RANK)
     planner._cached_plans_key = key  # no public argument for the key
     return planner
 
@@ -87,4 +109,4 @@ def forget(key: str) -> None:
         getattr(SavePlanner, name, {}).pop(key, None)
 
 
-__all__ = ["PLAN_CACHING", "agreed", "forget", "new_key", "save_planner", "structure"]
+__all__ = ["PLAN_CACHING", "Structures", "agreed", "forget", "new_key", "save_planner", "structure"]

@@ -46,6 +46,20 @@ class SaveStats:
             return None
         return self.bytes_written / self.durable_s
 
+    def metrics(self, prefix: str = "checkpoint/") -> dict[str, float]:
+        """The numbers a metrics logger records for this save (names under ``prefix``); the durable time, size and
+        throughput only once the write committed."""
+        values = {"blocking_s": self.blocking_s, "training_wait_s": self.training_wait_s}
+        if self.staging_s is not None:
+            values["staging_s"] = self.staging_s
+        if self.durable_s is not None:
+            values["durable_s"] = self.durable_s
+        if self.bytes_written is not None:
+            values["bytes"] = float(self.bytes_written)
+        if self.throughput_bytes_per_s is not None:
+            values["throughput_mib_s"] = self.throughput_bytes_per_s / 2**20
+        return {f"{prefix}{name}": value for name, value in values.items()}
+
     def summary(self) -> str:
         """One log line: the wait, staging and durable times, size, throughput and any failure."""
         parts = [f"{self.name}: blocked {self.blocking_s * 1000:.1f} ms"]

@@ -6,6 +6,10 @@ tensors under ``<entry>/rank<r>``; all other tensors are stored under ``<entry>.
 DCP's own flattening produces, so model weights are readable by other DCP tools. Plain values of Stateful entries
 (an optimizer's ``param_groups``) are also stored as DCP byte items under DCP's keys
 (:mod:`dcp_plugin.format.dcp_values`), so a resume through DCP alone finds them; dcp-plugin reads the skeleton.
+
+Values saved once (every entry not marked per rank) come back as rank 0's on every rank, even where the ranks'
+copies differed: DCP writes each such tensor from the lowest rank holding it (:mod:`dcp_plugin.engine.plans`), and
+a load takes those entries' plain values from rank 0's skeleton (:func:`take_replicated`).
 """
 
 from __future__ import annotations
@@ -96,16 +100,12 @@ def tied(tensors: Mapping[str, Any]) -> dict[str, str]:
     first: dict[tuple[Any, ...], str] = {}
     aliases: dict[str, str] = {}
     for key, value in tensors.items():
-        if type(value) is not torch.Tensor or value.is_meta or value.numel() == 0:
+        if type(value) is not torch.Tensor:
             continue
-        identity = (
-            value.untyped_storage().data_ptr(),
-            value.device,
-            value.storage_offset(),
-            tuple(value.shape),
-            value.stride(),
-            value.dtype,
-        )
+        where = value.untyped_storage().data_ptr()
+        if where == 0:  # no memory (empty, meta): nothing to share
+            continue
+        identity = (where, value.device, value.storage_offset(), value.shape, value.stride(), value.dtype)
         prior = first.setdefault(identity, key)
         if prior != key:
             aliases[key] = prior
@@ -139,6 +139,21 @@ def skeleton_target(metadata: Metadata, source_rank: int) -> dict[str, torch.Ten
             "or is damaged."
         )
     return {key: placeholder(tuple(entry.size), torch.uint8)}
+
+
+def take_replicated(document: dict[str, Any], coordinator: dict[str, Any]) -> dict[str, Any]:
+    """A rank's skeleton ``document`` with its entries saved once taken from rank 0's skeleton (``coordinator``):
+    their plain values are then rank 0's, like their tensors. An entry whose tensors differ from rank 0's (each rank
+    holds other keys, as with pipeline stages) stays this rank's own; per-rank entries always do."""
+    own, first = document.get("entries", {}), coordinator.get("entries", {})
+    entries = dict(own)
+    for name, entry in own.items():
+        other = first.get(name)
+        if entry["per_rank"] or other is None or other["per_rank"]:
+            continue
+        if encoding.tensor_keys(entry["value"]) == encoding.tensor_keys(other["value"]):
+            entries[name] = other
+    return {**document, "entries": entries}
 
 
 @dataclass

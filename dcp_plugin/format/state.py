@@ -140,7 +140,8 @@ class RNGState(Stateful):
 class PerRank(Stateful):
     """Marks a value (or Stateful) whose content differs between ranks, so each rank keeps its own copy.
 
-    Values that are not marked are taken to be the same on every rank and stored once.
+    Values that are not marked are taken to be the same on every rank and stored once; where they differ anyway,
+    every rank loads rank 0's copy.
     """
 
     per_rank = True

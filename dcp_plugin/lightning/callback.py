@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from dcp_plugin.engine.stats import SaveStats
+from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
@@ -181,11 +182,12 @@ class DCPCheckpoint(RunCheckpoints):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check that the trainer saves through ``DCPCheckpointIO``; for ``fit``: agree on the run id, set up
         auto-resume and the remote tier, install the signal handlers."""
-        plugin = trainer.strategy.checkpoint_io
+        plugin = compat.plugin_of(trainer)  # AsyncCheckpointIO around it is removed
         if not isinstance(plugin, DCPCheckpointIO):
             raise TypeError(
                 f"DCPCheckpoint saves through the DCPCheckpointIO plugin, but the trainer uses "
-                f"{type(plugin).__name__}: pass Trainer(plugins=[DCPCheckpointIO()], callbacks=[DCPCheckpoint(...)])."
+                f"{type(trainer.strategy.checkpoint_io).__name__}: pass Trainer(plugins=[DCPCheckpointIO()], "
+                "callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
         plugin.attach(trainer)

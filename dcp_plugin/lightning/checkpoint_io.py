@@ -52,7 +52,7 @@ class DCPCheckpointIO(CheckpointIO):
             thread) or ``"process"`` (write in a background daemon process; scripts need an
             ``if __name__ == "__main__":`` guard).
         async_staging: also copy the snapshot in the background; the next optimizer step waits for the copy
-            (``None``: when CUDA is available).
+            (``None``: on in ``"thread"`` and ``"process"`` mode; ``False``: saves return once it is done).
         reuse_buffers: keep the host staging buffers between saves (faster saves, one copy of the state in
             host memory).
         thread_count: writer threads per rank.

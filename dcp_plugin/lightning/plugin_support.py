@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dcp_plugin.checkpointer import Checkpointer
@@ -20,6 +21,7 @@ from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.format.state import RNGState
 from dcp_plugin.lightning import layout as lay
+from dcp_plugin.logs import ROOT
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def load_dict(plugin: Any, path: Any, storage: CheckpointStorage, name: str, *, 
     layout = lay.Layout.from_manifest(info.manifest, info.url)
     state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and plugin.save_rng else None)
     plugin.checkpointer().load((storage, name), state, allow_pickle=allow_pickle)
-    log.info("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
+    report("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
     return lightning_dict(state, layout)
 
 
@@ -91,12 +93,23 @@ def lightning_dict(entries: Mapping[str, Any], layout: lay.Layout) -> dict[str, 
     return checkpoint
 
 
+def report(message: str, *args: Any) -> None:
+    """A line Lightning users see by default: logged through Lightning's own rank-zero info logging (the
+    ``lightning.pytorch`` logger, which Lightning gives a handler unless the application configured logging), like
+    Lightning's own "Restoring states from the checkpoint path at ..." line. The library installs no handler;
+    hide these lines with the ``lightning.pytorch`` logger's level, or by raising the ``dcp_plugin`` logger's
+    level above INFO (``DCP_PLUGIN_LOG_LEVEL=WARNING``)."""
+    if logging.getLogger(ROOT).level > logging.INFO:
+        return
+    rank_zero_info(message % args)
+
+
 def log_save(stats: SaveStats, mode: str) -> None:
-    """One INFO line per save: where, which step, and how long training waited."""
+    """One line per save: where, which step, and how long training waited."""
     if mode == "sync":
-        log.info("Saved checkpoint %s (step %s) in %.2f s", stats.url, stats.step, stats.blocking_s)
+        report("Saved checkpoint %s (step %s) in %.2f s", stats.url, stats.step, stats.blocking_s)
     else:
-        log.info(
+        report(
             "Saving checkpoint %s (step %s) in the background (%s mode); training waited %.3f s",
             stats.url,
             stats.step,

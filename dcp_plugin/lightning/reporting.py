@@ -49,15 +49,7 @@ class SaveLog:
 
 def log_stats(trainer: pl.Trainer, stats: SaveStats, call_s: float) -> None:
     """Send one save's timings to the trainer's loggers (``checkpoint/...``)."""
-    metrics = {f"{METRIC_PREFIX}blocking_s": stats.blocking_s, f"{METRIC_PREFIX}save_call_s": call_s}
-    if stats.staging_s is not None:
-        metrics[f"{METRIC_PREFIX}staging_s"] = stats.staging_s
-    if stats.durable_s is not None:
-        metrics[f"{METRIC_PREFIX}durable_s"] = stats.durable_s
-    if stats.bytes_written is not None:
-        metrics[f"{METRIC_PREFIX}bytes"] = float(stats.bytes_written)
-    if stats.throughput_bytes_per_s is not None:
-        metrics[f"{METRIC_PREFIX}throughput_mib_s"] = stats.throughput_bytes_per_s / 2**20
+    metrics = {**stats.metrics(METRIC_PREFIX), f"{METRIC_PREFIX}save_call_s": call_s}
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=stats.step if stats.step is not None else trainer.global_step)
 

@@ -12,12 +12,12 @@ optional (defaults apply without it).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -25,11 +25,10 @@ from torch.optim import Optimizer
 
 from dcp_plugin.engine import inflight
 from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
+from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
-from dcp_plugin.lightning.plugin_support import committed_info
-
-log = logging.getLogger(__name__)
+from dcp_plugin.lightning.plugin_support import committed_info, report
 
 
 class _LiveState(Mapping):
@@ -72,7 +71,7 @@ class _DCPStrategyMixin:
 
     @property
     def checkpoint_io(self) -> DCPCheckpointIO:
-        plugin = self._checkpoint_io
+        plugin = self._checkpoint_io = compat.without_async(self._checkpoint_io)
         if plugin is None:
             plugin = self._checkpoint_io = DCPCheckpointIO()
         if not isinstance(plugin, DCPCheckpointIO):
@@ -180,7 +179,7 @@ class _DCPStrategyMixin:
         checkpoint["state_dict"] = ModelState(self.model).state_dict()  # type: ignore[attr-defined]
         checkpoint["optimizer_states"] = [OptimizerState(self.model, o).state_dict() for o in live_optimizers]  # type: ignore[attr-defined]
         if self.is_global_zero:  # type: ignore[attr-defined]
-            log.info("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
+            report("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
         return checkpoint
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -215,8 +214,35 @@ class DCPFSDPStrategy(_DCPStrategyMixin, FSDPStrategy):
     """``FSDPStrategy`` whose checkpoints go through ``DCPCheckpointIO`` (sharded, asynchronous, resharding).
 
     Takes the same arguments as ``FSDPStrategy``; ``state_dict_type`` is ignored (checkpoints are always
-    sharded DCP directories, which any number of ranks can load).
+    sharded DCP directories, which any number of ranks can load). Like Lightning's, it needs CUDA: FSDP (the first
+    version, ``FullyShardedDataParallel``) does not run on CPU, so a CPU accelerator is refused when the ``Trainer``
+    is built. On CPU, ``DCPModelParallelStrategy`` shards with FSDP2 (``fully_shard``) over gloo.
     """
 
     lightning_strategy = FSDPStrategy
     """Lightning's ``FSDPStrategy``, which this one extends (named in error messages)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _require_cuda(self._accelerator)
+
+    @property
+    def accelerator(self) -> Any:
+        """The Lightning accelerator; setting one that is not CUDA raises ``ValueError`` (FSDP needs CUDA)."""
+        return self._accelerator
+
+    @accelerator.setter
+    def accelerator(self, accelerator: Any) -> None:
+        _require_cuda(accelerator)  # the Trainer sets it while it is built
+        self._accelerator = accelerator
+
+
+def _require_cuda(accelerator: Any) -> None:
+    """Refuse what Lightning refuses for its own ``FSDPStrategy`` (it checks the exact class, so not subclasses)."""
+    if accelerator is not None and not isinstance(accelerator, CUDAAccelerator):
+        raise ValueError(
+            f"DCPFSDPStrategy needs a CUDA accelerator, got {type(accelerator).__name__}: FSDP "
+            "(FullyShardedDataParallel) does not run on CPU, and training would fail inside torch at setup. On CPU, "
+            "use strategy=DCPModelParallelStrategy() with a LightningModule whose configure_model() shards with "
+            "torch.distributed.fsdp.fully_shard (FSDP2 runs with gloo); on GPUs, pass accelerator='cuda'."
+        )

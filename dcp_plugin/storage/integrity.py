@@ -82,11 +82,12 @@ class ChecksumSink:
         return record
 
 
-def hash_file(fs: Any, path: str, *, is_local: bool) -> tuple[int, str]:
-    """(size, xxh3-128 hex digest) of a regular file, read once in large chunks."""
+def hash_file(fs: Any, path: str, *, is_local: bool, progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """(size, xxh3-128 hex digest) of a regular file, read once in large chunks; ``progress`` is called with the
+    byte count of each chunk."""
     if is_local:
         with open_local_regular(path) as handle:
-            return os.fstat(handle.fileno()).st_size, hash_descriptor(handle.fileno())
+            return os.fstat(handle.fileno()).st_size, hash_descriptor(handle.fileno(), progress)
     hasher = xxhash.xxh3_128()
     regular_file_size(fs, path, is_local=False)
     size = 0
@@ -97,6 +98,8 @@ def hash_file(fs: Any, path: str, *, is_local: bool) -> tuple[int, str]:
                 break
             size += len(chunk)
             hasher.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return size, hasher.hexdigest()
 
 
@@ -112,7 +115,8 @@ def check_files(
     """Problems with the files of one checkpoint: missing, special, wrong size, or wrong checksum.
 
     ``records`` maps file names to ``{"size", "xxh3_128"}``; ``only`` limits the check to some of them.
-    ``progress`` is called with the bytes of each file checked.
+    ``progress`` is called with byte counts as files are hashed, chunk by chunk (a file that is not hashed counts
+    its recorded size), so that the counts add up to the recorded sizes.
     """
     problems = []
     names = sorted(records) if only is None else sorted(set(only))
@@ -122,25 +126,30 @@ def check_files(
         if record is None:
             problems.append(f"{relative} has no recorded checksum")
             continue
+        hashed = 0
+
+        def counted(count: int) -> None:
+            nonlocal hashed
+            hashed += count
+            if progress is not None:
+                progress(count)
+
         try:
             size = regular_file_size(fs, path, is_local=is_local)
             if size < record["size"]:
                 problems.append(f"{relative} is truncated ({size} of {record['size']} bytes)")
-                continue
-            if size > record["size"]:
+            elif size > record["size"]:
                 problems.append(f"{relative} has {size - record['size']} bytes appended ({record['size']} committed)")
-                continue
-            size, digest = hash_file(fs, path, is_local=is_local)
+            else:
+                size, digest = hash_file(fs, path, is_local=is_local, progress=counted)
+                if digest != record.get(ALGORITHM):
+                    problems.append(f"{relative} does not match its checksum (the file was changed or damaged)")
         except FileNotFoundError:
             problems.append(f"{relative} is missing")
-            continue
         except Exception as err:  # noqa: BLE001 - every problem is reported, not just the first
             problems.append(f"{relative}: {err}")
-            continue
-        if digest != record.get(ALGORITHM):
-            problems.append(f"{relative} does not match its checksum (the file was changed or damaged)")
-        if progress is not None:
-            progress(size)
+        if progress is not None and hashed < int(record.get("size", 0)):
+            progress(int(record.get("size", 0)) - hashed)
     return problems
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from dcp_plugin.errors import CheckpointError, UnsafeCheckpointError
 from dcp_plugin.storage import blobs as shared
+from dcp_plugin.storage import file_kinds
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage.commit import CommitStrategy, list_dir, remove_tree, tidy_work_dir
 from dcp_plugin.storage.faults import reached
@@ -154,10 +155,7 @@ class Listing:
         if not root.fs.exists(path) and not (root.is_local and os.path.lexists(path)):
             return f"No checkpoint at {shown}."
         if not root.fs.isdir(path):
-            return (
-                f"{shown} is a file, not a dcp-plugin checkpoint directory. If it was written by torch.save, load "
-                "it with torch.load; dcp-plugin reads the checkpoint directories it wrote."
-            )
+            return file_kinds.describe_file(root.fs, path, shown, is_local=root.is_local)
         if root.fs.exists(f"{path}/{METADATA_NAME}"):
             return (
                 f"{shown} holds DCP files but no {MANIFEST_NAME}: it was never committed by dcp-plugin (a write was "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
@@ -52,10 +53,10 @@ class FileRegion(io.RawIOBase):
         return self._position
 
 
-def hash_descriptor(fd: int) -> str:
+def hash_descriptor(fd: int, progress: Callable[[int], None] | None = None) -> str:
     """The xxh3-128 digest of the open file ``fd``, read with large sequential reads into one reused buffer (the
     disk is read at full speed and the pages stay cached for the items read next). Neither the reads nor the
-    hashing hold the GIL."""
+    hashing hold the GIL. ``progress`` is called with the byte count of each chunk hashed."""
     hasher = xxhash.xxh3_128()
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -66,6 +67,8 @@ def hash_descriptor(fd: int) -> str:
             break
         hasher.update(view[:count])
         offset += count
+        if progress is not None:
+            progress(count)
     view.release()
     return hasher.hexdigest()
 

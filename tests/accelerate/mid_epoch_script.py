@@ -2,11 +2,15 @@
 
     mid_epoch_script.py train  --out PREFIX --save-dir DIR --save-at EPOCH:BATCH[,EPOCH:BATCH...] [--oracle-dir DIR]
     mid_epoch_script.py resume --out PREFIX --load CHECKPOINT --epoch EPOCH --skip BATCHES
+    mid_epoch_script.py resume --out PREFIX --load CHECKPOINT --step STEP
 
 ``train`` runs 3 epochs without interruption and calls ``save_state(<DIR>/e<EPOCH>_b<BATCH>)`` right after
 batch BATCH (1-based) of epoch EPOCH; with ``--oracle-dir``, Accelerate's own ``save_state`` also writes the
 same state there. ``resume`` builds everything afresh, calls ``load_state`` and then
-``skip_first_batches(dataloader, BATCHES)`` for the rest of epoch EPOCH, then trains on to the end.
+``skip_first_batches(dataloader, BATCHES)`` for the rest of epoch EPOCH, then trains on to the end. With
+``--step`` (the number of batches trained before the save) it resumes as Accelerate's checkpointing example does:
+``starting_epoch = step // len(dataloader)`` and ``skip_first_batches(dataloader, step - starting_epoch *
+len(dataloader))`` for that epoch, even when that is 0 (a save on an epoch's last batch).
 Both write ``<PREFIX>_rank<r>.pt``: every batch seen (epoch, index in the epoch, inputs, loss) and the final
 state. dcp-plugin is on unless ``DCP_PLUGIN_ENABLE=0`` (Accelerate's own ``save_state``, the oracle).
 """
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--load", default=None)
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument("--skip", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None)
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=True)
@@ -53,13 +58,17 @@ def main() -> None:
 
     seen: list[tuple[int, int, torch.Tensor, float]] = []
     save_at = {tuple(int(x) for x in point.split(":")) for point in args.save_at.split(",") if point}
-    first_epoch = 0
+    first_epoch, skip_at_start = 0, 0
     if args.phase == "resume":
         accelerator.load_state(args.load)
-        first_epoch = args.epoch
+        first_epoch, skip_at_start = args.epoch, args.skip
+        if args.step is not None:  # Accelerate's examples/by_feature/checkpointing.py
+            first_epoch = args.step // len(dataloader)
+            skip_at_start = args.step - first_epoch * len(dataloader)
     for epoch in range(first_epoch, EPOCHS):
-        skip = args.skip if args.phase == "resume" and epoch == first_epoch else 0
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        skip = skip_at_start if args.phase == "resume" and epoch == first_epoch else 0
+        example = args.step is not None and epoch == first_epoch
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip or example else dataloader
         for index, (inputs, targets) in enumerate(batches, start=skip + 1):
             loss = torch.nn.functional.mse_loss(model(inputs), targets)
             accelerator.backward(loss)

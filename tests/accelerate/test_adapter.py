@@ -226,8 +226,8 @@ def test_environment_switches_and_subclass(tmp_path):
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"DCP_PLUGIN_ASYNC_MODE": "fast"}, "async_mode='fast'"),
-        ({"DCP_PLUGIN_KEEP_LAST": "0"}, "keep_last=0"),
+        ({"DCP_PLUGIN_ASYNC_MODE": "fast"}, "DCP_PLUGIN_ASYNC_MODE='fast' is not supported"),
+        ({"DCP_PLUGIN_KEEP_LAST": "0"}, "DCP_PLUGIN_KEEP_LAST='0' must be an integer >= 1"),
         ({"DCP_PLUGIN_KEEP_LAST": "three"}, "DCP_PLUGIN_KEEP_LAST='three' must be an integer"),
         ({"DCP_PLUGIN_ENABLE": "maybe"}, "DCP_PLUGIN_ENABLE='maybe'"),
         ({"DCP_PLUGIN_ASYNC_MOD": "thread"}, "Unknown environment variable DCP_PLUGIN_ASYNC_MOD"),
@@ -248,10 +248,67 @@ def test_unsupported_uses_get_clear_errors(tmp_path):
         accelerator.save_state()
     with pytest.raises(ValueError, match="load_state\\(\\) needs an input directory"):
         accelerator.load_state()
-    with pytest.raises(CheckpointNotFoundError, match="DCP_PLUGIN_ENABLE=0"):
+    with pytest.raises(CheckpointNotFoundError, match="No checkpoint at .*missing.*save_state") as missing:
         accelerator.load_state(str(tmp_path / "missing"))
+    assert "DCP_PLUGIN_ENABLE" not in str(missing.value)
     with pytest.raises(TypeError, match="DeepSpeed"):
         accelerator.save_state(str(tmp_path / "x"), tag="best")
     accelerator.end_training()
     with pytest.raises(RuntimeError, match="closed by end_training"):
         accelerator.save_state(str(tmp_path / "x"))
+
+
+def test_the_first_load_state_of_a_fresh_run_says_what_is_wrong_and_how_to_guard_it(tmp_path):
+    """Nothing saved yet: the error names the missing directory and the guard, not Accelerate's own saves; the
+    guard works. Only a directory holding Accelerate's own checkpoints is blamed on them."""
+    project = str(tmp_path / "run")
+    accelerator = auto_accelerator(project)
+    dpa.enable(accelerator, environ={}, async_mode="sync")
+    prepared(accelerator)
+    with pytest.raises(CheckpointNotFoundError) as fresh:
+        accelerator.load_state()
+    message = str(fresh.value)
+    assert f"{project}/checkpoints does not exist yet" in message
+    assert "checkpointer_of(accelerator).latest() is not None" in message and "Accelerate's own" not in message
+    if dpa.checkpointer_of(accelerator).latest() is not None:  # the documented guard
+        accelerator.load_state()
+    Accelerator.save_state(accelerator)  # Accelerate's own save_state: checkpoints/checkpoint_0
+    with pytest.raises(CheckpointNotFoundError, match=r"checkpoint_0 holds Accelerate's own checkpoint files"):
+        accelerator.load_state()
+    accelerator.end_training()
+
+
+def test_committed_saves_reach_the_trackers_at_the_scripts_step(tmp_path, monkeypatch):
+    """With a tracker (MLflow here), each committed save is logged through accelerator.log at the step of the
+    script's latest accelerator.log call; DCP_PLUGIN_LOG_METRICS=0 turns it off."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path}/mlruns")
+
+    def run(name: str, environ: dict) -> str:
+        config = ProjectConfiguration(project_dir=str(tmp_path / name), automatic_checkpoint_naming=True)
+        accelerator = Accelerator(cpu=True, log_with="mlflow", project_config=config)
+        dpa.enable(accelerator, environ=environ, async_mode="thread")
+        accelerator.init_trackers(name)
+        objects = prepared(accelerator)
+        for step in (10, 20):
+            train(*objects)
+            accelerator.log({"loss": 1.0}, step=step)
+            accelerator.save_state()
+            accelerator.wait_for_everyone()  # committed: logged at this step
+        run_id = accelerator.get_tracker("mlflow").tracker.info.run_id
+        accelerator.end_training()
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        return run_id
+
+    client = MlflowClient()
+    logged = run("logged", {})
+    durable = client.get_metric_history(logged, "checkpoint/durable_s")
+    assert [m.step for m in durable] == [10, 20] and all(m.value > 0 for m in durable)
+    assert [m.value for m in client.get_metric_history(logged, "checkpoint/iteration")] == [0, 1]
+    assert all(m.value > 0 for m in client.get_metric_history(logged, "checkpoint/bytes"))
+    quiet = run("quiet", {"DCP_PLUGIN_LOG_METRICS": "0"})
+    assert set(client.get_run(quiet).data.metrics) == {"loss"}

@@ -288,7 +288,10 @@ def test_mid_epoch_resume_with_skip_first_batches_sees_the_uninterrupted_batches
     """``accelerate launch`` on 2 processes, shuffled data: ``save_state()`` after batch 3 of an epoch, then a new
     launch runs ``load_state()`` and ``skip_first_batches(dataloader, 3)``. With Accelerate's own save_state (the
     oracle) and with dcp-plugin, the batches, losses and final weights are the uninterrupted run's; dcp-plugin
-    also in a later epoch (Accelerate's own save_state does not keep the shuffling generator)."""
+    also in a later epoch (Accelerate's own save_state does not keep the shuffling generator), and for a save on an
+    epoch's last batch resumed as Accelerate's checkpointing example does (``starting_epoch = step //
+    len(dataloader)``, then ``skip_first_batches(dataloader, 0)``), where Accelerate's own save_state replays the
+    previous epoch's order."""
     from tests.accelerate.launch import SCRIPT, launch
 
     script = SCRIPT.with_name("mid_epoch_script.py")
@@ -298,16 +301,18 @@ def test_mid_epoch_resume_with_skip_first_batches_sees_the_uninterrupted_batches
         launch([*args, "--out", out], nproc=2, env=env, script=script, launcher="accelerate")
         return [torch.load(f"{out}_rank{rank}.pt", weights_only=False) for rank in range(2)]
 
-    def resume(name: str, checkpoint: Path, epoch: int, **env: str) -> tuple[list[dict], int]:
-        return run(name, ["resume", "--load", str(checkpoint), "--epoch", str(epoch), "--skip", "3"], **env), epoch
+    def resume(name: str, checkpoint: Path, epoch: int, **env: str) -> tuple[list[dict], int, int]:
+        return run(name, ["resume", "--load", str(checkpoint), "--epoch", str(epoch), "--skip", "3"], **env), epoch, 3
 
     ours, oracle = tmp_path / "dcp", tmp_path / "accelerate"
-    full = run("full", ["train", "--save-dir", str(ours), "--oracle-dir", str(oracle), "--save-at", "0:3,1:3"])
+    save_at = "0:3,1:3,0:8"  # 8 batches per epoch and process: 0:8 is epoch 0's last batch
+    full = run("full", ["train", "--save-dir", str(ours), "--oracle-dir", str(oracle), "--save-at", save_at])
     resumes = [
         resume("oracle_e0", oracle / "e0_b3", 0, DCP_PLUGIN_ENABLE="0"),
         resume("ours_e0", ours / "e0_b3", 0),
         resume("ours_e1", ours / "e1_b3", 1),
+        (run("ours_last", ["resume", "--load", str(ours / "e0_b8"), "--step", "8"]), 0, 8),
     ]
-    for resumed, epoch in resumes:
+    for resumed, epoch, batch in resumes:
         for rank in range(2):
-            _resumed_tail(full[rank], resumed[rank], epoch, 3)
+            _resumed_tail(full[rank], resumed[rank], epoch, batch)

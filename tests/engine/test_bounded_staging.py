@@ -168,7 +168,7 @@ def test_training_between_waves_gets_the_snapshot_of_the_save(tmp_path, writes_o
 def test_without_async_staging_save_returns_once_everything_is_staged(tmp_path):
     state, model, optimizer = training_state()
     before = snapshot(model, optimizer)
-    with CheckpointManager(str(tmp_path), max_staging_bytes=BUDGET) as manager:
+    with CheckpointManager(str(tmp_path), max_staging_bytes=BUDGET, async_staging=False) as manager:
         manager.save(1, state)
         flight = manager.engine._in_flight
         assert flight.staging.done()  # the live state may change right away
@@ -328,3 +328,50 @@ def test_a_writer_that_writes_in_another_order_fails_the_save_instead_of_hanging
         with pytest.raises(CheckpointSaveError, match="writes in another order than bounded staging expects"):
             manager.wait()
         assert manager.steps == [1]
+
+
+class _NormModule(TinyModule):
+    """Batch normalisation: its running statistics change in every forward pass, before any optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 1))
+
+
+def test_a_lightning_run_never_saves_running_statistics_of_a_later_forward_pass(tmp_path, monkeypatch):
+    """With the snapshot copied in the background (slowly here, so the copy outlasts the next forward pass), the
+    forward pass waits for it, as the optimizer step does (Lightning runs forward inside the step only when it
+    steps: not with gradient accumulation, not with manual optimization)."""
+    import time
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    from dcp_plugin.lightning import DCPCheckpointIO
+
+    original = DefaultStager._stage
+
+    def slow_stage(self, *args, **kwargs):
+        time.sleep(0.3)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DefaultStager, "_stage", slow_stage)
+
+    class SnapshotAtStep(_SnapshotAtSave):  # the batch that stepped (and saved), not the accumulating one after
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+            if trainer.global_step not in self.at_step:
+                super().on_train_batch_end(trainer, *args)
+
+    plugin = DCPCheckpointIO(async_mode="thread", async_staging=True)
+    snapshots = SnapshotAtStep()
+    saves = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), every_n_train_steps=1, save_top_k=-1)
+    run = lightning_trainer(
+        str(tmp_path), plugin, max_epochs=1, max_steps=3, callbacks=[snapshots, saves], accumulate_grad_batches=2
+    )  # the forward pass of a batch that does not step runs outside any optimizer step
+    run.fit(_NormModule(), loader())
+    reader = DCPCheckpointIO()
+    del snapshots.at_step[0]  # no step, no save
+    assert len(snapshots.at_step) >= 2
+    for step, expected in snapshots.at_step.items():
+        (path,) = (tmp_path / "ckpts").glob(f"*step={step}.ckpt")
+        assert_same(full(reader.load_checkpoint(str(path))["state_dict"]), expected["weights"])

@@ -202,9 +202,10 @@ def test_sync_mode_and_fresh_buffers_prepare_nothing(tmp_path):
 
 
 # -- defaults follow the hardware ---------------------------------------------------------------------------------
-def test_staging_runs_in_the_background_by_default_only_where_cuda_copies_it():
+def test_staging_runs_in_the_background_by_default_in_every_asynchronous_mode_on_every_host():
     assert CheckpointConfig().async_staging is None
-    assert CheckpointConfig().stages_in_background == torch.cuda.is_available()
+    assert CheckpointConfig().stages_in_background  # with or without CUDA
+    assert CheckpointConfig(async_mode="process").stages_in_background
     assert not CheckpointConfig(async_mode="sync").stages_in_background
     assert CheckpointConfig(async_staging=True).stages_in_background
     assert not CheckpointConfig(async_staging=False).stages_in_background

@@ -60,6 +60,23 @@ def test_per_rank_entries_are_stored_under_their_rank():
     assert packing.skeleton_source_rank(5, saved_world_size=4) == 0  # ranks that did not exist take rank 0's
 
 
+def test_entries_saved_once_take_rank_0s_values_unless_their_tensors_differ():
+    def document(rank: int, stage: torch.nn.Module) -> dict:
+        state = {"values": {"lr": 0.1 * (rank + 1)}, "stage": stage, "mine": PerRank({"rank": rank})}
+        packed = packing.pack(wrap_state(state), rank=rank, world_size=2, allow_pickle=False)
+        return encoding.loads(packed.tensors[packing.skeleton_key(rank)])
+
+    first = torch.nn.Linear(2, 2)
+    rank0, rank1 = document(0, first), document(1, first)
+    merged = packing.take_replicated(rank1, rank0)["entries"]
+    assert merged["values"] == rank0["entries"]["values"] != rank1["entries"]["values"]  # a plain value: rank 0's
+    assert merged["stage"] == rank0["entries"]["stage"]
+    assert merged["mine"] == rank1["entries"]["mine"]  # per rank: its own
+    # pipeline stages: each rank holds other tensors under the entry, which stays the rank's own
+    other_stage = document(1, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert packing.take_replicated(other_stage, rank0)["entries"]["stage"] == other_stage["entries"]["stage"]
+
+
 def test_every_mismatch_is_listed_before_anything_is_loaded():
     wrong = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     _, problems = round_trip({"model": make_model()}, {"model": wrong, "absent": 1})

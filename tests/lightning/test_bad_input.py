@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -90,3 +91,31 @@ def test_weights_only_refuses_pickled_values(tmp_path):
     with pytest.raises(Exception, match="pickled Python objects"):
         DCPCheckpointIO().load_checkpoint(path, weights_only=True)
     assert repr(DCPCheckpointIO().load_checkpoint(path, weights_only=False)["obj"]) == "ValueError('kept')"
+
+
+def test_dcp_fsdp_strategy_on_cpu_is_refused_when_the_trainer_is_built(tmp_path):
+    from dcp_plugin.lightning import DCPFSDPStrategy
+
+    with pytest.raises(ValueError, match=r"DCPFSDPStrategy needs a CUDA accelerator.*DCPModelParallelStrategy"):
+        trainer(str(tmp_path), DCPCheckpointIO(), max_epochs=1, strategy=DCPFSDPStrategy())
+
+
+def test_lightning_sharded_strategies_that_bypass_the_plugin_are_warned_about(tmp_path):
+    """Lightning's own ModelParallelStrategy writes sharded checkpoints with its own dcp.save, never calling the
+    plugin; with save_distributed_checkpoint=False it hands rank 0 a full state through the plugin."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from dcp_plugin.lightning import DCPModelParallelStrategy
+    from dcp_plugin.lightning.compat import plugin_of
+
+    def built(strategy):  # what ModelCheckpoint.setup and Trainer.save_checkpoint ask at fit setup and each save
+        return trainer(str(tmp_path), DCPCheckpointIO(), max_epochs=1, strategy=strategy)
+
+    bypassing = built(ModelParallelStrategy())
+    with pytest.warns(UserWarning, match=r"ModelParallelStrategy .*never calls DCPCheckpointIO.*DCPModelParallel"):
+        assert isinstance(plugin_of(bypassing), DCPCheckpointIO)
+    for through_the_plugin in (ModelParallelStrategy(save_distributed_checkpoint=False), DCPModelParallelStrategy()):
+        run = built(through_the_plugin)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert isinstance(plugin_of(run), DCPCheckpointIO)

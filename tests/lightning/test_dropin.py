@@ -262,17 +262,67 @@ def test_convert_to_a_lightning_file(tmp_path):
 
 
 # -- item 14: quiet and informative ------------------------------------------------------------------------------
-def test_one_info_line_per_save_and_per_load(tmp_path, caplog):
+def _ours(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Sav", "Loaded checkpoint"))]
+
+
+def test_one_info_line_per_save_and_per_load_through_lightning_logging(tmp_path, caplog, monkeypatch):
     path = str(tmp_path / "a.ckpt")
     plugin = DCPCheckpointIO(async_mode="thread")
-    with caplog.at_level(logging.INFO, logger="dcp_plugin"):
+    monkeypatch.setattr(logging.getLogger("dcp_plugin"), "level", logging.NOTSET)  # as in a fresh process
+    with caplog.at_level(logging.INFO):
         plugin.save_checkpoint(_state(5, 1.0), path)
         plugin.load_checkpoint(path)
+        lines = _ours(caplog)
+        assert {r.name for r in caplog.records if r.getMessage() in lines} == {"lightning.pytorch.utilities.rank_zero"}
+        monkeypatch.setattr(logging.getLogger("dcp_plugin"), "level", logging.WARNING)  # DCP_PLUGIN_LOG_LEVEL
+        caplog.clear()
+        plugin.save_checkpoint(_state(6, 1.0), path)
+        plugin.load_checkpoint(path)
+        assert _ours(caplog) == []
     plugin.teardown()
-    lines = [r.getMessage() for r in caplog.records if r.name.startswith("dcp_plugin") and r.levelno == logging.INFO]
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"Saving checkpoint {path} (step 5)") and "waited" in lines[0]
     assert lines[1].startswith(f"Loaded checkpoint {path} (step 5) in ")
+
+
+VISIBLE_SCRIPT = """
+import os, sys
+from lightning.pytorch.callbacks import ModelCheckpoint
+from dcp_plugin.lightning import DCPCheckpointIO
+from tests.lightning.helpers import TinyModule, loader, trainer
+
+if __name__ == "__main__":  # no logging configured, as in a user's first script
+    root = sys.argv[1]
+    for epochs in (1, 2):
+        callback = ModelCheckpoint(dirpath=os.path.join(root, "ckpts"), every_n_train_steps=2, save_last=True)
+        run = trainer(root, DCPCheckpointIO(), max_epochs=epochs, callbacks=[callback])
+        run.fit(TinyModule(), loader(), ckpt_path="last")
+"""
+
+
+def test_saves_and_loads_show_by_default_in_a_lightning_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(VISIBLE_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env.pop("DCP_PLUGIN_LOG_LEVEL", None)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("Saving checkpoint", "Loaded check"))]
+    # ModelCheckpoint keeps the newest step and last.ckpt: two saves every 2 steps; the second fit resumes from last
+    seen = [(line.split(" ")[0], line.split("(step ")[1].split(")")[0]) for line in lines]
+    assert (
+        seen
+        == [("Saving", "2")] * 2
+        + [("Saving", "4")] * 2
+        + [("Loaded", "4")]
+        + [("Saving", "6")] * 2
+        + [("Saving", "8")] * 2
+    ), result.stderr[-3000:]
+    assert f"Loaded checkpoint {tmp_path / 'ckpts' / 'last.ckpt'} (step 4)" in result.stderr
+    assert all("training waited" in line for line in lines if line.startswith("Saving"))
 
 
 def test_missing_main_guard_is_reported_at_construction(tmp_path):

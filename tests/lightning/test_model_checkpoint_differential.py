@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,59 @@ def test_resume_like_the_default_plugin(tmp_path, kind, ckpt_path):
     for key, value in expected["weights"].items():
         assert torch.equal(resumed["weights"][key], value), key
     assert {k: v for k, v in resumed.items() if k != "weights"} == {k: v for k, v in expected.items() if k != "weights"}
+
+
+# -- wrapped in Lightning's AsyncCheckpointIO -----------------------------------------------------------------------
+def _wrapped_run(root: str, io: Any) -> tuple[ModelCheckpoint, Any]:
+    make_callback, options = SCENARIOS["keep_all_fixed_name_versioned"]  # fixed filename, save_top_k=-1, 6 epochs
+    seed_all(0)
+    callback = make_callback(os.path.join(root, "ckpts"))
+    run = trainer(root, io, max_epochs=options["max_epochs"], callbacks=[callback])
+    run.fit(TinyModule(), loader())
+    return callback, run
+
+
+@pytest.mark.parametrize("kind", PLUGINS)
+def test_wrapped_in_async_checkpoint_io_keeps_what_the_default_plugin_keeps(tmp_path, kind):
+    """``AsyncCheckpointIO(DCPCheckpointIO())``: the wrapper is removed (with a warning), so every checkpoint of the
+    default plugin is kept, all committed when ``fit`` returns, with no thread left. Lightning's default plugin under
+    the same wrapper loses some of them (names reused while a write is in flight): ours keep each of those too."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    expected = _scenario(tmp_path, "default", "keep_all_fixed_name_versioned")
+    callback, _ = _wrapped_run(str(tmp_path / "default_wrapped"), AsyncCheckpointIO())
+    wrapped_default = _observed(callback, str(tmp_path / "default_wrapped"))
+
+    before = set(threading.enumerate())
+    plugin = DCPCheckpointIO(async_mode=kind)
+    root = str(tmp_path / kind)
+    with pytest.warns(UserWarning, match=r"AsyncCheckpointIO\(DCPCheckpointIO\(\.\.\.\)\) is redundant"):
+        callback, run = _wrapped_run(root, AsyncCheckpointIO(plugin))
+    assert run.strategy.checkpoint_io is plugin and plugin.in_flight is None
+    observed = _observed(callback, root)
+    assert observed == expected and len(expected["names"]) == 6
+    assert set(wrapped_default["names"]) <= set(observed["names"])
+    if kind == "thread":
+        assert set(threading.enumerate()) - before == set()
+    loaded = [DCPCheckpointIO().load_checkpoint(os.path.join(root, "ckpts", n)) for n in observed["names"]]
+    assert sorted(checkpoint["epoch"] for checkpoint in loaded) == list(range(6))
+
+
+def test_wrapped_in_async_checkpoint_io_fit_raises_the_failed_last_write(tmp_path, monkeypatch):
+    """The last write of ``fit`` fails in the background: ``fit`` raises it (the wrapper would have swallowed it)."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from dcp_plugin import CheckpointSaveError
+    from dcp_plugin.storage.commit import RenameCommit
+
+    def commit(self, pending, manifest):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(RenameCommit, "commit", commit)
+    callback = ModelCheckpoint(str(tmp_path / "ckpts"), filename="only", every_n_epochs=1)
+    run = trainer(str(tmp_path), AsyncCheckpointIO(DCPCheckpointIO()), max_epochs=1, callbacks=[callback])
+    with pytest.warns(UserWarning, match="redundant"), pytest.raises(CheckpointSaveError, match="only.ckpt"):
+        run.fit(TinyModule(), loader())
 
 
 # -- HPC (SLURM) save, SIGKILL in the middle of the next one, requeue -------------------------------------------------

@@ -56,6 +56,7 @@ def test_process_mode_writes_to_s3(s3_url):
     with CheckpointManager(url, async_mode="process", storage_options=options) as manager:
         manager.save(7, {"model": model, "optim": optimizer})
         expected = snapshot(model, optimizer)
+        manager.wait_for_staging()  # an edit outside the optimizer waits for the background copy itself
         with torch.no_grad():
             model[0].weight.zero_()
         manager.wait()
