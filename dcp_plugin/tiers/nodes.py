@@ -84,9 +84,8 @@ class NodeTiers:
         storage.strategy.recover()  # commits a crash interrupted between the decision and a node's own rename
         if layout.is_leader:
             self._tidy()
-        if self.peers is not None:
-            for name in self.peers.missing(self.view()):  # copies a crash interrupted: made again
-                self.peers.enqueue(name)
+        self._catch_up = self.peers is not None
+        """Copies a crash interrupted (or a lost disk took) are made again after the first commit or restore."""
 
     def _tidy(self) -> None:
         """Remove what interrupted restores and copies left on this node (nothing is writing them now)."""
@@ -120,6 +119,9 @@ class NodeTiers:
             return
         due, self._due = self._due, []
         if self.peers is not None:
+            if self._catch_up:  # not at start: a restore comes first, the copies it does not need after it
+                self._catch_up = False
+                due = [name for name in self.peers.missing(self.view()) if name not in due] + due
             for name in due:
                 self.peers.enqueue(name)
         if self.tiers is not None:

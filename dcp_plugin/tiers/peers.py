@@ -20,7 +20,6 @@ deletes a part whose copies are still being made (:meth:`PeerReplicator.busy`).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from typing import Any
@@ -30,7 +29,6 @@ from dcp_plugin.policies.retention import apply_retention
 from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointStorage
 from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.names import METADATA_NAME
 from dcp_plugin.storage.node_commit import committed_save_id
 from dcp_plugin.storage.node_parts import part_files, part_of, with_part
 from dcp_plugin.tiers.holdings import JobView, replica_parts, replica_storage
@@ -128,34 +126,37 @@ class PeerReplicator:
                     self._lock.notify_all()
 
     def copy(self, name: str) -> None:
-        """One round: every node's part of ``name`` to its peers (collective over the exchange group)."""
+        """One round: each node's own copy of ``name`` (its part, or the whole checkpoint a lone rank saved) to its
+        peers that lack it (collective over the exchange group)."""
         layout = self.groups.layout
         mine = None
-        if layout.is_leader and committed_save_id(self.local._root, name) is not None:
-            manifest = self.local.info(name).manifest
+        if layout.is_leader:
+            own = None
+            if committed_save_id(self.local._root, name) is not None:
+                manifest = self.local.info(name).manifest
+                own = (manifest["save_id"], manifest) if part_of(manifest) is not None else None
             kept = {
                 part: committed_save_id(replica_storage(self.local, part)._root, name)
                 for part in replica_parts(self.local)
             }
-            mine = (manifest.get("save_id"), manifest, kept) if part_of(manifest) is not None else None
+            mine = (own, kept)
         views = self.groups.all_gather(mine)
-        held = [views[leader] for leader in layout.leaders]
-        if any(view is None for view in held) or len({view[0] for view in held}) != 1:
-            return  # not committed on every node (its save failed and said so): nothing to copy
-        save_id, manifest = held[0][0], held[0][1]  # type: ignore[index]
-        parts = [part_of(view[1])["node"] for view in held]  # type: ignore[index]
+        owners = {node: views[leader][0] for node, leader in enumerate(layout.leaders) if views[leader][0] is not None}
+        if not owners or len({save_id for save_id, _ in owners.values()}) != 1:
+            return  # committed nowhere (its save failed and said so), or two saves of that name: nothing to copy
+        save_id, manifest = next(iter(owners.values()))
         records = manifest["files"]
         transfers, receiving = [], set()
-        for node, part in enumerate(parts):
+        for node, (_, held) in sorted(owners.items()):
+            part = part_of(held)["node"]  # type: ignore[index]
             for peer in layout.peers(node, self.copies):
-                if held[peer][2].get(part) == save_id:  # type: ignore[index]
+                if views[layout.leader_of(peer)][1].get(part) == save_id:
                     continue  # that peer keeps this copy already (a copy made before a restart)
                 if peer == layout.node:
                     receiving.add(part)
-                for file in part_files(manifest, part):
-                    if file != METADATA_NAME:
-                        size = int(records[file]["size"])
-                        transfers.append(Transfer(layout.leader_of(node), layout.leader_of(peer), file, size))
+                for file in part_files(held, part):
+                    size = int(records[file]["size"])
+                    transfers.append(Transfer(layout.leader_of(node), layout.leader_of(peer), file, size, part))
         problem = None
         try:
             self._exchange(name, manifest, transfers, receiving if layout.is_leader else set())
@@ -178,10 +179,9 @@ class PeerReplicator:
                 pending[part] = replica_storage(self.local, part).begin_write(name, overwrite=True)
         except Exception as err:  # noqa: BLE001 - the transfers still run (the senders wait for them)
             setup = err
-        part_of_file = {file: part for part in receiving for file in part_files(manifest, part)}
 
         def receive(transfer: Transfer) -> None:
-            write = pending.get(part_of_file.get(transfer.name, -1))
+            write = pending.get(transfer.part)
             directory = write.directory if write is not None else f"{own}/.dcp-plugin-no-copy"  # received, dropped
             record = manifest["files"][transfer.name]
             receive_file(f"{directory}/{transfer.name}", record, transfer.source, self.groups.exchange, durable=True)
@@ -193,7 +193,6 @@ class PeerReplicator:
             if setup is not None:
                 raise setup
             for part, write in sorted(pending.items()):
-                os.link(f"{own}/{METADATA_NAME}", f"{write.directory}/{METADATA_NAME}")
                 reached("replica.written")
                 replica_storage(self.local, part).strategy.commit(write, with_part(manifest, part))
                 reached("replica.committed")
@@ -204,13 +203,11 @@ class PeerReplicator:
             raise
 
     def missing(self, view: JobView) -> list[str]:
-        """The complete checkpoints of ``view`` whose parts, each on its own node, lack a copy on a peer (a copy
-        interrupted by a crash): every node computes the same list from the same view."""
+        """The complete checkpoints of ``view`` with a node's own copy that a peer lacks (a copy interrupted by a
+        crash): every node computes the same list from the same view."""
         layout, out = self.groups.layout, []
         for checkpoint in view.complete:
             owners = {copy.node: copy.part for copy in checkpoint.copies if copy.own and copy.part is not None}
-            if sorted(owners) != list(range(layout.nodes)) or checkpoint.parts != layout.nodes:
-                continue  # a part is not on its own node (or another layout): a round would have nothing to send
             kept = {(copy.node, copy.part) for copy in checkpoint.copies if not copy.own}
             if any(
                 (peer, part) not in kept for node, part in owners.items() for peer in layout.peers(node, self.copies)

@@ -40,6 +40,8 @@ class Transfer:
     """The file's name in the checkpoint."""
     size: int
     """Its committed size in bytes."""
+    part: int = 0
+    """Which copy it belongs to at the receiver (peer replicas: the part it is a file of)."""
 
 
 def send_file(path: str, size: int, target: int, group: Any) -> None:

@@ -6,7 +6,8 @@ FSDP2 on gloo, ``CheckpointManager(NODE_DIR, local_scope="node", peer_replicas=1
 * ``restore OUT``: restore the latest into a fresh model; report the step, the bytes from each place, the full
   state. With ``DRILL_LOSE_COPIES=1`` every node then drops the copies of other nodes' parts it keeps and a manager
   without a remote tier asks for the latest: report the error.
-* ``chain OUT STEPS``: restore the latest (if any) and report what every node lists, then train and save the
+* ``chain OUT STEPS``: restore the latest (if any), let the copies a crash interrupted be made again, report what
+  every node lists, then train and save the
   comma-separated steps, each copied to the peer before the next; ``DRILL_CRASH_AT`` becomes
   ``DCP_PLUGIN_CRASH_AT`` for the last save (the crash seam kills this node there).
 
@@ -136,6 +137,8 @@ def chain(out: str, steps: str = "") -> dict:
     with manager() as m:
         if m.latest() is not None:
             m.load(state)
+        m.wait()  # after the restore: copies a crash interrupted are made again
+        m.nodes.peers.wait()
         report.update(step=state["step"], list=[i.name for i in m.list()], listed=listed(m))
         report["full"] = full_state(model, optimizer)
         _report(out, "chain", report)  # before the saves, which may be killed
