@@ -44,10 +44,14 @@ def wait_for_staging_before_optimizer_steps(writers: Any) -> Any:
 def load_dict(plugin: Any, path: Any, storage: CheckpointStorage, name: str, *, allow_pickle: bool) -> dict[str, Any]:
     """Read the committed checkpoint ``name`` (at ``path``) with ``plugin``'s checkpointer as a Lightning dict."""
     started = time.perf_counter()
-    info = committed_info(storage, name, path)
+    nodes = plugin.config.local_scope == "node"  # node-local disks: found and restored across the nodes
+    info = plugin.node_directories.info(storage, name) if nodes else committed_info(storage, name, path)
     layout = lay.Layout.from_manifest(info.manifest, info.url)
     state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and plugin.save_rng else None)
-    plugin.checkpointer().load((storage, name), state, allow_pickle=allow_pickle)
+    if nodes:
+        plugin.node_directories.load(storage, name, state, allow_pickle=allow_pickle)
+    else:
+        plugin.checkpointer().load((storage, name), state, allow_pickle=allow_pickle)
     report("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
     return lightning_dict(state, layout)
 

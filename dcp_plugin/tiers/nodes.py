@@ -81,6 +81,7 @@ class NodeTiers:
         """The copies of each node's parts on other nodes (``None`` without peers)."""
         self._due: list[str] = []
         self._protected: set[str] = set()
+        self._closed = False
         storage.strategy.recover()  # commits a crash interrupted between the decision and a node's own rename
         if layout.is_leader:
             self._tidy()
@@ -103,7 +104,9 @@ class NodeTiers:
 
     def after_commit(self, schedule: Schedule, *, coordinator: bool, writing: bool) -> None:
         """Retention on every node (never of parts still being copied), then hand what committed to the copies."""
-        protected = set(self._due) | (self.peers.busy() if self.peers else set())
+        if self.peers is not None:
+            self.peers.schedule = schedule  # its retention also applies to the copies
+        protected = (set(self._due) | self.peers.busy()) if self.peers is not None else set()
         protected |= self.tiers.protected() if self.tiers is not None else set()
         if self._protected - protected:
             schedule.request_retention()  # copies finished: what retention had to keep may go now
@@ -115,7 +118,7 @@ class NodeTiers:
             for part in replica_parts(self.storage):
                 copies = replica_storage(self.storage, part)
                 apply_retention(schedule.retention, copies, run_id=schedule.run_id, owned=schedule.owned)
-        if writing:
+        if writing or self._closed:
             return
         due, self._due = self._due, []
         if self.peers is not None:
@@ -240,6 +243,13 @@ class NodeTiers:
         return dataclasses.replace(info, url=self.storage.url(chosen.name), restored_from=counts)
 
     # -- deleting and closing ---------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until the copies queued so far (to peers, to the remote tier) are made; raise the first error."""
+        if self.peers is not None:
+            self.peers.wait()
+        if self.tiers is not None:
+            self.tiers.replicator.wait()
+
     def delete(self, name: str) -> None:
         """Delete a checkpoint on every node: its part and the copies of other parts (every rank calls it)."""
         if not self.layout.is_leader:
@@ -258,6 +268,7 @@ class NodeTiers:
                 if self.tiers is not None:
                     self.tiers.close()
         finally:
+            self._closed = True  # later after-commit work is retention only
             self.nodes.close()
 
     def __getstate__(self) -> dict[str, Any]:
