@@ -191,6 +191,7 @@ class Checkpointer:
                 wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
             )
             structure = self.engine.structure_number(plans.structure(packed.state_dict))
+            storage.check_room(_tensor_bytes(packed), groups.world_size, self.config.replicas)  # /dev/shm: room?
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
                 pending.manifest["save_id"] = uuid.uuid4().hex
@@ -340,6 +341,15 @@ def _has_persistent_buffers(model: Any) -> bool:
     """Whether ``model`` has buffers that are saved (persistent buffers are exactly those in its state dict)."""
     buffers = {name for name, _ in model.named_buffers()}
     return bool(buffers) and not buffers.isdisjoint(model.state_dict(keep_vars=True))
+
+
+def _tensor_bytes(packed: packing.Packed) -> int:
+    """The bytes of tensor data this rank holds for a save (its shards of sharded tensors)."""
+    total = 0
+    for tensor in packed.tensors.values():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _error_text(err: BaseException | None) -> str | None:

@@ -236,7 +236,7 @@ class CheckpointManager(CheckpointListing):
             state,
             step=step,
             metadata=metadata,
-            overwrite=overwrite,
+            overwrite=overwrite or self._where.replaces(name or step_name(step)),
             run_id=self.run_id,
         )
         self.history.append(stats)

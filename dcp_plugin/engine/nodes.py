@@ -21,6 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from dcp_plugin.engine.priority import run_lowered
 from dcp_plugin.errors import ConfigError
 from dcp_plugin.storage.node_parts import NodeLayout
 
@@ -32,6 +33,10 @@ LOCAL_WORLD_SIZE_VARIABLES = (
 )
 """Where launchers say how many processes run on this node (torchrun first, then the MPI launchers Accelerate
 reads)."""
+
+COPY_NICENESS = 10
+"""How much lower than training the threads that copy between nodes run (``nice``, Linux): copies yield the
+cores to training and to the saves' own writers."""
 
 EXCHANGE_TIMEOUT = datetime.timedelta(hours=24)
 """The nodes' exchange group waits this long in a collective: a node copying a large part to a slow peer keeps
@@ -79,7 +84,11 @@ class NodeGroups:
     def __init__(self, layout: NodeLayout, collective: bool) -> None:
         self.layout = layout
         """Which node each rank runs on."""
-        self._exchange: Any = dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT) if collective else None
+        self._exchange: Any = None
+        if collective:  # made by a thread of lower priority: gloo's own threads, which move the bytes, inherit it
+            self._exchange = run_lowered(
+                COPY_NICENESS, lambda: dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT)
+            )
         self.collective = collective
         """Whether other ranks take part (``False``: this process is the whole job)."""
 
@@ -109,4 +118,4 @@ class NodeGroups:
         raise TypeError("NodeGroups holds a process group and cannot be copied.")
 
 
-__all__ = ["EXCHANGE_TIMEOUT", "NodeGroups", "NodeLayout", "detect_layout", "node_key"]
+__all__ = ["COPY_NICENESS", "EXCHANGE_TIMEOUT", "NodeGroups", "NodeLayout", "detect_layout", "node_key"]

@@ -54,6 +54,7 @@ from dcp_plugin.storage.names import (
 )
 from dcp_plugin.storage.node_commit import Channel, NodeCommit
 from dcp_plugin.storage.node_parts import NodeLayout
+from dcp_plugin.storage.room import check_room, size_text
 from dcp_plugin.storage.root import storage_errors
 from dcp_plugin.storage.transfer import copy_checkpoint
 
@@ -159,6 +160,19 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
     def node_layout(self) -> NodeLayout | None:
         """With a commit across nodes: which node each rank runs on (``None`` for a directory every rank reads)."""
         return self.strategy.layout if isinstance(self.strategy, NodeCommit) else None
+
+    def check_room(self, rank_bytes: int, world_size: int, copies: int = 0) -> None:
+        """Before a save of ``rank_bytes`` per rank: refuse it, saying how much it needs, when this directory is in
+        host memory (``/dev/shm``, tmpfs) and cannot hold what this node writes there (its ranks' files and the
+        ``copies`` of other nodes' parts it keeps). Disks are not checked."""
+        if not self.is_local:
+            return
+        layout = self.node_layout
+        ranks = len(layout.ranks_of(layout.node)) if layout is not None else world_size
+        what = f"the files of {ranks} rank(s), about {size_text(rank_bytes)} each"
+        if copies:
+            what += f", and copies of {copies} other node(s)' parts"
+        check_room(self.root, rank_bytes * ranks * (1 + copies), what)
 
     def cleans_up(self, is_coordinator: bool) -> bool:
         """Whether this rank removes what a failed write left: the coordinator, or on node-local disks every

@@ -82,6 +82,7 @@ class NodeTiers:
         self._due: list[str] = []
         self._protected: set[str] = set()
         self._closed = False
+        self._incomplete: set[str] = set()
         storage.strategy.recover()  # commits a crash interrupted between the decision and a node's own rename
         if layout.is_leader:
             self._tidy()
@@ -143,7 +144,15 @@ class NodeTiers:
             except CheckpointError as err:
                 log.warning("The remote tier %s cannot be listed now (%s).", self.tiers.remote.root_url, err)
         gathered = self.groups.all_gather_control((mine, remote))
-        return JobView.gather([copies for copies, _ in gathered], gathered[0][1])
+        view = JobView.gather([copies for copies, _ in gathered], gathered[0][1])
+        complete = {checkpoint.name for checkpoint in view.complete}
+        self._incomplete = {c.name for c in view.checkpoints if not c.complete and c.name not in complete}
+        return view
+
+    def replaces(self, name: str) -> bool:
+        """Whether a save of ``name`` replaces, on the nodes that have one, a part of a checkpoint of that name that
+        the last listing found incomplete (a lost part: never loadable), e.g. after a restore from an older one."""
+        return name in self._incomplete
 
     def list(self) -> list[CheckpointInfo]:
         """Checkpoints complete across the job, oldest first (collective)."""

@@ -106,6 +106,10 @@ class RunTiers:
         infos = self.list()
         return infos[-1] if infos else None
 
+    def replaces(self, name: str) -> bool:
+        """Whether a save of ``name`` replaces what is there without being asked to (never, with one tier or two)."""
+        return False
+
     def delete(self, name: str) -> None:
         """Delete committed checkpoint ``name`` of the local tier (on the coordinator)."""
         self.storage.delete(name)

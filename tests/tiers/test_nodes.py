@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import uuid
+from types import SimpleNamespace
 
 import pytest
 
-from dcp_plugin import CheckpointInfo, CheckpointManager, ConfigError, KeepLast
+from dcp_plugin import CheckpointInfo, CheckpointManager, CheckpointSaveError, ConfigError, KeepLast
+from dcp_plugin.storage import room
+from dcp_plugin.storage.room import mount_of
 from dcp_plugin.tiers.holdings import Copy, JobView
 from tests.models import assert_same, make_training, snapshot, train_step
 
@@ -97,6 +103,28 @@ def test_the_job_view_counts_a_checkpoint_complete_when_every_part_is_somewhere(
     )
     remote = {"step_000000002": CheckpointInfo("step_000000002", "s3://b/r/step_000000002", copies[0][2].manifest)}
     assert [c.name for c in JobView.gather([copies[0]], remote).complete] == ["step_000000001", "step_000000002"]
+
+
+def test_host_memory_is_the_in_memory_tier_and_a_too_small_one_says_the_size_needed(monkeypatch):
+    if (mount_of("/dev/shm") or ("", ""))[1] != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs here")
+    directory = f"/dev/shm/dcp-plugin-test-{uuid.uuid4().hex[:8]}"
+    try:
+        _, expected = run(directory, steps=1)
+        model, optimizer, state = fresh()
+        with CheckpointManager(directory, local_scope="node") as manager:
+            manager.load(state)
+            assert_same(snapshot(model, optimizer), expected)
+            full = os.statvfs(directory)
+            tiny = SimpleNamespace(f_bavail=1, f_frsize=full.f_frsize)  # as if /dev/shm had one block left
+            monkeypatch.setattr(room.os, "statvfs", lambda _path: tiny)
+            with pytest.raises(CheckpointSaveError, match=r"in host memory \(tmpfs mounted at /dev/shm\)") as info:
+                manager.save(2, state)
+            assert re.search(r"needs about [\d.]+ KiB there .* nothing was written.*--shm-size=1g", str(info.value))
+            monkeypatch.undo()
+            assert manager.steps == [1]  # the earlier checkpoint is untouched
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_node_scope_needs_a_local_directory(memory_url):
