@@ -82,7 +82,7 @@ class NodeTiers:
         self._due: list[str] = []
         self._protected: set[str] = set()
         self._closed = False
-        self._incomplete: set[str] = set()
+        self._unloadable: set[str] = set()
         storage.strategy.recover()  # commits a crash interrupted between the decision and a node's own rename
         if layout.is_leader:
             self._tidy()
@@ -125,7 +125,9 @@ class NodeTiers:
         if self.peers is not None:
             if self._catch_up:  # not at start: a restore comes first, the copies it does not need after it
                 self._catch_up = False
-                due = [name for name in self.peers.missing(self.view()) if name not in due] + due
+                for name in self.peers.missing(self.view()):
+                    if name not in due:
+                        self.peers.enqueue(name, newest_first=False)
             for name in due:
                 self.peers.enqueue(name)
         if self.tiers is not None:
@@ -146,13 +148,13 @@ class NodeTiers:
         gathered = self.groups.all_gather_control((mine, remote))
         view = JobView.gather([copies for copies, _ in gathered], gathered[0][1])
         complete = {checkpoint.name for checkpoint in view.complete}
-        self._incomplete = {c.name for c in view.checkpoints if not c.complete and c.name not in complete}
+        self._unloadable = {c.name for c in view.checkpoints if not c.complete and c.name not in complete}
         return view
 
     def replaces(self, name: str) -> bool:
         """Whether a save of ``name`` replaces, on the nodes that have one, a part of a checkpoint of that name that
         the last listing found incomplete (a lost part: never loadable), e.g. after a restore from an older one."""
-        return name in self._incomplete
+        return name in self._unloadable
 
     def list(self) -> list[CheckpointInfo]:
         """Checkpoints complete across the job, oldest first (collective)."""

@@ -14,7 +14,9 @@ adds ``.metadata`` and the part's manifest from its own part, and commits the co
 Every rank takes part in each round (the same checkpoints in the same order; the leaders move the files) and
 learns its outcome, so a failed copy is raised by every rank at its next call, like a failed save. Copies are kept
 under the run's retention, applied to each node's copies after each round, and the node's own retention never
-deletes a part whose copies are still being made (:meth:`PeerReplicator.busy`).
+deletes a part whose copies are still being made (:meth:`PeerReplicator.busy`). When saves come faster than the
+copies, a checkpoint whose round comes up while a newer one waits on every rank is not copied (every rank decides it
+from the same gathered queues): the copies keep up with the newest checkpoint, which is what a restore takes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dcp_plugin.storage.node_commit import committed_save_id
 from dcp_plugin.storage.node_parts import part_files, part_of, with_part
 from dcp_plugin.tiers.holdings import JobView, replica_parts, replica_storage
 from dcp_plugin.tiers.replication import ReplicationError, lower_priority
-from dcp_plugin.tiers.wire import Transfer, receive_file, run_transfers
+from dcp_plugin.tiers.wire import Buffers, Transfer, receive_file, run_transfers
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,10 @@ class PeerReplicator:
         self.schedule = schedule
         self.copied_bytes = 0
         """Bytes this node received as copies of other nodes' parts so far."""
-        self._queue: deque[str] = deque()
+        self.skipped: deque[str] = deque(maxlen=1000)
+        """Checkpoints not copied because a newer one was already waiting on every rank (saves came faster than
+        the copies); the next run copies the complete ones that lack a copy."""
+        self._queue: deque[tuple[str, bool]] = deque()  # (name, may be skipped for a newer one)
         self._current: str | None = None
         self._error: BaseException | None = None
         self._lock = threading.Condition()
@@ -59,12 +64,14 @@ class PeerReplicator:
         self._closed = False
 
     # -- what the loop calls ---------------------------------------------------------------------
-    def enqueue(self, name: str) -> None:
-        """Copy the parts of ``name`` once committed (returns at once; every rank queues the same names)."""
+    def enqueue(self, name: str, *, newest_first: bool = True) -> None:
+        """Copy the parts of ``name`` once committed (returns at once; every rank queues the same names).
+        ``newest_first``: skip it if a newer checkpoint is already waiting when its turn comes (saves); ``False``
+        for copies an earlier run left unmade, which are all made."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("This peer replicator was closed.")
-            self._queue.append(name)
+            self._queue.append((name, newest_first))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="dcp-plugin-peer-replicas", daemon=True)
                 self._thread.start()
@@ -73,7 +80,7 @@ class PeerReplicator:
     def busy(self) -> set[str]:
         """Names queued or being copied: the node's retention keeps their parts."""
         with self._lock:
-            return set(self._queue) | ({self._current} if self._current else set())
+            return {name for name, _ in self._queue} | ({self._current} if self._current else set())
 
     def wait(self) -> None:
         """Block until every queued copy is done; raise the first error."""
@@ -110,10 +117,10 @@ class PeerReplicator:
                     self._lock.wait()
                 if not self._queue:
                     return
-                self._current = self._queue.popleft()
+                self._current, skippable = self._queue.popleft()
             name = self._current
             try:
-                self.copy(name)
+                self.copy(name, skippable=skippable)
             except BaseException as err:  # noqa: BLE001 - handed to the loop by raise_error()
                 log.warning("Copying the parts of %s to other nodes failed: %s", self.local.url(name), err)
                 with self._lock:
@@ -125,13 +132,12 @@ class PeerReplicator:
                     self._current = None
                     self._lock.notify_all()
 
-    def copy(self, name: str) -> None:
+    def copy(self, name: str, *, skippable: bool = False) -> None:
         """One round: each node's own copy of ``name`` (its part, or the whole checkpoint a lone rank saved) to its
         peers that lack it (collective over the exchange group)."""
         layout = self.groups.layout
-        mine = None
+        own, kept = None, {}
         if layout.is_leader:
-            own = None
             if committed_save_id(self.local._root, name) is not None:
                 manifest = self.local.info(name).manifest
                 own = (manifest["save_id"], manifest) if part_of(manifest) is not None else None
@@ -139,8 +145,13 @@ class PeerReplicator:
                 part: committed_save_id(replica_storage(self.local, part)._root, name)
                 for part in replica_parts(self.local)
             }
-            mine = (own, kept)
-        views = self.groups.all_gather(mine)
+        with self._lock:
+            later = bool(self._queue)
+        views = self.groups.all_gather((own, kept, later))
+        if skippable and all(view[2] for view in views):
+            self.skipped.append(name)  # a newer checkpoint waits on every rank: copies keep up with the newest
+            log.info("Not copying %s to other nodes: a newer checkpoint is waiting to be copied.", name)
+            return
         owners = {node: views[leader][0] for node, leader in enumerate(layout.leaders) if views[leader][0] is not None}
         if not owners or len({save_id for save_id, _ in owners.values()}) != 1:
             return  # committed nowhere (its save failed and said so), or two saves of that name: nothing to copy
@@ -180,11 +191,12 @@ class PeerReplicator:
         except Exception as err:  # noqa: BLE001 - the transfers still run (the senders wait for them)
             setup = err
 
-        def receive(transfer: Transfer) -> None:
+        def receive(transfer: Transfer, buffers: Buffers) -> None:
             write = pending.get(transfer.part)
             directory = write.directory if write is not None else f"{own}/.dcp-plugin-no-copy"  # received, dropped
             record = manifest["files"][transfer.name]
-            receive_file(f"{directory}/{transfer.name}", record, transfer.source, self.groups.exchange, durable=True)
+            target = f"{directory}/{transfer.name}"
+            receive_file(target, record, transfer.source, self.groups.exchange, buffers, durable=True)
             self.copied_bytes += transfer.size
 
         try:

@@ -162,8 +162,8 @@ class NodeRestore:
             self.layout.rank,
             self._group,
             source_path=lambda transfer: f"{directory}/{transfer.name}",
-            receive=lambda t: receive_file(
-                f"{directory}/{t.name}", self.records[t.name], t.source, self._group, durable=False
+            receive=lambda t, buffers: receive_file(
+                f"{directory}/{t.name}", self.records[t.name], t.source, self._group, buffers, durable=False
             ),
         )
         mine = [name for node, name in remote if node == self.layout.node and self.layout.is_leader]

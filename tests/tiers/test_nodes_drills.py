@@ -138,7 +138,7 @@ def test_kill_9_of_one_node_in_a_save_between_the_commit_phases_and_in_replicati
             assert report["step"] == previous
             names = report["list"]
             assert set(report["listed"]["own"]) - orphan == set(names), "a node lists a part of an incomplete save"
-            assert all(copies == names for copies in report["listed"]["copies"].values())
+            assert all(set(copies) - orphan == set(names) for copies in report["listed"]["copies"].values())
         if previous:
             assert_same(full_of(reports), __import__("torch").load(out / f"reference_{previous}.pt"))
         if point is None:
