@@ -28,6 +28,7 @@ from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import inflight, plans, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.groups import ProcessGroups
+from dcp_plugin.engine.staging.waits import StagingWaits
 from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import (
     CheckpointNotFoundError,
@@ -72,7 +73,7 @@ class Checkpointer:
         self.groups = self.engine.groups
         """Who saves together: this rank, the world size and the gloo groups saves and loads use."""
         self._owns_engine = engine is None
-        self._staging_hooks: dict[int, Any] = {}
+        self._staging_waits = StagingWaits(self.engine.wait_for_staging)
         self._incremental = IncrementalTracker(self.config)
         self.last_stats: SaveStats | None = None
         """The stats of the last save this checkpointer started (filled in further when it commits)."""
@@ -118,8 +119,8 @@ class Checkpointer:
         inflight.wait_for(storage.url(name))  # another instance's write of this name: ours comes after it
         _check_json(dict(metadata or {}))
         wrapped = wrap_state(state)
-        if self.config.stages_in_background:
-            self._hook_staging_waits(wrapped, frozen_from)
+        if self.config.stages_in_background:  # the next change of saved tensors waits for the snapshot copy
+            self._staging_waits.hook(optimizers_in(wrapped), [*models_in(wrapped), *frozen_from])
         packed, pending, structure = self._prepare(storage, name, wrapped, overwrite)
         pending.manifest = {
             "step": step,
@@ -190,7 +191,7 @@ class Checkpointer:
             packed = packing.pack(
                 wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
             )
-            structure = self.engine.structure_number(plans.structure(packed.state_dict))
+            structure = self.engine.plan_keys.number(plans.structure(packed.state_dict))
             storage.check_room(_tensor_bytes(packed), groups.world_size, self.config.replicas)  # /dev/shm: room?
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
@@ -208,19 +209,6 @@ class Checkpointer:
             raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
         assert packed is not None and pending is not None
         return packed, storage.here(pending), plans.agreed([number for _, _, number in outcomes])
-
-    def _hook_staging_waits(self, state: Mapping[str, Any], modules: Sequence[torch.nn.Module] = ()) -> None:
-        """With async staging, make the next mutation of saved tensors wait for the snapshot copy: every
-        optimizer step, and the forward pass of models (in ``state`` or ``modules``) whose buffers change in
-        forward (BatchNorm statistics), which may run outside an optimizer step (gradient accumulation)."""
-        for optimizer in optimizers_in(state):
-            if id(optimizer) not in self._staging_hooks:
-                handle = optimizer.register_step_pre_hook(lambda *_args, **_kw: self.engine.wait_for_staging())
-                self._staging_hooks[id(optimizer)] = handle
-        for model in [*models_in(state), *modules]:
-            if id(model) not in self._staging_hooks and _has_persistent_buffers(model):
-                handle = model.register_forward_pre_hook(lambda *_args: self.engine.wait_for_staging())
-                self._staging_hooks[id(model)] = handle
 
     # -- loading ---------------------------------------------------------------------------------
     def load(
@@ -308,9 +296,7 @@ class Checkpointer:
             else:
                 self.engine.wait()
         finally:
-            for handle in self._staging_hooks.values():
-                handle.remove()
-            self._staging_hooks.clear()
+            self._staging_waits.remove()
 
 
 def scoped(storage: CheckpointStorage, config: CheckpointConfig, groups: ProcessGroups) -> CheckpointStorage:
@@ -335,12 +321,6 @@ def locate(
             "they are merged over the configured storage_options."
         )
     return open_url(os.fspath(ref), {**base_options, **dict(storage_options or {})})
-
-
-def _has_persistent_buffers(model: Any) -> bool:
-    """Whether ``model`` has buffers that are saved (persistent buffers are exactly those in its state dict)."""
-    buffers = {name for name, _ in model.named_buffers()}
-    return bool(buffers) and not buffers.isdisjoint(model.state_dict(keep_vars=True))
 
 
 def _tensor_bytes(packed: packing.Packed) -> int:

@@ -90,9 +90,8 @@ class CheckpointEngine:
         self.groups = ProcessGroups(distributed, async_mode=self.config.async_mode)
         """Which ranks save together, and the gloo groups their collectives run on."""
         self._stagers = Stagers(self.config)
-        self._plan_base = plans.new_key()
-        self._plan_key = self._plan_base
-        self._structures = plans.Structures()
+        self.plan_keys = plans.PlanKeys()
+        """Its DCP plan cache keys; ``plan_keys.number(plans.structure(...))`` numbers a save's structure."""
         self._in_flight: PendingSave | None = None
         self._outcomes = SaveOutcomes(COMPLETED_LIMIT)  # the first background error, the finished saves' stats
         self._closed = False
@@ -178,7 +177,6 @@ class CheckpointEngine:
         ``on_written(metadata)`` runs on every rank after DCP's write, as part of the save (the commit across nodes)."""
         self._check_open()
         self.wait()
-        self._use_plans_of(structure)
         group = self.groups.checkpoint_group()
         no_dist = not self.groups.collective
         mode = self.config.async_mode
@@ -187,7 +185,7 @@ class CheckpointEngine:
         writing = inflight.begin(stats.url)  # visible to every instance in this process until committed
         try:
             with _single_process_intent():
-                planner = plans.save_planner(self._plan_key)
+                planner = plans.save_planner(self.plan_keys.use(structure))
                 if mode == "sync":
                     metadata = dcp.save(
                         flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
@@ -245,18 +243,6 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
-
-    def structure_number(self, described: tuple[Any, ...]) -> int:
-        """This rank's number for a save's structure (:func:`~dcp_plugin.engine.plans.structure`); it changes
-        whenever the structure of this engine's saves does. Gather it over the ranks, pass the result
-        (:func:`~dcp_plugin.engine.plans.agreed`) to :meth:`save` as ``structure``."""
-        return self._structures.number(described)
-
-    def _use_plans_of(self, structure: str) -> None:
-        key = f"{self._plan_base}-{structure}"
-        if key != self._plan_key:
-            plans.forget(self._plan_key)
-            self._plan_key = key
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""
@@ -322,7 +308,7 @@ class CheckpointEngine:
             self.wait()
         finally:
             self._closed = True
-            plans.forget(self._plan_key)
+            self.plan_keys.forget()
             self._stagers.close()
             if self.config.async_mode == "process":
                 daemon.unregister(self)

@@ -74,19 +74,35 @@ def _sharding(tensor: torch.Tensor) -> Any:
     return (tuple(placements), tuple(mesh.mesh.shape), tuple(mesh.get_coordinate() or ()), tensor.to_local().shape)
 
 
-class Structures:
-    """One engine's save structures: a number that changes whenever this rank's structure does."""
+class PlanKeys:
+    """One engine's plan cache keys: its own prefix, a number per save structure that changes whenever this
+    rank's structure does, and the key in use (plans of an earlier structure are forgotten)."""
 
     def __init__(self) -> None:
+        self._prefix = new_key()
         self._last: tuple[Any, ...] | None = None
-        self.generation = 0
+        self._generation = 0
+        self.current = self._prefix
+        """The key the next save plans under."""
 
     def number(self, described: tuple[Any, ...]) -> int:
-        """This rank's structure number for a save described by ``described`` (:func:`structure`)."""
+        """This rank's number for a save described by ``described`` (:func:`structure`)."""
         if described != self._last:
             self._last = described
-            self.generation += 1
-        return self.generation
+            self._generation += 1
+        return self._generation
+
+    def use(self, structure: str) -> str:
+        """The key for a save whose structure all ranks agreed on (:func:`agreed`)."""
+        key = f"{self._prefix}-{structure}"
+        if key != self.current:
+            forget(self.current)
+            self.current = key
+        return key
+
+    def forget(self) -> None:
+        """Drop every plan cached under this engine's keys."""
+        forget(self.current)
 
 
 def agreed(numbers: Sequence[int]) -> str:
@@ -109,4 +125,4 @@ def forget(key: str) -> None:
         getattr(SavePlanner, name, {}).pop(key, None)
 
 
-__all__ = ["PLAN_CACHING", "Structures", "agreed", "forget", "new_key", "save_planner", "structure"]
+__all__ = ["PLAN_CACHING", "PlanKeys", "agreed", "forget", "new_key", "save_planner", "structure"]

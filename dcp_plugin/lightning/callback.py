@@ -24,11 +24,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.nodes import NodeScope, nodes_of
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
 from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
 from dcp_plugin.lightning.run import (
@@ -101,12 +101,9 @@ class DCPCheckpoint(RunCheckpoints):
         remote_storage_options: fsspec options of the remote tier.
         replicate_every_n_steps: copy only checkpoints of every n-th step (default: every checkpoint).
         remote_keep_last: how many of this run's checkpoints the remote tier keeps (default: all).
-        local_scope: ``"node"``: ``dirpath`` is on each node's own disk (the same path on every node, no shared
-            filesystem): checkpoints are committed across the nodes, each node's part is copied to
-            ``peer_replicas`` other nodes, and auto-resume restores each file from the nearest copy. Passed to the
-            ``DCPCheckpointIO`` plugin (default: the plugin's, ``DCP_PLUGIN_LOCAL_SCOPE``). See docs/multinode.md.
-        peer_replicas: with ``local_scope="node"``: how many other nodes keep a copy of each node's part
-            (default 1).
+        local_scope: ``"node"``: ``dirpath`` is on each node's own disk (no shared filesystem): see
+            docs/multinode.md. Passed to the plugin (default: the plugin's, ``DCP_PLUGIN_LOCAL_SCOPE``).
+        peer_replicas: with ``local_scope="node"``: how many other nodes keep a copy of each node's part (default 1).
         clock: clock of the time trigger (seconds); inject one in tests.
     """
 
@@ -168,11 +165,8 @@ class DCPCheckpoint(RunCheckpoints):
         self._manifest_metadata: dict[str, Any] | None = None
         self.tiers = CallbackTiers.resolve(remote, remote_storage_options, replicate_every_n_steps, remote_keep_last)
         """The remote tier, when one is configured, and the replication to it."""
-        scope = CheckpointConfig(local_scope=local_scope or "node", peer_replicas=peer_replicas)  # validated here
-        self.local_scope = local_scope if local_scope is None else scope.local_scope
-        """Passed to the plugin at setup (``None``: the plugin's own)."""
-        self.peer_replicas = peer_replicas
-        """Passed to the plugin at setup (``None``: the plugin's own)."""
+        self.node_scope = NodeScope(local_scope, peer_replicas)
+        """``local_scope`` and ``peer_replicas``, passed to the plugin at setup (``None``: the plugin's own)."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies keep options and run; not the trainer's plugin, storage or signal handlers (set up afresh)."""
@@ -204,7 +198,7 @@ class DCPCheckpoint(RunCheckpoints):
                 "callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
-        plugin.use_local_scope(self.local_scope, self.peer_replicas)
+        self.node_scope.apply(plugin)
         plugin.attach(trainer)
         self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         self._storage = CheckpointStorage(self.dirpath, plugin.config.storage_options)
@@ -213,8 +207,7 @@ class DCPCheckpoint(RunCheckpoints):
         plugin.prepare_first_save(trainer)
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
         groups = plugin.checkpointer(collective=True).groups
-        nodes = plugin.node_directories if plugin.config.local_scope == "node" else None
-        self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups, nodes)
+        self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups, nodes_of(plugin))
         if self.auto_resume:
             wrap_resume_start(trainer, lambda trainer: resume_path(self, trainer))
         self.schedule.install()

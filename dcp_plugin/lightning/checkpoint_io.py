@@ -30,7 +30,6 @@ from dcp_plugin.format.state import RNGState
 from dcp_plugin.lightning import compat, first_save
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning import plugin_support as support
-from dcp_plugin.lightning.nodes import NodeDirectories
 from dcp_plugin.lightning.writers import PluginWriters
 from dcp_plugin.storage import CheckpointStorage
 
@@ -69,11 +68,6 @@ class DCPCheckpointIO(CheckpointIO):
         save_rng: also store every rank's random generator states and restore them when a checkpoint is
             loaded (Lightning's own checkpoint does not include them), so a resumed run repeats the
             uninterrupted one exactly.
-        local_scope: ``"node"``: every node keeps its ranks' files on its own disk under the same path (no shared
-            filesystem); loads restore each file from the nearest copy (see docs/multinode.md). Default
-            ``"shared"``. :class:`~dcp_plugin.lightning.DCPCheckpoint` passes its own value here.
-        peer_replicas: with ``local_scope="node"``: how many other nodes keep a copy of each node's part (default
-            1); the copies are made by :class:`~dcp_plugin.lightning.DCPCheckpoint`.
     """
 
     def __init__(
@@ -91,8 +85,6 @@ class DCPCheckpointIO(CheckpointIO):
         shared_memory: Optional[bool] = None,
         max_staging_bytes: Optional[Union[int, str]] = None,
         save_rng: bool = True,
-        local_scope: Optional[Literal["shared", "node"]] = None,
-        peer_replicas: Optional[int] = None,
     ) -> None:
         config = CheckpointConfig.resolve(
             async_mode=async_mode,
@@ -106,8 +98,6 @@ class DCPCheckpointIO(CheckpointIO):
             pinned_memory=pinned_memory,
             shared_memory=shared_memory,
             max_staging_bytes=max_staging_bytes,
-            local_scope=local_scope,
-            peer_replicas=peer_replicas,
         )
         self._init(config, save_rng)
 
@@ -215,26 +205,6 @@ class DCPCheckpointIO(CheckpointIO):
         """At ``fit`` setup: start the writer daemon and stage ahead of the first save (see
         :mod:`dcp_plugin.lightning.first_save`); called by ``ModelCheckpoint.setup`` and ``DCPCheckpoint``."""
         first_save.warm_up(trainer, self)
-
-    @property
-    def node_directories(self) -> NodeDirectories:
-        """With ``local_scope="node"``: the directories whose checkpoints are found and restored across the nodes."""
-        return self._writers.nodes
-
-    def use_local_scope(self, local_scope: str | None, peer_replicas: int | None) -> None:
-        """Take the scope :class:`~dcp_plugin.lightning.DCPCheckpoint` was given (``None``: keep the plugin's).
-        Only before the plugin's first save or load: its writers are made for one scope."""
-        changes = {k: v for k, v in (("local_scope", local_scope), ("peer_replicas", peer_replicas)) if v is not None}
-        config = self.config.replace(**changes)
-        if config == self.config:
-            return
-        if self._writers.all():
-            given = ", ".join(f"{key}={value!r}" for key, value in changes.items())
-            raise ConfigError(
-                f"DCPCheckpoint({given}) differs from its DCPCheckpointIO, which has saved or loaded already; pass "
-                "the same options to DCPCheckpointIO(...)."
-            )
-        self.config = self._writers.config = config  # no checkpointer exists yet: the first one takes it
 
     def checkpointer(self, collective: bool = False) -> Checkpointer:
         """The checkpointer for lone-rank saves (``collective=False``) or saves every rank joins (created on

@@ -10,9 +10,12 @@ retention, its copies to peer nodes and its remote tier: one set of copies per d
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from dcp_plugin.checkpointer import Checkpointer
+from dcp_plugin.config import CheckpointConfig
+from dcp_plugin.errors import ConfigError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
 if TYPE_CHECKING:
@@ -63,4 +66,50 @@ class NodeDirectories:
             raise first
 
 
-__all__ = ["NodeDirectories"]
+@dataclass(frozen=True)
+class NodeScope:
+    """``DCPCheckpoint``'s ``local_scope`` and ``peer_replicas`` (``None``: the plugin's own), validated when given."""
+
+    local_scope: Literal["shared", "node"] | None = None
+    peer_replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        CheckpointConfig(local_scope=self.local_scope or "node", peer_replicas=self.peer_replicas)  # raises ConfigError
+
+    def apply(self, plugin: Any) -> None:
+        """Give them to ``plugin`` at setup (see :func:`use_local_scope`)."""
+        use_local_scope(plugin, self.local_scope, self.peer_replicas)
+
+
+def nodes_of(plugin: Any) -> NodeDirectories | None:
+    """The plugin's directories restored across the nodes, with ``local_scope="node"`` (else ``None``)."""
+    return node_directories(plugin) if plugin.config.local_scope == "node" else None
+
+
+def node_directories(plugin: Any) -> NodeDirectories:
+    """The directories a ``DCPCheckpointIO`` restores across the nodes (held by its writers)."""
+    return plugin._writers.nodes
+
+
+def use_local_scope(plugin: Any, local_scope: str | None, peer_replicas: int | None) -> None:
+    """Give ``plugin`` (a ``DCPCheckpointIO``) the scope :class:`~dcp_plugin.lightning.DCPCheckpoint` was given
+    (``None``: keep the plugin's, e.g. from ``DCP_PLUGIN_LOCAL_SCOPE``). Only before the plugin's first save or load:
+    its checkpointers are made for one scope."""
+    changes = {
+        key: value
+        for key, value in (("local_scope", local_scope), ("peer_replicas", peer_replicas))
+        if value is not None
+    }
+    config = plugin.config.replace(**changes)
+    if config == plugin.config:
+        return
+    if plugin._writers.all():
+        shown = ", ".join(f"{key}={value!r}" for key, value in changes.items())
+        raise ConfigError(
+            f"DCPCheckpoint({shown}) differs from its DCPCheckpointIO, which has saved or loaded already; configure "
+            "the plugin the same way (DCPCheckpointIO.from_config(CheckpointConfig(...)) or DCP_PLUGIN_LOCAL_SCOPE)."
+        )
+    plugin.config = plugin._writers.config = config  # no checkpointer exists yet: the first one takes it
+
+
+__all__ = ["NodeDirectories", "NodeScope", "node_directories", "nodes_of", "use_local_scope"]

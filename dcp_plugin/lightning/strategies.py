@@ -28,6 +28,7 @@ from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.nodes import node_directories
 from dcp_plugin.lightning.plugin_support import committed_info, report
 
 
@@ -148,7 +149,7 @@ class _DCPStrategyMixin:
             # a torch.save file or Lightning's own sharded format: Lightning's loader handles both
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
         nodes = plugin.config.local_scope == "node"  # node-local disks: found and restored across the nodes
-        info = plugin.node_directories.info(storage, name) if nodes else committed_info(storage, name, path)
+        info = node_directories(plugin).info(storage, name) if nodes else committed_info(storage, name, path)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
         module = self.lightning_module  # type: ignore[attr-defined]
         fitting = module.trainer.state.fn == TrainerFn.FITTING
@@ -173,7 +174,7 @@ class _DCPStrategyMixin:
             state[lay.RNG_ENTRY] = RNGState()
         options = {"strict": module.strict_loading, "allow_pickle": plugin.allow_pickle_for(weights_only)}
         if nodes:
-            plugin.node_directories.load(storage, name, state, **options)
+            node_directories(plugin).load(storage, name, state, **options)
         else:
             plugin.checkpointer(collective=True).load((storage, name), state, **options)
 

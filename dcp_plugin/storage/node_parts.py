@@ -116,6 +116,19 @@ def without_part(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in manifest.items() if key != PART_KEY}
 
 
+def missing_file(relative: str, part: Mapping[str, Any] | None) -> str:
+    """Why a data file named in ``.metadata`` is not in a checkpoint directory: missing, or on another node's disk
+    (the directory holds one node's part)."""
+    holder = None if part is None else part["holders"].get(relative)
+    if part is None or holder is None or holder == part["node"]:
+        return f"{relative} is missing"
+    return (
+        f"{relative} is on node {holder}'s disk: this directory holds node {part['node']}'s part of a checkpoint "
+        f"written on {part['nodes']} nodes with their own disks; load it with local_scope='node' on the job's nodes "
+        "(CheckpointManager(directory, local_scope='node')), which fetches each file from the node that holds it"
+    )
+
+
 def part_problems(part: Any) -> list[str]:
     """What is wrong with a manifest's ``part`` record (for the manifest's validation)."""
     if part is None:
@@ -137,6 +150,7 @@ def _count(value: Any, zero: bool = False) -> bool:
 __all__ = [
     "PART_KEY",
     "NodeLayout",
+    "missing_file",
     "part_files",
     "part_of",
     "part_problems",

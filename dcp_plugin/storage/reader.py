@@ -35,7 +35,7 @@ from torch.futures import Future
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
 from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, METADATA_NAME, is_safe_data_file
-from dcp_plugin.storage.node_parts import part_of
+from dcp_plugin.storage.node_parts import missing_file, part_of
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -221,7 +221,7 @@ class _Distrustful:
         try:
             size = regular_file_size(root.fs, path, is_local=root.is_local)
         except FileNotFoundError:
-            self._raise_damaged(self._missing(relative))
+            self._raise_damaged(missing_file(relative, self._dcp_plugin_part))
         if record is not None and size != record["size"]:
             self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
@@ -334,19 +334,6 @@ class _Distrustful:
         if problems:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
-
-    def _missing(self, relative: str) -> str:
-        """Why a data file is not here: missing, or held by another node (a node's part of a checkpoint)."""
-        part = self._dcp_plugin_part
-        holder = None if part is None else part["holders"].get(relative)
-        if part is None or holder is None or holder == part["node"]:
-            return f"{relative} is missing"
-        return (
-            f"{relative} is on node {holder}'s disk: this directory holds node {part['node']}'s part of a checkpoint "
-            f"written on {part['nodes']} nodes with their own disks; load it with local_scope='node' on the job's "
-            "nodes (CheckpointManager(directory, local_scope='node')), which fetches each file from the node that "
-            "holds it"
-        )
 
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")

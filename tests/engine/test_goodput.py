@@ -124,7 +124,7 @@ def test_repeat_saves_with_a_cached_plan_write_the_same_checkpoint_as_without(tm
         cached.save(step, state)
         cached.wait()
     if plans.PLAN_CACHING:
-        assert cached.engine._plan_key in SavePlanner._cached_metadata
+        assert cached.engine.plan_keys.current in SavePlanner._cached_metadata
     monkeypatch.setattr(plans, "PLAN_CACHING", False)
     with CheckpointManager(str(tmp_path / "plain"), async_mode="thread") as plain:
         plain.save(3, state)
@@ -137,7 +137,7 @@ def test_repeat_saves_with_a_cached_plan_write_the_same_checkpoint_as_without(tm
         cached.load({"model": fresh_model, "optim": fresh_optimizer}, step=step)
         assert_same(snapshot(fresh_model, fresh_optimizer), expected)
     cached.close()
-    assert cached.engine._plan_key not in getattr(SavePlanner, "_cached_metadata", {})
+    assert cached.engine.plan_keys.current not in getattr(SavePlanner, "_cached_metadata", {})
 
 
 def test_a_changed_state_after_cached_plans_is_saved_whole(tmp_path):
