@@ -73,8 +73,12 @@ class _Places:
     def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
         self.root, self.directory, self.files = root, directory, files
         self.blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
+        self.fetched: dict[str, str] = {}
+        """Files of the checkpoint a restore fetched elsewhere on this machine, checked as they arrived."""
 
     def path(self, relative: str) -> str:
+        if relative in self.fetched:
+            return self.fetched[relative]
         if relative in (self.files or {}) or relative not in self.blobs:
             return f"{self.directory}/{relative}"
         return self.root.work(BLOBS, relative)
@@ -103,9 +107,10 @@ class _Distrustful:
     fs: Any
     defer_verification = False
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
-    fetch_missing: Callable[[list[str]], None] | None = None
+    fetch_missing: Callable[[list[str]], Mapping[str, str]] | None = None
     """Called by every rank at the start of each read with the names of the files its part of the read uses
-    (collective): a restore on node-local disks fetches those this node lacks into the checkpoint directory."""
+    (collective): a restore on node-local disks fetches those this node lacks and returns where each file it fetched
+    is, checked against its checksum as it arrived (so it is not hashed again)."""
 
     def _init_checks(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
         self._dcp_plugin_root = root
@@ -202,7 +207,7 @@ class _Distrustful:
                 per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
         finally:
             if self.fetch_missing is not None:  # collective: the other ranks must not wait for this one in vain
-                self.fetch_missing(sorted(per_file))
+                self._use_fetched(self.fetch_missing(sorted(per_file)))
         for relative, items in per_file.items():
             self._read_file(relative, items, planner)
         done: Future = Future()
@@ -334,6 +339,10 @@ class _Distrustful:
         if problems:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
+
+    def _use_fetched(self, fetched: Mapping[str, str]) -> None:
+        self._dcp_plugin_places.fetched.update(fetched)
+        self._dcp_plugin_verified.update(fetched)
 
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")

@@ -31,7 +31,7 @@ from dcp_plugin.storage.names import RESTORE
 from dcp_plugin.storage.node_commit import NodeCommit
 from dcp_plugin.tiers.holdings import Checkpoint, JobView, describe, replica_parts, replica_storage
 from dcp_plugin.tiers.peers import PeerReplicator
-from dcp_plugin.tiers.restore import NodeRestore
+from dcp_plugin.tiers.restore import NodeRestore, remove_scratch_of
 from dcp_plugin.tiers.two_tiers import TwoTiers
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class NodeTiers:
             self.storage.remove_incomplete(f".dcp-plugin/{RESTORE}/{entry}")
         for part in replica_parts(self.storage):
             replica_storage(self.storage, part).purge()
+        remove_scratch_of(self.storage)
 
     # -- after saves ----------------------------------------------------------------------------------
     def saved(self, step: int, name: str) -> None:

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from dcp_plugin.errors import CheckpointLoadError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 from dcp_plugin.storage.commit import remove_tree, tidy_work_dir, write_local_manifest
-from dcp_plugin.storage.names import RESTORE, WORK_DIR, work_name
+from dcp_plugin.storage.names import METADATA_NAME, RESTORE, WORK_DIR, work_name
 from dcp_plugin.storage.node_parts import NodeLayout, part_files, without_part
+from dcp_plugin.storage.room import MEMORY_FILESYSTEMS, mount_of
 from dcp_plugin.storage.transfer import fetch_file
 from dcp_plugin.tiers.holdings import Checkpoint, replica_storage
 from dcp_plugin.tiers.wire import Transfer, receive_file, run_transfers
@@ -77,7 +79,10 @@ class NodeRestore:
         self.counts = dict.fromkeys(SOURCES, 0)
         """Bytes each place gave this restore, over all nodes: ``local``, ``peer``, ``remote``."""
         self._counted: dict[int, set[str]] = {node: set() for node in range(layout.nodes)}
+        self.arrived: dict[str, str] = {}
+        """The files this node received for this restore, checked as they arrived, and where they are."""
         self._entry = ""
+        self._scratch: str | None = None
         self.storage: RestoreStorage | None = None
 
     # -- assembling ---------------------------------------------------------------------------------
@@ -90,9 +95,13 @@ class NodeRestore:
                 self._link_copies(entry)
             except Exception as err:  # noqa: BLE001 - every rank learns it below
                 problem = f"node {self.layout.node}: {type(err).__name__}: {err}"
-        answers = self._all_gather((entry, problem))
-        failed = [text for _, text in answers if text]
-        self._entry = answers[self.layout.leader_of(self.layout.node)][0]
+        scratch = None
+        if self.layout.is_leader and problem is None:
+            lacking = set(self.records) - self.present.get(self.layout.node, set())
+            scratch = memory_scratch(self.local, sum(int(self.records[name]["size"]) for name in lacking))
+        answers = self._all_gather((entry, problem, scratch))
+        failed = [text for _, text, _ in answers if text]
+        self._entry, _, self._scratch = answers[self.layout.leader_of(self.layout.node)]
         if failed:
             self.close()
             raise CheckpointLoadError(f"Restoring {self.checkpoint.name} failed: {failed[0]}")
@@ -117,9 +126,10 @@ class NodeRestore:
         write_local_manifest(directory, self.manifest)
 
     # -- fetching ---------------------------------------------------------------------------------
-    def fetch(self, names: list[str]) -> None:
+    def fetch(self, names: list[str]) -> dict[str, str]:
         """Make the files this rank's read uses present on its node (collective: every rank calls it at the start
-        of each read, with the files it reads)."""
+        of each read, with the files it reads); returns those its node received, checked against their checksums as
+        they arrived (the reader does not hash them again), and where each is."""
         wanted = self._all_gather((self.layout.node, sorted(names)))
         needed: dict[int, set[str]] = {}
         for node, files in wanted:
@@ -138,6 +148,10 @@ class NodeRestore:
         if failed:
             raise CheckpointLoadError(f"Restoring {self.checkpoint.name} failed: {failed[0]}")
         self._account(needed, peer, remote)
+        here = self.layout.leader_of(self.layout.node)
+        arrived = {t.name for t in peer if t.target == here} | {n for node, n in remote if node == self.layout.node}
+        self.arrived.update({name: self._landing(name) for name in arrived})
+        return dict(self.arrived)
 
     def _plan(self, needed: dict[int, set[str]]) -> tuple[list[Transfer], list[tuple[int, str]], list[tuple[int, str]]]:
         """Where each missing file comes from: another node, the remote tier, or nowhere (the same on every rank)."""
@@ -156,14 +170,13 @@ class NodeRestore:
         return peer, remote, lacking
 
     def _move(self, peer: list[Transfer], remote: list[tuple[int, str]]) -> None:
-        directory = self._directory()
         run_transfers(
             peer,
             self.layout.rank,
             self._group,
-            source_path=lambda transfer: f"{directory}/{transfer.name}",
+            source_path=lambda transfer: self.arrived.get(transfer.name, f"{self._directory()}/{transfer.name}"),
             receive=lambda t, buffers: receive_file(
-                f"{directory}/{t.name}", self.records[t.name], t.source, self._group, buffers, durable=False
+                self._landing(t.name), self.records[t.name], t.source, self._group, buffers, durable=False
             ),
         )
         mine = [name for node, name in remote if node == self.layout.node and self.layout.is_leader]
@@ -174,7 +187,7 @@ class NodeRestore:
                 raise CheckpointLoadError(f"the remote tier's {info.url} is another save of that name now")
             source = self._remote.data_path(info)
             for name in mine:
-                fetch_file(self._remote, f"{source}/{name}", self.storage, f"{directory}/{name}", self.records[name])
+                fetch_file(self._remote, f"{source}/{name}", self.storage, self._landing(name), self.records[name])
 
     def _account(self, needed: dict[int, set[str]], peer: list[Transfer], remote: list[tuple[int, str]]) -> None:
         fetched = {(transfer.target, transfer.name): "peer" for transfer in peer}
@@ -190,16 +203,68 @@ class NodeRestore:
     def _directory(self) -> str:
         return self.local._root.join(WORK_DIR, RESTORE, self._entry, self.checkpoint.name)
 
+    def _landing(self, name: str) -> str:
+        """Where a fetched file goes: host memory when the node has room there (the reader uses it right away, and
+        a disk would first have to take it), the restore directory otherwise; ``.metadata`` always there."""
+        if self._scratch is None or name == METADATA_NAME:
+            return f"{self._directory()}/{name}"
+        return f"{self._scratch}/{name}"
+
     # -- finishing ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Remove this node's restore directory (its leader; after every rank of the node finished reading)."""
         if not self.layout.is_leader or not self._entry:
             return
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
         try:
             remove_tree(self.local._root, self.local._root.work(RESTORE, self._entry))
             tidy_work_dir(self.local._root)
         except OSError as err:
             log.warning("Could not remove %s: %s (purge removes it)", self.local._root.work(RESTORE, self._entry), err)
+
+
+SCRATCH_PREFIX = "dcp-plugin-restore-"
+"""Folders in ``/dev/shm`` holding the files a restore fetched (one per restore; the node root they belong to is
+written in their ``root`` file, so the next start of a job on that root removes what a crash left)."""
+SHM = "/dev/shm"
+
+
+def memory_scratch(local: CheckpointStorage, needed: int) -> str | None:
+    """A fresh folder in host memory for ``needed`` bytes of fetched files, or ``None`` when the node's directory is
+    in memory already, or ``/dev/shm`` is missing, not a tmpfs, or has less than that room (with a margin)."""
+    here, shm = mount_of(local.root), mount_of(SHM)
+    if (
+        not needed
+        or shm is None
+        or shm[1] not in MEMORY_FILESYSTEMS
+        or (here is not None and here[1] in MEMORY_FILESYSTEMS)
+    ):
+        return None
+    stats = os.statvfs(SHM)
+    if stats.f_bavail * stats.f_frsize < needed * 5 // 4 + 2**26:
+        return None
+    scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=SHM)
+    with open(os.path.join(scratch, "root"), "w", encoding="utf-8") as handle:
+        handle.write(local.root)
+    return scratch
+
+
+def remove_scratch_of(local: CheckpointStorage) -> None:
+    """Remove the host-memory folders of restores of ``local`` that a crash left (at the next start)."""
+    try:
+        entries = [entry for entry in os.listdir(SHM) if entry.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return
+    for entry in entries:
+        folder = os.path.join(SHM, entry)
+        try:
+            with open(os.path.join(folder, "root"), encoding="utf-8") as handle:
+                mine = handle.read() == local.root
+        except OSError:
+            continue
+        if mine and not os.path.islink(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -209,4 +274,4 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copyfile(source, target, follow_symlinks=False)
 
 
-__all__ = ["NodeRestore", "RestoreStorage", "SOURCES"]
+__all__ = ["NodeRestore", "RestoreStorage", "SOURCES", "memory_scratch", "remove_scratch_of"]
