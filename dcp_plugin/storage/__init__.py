@@ -41,6 +41,8 @@ from dcp_plugin.storage.commit import (
     PendingWrite,
     RenameCommit,
     check_target_is_replaceable,
+    remove_tree,
+    tidy_work_dir,
 )
 from dcp_plugin.storage.listing import Listing
 from dcp_plugin.storage.names import (
@@ -52,7 +54,7 @@ from dcp_plugin.storage.names import (
     check_name,
     step_name,
 )
-from dcp_plugin.storage.node_commit import Channel, NodeCommit
+from dcp_plugin.storage.node_commit import Channel, NodeCommit, committed_save_id
 from dcp_plugin.storage.node_parts import NodeLayout
 from dcp_plugin.storage.room import check_room, size_text
 from dcp_plugin.storage.root import storage_errors
@@ -179,6 +181,16 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
         node's leader (each its own staging copy)."""
         layout = self.node_layout
         return is_coordinator if layout is None else layout.is_leader
+
+    def save_id_of(self, name: str) -> str | None:
+        """The save id of the checkpoint committed as ``name`` on this local disk (``None``: none, or unreadable)."""
+        return committed_save_id(self._root, name) if self.is_local else None
+
+    def remove_work_entry(self, area: str, entry: str) -> None:
+        """Remove one entry of work ``area`` (a restore's assembly, say) and the work folders it leaves empty."""
+        remove_tree(self._root, self._root.work(area, entry))
+        if self.is_local:
+            tidy_work_dir(self._root)
 
     def here(self, pending: PendingWrite) -> PendingWrite:
         """The coordinator's write as it is on this node: with a commit across nodes each node has its own root

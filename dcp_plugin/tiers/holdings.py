@@ -39,7 +39,7 @@ class Copy:
 
 def replica_storage(local: CheckpointStorage, part: int) -> CheckpointStorage:
     """The checkpoint root on ``local``'s disk that keeps copies of part ``part`` of other nodes' checkpoints."""
-    return CheckpointStorage(local._root.work(REPLICAS, replica_area(part)), local.storage_options)
+    return CheckpointStorage(local.work_path(REPLICAS, replica_area(part)), local.storage_options)
 
 
 def replica_parts(local: CheckpointStorage) -> list[int]:
@@ -47,7 +47,7 @@ def replica_parts(local: CheckpointStorage) -> list[int]:
     import os
 
     try:
-        entries = os.listdir(local._root.work(REPLICAS))
+        entries = os.listdir(local.work_path(REPLICAS))
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(int(entry[4:]) for entry in entries if entry.startswith("node") and entry[4:].isdigit())

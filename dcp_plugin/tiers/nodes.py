@@ -91,7 +91,7 @@ class NodeTiers:
 
     def _tidy(self) -> None:
         """Remove what interrupted restores and copies left on this node (nothing is writing them now)."""
-        for entry in _entries(self.storage._root.work(RESTORE)):
+        for entry in _entries(self.storage.work_path(RESTORE)):
             self.storage.remove_incomplete(f".dcp-plugin/{RESTORE}/{entry}")
         for part in replica_parts(self.storage):
             replica_storage(self.storage, part).purge()

@@ -31,7 +31,6 @@ from dcp_plugin.policies.retention import apply_retention
 from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointStorage
 from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.node_commit import committed_save_id
 from dcp_plugin.storage.node_parts import part_files, part_of, with_part
 from dcp_plugin.tiers.holdings import JobView, replica_parts, replica_storage
 from dcp_plugin.tiers.replication import ReplicationError, lower_priority
@@ -138,13 +137,10 @@ class PeerReplicator:
         layout = self.groups.layout
         own, kept = None, {}
         if layout.is_leader:
-            if committed_save_id(self.local._root, name) is not None:
+            if self.local.save_id_of(name) is not None:
                 manifest = self.local.info(name).manifest
                 own = (manifest["save_id"], manifest) if part_of(manifest) is not None else None
-            kept = {
-                part: committed_save_id(replica_storage(self.local, part)._root, name)
-                for part in replica_parts(self.local)
-            }
+            kept = {part: replica_storage(self.local, part).save_id_of(name) for part in replica_parts(self.local)}
         with self._lock:
             later = bool(self._queue)
         views = self.groups.all_gather((own, kept, later))
@@ -182,7 +178,7 @@ class PeerReplicator:
     def _exchange(self, name: str, manifest: dict[str, Any], transfers: list[Transfer], receiving: set[int]) -> None:
         """Send this node's files and receive the parts this node keeps copies of, then commit those copies."""
         layout = self.groups.layout
-        own = self.local._root.join(name)
+        own = self.local.root_path(name)
         pending: dict[int, Any] = {}
         setup: BaseException | None = None
         try:

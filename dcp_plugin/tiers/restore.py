@@ -21,8 +21,8 @@ from typing import Any
 
 from dcp_plugin.errors import CheckpointLoadError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
-from dcp_plugin.storage.commit import remove_tree, tidy_work_dir, write_local_manifest
-from dcp_plugin.storage.names import METADATA_NAME, RESTORE, WORK_DIR, work_name
+from dcp_plugin.storage.commit import write_local_manifest
+from dcp_plugin.storage.names import METADATA_NAME, RESTORE, work_name
 from dcp_plugin.storage.node_parts import NodeLayout, part_files, without_part
 from dcp_plugin.storage.room import MEMORY_FILESYSTEMS, mount_of
 from dcp_plugin.storage.transfer import fetch_file
@@ -105,20 +105,20 @@ class NodeRestore:
         if failed:
             self.close()
             raise CheckpointLoadError(f"Restoring {self.checkpoint.name} failed: {failed[0]}")
-        storage = RestoreStorage(self.local._root.work(RESTORE, self._entry), self.local.storage_options)
+        storage = RestoreStorage(self.local.work_path(RESTORE, self._entry), self.local.storage_options)
         storage.restore = self
         self.storage = storage
         self.fetch([".metadata"])  # a node that lost its disk gets .metadata before DCP reads it
         return storage
 
     def _link_copies(self, entry: str) -> None:
-        directory = self.local._root.join(WORK_DIR, RESTORE, entry, self.checkpoint.name)
+        directory = self.local.work_path(RESTORE, entry, self.checkpoint.name)
         os.makedirs(directory)
         for copy in self.checkpoint.copies:
             if copy.node != self.layout.node:
                 continue
             root = self.local if copy.own else replica_storage(self.local, copy.part or 0)
-            source = root._root.join(copy.name)
+            source = root.root_path(copy.name)
             for name in part_files(copy.manifest, copy.part):
                 target = f"{directory}/{name}"
                 if not os.path.lexists(target):
@@ -201,7 +201,7 @@ class NodeRestore:
             self.present[node] |= files
 
     def _directory(self) -> str:
-        return self.local._root.join(WORK_DIR, RESTORE, self._entry, self.checkpoint.name)
+        return self.local.work_path(RESTORE, self._entry, self.checkpoint.name)
 
     def _landing(self, name: str) -> str:
         """Where a fetched file goes: host memory when the node has room there (the reader uses it right away, and
@@ -218,10 +218,9 @@ class NodeRestore:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
         try:
-            remove_tree(self.local._root, self.local._root.work(RESTORE, self._entry))
-            tidy_work_dir(self.local._root)
+            self.local.remove_work_entry(RESTORE, self._entry)
         except OSError as err:
-            log.warning("Could not remove %s: %s (purge removes it)", self.local._root.work(RESTORE, self._entry), err)
+            log.warning("Could not remove %s: %s (purge removes it)", self.local.work_path(RESTORE, self._entry), err)
 
 
 SCRATCH_PREFIX = "dcp-plugin-restore-"
