@@ -7,7 +7,7 @@
 * what the copies to peers cost training: the loop with a save every ``--every`` steps, ``peer_replicas=1``
   against ``0``, against the loop without checkpoints (goodput), in one process per node, order rotating.
 
-    python benchmarks/nodes.py                   # 1 GiB restored; goodput: 400 MiB, every 8 steps, 48 steps, 3 reps
+    python benchmarks/nodes.py                   # 512 MiB restored; goodput: 256 MiB, every 8 steps, 48 steps, 3 reps
     python benchmarks/nodes.py --restore-mib 128 --state-mib 64 --steps 16 --repeats 1   # a quick look
 
 Both "nodes" share this host's disk, cores and loopback: a peer's bytes cost what a fast network would, and every
@@ -40,9 +40,9 @@ SCENARIOS = ("own disk", "peer", "remote tier")
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--restore-mib", type=float, default=1024.0, help="checkpoint size of the restore runs")
+    parser.add_argument("--restore-mib", type=float, default=512.0, help="checkpoint size of the restore runs")
     parser.add_argument("--restore-repeats", type=int, default=2)
-    parser.add_argument("--state-mib", type=float, default=400.0, help="state size of the goodput runs")
+    parser.add_argument("--state-mib", type=float, default=256.0, help="state size of the goodput runs")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--every", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)

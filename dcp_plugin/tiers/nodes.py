@@ -79,6 +79,7 @@ class NodeTiers:
             )
         self.peers = PeerReplicator(storage, self.nodes, usable, schedule) if usable > 0 else None
         """The copies of each node's parts on other nodes (``None`` without peers)."""
+        schedule.run_id = groups.all_gather_control(schedule.run_id)[0]  # every node's retention: one run's
         self._due: list[str] = []
         self._protected: set[str] = set()
         self._closed = False

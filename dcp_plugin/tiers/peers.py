@@ -197,9 +197,13 @@ class PeerReplicator:
 
         try:
             group = self.groups.exchange
-            run_transfers(transfers, layout.rank, group, source_path=lambda t: f"{own}/{t.name}", receive=receive)
+            try:
+                run_transfers(transfers, layout.rank, group, source_path=lambda t: f"{own}/{t.name}", receive=receive)
+            except Exception:
+                if setup is None:
+                    raise
             if setup is not None:
-                raise setup
+                raise setup  # the cause: no place to keep the copy
             for part, write in sorted(pending.items()):
                 reached("replica.written")
                 replica_storage(self.local, part).strategy.commit(write, with_part(manifest, part))
