@@ -11,15 +11,21 @@ and where it was, for the error that replaces a silent fresh start.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcp_plugin.errors import CheckpointError
+from dcp_plugin.errors import CheckpointError, ConfigError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 from dcp_plugin.storage.names import REPLICAS, replica_area
 from dcp_plugin.storage.node_parts import part_files, part_of
 
 log = logging.getLogger(__name__)
+
+PROBE = "nodes"
+"""``.dcp-plugin/nodes/<token>``: the marks by which the nodes check, when a job starts, that none shares another's
+directory (removed at once)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,6 @@ def replica_storage(local: CheckpointStorage, part: int) -> CheckpointStorage:
 
 def replica_parts(local: CheckpointStorage) -> list[int]:
     """The parts this disk keeps copies of (from the folders under ``.dcp-plugin/replicas/``)."""
-    import os
-
     try:
         entries = os.listdir(local.work_path(REPLICAS))
     except (FileNotFoundError, NotADirectoryError):
@@ -64,6 +68,32 @@ def describe(local: CheckpointStorage, node: int) -> list[Copy]:
             if copy.part == part:
                 copies.append(copy)
     return [copy for copy in copies if copy.save_id]
+
+
+def check_own_disks(local: CheckpointStorage, leader: bool, all_gather: Any) -> None:
+    """Refuse, on every rank alike, a directory that several nodes share (collective): each node's leader leaves a
+    mark in its directory and looks for the others' marks. Node-local checkpoints need each node's own disk."""
+    token = uuid.uuid4().hex
+    mark = local.work_path(PROBE, token)
+    if leader:
+        os.makedirs(os.path.dirname(mark), exist_ok=True)
+        with open(mark, "w", encoding="utf-8"):
+            pass
+    tokens = [t for t in all_gather(token if leader else None) if t is not None]
+    shared = leader and any(t != token and os.path.exists(local.work_path(PROBE, t)) for t in tokens)
+    verdicts = all_gather(shared)
+    if leader:
+        os.unlink(mark)
+        try:
+            os.rmdir(os.path.dirname(mark))
+        except OSError:
+            pass  # another node's mark is still there (a shared directory), or another manager's
+    if any(verdicts):
+        raise ConfigError(
+            f"local_scope='node' keeps each node's checkpoint files on its own disk, but several nodes see the same "
+            f"directory {local.root_url} (a shared filesystem, or one directory for all): use local_scope='shared' "
+            "there, or give every node a directory on its own disk."
+        )
 
 
 def _listed(storage: CheckpointStorage) -> list[CheckpointInfo]:
@@ -184,4 +214,4 @@ class JobView:
         return list(self.checkpoints)
 
 
-__all__ = ["Checkpoint", "Copy", "JobView", "describe", "replica_parts", "replica_storage"]
+__all__ = ["Checkpoint", "Copy", "JobView", "check_own_disks", "describe", "replica_parts", "replica_storage"]

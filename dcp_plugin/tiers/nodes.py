@@ -29,7 +29,14 @@ from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 from dcp_plugin.storage.names import RESTORE
 from dcp_plugin.storage.node_commit import NodeCommit
-from dcp_plugin.tiers.holdings import Checkpoint, JobView, describe, replica_parts, replica_storage
+from dcp_plugin.tiers.holdings import (
+    Checkpoint,
+    JobView,
+    check_own_disks,
+    describe,
+    replica_parts,
+    replica_storage,
+)
 from dcp_plugin.tiers.peers import PeerReplicator
 from dcp_plugin.tiers.restore import NodeRestore, remove_scratch_of
 from dcp_plugin.tiers.two_tiers import TwoTiers
@@ -67,6 +74,8 @@ class NodeTiers:
         self.layout = layout
         self.tiers = remote
         """The remote tier and its replication, when there is one."""
+        if layout.nodes > 1:
+            check_own_disks(storage, layout.is_leader, groups.all_gather_control)
         self.nodes = NodeGroups(layout, groups.collective)
         """The node layout and the group copies between nodes travel on."""
         usable = min(copies, layout.nodes - 1)

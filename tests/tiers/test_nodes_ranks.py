@@ -1,5 +1,6 @@
-"""Two ranks on this host standing for two nodes (``GROUP_RANK`` per rank, a directory each): the copies to the
-peer follow the run's retention, and a copy that fails is raised on every rank while the checkpoint stays."""
+"""Two ranks on this host standing for two nodes (``GROUP_RANK`` per rank, a directory each): one directory for
+both is refused, the copies to the peer follow the run's retention, and a copy that fails is raised on every rank
+while the checkpoint stays."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dcp_plugin import CheckpointManager, KeepLast, ReplicationError
+from dcp_plugin import CheckpointManager, ConfigError, KeepLast, ReplicationError
 from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -23,6 +24,11 @@ def copies_then_a_failed_copy(rank: int, world_size: int, base: str) -> dict:
     replicas = directory / ".dcp-plugin" / "replicas"
     model = torch.nn.Linear(8, 8)
     out: dict = {}
+    try:  # one directory for both nodes is refused: node-local checkpoints need each node's own disk
+        CheckpointManager(str(Path(base) / "shared"), local_scope="node")
+        out["shared"] = None
+    except ConfigError as err:
+        out["shared"] = str(err)
     with CheckpointManager(str(directory), local_scope="node", async_mode="sync", retention=KeepLast(2)) as manager:
         for step in (1, 2, 3):
             manager.save(step, {"model": model})
@@ -45,9 +51,10 @@ def copies_then_a_failed_copy(rank: int, world_size: int, base: str) -> dict:
     return out
 
 
-def test_copies_follow_retention_and_a_failed_copy_is_raised_on_every_rank(tmp_path):
+def test_a_shared_directory_is_refused_copies_follow_retention_and_a_failed_copy_is_raised_everywhere(tmp_path):
     results = run_ranks(copies_then_a_failed_copy, str(tmp_path), world_size=2)
     for rank, result in enumerate(results):
+        assert "several nodes see the same directory" in (result["shared"] or ""), result["shared"]
         assert result["own"] == ["step_000000002", "step_000000003"]
         other = 1 - rank
         assert result["copies"] == [f"node{other}/step_000000002", f"node{other}/step_000000003"]
