@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -95,17 +96,9 @@ class NodeTiers:
         self._unloadable: set[str] = set()
         storage.strategy.recover()  # commits a crash interrupted between the decision and a node's own rename
         if layout.is_leader:
-            self._tidy()
+            _tidy(storage)
         self._catch_up = self.peers is not None
         """Copies a crash interrupted (or a lost disk took) are made again after the first commit or restore."""
-
-    def _tidy(self) -> None:
-        """Remove what interrupted restores and copies left on this node (nothing is writing them now)."""
-        for entry in _entries(self.storage.work_path(RESTORE)):
-            self.storage.remove_incomplete(f".dcp-plugin/{RESTORE}/{entry}")
-        for part in replica_parts(self.storage):
-            replica_storage(self.storage, part).purge()
-        remove_scratch_of(self.storage)
 
     # -- after saves ----------------------------------------------------------------------------------
     def saved(self, step: int, name: str) -> None:
@@ -297,9 +290,19 @@ class NodeTiers:
         raise TypeError("NodeTiers holds process groups and threads and cannot be copied.")
 
 
-def _entries(path: str) -> list[str]:
-    import os
+def _tidy(storage: CheckpointStorage) -> None:
+    """Remove what interrupted restores and copies left on this node (nothing is writing them now)."""
+    try:
+        for entry in _entries(storage.work_path(RESTORE)):
+            storage.remove_work_entry(RESTORE, entry)
+        for part in replica_parts(storage):
+            replica_storage(storage, part).purge()
+        remove_scratch_of(storage)
+    except Exception as err:  # noqa: BLE001 - leftovers are never listed; purge removes them later
+        log.warning("Could not remove what interrupted restores or copies left in %s: %s", storage.root_url, err)
 
+
+def _entries(path: str) -> list[str]:
     try:
         return sorted(os.listdir(path))
     except (FileNotFoundError, NotADirectoryError):
