@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from dcp_plugin.cli.output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
-from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from dcp_plugin.storage import MANIFEST_NAME, METADATA_NAME, CheckpointInfo, CheckpointStorage, open_url
 from dcp_plugin.storage.manifest import CHECKSUM_KEY
 from dcp_plugin.storage.plain import step_of as plain_step_of
@@ -134,7 +134,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if parent.is_committed(name):
             emit_note(f"{storage.root_url} is a checkpoint, not a directory of checkpoints; showing it.")
             infos = [parent.info(name)]
-    leftovers = storage.incomplete()
+    try:
+        leftovers = storage.incomplete()
+    except UnsafeCheckpointError as err:  # a linked work area: the checkpoints are still listed
+        leftovers = []
+        emit_note(str(err))
     plain = _plain_dcp(storage)
     if args.json:
         emit_json(

@@ -166,6 +166,8 @@ def prepare() -> None:
     _use_quiet_daemon()
     _finish_start()
     executor = _executor()
+    _forget_inherited(executor)
+    _restart_inherited_fd_sharing()
     process = executor._CHECKPOINT_PROCESS
     if process is not None and not process._save_process.is_alive():
         log.warning(
@@ -180,6 +182,7 @@ def shutdown() -> None:
     """Stop the daemon if it runs (asks it to terminate, then terminates it)."""
     _finish_start()
     executor = _executor()
+    _forget_inherited(executor)
     process = executor._CHECKPOINT_PROCESS
     if process is None:
         return
@@ -193,6 +196,67 @@ def shutdown() -> None:
     if process._save_process.is_alive():
         process._save_process.terminate()
         process._save_process.join(timeout=5)
+
+
+# -- fork ----------------------------------------------------------------------------------------------------
+class _Inherited:
+    """A writer daemon handle inherited through ``fork()``: the daemon belongs to the parent. It must never be
+    signalled, waited for or stopped from the child (DCP's finaliser would send it TERMINATE), so the handle
+    becomes this inert class and is kept until the child exits."""
+
+
+_inherited: list[Any] = []
+
+
+def _forget_inherited(executor: Any) -> None:
+    """Drop the daemon handle this process inherited from its parent, if any, without touching the daemon."""
+    process = executor._CHECKPOINT_PROCESS
+    save_process = getattr(process, "_save_process", None)
+    if save_process is None or getattr(save_process, "_parent_pid", os.getpid()) == os.getpid():
+        return
+    executor._CHECKPOINT_PROCESS = None
+    pipe = getattr(process, "_process_pipe", None)
+    try:
+        if pipe is not None:
+            pipe.close()  # this process's copy only: the daemon still hears its parent
+    except OSError:
+        pass
+    import multiprocessing.process as mp_process
+
+    # multiprocessing would terminate the parent's daemonic writer at this process's exit (and fail to join it)
+    mp_process._children.discard(save_process)  # type: ignore[attr-defined]
+    process.__class__ = _Inherited
+    _inherited.append(process)
+
+
+def _restart_inherited_fd_sharing() -> None:
+    """The snapshot reaches the daemon as file descriptors served by multiprocessing's resource sharer, a listener
+    and thread of this process. A child made by ``os.fork()`` inherits the parent's listener without its thread,
+    so its daemon would ask the parent for the child's descriptors; reset it as multiprocessing does in the
+    children it starts itself (its ``_afterfork``), and it starts afresh here on first use."""
+    from multiprocessing import resource_sharer
+
+    sharer = resource_sharer._resource_sharer  # type: ignore[attr-defined]
+    thread = getattr(sharer, "_thread", None)
+    if getattr(sharer, "_listener", None) is not None and (thread is None or not thread.is_alive()):
+        sharer._afterfork()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: the parent's daemon, its start in progress and its users are the parent's."""
+    global _starting, _start_error
+    _starting, _start_error = None, None
+    _users.clear()
+    executor = sys.modules.get("torch.distributed.checkpoint._async_process_executor")
+    if executor is not None:
+        try:
+            _forget_inherited(executor)
+        except Exception:  # noqa: BLE001 - never fail a fork; prepare() tries again before a save
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.MULTILINE)

@@ -8,6 +8,7 @@ a single-process run), and in ``process`` mode the writer daemon sets up its own
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch.distributed as dist
@@ -39,6 +40,7 @@ class ProcessGroups:
         """Whether saves and loads are collective over all ranks of the default process group."""
         if self._request is False:
             return False
+        self._check_same_process()
         initialized = dist.is_available() and dist.is_initialized()
         if self._request is True and not initialized:
             raise ConfigError("distributed=True but torch.distributed is not initialized.")
@@ -59,13 +61,27 @@ class ProcessGroups:
     def checkpoint_group(self) -> dist.ProcessGroup | None:
         """The gloo group DCP's collectives run on (created once, by every rank that takes part)."""
         if self._group_ready:
+            self._check_same_process()
             return self._group
+        self._made_in = os.getpid()
         if self.collective:
             self._group = dist.new_group(backend="gloo")
         elif self._async_mode == "process":
             self._group = self._single_process_group()
         self._group_ready = True
         return self._group
+
+    def _check_same_process(self) -> None:
+        """A group made before ``fork()`` cannot be used in the child (gloo's threads stayed in the parent; a
+        collective there waits forever): say so instead."""
+        made_in = getattr(self, "_made_in", os.getpid())
+        made_here = self._group is not None or getattr(self, "_owns_default_group", False)
+        if made_here and made_in != os.getpid():
+            raise ConfigError(
+                f"This checkpointer was set up in process {made_in} and is used in process {os.getpid()}, forked "
+                "from it: its process groups and writer belong to the parent and cannot work here. Create a new "
+                "CheckpointManager (or Checkpointer) in the child; it starts its own writer."
+            )
 
     def _single_process_group(self) -> dist.ProcessGroup | None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -157,10 +157,14 @@ def _export_safetensors(
     metadata = reader.read_metadata()
     tensors = entry_tensors(metadata, entry)
     if not tensors:
-        raise CheckpointNotFoundError(f"Entry {entry!r} of {info.url} holds no tensors; nothing to export.")
+        raise CheckpointNotFoundError(
+            f"Entry {entry!r} of {info.url} holds no tensors (only plain values), and a safetensors file holds "
+            "tensors only; export it with --format torch (format='torch')."
+        )
     target = getattr(torch, dtype) if dtype else None
     specs = [
-        TensorSpec(key[len(entry) + 1 :], _output_dtype(stored, target), tuple(size)) for key, (size, stored) in tensors
+        TensorSpec(output_key(key, entry), _output_dtype(stored, target), tuple(size))
+        for key, (size, stored) in tensors
     ]
     engine = _engine()
     try:
@@ -168,7 +172,7 @@ def _export_safetensors(
             stream = SafetensorsStream(handle, specs, {"format": "pt"})
             total = stream.bytes_written + sum(spec.nbytes for spec in specs)
             for batch in read_batches(engine, reader, info, tensors):
-                _write_batch(stream, batch, len(entry) + 1, progress, total)
+                _write_batch(stream, batch, entry, progress, total)
             stream.finish()
             _check_unchanged(storage, info)
     finally:
@@ -177,19 +181,26 @@ def _export_safetensors(
     return ExportResult(output, "safetensors", info.url, entry, len(specs), stream.bytes_written)
 
 
-def _write_batch(stream: Any, batch: dict[str, Any], cut: int, progress: Progress | None, total: int) -> None:
+def _write_batch(stream: Any, batch: dict[str, Any], entry: str, progress: Progress | None, total: int) -> None:
     """Append a batch and let go of it (a function, so no loop variable keeps the last tensor alive while the
     next batch is read)."""
     while batch:
         key = next(iter(batch))
-        stream.write(key[cut:], batch.pop(key))
+        stream.write(output_key(key, entry), batch.pop(key))
         if progress is not None:
             progress(stream.bytes_written, total)
 
 
+def output_key(key: str, entry: str) -> str:
+    """The name a tensor of ``entry`` gets in the output: its key within the entry, or the entry's own name when the
+    entry is one tensor."""
+    return entry if key == entry else key[len(entry) + 1 :]
+
+
 def entry_tensors(metadata: Any, entry: str) -> list[tuple[str, tuple[tuple[int, ...], Any]]]:
-    """The tensors of ``entry`` in DCP's metadata, as ``(key, (size, dtype))`` in storage order (file, offset),
-    so that reading them in this order reads each file front to back."""
+    """The tensors of ``entry`` in DCP's metadata (the entry itself when it is one tensor), as
+    ``(key, (size, dtype))`` in storage order (file, offset), so that reading them in this order reads each file
+    front to back."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     prefix = f"{entry}."
@@ -200,7 +211,7 @@ def entry_tensors(metadata: Any, entry: str) -> list[tuple[str, tuple[tuple[int,
     found = [
         (key, (tuple(int(d) for d in item.size), item.properties.dtype))
         for key, item in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+        if (key.startswith(prefix) or key == entry) and isinstance(item, TensorStorageMetadata)
     ]
     return sorted(found, key=lambda pair: (where.get(pair[0], ("", 0)), pair[0]))
 

@@ -33,7 +33,7 @@ from dcp_plugin.errors import (
     UnsafeCheckpointError,
 )
 from dcp_plugin.storage import manifest as manifests
-from dcp_plugin.storage import plain
+from dcp_plugin.storage import plain, work_areas
 from dcp_plugin.storage.catalog import CheckpointInfo, StorageCatalog
 from dcp_plugin.storage.cleanup import StorageCleanup
 from dcp_plugin.storage.commit import (
@@ -164,11 +164,14 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
         return self.strategy.layout if isinstance(self.strategy, NodeCommit) else None
 
     def check_room(self, rank_bytes: int, world_size: int, copies: int = 0) -> None:
-        """Before a save of ``rank_bytes`` per rank: refuse it, saying how much it needs, when this directory is in
-        host memory (``/dev/shm``, tmpfs) and cannot hold what this node writes there (its ranks' files and the
-        ``copies`` of other nodes' parts it keeps). Disks are not checked."""
+        """Before a save of ``rank_bytes`` per rank (on every rank): refuse it, saying how much it needs, when this
+        directory is in host memory (``/dev/shm``, tmpfs) and cannot hold what this node writes there (its ranks'
+        files and the ``copies`` of other nodes' parts it keeps); on node-local disks also when a work area here is a
+        link (every node writes its own staging copy). Disks' free space is not checked."""
         if not self.is_local:
             return
+        if self.node_layout is not None:
+            work_areas.check(self._root)
         layout = self.node_layout
         ranks = len(layout.ranks_of(layout.node)) if layout is not None else world_size
         what = f"the files of {ranks} rank(s), about {size_text(rank_bytes)} each"
@@ -185,6 +188,10 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
     def save_id_of(self, name: str) -> str | None:
         """The save id of the checkpoint committed as ``name`` on this local disk (``None``: none, or unreadable)."""
         return committed_save_id(self._root, name) if self.is_local else None
+
+    def make_work_entry(self, area: str, entry: str) -> str:
+        """Create the directory ``entry`` in work ``area`` of this local root (never through a link); its path."""
+        return work_areas.make_entry(self._root, area, entry)
 
     def remove_work_entry(self, area: str, entry: str) -> None:
         """Remove one entry of work ``area`` (a restore's assembly, say) and the work folders it leaves empty."""

@@ -3,9 +3,11 @@ part every other piece of :class:`~dcp_plugin.storage.CheckpointStorage` builds 
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
+from dcp_plugin.errors import CheckpointSaveError
 from dcp_plugin.storage.commit import strategy_for
 from dcp_plugin.storage.listing import Listing
 from dcp_plugin.storage.names import WORK_DIR
@@ -77,7 +79,11 @@ class StorageBase:
             try:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as err:
+                if err.errno == errno.EROFS:
+                    raise self._read_only() from err
                 raise OSError(f"Cannot create the checkpoint directory {self.root_url}: {err.strerror}.") from err
+            if _on_read_only_filesystem(self.root):
+                raise self._read_only()
             if not os.access(self.root, os.W_OK | os.X_OK):
                 raise PermissionError(
                     f"The checkpoint directory {self.root_url} is not writable; choose a writable directory or "
@@ -88,7 +94,19 @@ class StorageBase:
             if self._root.bucket is None:
                 self.fs.makedirs(self.root, exist_ok=True)
 
-    # -- writing ----------------------------------------------------------------------------------
+    def _read_only(self) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"Cannot write to {self.root_url}: it is on a read-only filesystem (mounted read-only), so nothing can be "
+            "saved there; its checkpoints can still be listed and loaded. Save to a directory on a writable "
+            "filesystem, or remount this one read-write."
+        )
+
+
+def _on_read_only_filesystem(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 __all__ = ["StorageBase"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from fsspec.core import url_to_fs
 from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError
 from dcp_plugin.storage import plain
 from dcp_plugin.storage.base import StorageBase
-from dcp_plugin.storage.integrity import check_checkpoint_files
+from dcp_plugin.storage.integrity import blob_area_of, check_checkpoint_files
 from dcp_plugin.storage.listing import Scan
 from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, check_name, step_name
 from dcp_plugin.storage.node_parts import part_files
@@ -165,6 +166,7 @@ class StorageCatalog(StorageBase):
         try:
             info = name if isinstance(name, CheckpointInfo) else self.info(name)
             reader = self.metadata_reader(info)
+            reader.bound_allocations = False  # nothing is allocated: a checkpoint larger than this machine verifies
             reader.read_metadata()
         except (CheckpointError, ValueError, OSError) as err:
             return [str(err)]
@@ -176,7 +178,7 @@ class StorageCatalog(StorageBase):
             self.fs,
             self.data_path(info),
             files,
-            blob_area=self.blob_area,
+            blob_area=blob_area_of(self._root),
             blobs=info.manifest.get("blobs") or {},
             is_local=self.is_local,
             progress=progress,
@@ -184,7 +186,8 @@ class StorageCatalog(StorageBase):
 
     @property
     def blob_area(self) -> str:
-        """Where the shared blobs of incremental checkpoints are (a path for ``self.fs``)."""
+        """Where writers keep the shared blobs of incremental checkpoints (a path for ``self.fs``). Readers of a local
+        checkpoint never need it: each blob a checkpoint uses is linked into its own directory."""
         return self._root.work(BLOBS)
 
     def newest_verified_before(self, info: CheckpointInfo, *, limit: int = 3) -> CheckpointInfo | None:
@@ -218,6 +221,30 @@ class StorageCatalog(StorageBase):
     def open_file(self, name: str, mode: str = "rb") -> Any:
         """Open the plain file ``name`` (to read checkpoints written by other tools)."""
         return self.fs.open(self._root.join(name), mode)
+
+    def foreign_entries(self, marker_files: Sequence[str]) -> builtins.list[str]:
+        """The names in the root (sorted) holding any of ``marker_files``: directories another tool wrote (say,
+        Accelerate's own ``save_state``), for messages that say what is there; empty if the root is missing or
+        cannot be listed."""
+        self._root.forget_listings()
+        try:
+            if not self.fs.exists(self.root):
+                return []
+            names = sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+            return [
+                name
+                for name in names
+                if not name.startswith(".") and any(self.fs.exists(self._root.join(name, f)) for f in marker_files)
+            ]
+        except OSError:
+            return []
+
+    def root_exists(self) -> bool | None:
+        """Whether the root directory exists (``None`` when the storage cannot tell)."""
+        try:
+            return bool(self.fs.exists(self.root))
+        except OSError:
+            return None
 
 
 __all__ = ["CheckpointInfo", "StorageCatalog"]

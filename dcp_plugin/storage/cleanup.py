@@ -48,9 +48,19 @@ class StorageCleanup(StorageBase):
         """Remove every leftover; returns what was removed. Committed checkpoints are never touched."""
         removed = []
         for entry in self.incomplete():
-            self.remove_incomplete(entry)
+            try:
+                self.remove_incomplete(entry)
+            except ValueError:
+                if self._still_there(entry):
+                    raise
+                continue  # removed meanwhile (another purge running at the same time)
             removed.append(entry)
         return removed
+
+    def _still_there(self, entry: str) -> bool:
+        path = self._root.join(entry)
+        self._root.forget_listings()
+        return os.path.lexists(path) if self.is_local else bool(self.fs.exists(path))
 
 
 __all__ = ["StorageCleanup"]

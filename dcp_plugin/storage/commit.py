@@ -31,7 +31,6 @@ import ctypes
 import errno
 import logging
 import os
-import shutil
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -39,20 +38,21 @@ from typing import Any
 
 from dcp_plugin.errors import CheckpointExistsError, NotACheckpointError
 from dcp_plugin.storage import manifest as manifests
+from dcp_plugin.storage import work_areas
+from dcp_plugin.storage.blobs import write_id_of, write_id_of_entry
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.names import (
     BLOBS,
     MANIFEST_NAME,
     OBJECTS,
     REPLACED,
-    REPLICAS,
-    RESTORE,
     STAGING,
     TRASH,
     WORK_DIR,
     work_name,
 )
 from dcp_plugin.storage.root import StorageRoot
+from dcp_plugin.storage.safe_io import MAX_MANIFEST_BYTES, open_local_regular
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +95,50 @@ class CommitStrategy(ABC):
         """Remove committed checkpoint ``name`` (its visibility first, then its data)."""
 
     def abort(self, pending: PendingWrite) -> None:
-        """Remove what a failed write left (best effort; never touches committed data)."""
+        """Remove what a failed write left (best effort; never touches committed data): its work entry and the
+        shared blobs it was creating, which no committed checkpoint can list (a disk filled by a failed save's
+        partial blob would fail the next saves too). A write found committed (a failure reported after its commit
+        point) is left alone."""
+        if self._committed(pending):
+            return
         try:
             remove_tree(self.root, pending.directory)
         except Exception as err:  # noqa: BLE001 - cleanup must not hide the original failure
             log.warning("Could not remove the incomplete write %s: %s", self.root.url(pending.directory), err)
+        try:
+            remove_blobs_of(self.root, write_id_of_entry(pending.write_name))
+        except Exception as err:  # noqa: BLE001 - as above; purge removes what is left
+            log.warning("Could not remove the shared files of the incomplete write %s: %s", pending.name, err)
         if self.root.is_local:
             tidy_work_dir(self.root)
+
+    def _committed(self, pending: PendingWrite) -> bool:
+        """Whether ``pending`` is the committed copy of its name (its save id is in the committed manifest)."""
+        save_id = pending.manifest.get("save_id")
+        if not isinstance(save_id, str):
+            return False
+        marker = self.root.join(pending.name, MANIFEST_NAME)
+        try:
+            if self.root.is_local:
+                with open_local_regular(marker) as handle:
+                    data = handle.read(MAX_MANIFEST_BYTES)
+            else:
+                self.root.forget_listings()
+                data = self.root.fs.cat_file(marker)
+            return manifests.decode(data, marker).get("save_id") == save_id
+        except Exception:  # noqa: BLE001 - no readable marker: not committed
+            return False
 
 
 class RenameCommit(CommitStrategy):
     """Atomic rename into place (local filesystems)."""
 
     def begin(self, name: str, overwrite: bool) -> PendingWrite:
-        directory = self.root.work(STAGING, work_name(name))
+        work_areas.check(self.root)  # a save may write blobs and retention delete: no area may be a link
+        entry = work_name(name)
         for attempt in range(5):
             try:
-                os.makedirs(directory)
+                directory = work_areas.make_entry(self.root, STAGING, entry)
                 break
             except FileNotFoundError:  # another process tidied an empty work folder at this moment
                 if attempt == 4:
@@ -140,7 +167,7 @@ class RenameCommit(CommitStrategy):
         elif os.path.isdir(final) and not os.path.islink(final) and exchange(pending.directory, final):
             fsync_dir(self.root.path)
             reached("save.committed")
-            discard_local(pending.directory)  # holds the old copy now
+            discard_local(self.root, STAGING, pending.write_name)  # holds the old copy now
             tidy_work_dir(self.root)
             return
         else:
@@ -150,25 +177,28 @@ class RenameCommit(CommitStrategy):
         tidy_work_dir(self.root)
 
     def _replace_in_two_steps(self, staged: str, final: str) -> None:
-        aside = self.root.work(REPLACED, work_name(os.path.basename(final)))
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        os.rename(final, aside)  # a link or file is moved itself: its target is never touched
+        name = os.path.basename(final)
+        aside = work_name(name)
+        work_areas.move_in(self.root, name, REPLACED, aside)  # a link or file is moved itself, never its target
         reached("replace.old_moved")
         os.rename(staged, final)
         fsync_dir(self.root.path)
-        discard_local(aside)
+        discard_local(self.root, REPLACED, aside)
 
     def delete(self, name: str) -> None:
         path = self.root.join(name)
         if os.path.islink(path) or os.path.isfile(path):
             os.remove(path)  # a link (save_last="link") or a torch.save file: never its target
             return
-        trash = self.root.work(TRASH, work_name(name))
-        os.makedirs(os.path.dirname(trash), exist_ok=True)
-        os.rename(path, trash)
+        work_areas.check(self.root, (TRASH,))
+        trash = work_name(name)
+        work_areas.move_in(self.root, name, TRASH, trash)
         fsync_dir(self.root.path)
         reached("delete.hidden")
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            work_areas.remove_entry(self.root, TRASH, trash)
+        except OSError as err:
+            log.warning("Could not remove the deleted checkpoint %s: %s (purge removes it)", path, err)
         tidy_work_dir(self.root)
 
     def restore_interrupted(self, name: str) -> None:
@@ -176,9 +206,9 @@ class RenameCommit(CommitStrategy):
         final = self.root.join(name)
         if os.path.lexists(final):
             return
-        for entry in sorted(list_dir(self.root.work(REPLACED)), reverse=True):
-            if entry.rsplit(".", 1)[0] == name:
-                os.rename(self.root.work(REPLACED, entry), final)
+        for entry in sorted(work_areas.entries(self.root, REPLACED), reverse=True):
+            if work_areas.is_ours(REPLACED, entry) and entry.rsplit(".", 1)[0] == name:
+                work_areas.move_out(self.root, REPLACED, entry, name)
                 fsync_dir(self.root.path)
                 log.warning("Restored %s from an interrupted replacement.", final)
                 return
@@ -341,39 +371,48 @@ def write_local_manifest(directory: str, manifest: dict[str, Any]) -> None:
     fsync_dir(directory)
 
 
-def discard_local(path: str) -> None:
+def discard_local(root: StorageRoot, area: str, entry: str) -> None:
     """Remove a superseded local copy: its manifest first, so an interrupted removal never looks committed."""
     try:
-        if os.path.islink(path) or os.path.isfile(path):
-            os.remove(path)
-            return
-        marker = f"{path}/{MANIFEST_NAME}"
-        if os.path.lexists(marker):
-            os.remove(marker)
-        shutil.rmtree(path)
+        work_areas.remove_entry(root, area, entry, manifest_first=MANIFEST_NAME)
     except OSError as err:
-        log.warning("Could not remove the superseded copy %s: %s (purge removes it)", path, err)
+        log.warning("Could not remove the superseded copy %s: %s (purge removes it)", root.work(area, entry), err)
 
 
 def remove_tree(root: StorageRoot, path: str) -> None:
+    """Remove a work entry or a v0.1 leftover of ``root`` (local disks: only those, never following a link)."""
     if root.is_local:
-        if os.path.islink(path) or os.path.isfile(path):
-            os.remove(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
+        parts = root.relative(path).split("/")
+        if len(parts) == 3 and parts[0] == WORK_DIR:
+            work_areas.remove_entry(root, parts[1], parts[2])
+        elif len(parts) == 1 and path != root.path:
+            work_areas.remove_entry(root, "", parts[0])
+        else:
+            raise ValueError(f"{path} is not a work entry of {root.path}; nothing was removed.")
         return
     root.forget_listings()
     if root.fs.exists(path):
         root.fs.rm(path, recursive=True)
 
 
+def remove_blobs_of(root: StorageRoot, write_id: str) -> None:
+    """Remove the blobs the write ``write_id`` created (a failed write: no committed checkpoint lists them)."""
+    if root.is_local:
+        names = work_areas.entries(root, BLOBS)
+    else:
+        root.forget_listings()
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in root.fs.ls(root.work(BLOBS), detail=False)]
+        except FileNotFoundError:
+            return
+    for name in names:
+        if write_id_of(name) == write_id:
+            remove_tree(root, root.work(BLOBS, name))
+
+
 def tidy_work_dir(root: StorageRoot) -> None:
     """Remove the empty work folders, so a quiet root holds only checkpoints (only empty folders go)."""
-    for area in (STAGING, TRASH, REPLACED, BLOBS, RESTORE, REPLICAS, ""):
-        try:
-            os.rmdir(root.work(area) if area else root.join(WORK_DIR))
-        except OSError:
-            pass
+    work_areas.tidy(root)
 
 
 def list_dir(path: str) -> list[str]:

@@ -16,7 +16,9 @@ from typing import Any
 
 import xxhash
 
+from dcp_plugin.storage.names import BLOBS
 from dcp_plugin.storage.read_io import hash_descriptor
+from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import open_local_regular, regular_file_size
 
 ALGORITHM = "xxh3_128"
@@ -153,26 +155,52 @@ def check_files(
     return problems
 
 
+def blob_area_of(root: StorageRoot) -> str | None:
+    """Where readers find the shared blobs an incremental checkpoint uses: ``None`` on a local disk, where each is
+    linked into the checkpoint's own directory at the commit (the directory is then complete by itself, and what
+    is verified is what every DCP reader of it reads); the root's blob area on object stores, which have no links."""
+    return None if root.is_local else root.work(BLOBS)
+
+
+def shared_directory(
+    root: StorageRoot, directory: str, relative: str, files: Mapping[str, Any], blobs: Mapping[str, Any]
+) -> str:
+    """The directory holding data file ``relative`` of the checkpoint in ``directory``."""
+    area = blob_area_of(root)
+    return area if area is not None and relative not in files and relative in blobs else directory
+
+
 def check_checkpoint_files(
     fs: Any,
     directory: str,
     files: Mapping[str, Mapping[str, Any]],
     *,
-    blob_area: str,
+    blob_area: str | None,
     blobs: Mapping[str, Mapping[str, Any]],
     is_local: bool,
     only: Iterable[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """:func:`check_files` for a checkpoint whose files are partly in its directory (``files``) and partly shared
-    blobs in ``blob_area`` (``blobs``, used by incremental checkpoints); a name in ``files`` is in the directory."""
+    """:func:`check_files` for a checkpoint whose records are partly its own (``files``) and partly shared blobs
+    (``blobs``, used by incremental checkpoints), which are in ``blob_area`` or, where that is ``None`` (local
+    disks: see :func:`blob_area_of`), in the checkpoint directory too. A name in ``files`` is in the directory."""
     names = (set(files) | set(blobs)) if only is None else set(only)
     shared = sorted(n for n in names if n not in files and n in blobs)
     own = sorted(names - set(shared))
     problems = check_files(fs, directory, files, is_local=is_local, only=own, progress=progress) if own else []
     if shared:
-        problems += check_files(fs, blob_area, blobs, is_local=is_local, only=shared, progress=progress)
+        where = directory if blob_area is None else blob_area
+        problems += check_files(fs, where, blobs, is_local=is_local, only=shared, progress=progress)
     return problems
 
 
-__all__ = ["ALGORITHM", "ChecksumSink", "HashingStream", "check_checkpoint_files", "check_files", "hash_file"]
+__all__ = [
+    "ALGORITHM",
+    "ChecksumSink",
+    "HashingStream",
+    "blob_area_of",
+    "check_checkpoint_files",
+    "check_files",
+    "hash_file",
+    "shared_directory",
+]

@@ -6,13 +6,14 @@ never stops the rest of the root from being listed.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dcp_plugin.errors import CheckpointError, UnsafeCheckpointError
 from dcp_plugin.storage import blobs as shared
-from dcp_plugin.storage import file_kinds
+from dcp_plugin.storage import file_kinds, work_areas
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage.commit import CommitStrategy, list_dir, remove_tree, tidy_work_dir
 from dcp_plugin.storage.faults import reached
@@ -31,6 +32,8 @@ from dcp_plugin.storage.names import (
 )
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import MAX_MANIFEST_BYTES, read_bounded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,9 @@ class Listing:
         the checkpoint of that name (newest first). Also v0.1's ``.tmp-``/``.old-`` copies."""
         root = self.root
         candidates: list[tuple[str, str | None]] = [
-            (root.work(REPLACED, e), name_of_work_entry(e)) for e in list_dir(root.work(REPLACED))
+            (root.work(REPLACED, e), name_of_work_entry(e))
+            for e in work_areas.entries(root, REPLACED, strict=False)
+            if work_areas.is_ours(REPLACED, e)
         ]
         candidates += [(root.join(e), None) for e in list_dir(root.path) if e.startswith(LEGACY_PREFIXES)]
         found: dict[str, Found] = {}
@@ -207,7 +212,7 @@ class Listing:
                     continue
                 out.append(relative)
         if root.is_local:
-            out += [e for e in list_dir(root.path) if e.startswith(LEGACY_PREFIXES) and e not in in_use]
+            out += [e for e in list_dir(root.path) if work_areas.is_ours("", e) and e not in in_use]
         if not scan.broken:  # a manifest that cannot be read may list any blob: keep them all
             found = [f.manifest for f in scan.found]
             out += [f"{WORK_DIR}/{BLOBS}/{n}" for n in shared.unreferenced(blob_names, found, protected)]
@@ -236,9 +241,15 @@ class Listing:
         return doomed
 
     def _work_entries(self, area: str) -> list[str]:
+        """The entries of work ``area`` whose names dcp-plugin gives; on a local disk an area that is a link is an
+        error (nothing is listed through it, so nothing is deleted through it), and other names are left alone."""
         root = self.root
         if root.is_local:
-            return sorted(list_dir(root.work(area)))
+            names = work_areas.entries(root, area)
+            foreign = [n for n in names if not work_areas.is_ours(area, n)]
+            if foreign:
+                log.info("Leaving alone %s in %s: dcp-plugin never creates such names.", foreign[:5], root.work(area))
+            return [n for n in names if n not in foreign]
         try:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in root.fs.ls(root.work(area), detail=False))
         except FileNotFoundError:

@@ -39,6 +39,10 @@ RESTORE = "restore"
 """``<root>/.dcp-plugin/restore/<name>.<id>/``: a checkpoint assembled on a node for one restore (links to the
 copies the node holds, files fetched from other nodes), removed when the restore ends."""
 
+PROBE = "nodes"
+"""``<root>/.dcp-plugin/nodes/<token>``: the marks by which the nodes check, when a job starts, that none shares
+another's directory (removed at once)."""
+
 LEGACY_PREFIXES = (".tmp-", ".old-")
 """Work names of v0.1, directly in the root."""
 

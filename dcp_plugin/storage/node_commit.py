@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from dcp_plugin.errors import CheckpointExistsError, CheckpointSaveError
 from dcp_plugin.storage import manifest as manifests
+from dcp_plugin.storage import work_areas
 from dcp_plugin.storage.commit import (
     PendingWrite,
     RenameCommit,
@@ -166,7 +167,7 @@ class NodeCommit(RenameCommit):
             if not exchange(pending.directory, final):
                 raise OSError(f"cannot replace {final} atomically on this filesystem")
             fsync_dir(self.root.path)
-            discard_local(pending.directory)  # holds the other copy now
+            discard_local(self.root, STAGING, pending.write_name)  # holds the other copy now
         elif os.path.lexists(final) or not rename_noreplace(pending.directory, final):
             raise CheckpointExistsError(f"{final} is taken by something that is not a checkpoint directory")
         fsync_dir(self.root.path)
@@ -222,7 +223,7 @@ class NodeCommit(RenameCommit):
     def _sealed_parts(self) -> dict[str, tuple[str, str]]:
         """Staging copies holding a part's manifest: entry -> (name, save id)."""
         out = {}
-        for entry in list_dir(self.root.work(STAGING)):
+        for entry in work_areas.entries(self.root, STAGING, strict=False):
             manifest = _read_manifest(self.root, f"{self.root.work(STAGING, entry)}/{MANIFEST_NAME}")
             if manifest is not None and part_of(manifest) is not None and isinstance(manifest.get("save_id"), str):
                 out[entry] = (name_of_work_entry(entry), manifest["save_id"])

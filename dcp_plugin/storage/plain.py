@@ -17,18 +17,22 @@ import time
 import uuid
 from typing import Any
 
-from dcp_plugin.errors import CheckpointExistsError
+from dcp_plugin.errors import CheckpointCorruptError, CheckpointExistsError
 from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage.commit import fsync_dir, list_dir, rename_noreplace
 from dcp_plugin.storage.integrity import hash_file
 from dcp_plugin.storage.names import FORMAT_VERSION, MANIFEST_NAME, METADATA_NAME
 from dcp_plugin.storage.root import StorageRoot
+from dcp_plugin.storage.safe_io import regular_file_size
 
 LAYOUT = "dcp"
 """``manifest["layout"]`` of a checkpoint whose state is stored under DCP's own keys, without a dcp-plugin skeleton
 (a plain ``dcp.save``, adopted or not). Checkpoints dcp-plugin writes have no ``layout``."""
 
 _PLUGIN_KEYS = "__dcp_plugin__/"
+_UNCOVERED = 2**20
+"""Bytes of a plain data file its records may leave uncovered (a format's own header, alignment), plus 1/16 of
+what they cover."""
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 
@@ -64,6 +68,13 @@ def step_of(name: str) -> int | None:
     """The step a plain-DCP directory's name ends with (``step-500`` -> 500), if any."""
     match = _TRAILING_NUMBER.search(name)
     return int(match.group(1)) if match else None
+
+
+def read_every_item(checking: Any, metadata: Any) -> None:
+    """:func:`dcp_plugin.storage.reader.read_every_item` (imports torch)."""
+    from dcp_plugin.storage.reader import read_every_item as read_all
+
+    read_all(checking, metadata)
 
 
 def reader(root: StorageRoot, directory: str, shown: str, manifest: dict[str, Any]) -> Any:
@@ -109,10 +120,15 @@ def _modified(root: StorageRoot, path: str) -> float:
 
 def adopt(root: StorageRoot, name: str, described: dict[str, Any]) -> dict[str, Any]:
     """Commit a manifest with checksums for the plain-DCP directory ``name`` (already checked by :func:`describe`);
-    returns it. The metadata is read again against its new checksum, so what is committed is what was checked."""
+    returns it. Whatever a load would refuse is refused first, so nothing is committed for it: each data file
+    must be covered by its records (``dcp.save`` writes them back to back; a file padded or made sparse to look
+    large is refused before it is hashed), and after hashing, the metadata and every record are read again
+    against the new checksums (values must be plain data, tensors of their chunk's shape): what is committed is
+    what was checked."""
     directory = root.join(name)
     files = {METADATA_NAME}
     metadata = reader(root, directory, root.url(directory), {}).read_metadata()
+    _check_covered(root, directory, metadata)
     files |= {str(info.relative_path) for info in (metadata.storage_data or {}).values()}
     records: dict[str, dict[str, Any]] = {}
     total = 0
@@ -129,9 +145,29 @@ def adopt(root: StorageRoot, name: str, described: dict[str, Any]) -> dict[str, 
         "bytes": total,
         "files": records,
     }
-    reader(root, directory, root.url(directory), manifest).read_metadata()  # the checksummed bytes parse and fit
+    checking = reader(root, directory, root.url(directory), manifest)
+    read_every_item(checking, checking.read_metadata())  # the checksummed bytes parse, fit and load
     _write_marker(root, directory, manifests.encode(manifest))
     return manifest
+
+
+def _check_covered(root: StorageRoot, directory: str, metadata: Any) -> None:
+    """Each data file holds little beyond its records (``dcp.save`` writes them back to back)."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for info in (metadata.storage_data or {}).values():
+        spans.setdefault(str(info.relative_path), []).append((int(info.offset), int(info.offset) + int(info.length)))
+    for relative, parts in sorted(spans.items()):
+        covered, end = 0, 0
+        for start, stop in sorted(parts):
+            covered += max(0, stop - max(start, end))
+            end = max(end, stop)
+        size = regular_file_size(root.fs, f"{directory}/{relative}", is_local=root.is_local)
+        if size - covered > _UNCOVERED + covered // 16:
+            raise CheckpointCorruptError(
+                f"{root.url(f'{directory}/{relative}')} has {size} bytes, of which its records in the metadata cover "
+                f"only {covered}; dcp.save writes nothing else into a data file (was it padded, or made sparse to "
+                "look larger?). It is not adopted."
+            )
 
 
 def _write_marker(root: StorageRoot, directory: str, data: bytes) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -29,12 +28,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
-from dcp_plugin.storage.integrity import ALGORITHM, check_checkpoint_files
-from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, METADATA_NAME, is_safe_data_file
+from dcp_plugin.storage.integrity import ALGORITHM, blob_area_of, check_checkpoint_files, shared_directory
+from dcp_plugin.storage.metadata_checks import check_items, check_records, local_first_hole, memory_bytes
+from dcp_plugin.storage.names import MANIFEST_NAME, METADATA_NAME
 from dcp_plugin.storage.node_parts import missing_file, part_of
 from dcp_plugin.storage.read_io import (
     FileRegion,
@@ -66,9 +66,12 @@ class _RegularFilesOnly(FileSystem):
 
 
 class _Places:
-    """Where each data file named in a checkpoint's metadata is, and its committed record: in the checkpoint
-    directory (``files``), or a blob an incremental checkpoint lists (``blobs``) in the root's shared blob area.
-    Nothing else can be named."""
+    """Where each data file named in a checkpoint's metadata is, and its committed record (``files``, or ``blobs``
+    for the shared files an incremental checkpoint uses). Nothing else can be named.
+
+    On a local disk every file is read from the checkpoint directory itself, shared ones included (the commit
+    links each blob there): what is verified is what any DCP reader of the directory reads, and the directory
+    needs nothing outside itself. On object stores a blob is read from the root's shared blob area."""
 
     def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
         self.root, self.directory, self.files = root, directory, files
@@ -79,9 +82,7 @@ class _Places:
     def path(self, relative: str) -> str:
         if relative in self.fetched:
             return self.fetched[relative]
-        if relative in (self.files or {}) or relative not in self.blobs:
-            return f"{self.directory}/{relative}"
-        return self.root.work(BLOBS, relative)
+        return f"{shared_directory(self.root, self.directory, relative, self.files or {}, self.blobs)}/{relative}"
 
     def record(self, relative: str) -> Any:
         if self.files is None:
@@ -94,7 +95,7 @@ class _Places:
             root.fs,
             self.directory,
             self.files or {},
-            blob_area=root.work(BLOBS),
+            blob_area=blob_area_of(root),
             blobs=self.blobs,
             is_local=root.is_local,
             only=names,
@@ -107,6 +108,8 @@ class _Distrustful:
     fs: Any
     defer_verification = False
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
+    bound_allocations = True
+    """Refuse metadata declaring a tensor or value larger than this machine's memory (off to verify files only)."""
     fetch_missing: Callable[[list[str]], Mapping[str, str]] | None = None
     """Called by every rank at the start of each read with the names of the files its part of the read uses
     (collective): a restore on node-local disks fetches those this node lacks and returns where each file it fetched
@@ -151,52 +154,34 @@ class _Distrustful:
         return metadata
 
     def _check_metadata(self, metadata: Metadata, shown_path: str) -> None:
-        """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; the
-        tensors it declares fit in those bytes (so nothing huge is allocated on a forged size)."""
-        root = self._dcp_plugin_root
-        sizes: dict[str, int] = {}
-        stored = 0
-        for index, info in (metadata.storage_data or {}).items():
-            relative = getattr(info, "relative_path", None)
-            if not is_safe_data_file(relative):
-                raise UnsafeCheckpointError(
-                    f"{shown_path} points {getattr(index, 'fqn', index)} at {relative!r}, outside the checkpoint "
-                    "directory; refusing to read it."
-                )
-            relative = str(relative)
-            raw_offset, raw_length = getattr(info, "offset", None), getattr(info, "length", None)
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (raw_offset, raw_length)):
-                raise CheckpointCorruptError(f"{shown_path} has an invalid offset or length for {relative}.")
-            offset, length = int(raw_offset), int(raw_length)  # type: ignore[arg-type]
-            if relative not in sizes:
-                record = self._dcp_plugin_places.record(relative)
-                try:
-                    sizes[relative] = (
-                        record["size"]
-                        if record is not None
-                        else regular_file_size(root.fs, self._dcp_plugin_places.path(relative), is_local=root.is_local)
-                    )
-                except FileNotFoundError:
-                    shown = root.url(self._dcp_plugin_places.path(relative))
-                    raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
-            if offset + length > sizes[relative]:
-                raise CheckpointCorruptError(
-                    f"{shown_path} says {relative} holds bytes up to {offset + length}, but it has {sizes[relative]}."
-                )
-            stored += length
-        declared = 0
-        for fqn, item in (metadata.state_dict_metadata or {}).items():
-            if isinstance(item, TensorStorageMetadata):
-                try:
-                    itemsize = item.properties.dtype.itemsize
-                    declared += math.prod(int(d) for d in item.size) * itemsize
-                except (AttributeError, TypeError, ValueError) as err:
-                    raise CheckpointCorruptError(f"{shown_path} declares tensor {fqn} malformed ({err}).") from None
-        if declared > stored + 2**20:
-            raise CheckpointCorruptError(
-                f"{shown_path} declares {declared} bytes of tensors but its files hold only {stored}; "
-                "the metadata is damaged or forged."
-            )
+        """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; every tensor
+        it declares is well formed and fits in its records (:mod:`~dcp_plugin.storage.metadata_checks`); so
+        nothing is allocated from a forged size."""
+        root, places = self._dcp_plugin_root, self._dcp_plugin_places
+
+        def size_of(relative: str) -> int:
+            record = places.record(relative)
+            if record is not None:
+                return int(record["size"])
+            try:
+                return regular_file_size(root.fs, places.path(relative), is_local=root.is_local)
+            except FileNotFoundError:
+                shown = root.url(places.path(relative))
+                raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
+
+        def first_hole(relative: str, offsets: list[int]) -> int | None:
+            if not root.is_local:
+                return None
+            try:
+                return local_first_hole(places.path(relative), offsets)
+            except FileNotFoundError:
+                if self._elsewhere(relative):
+                    return None
+                shown = root.url(places.path(relative))
+                raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
+
+        stored = check_records(metadata, shown_path, size_of, first_hole)
+        check_items(metadata, shown_path, stored, memory_bytes() if self.bound_allocations else None)
 
     # -- data -----------------------------------------------------------------------------------------
     def read_data(self, plan: Any, planner: Any) -> Any:
@@ -340,6 +325,12 @@ class _Distrustful:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
 
+    def _elsewhere(self, relative: str) -> bool:
+        part = self._dcp_plugin_part
+        return self.fetch_missing is not None or (
+            part is not None and missing_file(relative, part) != f"{relative} is missing"
+        )
+
     def _use_fetched(self, fetched: Mapping[str, str]) -> None:
         self._dcp_plugin_places.fetched.update(fetched)
         self._dcp_plugin_verified.update(fetched)
@@ -374,6 +365,41 @@ def check_plain_value(data: bytes, shown: str, fqn: str) -> None:
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to read it. If you trust this "
             "checkpoint, read it with torch.distributed.checkpoint directly."
         ) from None
+
+
+def read_every_item(reader: Any, metadata: Metadata) -> None:
+    """Read every record ``metadata`` names through ``reader`` and let go of it: what a load would refuse (a
+    value that is not plain data, a record that is no tensor or not of its chunk's shape, a checksum mismatch)
+    raises here. One record is in memory at a time."""
+    items = []
+    for index, _info in sorted((metadata.storage_data or {}).items(), key=lambda pair: span(pair[1])):
+        stored = (metadata.state_dict_metadata or {}).get(index.fqn)
+        if isinstance(stored, TensorStorageMetadata):
+            chunk = next((c for c in stored.chunks if tuple(c.offsets) == tuple(index.offset or ())), None)
+            if chunk is None:
+                raise CheckpointCorruptError(f"{index.fqn} at {tuple(index.offset or ())} is no chunk of its tensor.")
+            zeros = torch.Size([0] * len(chunk.sizes))
+            items.append(ReadItem(LoadItemType.TENSOR, index, zeros, index, zeros, torch.Size(chunk.sizes)))
+        else:
+            items.append(ReadItem(LoadItemType.BYTE_IO, index, torch.Size(()), index, torch.Size(()), torch.Size(())))
+    reader.set_up_storage_reader(metadata, True)
+    reader.read_data(LoadPlan(items), _Discard())
+
+
+class _Discard:
+    """A load planner that takes every item as read and keeps nothing (see :func:`read_every_item`)."""
+
+    def take_tensor(self, item: Any, tensor: torch.Tensor) -> bool:
+        return True
+
+    def resolve_tensor(self, item: Any) -> torch.Tensor:
+        return torch.empty(item.lengths, device="meta")  # only its size is looked at: it differs from the record's
+
+    def load_bytes(self, item: Any, value: Any) -> None:
+        pass
+
+    def commit_tensor(self, item: Any, tensor: torch.Tensor) -> None:
+        pass
 
 
 _PLACEHOLDER = "_dcp_plugin_placeholder"
@@ -411,4 +437,4 @@ class SafeFsspecReader(_Distrustful, FsspecReader):
         self._init_checks(root, directory, shown, manifest)
 
 
-__all__ = ["placeholder", "SafeFileSystemReader", "SafeFsspecReader"]
+__all__ = ["placeholder", "read_every_item", "SafeFileSystemReader", "SafeFsspecReader"]

@@ -108,7 +108,9 @@ class RecordFile:
     def create_local(cls, path: str, *, direct: bool = True) -> RecordFile:
         """A new local file, written with ``O_DIRECT`` where asked for (``CheckpointConfig.direct_io``) and the
         filesystem accepts it."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        # every file of a save has a fresh name: one already there (a link planted by someone else) is never
+        # written through
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         if direct and _O_DIRECT:
             try:
                 return cls(fd=os.open(path, flags | _O_DIRECT, 0o666), direct=True, path=path)

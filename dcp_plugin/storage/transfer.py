@@ -95,7 +95,9 @@ def copy_files(
     records = {**shared, **(plan.info.manifest.get("files") or {})}
     copied: dict[str, dict[str, Any]] = {}
     for relative in names:
-        origin = f"{source.blob_area}/{relative}" if relative in shared else f"{plan.source_dir}/{relative}"
+        # a local checkpoint holds a link to each blob it uses: it is copied from its own directory
+        in_area = relative in shared and not source.is_local
+        origin = f"{source.blob_area if in_area else plan.source_dir}/{relative}"
         size, digest = _copy_file(source, origin, target, f"{plan.pending.directory}/{relative}", progress)
         record = records.get(relative) if isinstance(records, dict) else None
         if record is not None and (size != record["size"] or digest != record[ALGORITHM]):

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcp_plugin.errors import CheckpointError, ConfigError
+from dcp_plugin.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
-from dcp_plugin.storage.names import REPLICAS, replica_area
+from dcp_plugin.storage.names import PROBE, REPLICAS, replica_area, work_name
 from dcp_plugin.storage.node_parts import part_files, part_of
 
 log = logging.getLogger(__name__)
-
-PROBE = "nodes"
-"""``.dcp-plugin/nodes/<token>``: the marks by which the nodes check, when a job starts, that none shares another's
-directory (removed at once)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +39,15 @@ class Copy:
 
 
 def replica_storage(local: CheckpointStorage, part: int) -> CheckpointStorage:
-    """The checkpoint root on ``local``'s disk that keeps copies of part ``part`` of other nodes' checkpoints."""
-    return CheckpointStorage(local.work_path(REPLICAS, replica_area(part)), local.storage_options)
+    """The checkpoint root on ``local``'s disk that keeps copies of part ``part`` of other nodes' checkpoints (its
+    folders are never links: a run directory from elsewhere must not make copies land outside it)."""
+    path = local.work_path(REPLICAS, replica_area(part))
+    if os.path.islink(path) or os.path.islink(os.path.dirname(path)):
+        raise UnsafeCheckpointError(
+            f"{path} (or its folder) is a symbolic link; dcp-plugin keeps copies of other nodes' parts in plain "
+            "folders under .dcp-plugin and never follows a link there. Remove the link itself and try again."
+        )
+    return CheckpointStorage(path, local.storage_options)
 
 
 def replica_parts(local: CheckpointStorage) -> list[int]:
@@ -54,7 +56,8 @@ def replica_parts(local: CheckpointStorage) -> list[int]:
         entries = os.listdir(local.work_path(REPLICAS))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(int(entry[4:]) for entry in entries if entry.startswith("node") and entry[4:].isdigit())
+    folders = [entry for entry in entries if not os.path.islink(local.work_path(REPLICAS, entry))]
+    return sorted(int(entry[4:]) for entry in folders if entry.startswith("node") and entry[4:].isdigit())
 
 
 def describe(local: CheckpointStorage, node: int) -> list[Copy]:
@@ -73,21 +76,14 @@ def describe(local: CheckpointStorage, node: int) -> list[Copy]:
 def check_own_disks(local: CheckpointStorage, leader: bool, all_gather: Any) -> None:
     """Refuse, on every rank alike, a directory that several nodes share (collective): each node's leader leaves a
     mark in its directory and looks for the others' marks. Node-local checkpoints need each node's own disk."""
-    token = uuid.uuid4().hex
-    mark = local.work_path(PROBE, token)
+    token = work_name("node")
     if leader:
-        os.makedirs(os.path.dirname(mark), exist_ok=True)
-        with open(mark, "w", encoding="utf-8"):
-            pass
+        local.make_work_entry(PROBE, token)
     tokens = [t for t in all_gather(token if leader else None) if t is not None]
-    shared = leader and any(t != token and os.path.exists(local.work_path(PROBE, t)) for t in tokens)
+    shared = leader and any(t != token and os.path.lexists(local.work_path(PROBE, t)) for t in tokens)
     verdicts = all_gather(shared)
     if leader:
-        os.unlink(mark)
-        try:
-            os.rmdir(os.path.dirname(mark))
-        except OSError:
-            pass  # another node's mark is still there (a shared directory), or another manager's
+        local.remove_work_entry(PROBE, token)
     if any(verdicts):
         raise ConfigError(
             f"local_scope='node' keeps each node's checkpoint files on its own disk, but several nodes see the same "

@@ -112,8 +112,8 @@ class NodeRestore:
         return storage
 
     def _link_copies(self, entry: str) -> None:
-        directory = self.local.work_path(RESTORE, entry, self.checkpoint.name)
-        os.makedirs(directory)
+        directory = f"{self.local.make_work_entry(RESTORE, entry)}/{self.checkpoint.name}"  # never through a link
+        os.mkdir(directory)
         for copy in self.checkpoint.copies:
             if copy.node != self.layout.node:
                 continue

@@ -179,7 +179,7 @@ def test_export_to_ckpt_of_a_plain_loop_checkpoint_suggests_format_torch(ckpt_di
 
 def test_purge_human_and_json(ckpt_dir, capsys):
     make_checkpoints(ckpt_dir)
-    leftover = os.path.join(ckpt_dir, ".tmp-step_000000003-abc")
+    leftover = os.path.join(ckpt_dir, ".tmp-step_000000003-0123456789ab")  # as v0.1 named them
     os.makedirs(leftover)
     assert main(["purge", ckpt_dir, "--dry-run"]) == 0
     assert "would remove" in capsys.readouterr().out and os.path.exists(leftover)
