@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from dcp_plugin.engine.nodes import NodeLayout, detect_layout
 from dcp_plugin.errors import ConfigError
 
 
@@ -32,6 +33,7 @@ class ProcessGroups:
         self._group: dist.ProcessGroup | None = None
         self._control_group: dist.ProcessGroup | None = None
         self._group_ready = False
+        self._layout: NodeLayout | None = None
 
     @property
     def collective(self) -> bool:
@@ -120,6 +122,13 @@ class ProcessGroups:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self._control_group)
         return out
+
+    def node_layout(self) -> NodeLayout:
+        """Which node each rank runs on, agreed by every rank at its first call (collective then; safe while a
+        save is in flight: it runs on the control group)."""
+        if self._layout is None:
+            self._layout = detect_layout(self.rank, self.all_gather_control)
+        return self._layout
 
     def close(self) -> None:
         """Release the groups created here."""

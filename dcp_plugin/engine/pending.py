@@ -92,6 +92,25 @@ class PendingSave:
             self.stats.staging_wait_s += time.perf_counter() - began
 
 
+def then(upload: Future, step: Callable[[Any], None]) -> Future:
+    """A future that resolves once ``upload`` did and ``step(result)`` ran after it, in the thread that resolved
+    ``upload`` (a write's last step that every rank runs, such as the commit across nodes); either's failure fails
+    it."""
+    out: Future = Future()
+
+    def done(future: Future) -> None:
+        try:
+            result = future.result()
+            step(result)
+        except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException; handed on
+            out.set_exception(err)
+            return
+        out.set_result(result)
+
+    upload.add_done_callback(done)
+    return out
+
+
 def bytes_written(metadata: Any, writer: Any = None) -> int | None:
     """Bytes of tensor data the save wrote (a writer that refers to earlier data says how much it added)."""
     storage = getattr(metadata, "storage_data", None)
@@ -103,4 +122,4 @@ def bytes_written(metadata: Any, writer: Any = None) -> int | None:
     return sum(int(getattr(info, "length", 0)) for info in storage.values())
 
 
-__all__ = ["PendingSave", "bytes_written"]
+__all__ = ["PendingSave", "bytes_written", "then"]

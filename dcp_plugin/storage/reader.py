@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +35,7 @@ from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.storage.integrity import ALGORITHM, blob_area_of, check_checkpoint_files, shared_directory
 from dcp_plugin.storage.metadata_checks import check_items, check_records, local_first_hole, memory_bytes
 from dcp_plugin.storage.names import MANIFEST_NAME, METADATA_NAME
+from dcp_plugin.storage.node_parts import missing_file, part_of
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -75,8 +76,12 @@ class _Places:
     def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
         self.root, self.directory, self.files = root, directory, files
         self.blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
+        self.fetched: dict[str, str] = {}
+        """Files of the checkpoint a restore fetched elsewhere on this machine, checked as they arrived."""
 
     def path(self, relative: str) -> str:
+        if relative in self.fetched:
+            return self.fetched[relative]
         return f"{shared_directory(self.root, self.directory, relative, self.files or {}, self.blobs)}/{relative}"
 
     def record(self, relative: str) -> Any:
@@ -105,6 +110,10 @@ class _Distrustful:
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
     bound_allocations = True
     """Refuse metadata declaring a tensor or value larger than this machine's memory (off to verify files only)."""
+    fetch_missing: Callable[[list[str]], Mapping[str, str]] | None = None
+    """Called by every rank at the start of each read with the names of the files its part of the read uses
+    (collective): a restore on node-local disks fetches those this node lacks and returns where each file it fetched
+    is, checked against its checksum as it arrived (so it is not hashed again)."""
 
     def _init_checks(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
         self._dcp_plugin_root = root
@@ -116,6 +125,7 @@ class _Distrustful:
         self._dcp_plugin_verified: set[str] = set()
         self._dcp_plugin_used: set[str] = set()
         self._dcp_plugin_plain = manifest.get("layout") == "dcp"
+        self._dcp_plugin_part = part_of(manifest)
         if root.is_local:
             self.fs = _RegularFilesOnly()
 
@@ -165,6 +175,8 @@ class _Distrustful:
             try:
                 return local_first_hole(places.path(relative), offsets)
             except FileNotFoundError:
+                if self._elsewhere(relative):
+                    return None
                 shown = root.url(places.path(relative))
                 raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
 
@@ -175,8 +187,12 @@ class _Distrustful:
     def read_data(self, plan: Any, planner: Any) -> Any:
         storage_data = self.storage_data  # type: ignore[attr-defined]
         per_file: dict[str, list[Any]] = {}
-        for item in plan.items:
-            per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        try:
+            for item in plan.items:
+                per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        finally:
+            if self.fetch_missing is not None:  # collective: the other ranks must not wait for this one in vain
+                self._use_fetched(self.fetch_missing(sorted(per_file)))
         for relative, items in per_file.items():
             self._read_file(relative, items, planner)
         done: Future = Future()
@@ -195,7 +211,7 @@ class _Distrustful:
         try:
             size = regular_file_size(root.fs, path, is_local=root.is_local)
         except FileNotFoundError:
-            self._raise_damaged(f"{relative} is missing")
+            self._raise_damaged(missing_file(relative, self._dcp_plugin_part))
         if record is not None and size != record["size"]:
             self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
@@ -308,6 +324,16 @@ class _Distrustful:
         if problems:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
+
+    def _elsewhere(self, relative: str) -> bool:
+        part = self._dcp_plugin_part
+        return self.fetch_missing is not None or (
+            part is not None and missing_file(relative, part) != f"{relative} is missing"
+        )
+
+    def _use_fetched(self, fetched: Mapping[str, str]) -> None:
+        self._dcp_plugin_places.fetched.update(fetched)
+        self._dcp_plugin_verified.update(fetched)
 
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")
