@@ -75,6 +75,14 @@ def figures(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def scaling(session: nox.Session) -> None:
+    """Measure what saves and restores cost on 1-8 ranks, refit the scaling model and rewrite docs/scaling.md
+    (a few minutes on a quiet 2-core host; `-- --quick` for a smoke test, `-- --refit` to refit without measuring)."""
+    install(session)
+    session.run("python", "benchmarks/scaling.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
     """Build the documentation site with `mkdocs build --strict` (into site/; `-- serve` previews it instead), then
     load every page in headless Chromium at 1280 px and fail on anything cut off (docs/_build/check_layout.py).

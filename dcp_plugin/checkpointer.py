@@ -27,6 +27,7 @@ import torch
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import inflight, plans, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.engine.staging.waits import StagingWaits
 from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import (
@@ -113,6 +114,7 @@ class Checkpointer:
         started = time.perf_counter()
         storage, name = self.locate(ref)
         self.check_storage(storage)
+        storage = scoped(storage, self.config, self.groups)
         self.engine.wait()
         inflight.wait_for(storage.url(name))  # another instance's write of this name: ours comes after it
         _check_json(dict(metadata or {}))
@@ -143,15 +145,15 @@ class Checkpointer:
             aliases=packing.tied(packed.tensors),
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
-        on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
         self.engine.save(
             packed.flat,
             writer,
             stats=stats,
             started=started,
-            on_failure=on_failure,
+            on_failure=(lambda: storage.abort(pending)) if storage.cleans_up(self.groups.is_coordinator) else None,
             on_done=functools.partial(self._save_done, storage, plan, held),
             structure=structure,
+            on_written=storage.completion(pending),
         )
         self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
@@ -190,6 +192,7 @@ class Checkpointer:
                 wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=self.config.allow_pickle
             )
             structure = self.engine.plan_keys.number(plans.structure(packed.state_dict))
+            storage.check_room(_tensor_bytes(packed), groups.world_size, self.config.replicas)  # /dev/shm: room?
             if groups.is_coordinator:
                 pending = storage.begin_write(name, overwrite=overwrite)
                 pending.manifest["save_id"] = uuid.uuid4().hex
@@ -205,7 +208,7 @@ class Checkpointer:
                 raise local_error
             raise CheckpointSaveError(f"Saving {storage.url(name)} failed on rank {failures[0][0]}: {failures[0][1]}")
         assert packed is not None and pending is not None
-        return packed, pending, plans.agreed([number for _, _, number in outcomes])
+        return packed, storage.here(pending), plans.agreed([number for _, _, number in outcomes])
 
     # -- loading ---------------------------------------------------------------------------------
     def load(
@@ -296,6 +299,14 @@ class Checkpointer:
             self._staging_waits.remove()
 
 
+def scoped(storage: CheckpointStorage, config: CheckpointConfig, groups: ProcessGroups) -> CheckpointStorage:
+    """``storage`` as ``config`` writes it: with ``local_scope="node"``, on every node's own disk with the commit
+    across nodes (collective the first time: the ranks agree on their nodes)."""
+    if config.local_scope != "node" or storage.node_layout is not None:
+        return storage
+    return storage.on_nodes(groups.node_layout(), groups)
+
+
 def locate(
     ref: Ref, base_options: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[CheckpointStorage, str]:
@@ -310,6 +321,15 @@ def locate(
             "they are merged over the configured storage_options."
         )
     return open_url(os.fspath(ref), {**base_options, **dict(storage_options or {})})
+
+
+def _tensor_bytes(packed: packing.Packed) -> int:
+    """The bytes of tensor data this rank holds for a save (its shards of sharded tensors)."""
+    total = 0
+    for tensor in packed.tensors.values():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _error_text(err: BaseException | None) -> str | None:
@@ -327,4 +347,4 @@ def _check_json(value: Any) -> None:
         ) from None
 
 
-__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate"]
+__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate", "scoped"]

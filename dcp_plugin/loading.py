@@ -17,7 +17,7 @@ from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.errors import CheckpointCorruptError, CheckpointError, CheckpointLoadError, UnsafeCheckpointError
 from dcp_plugin.format import dcp_layout, encoding, packing
 from dcp_plugin.format.state import OptimizerState, wrap_state
-from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, direct_load
 from dcp_plugin.storage.plain import LAYOUT
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def _read_tensors(
     rest: dict[str, Any] = {}
     failure: Exception | None = None
     try:
-        rest = reader.read_direct(flat, metadata, verify=verify)
+        rest = direct_load.read_direct(reader, flat, metadata, verify=verify)
     except Exception as err:  # noqa: BLE001 - every rank raises below
         failure = err
     line = None if failure is None else (_kind(failure), _describe(failure))

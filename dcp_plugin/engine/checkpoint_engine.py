@@ -30,7 +30,7 @@ from dcp_plugin.engine.failures import describe as _describe
 from dcp_plugin.engine.failures import project_error as _project_error
 from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.engine.outcomes import SaveOutcomes
-from dcp_plugin.engine.pending import PendingSave
+from dcp_plugin.engine.pending import PendingSave, then
 from dcp_plugin.engine.pending import bytes_written as _bytes
 from dcp_plugin.engine.staging.pool import BoundedStager
 from dcp_plugin.engine.staging.stagers import Stagers
@@ -167,12 +167,14 @@ class CheckpointEngine:
         on_failure: Any = None,
         on_done: Any = None,
         structure: str = "",
+        on_written: Any = None,
     ) -> SaveStats:
         """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate
         (or, with async staging, once staging was started). Fills ``stats`` in (now and when done).
         ``on_done(metadata)`` is called once the write committed (with the save's ``Metadata``) or failed
         (``None``). ``structure``: the save's structure agreed
-        over all ranks (:func:`~dcp_plugin.engine.plans.agreed`); a cached plan is reused only for the same one."""
+        over all ranks (:func:`~dcp_plugin.engine.plans.agreed`); a cached plan is reused only for the same one.
+        ``on_written(metadata)`` runs on every rank after DCP's write, as part of the save (the commit across nodes)."""
         self._check_open()
         self.wait()
         group = self.groups.checkpoint_group()
@@ -188,6 +190,8 @@ class CheckpointEngine:
                     metadata = dcp.save(
                         flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
                     )
+                    if on_written is not None:
+                        on_written(metadata)
                 else:
                     if mode == "process":
                         daemon.prepare()
@@ -229,12 +233,15 @@ class CheckpointEngine:
             staging, upload = (stager.completion if isinstance(stager, BoundedStager) else None), result
             if staging is not None and not self.config.stages_in_background:
                 wait_for_first([staging, upload], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
+        upload = upload if on_written is None else then(upload, on_written)
         stats.blocking_s = time.perf_counter() - started
         if staging is None:
             stats.staging_s = stats.blocking_s
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
         flight = PendingSave(stats, started, upload, staging, on_failure, writing, on_done, writer)
+        if mode == "process":  # staging in the background may be what fills /dev/shm
+            flight.error_hint = lambda err: daemon.shared_memory_hint(err, flat_state)
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats

@@ -34,6 +34,7 @@ from dcp_plugin.storage.commit import CommitStrategy, PendingWrite, fsync_dir
 from dcp_plugin.storage.faults import reached
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream, hash_file
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME
+from dcp_plugin.storage.node_commit import HANDOFF_ATTRIBUTE
 from dcp_plugin.storage.record_writer import FileWriting, RecordFile
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import regular_file_size
@@ -334,8 +335,8 @@ class _CommitOnFinish:
                     direct.append(report["direct_io"])
             data_results.append(kept)
         # DCP's plan cache hands the same Metadata object to the next save: what the last one set is not written.
-        vars(metadata).pop(DIRECT_IO_ATTRIBUTE, None)
-        vars(metadata).pop("dcp_plugin_blobs_checked", None)
+        for attribute in (DIRECT_IO_ATTRIBUTE, "dcp_plugin_blobs_checked", HANDOFF_ATTRIBUTE):
+            vars(metadata).pop(attribute, None)
         super().finish(metadata, data_results)  # type: ignore[misc]
         # Set after .metadata is written: it travels back to every rank's save (and from the writer daemon) only.
         metadata.dcp_plugin_direct_io = all(direct) if direct else None  # type: ignore[attr-defined]
@@ -359,6 +360,8 @@ class _CommitOnFinish:
             )
             manifest.update(blobs=blobs, fingerprints=fingerprints, bytes_new=written)
         self._dcp_plugin_strategy.commit(pending, manifest)
+        if pending.handoff is not None:  # a commit across nodes: every rank completes it (NodeCommit.complete)
+            setattr(metadata, HANDOFF_ATTRIBUTE, pending.handoff)
 
 
 def _file_writing(

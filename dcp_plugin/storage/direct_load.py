@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import IO, Any
 
 import torch
@@ -53,6 +54,15 @@ class HeldFiles:
         if self.active:
             self._open[relative] = handle
         return handle, self.active
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold every file opened until the block ends, then close them all."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.close()
 
     def held(self, relative: str) -> IO[bytes] | None:
         return self._open.get(relative)
@@ -88,8 +98,8 @@ def read_direct(reader: Any, flat: Mapping[str, Any], metadata: Metadata, *, ver
     ``reader`` (a verifying reader holding its files); returns the rest, for DCP's reader. With ``verify``, each
     file read is hashed whole and checked against its checksum before this returns; without, the files are only
     marked used (``finish_verification`` checks them)."""
-    if not reader._dcp_plugin_root.is_local or not reader._dcp_plugin_held.active:
-        return dict(flat)
+    if not reader._dcp_plugin_root.is_local or not reader._dcp_plugin_held.active or reader.fetch_missing is not None:
+        return dict(flat)  # a restore on node-local disks fetches the files it lacks inside DCP's read (collective)
     planned = direct_read.plan(flat, metadata)
     outcome = _Outcome(planned, flat)
     total = sum(record.length for records in planned.files.values() for record in records)

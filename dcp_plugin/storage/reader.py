@@ -19,8 +19,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any
 
 import torch
@@ -38,6 +38,7 @@ from dcp_plugin.storage import direct_load
 from dcp_plugin.storage.integrity import ALGORITHM, blob_area_of, check_checkpoint_files, shared_directory
 from dcp_plugin.storage.metadata_checks import check_items, check_records, local_first_hole, memory_bytes
 from dcp_plugin.storage.names import MANIFEST_NAME, METADATA_NAME
+from dcp_plugin.storage.node_parts import missing_file, part_of
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -79,8 +80,12 @@ class _Places:
     def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
         self.root, self.directory, self.files = root, directory, files
         self.blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
+        self.fetched: dict[str, str] = {}
+        """Files of the checkpoint a restore fetched elsewhere on this machine, checked as they arrived."""
 
     def path(self, relative: str) -> str:
+        if relative in self.fetched:
+            return self.fetched[relative]
         return f"{shared_directory(self.root, self.directory, relative, self.files or {}, self.blobs)}/{relative}"
 
     def record(self, relative: str) -> Any:
@@ -109,6 +114,10 @@ class _Distrustful:
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
     bound_allocations = True
     """Refuse metadata declaring a tensor or value larger than this machine's memory (off to verify files only)."""
+    fetch_missing: Callable[[list[str]], Mapping[str, str]] | None = None
+    """Called by every rank at the start of each read with the names of the files its part of the read uses
+    (collective): a restore on node-local disks fetches those this node lacks and returns where each file it fetched
+    is, checked against its checksum as it arrived (so it is not hashed again)."""
 
     def _init_checks(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
         self._dcp_plugin_root = root
@@ -122,6 +131,7 @@ class _Distrustful:
         self._dcp_plugin_plain = manifest.get("layout") == "dcp"
         self._dcp_plugin_metadata: Metadata | None = None
         self._dcp_plugin_held = direct_load.HeldFiles()
+        self._dcp_plugin_part = part_of(manifest)
         if root.is_local:
             self.fs = _RegularFilesOnly()
 
@@ -152,30 +162,24 @@ class _Distrustful:
             ) from None
         if not isinstance(metadata, Metadata):
             raise CheckpointCorruptError(f"{shown_path} does not hold DCP metadata; the checkpoint is damaged.")
-        _check_metadata(metadata, shown_path, self._dcp_plugin_places, self.bound_allocations)
+        _check_metadata(metadata, shown_path, self._dcp_plugin_places, self.bound_allocations, self._elsewhere)
         return metadata
 
     # -- data -----------------------------------------------------------------------------------------
-    @contextmanager
-    def holding_files(self) -> Iterator[None]:
-        """For one load: every local data file is opened once and read through that descriptor until the end."""
-        self._dcp_plugin_held.active = True
-        try:
-            yield
-        finally:
-            self._dcp_plugin_held.close()
-
-    def read_direct(self, flat: Mapping[str, Any], metadata: Metadata, *, verify: bool = True) -> dict[str, Any]:
-        """Read the tensors of ``flat`` the direct path takes (local files, inside :meth:`holding_files`) straight
-        into them; returns the rest, for ``dcp.load`` with this reader. ``verify=False`` defers the files'
-        checks to :meth:`finish_verification`."""
-        return direct_load.read_direct(self, flat, metadata, verify=verify)
+    def holding_files(self) -> AbstractContextManager[None]:
+        """For one load: every local data file is opened once and read through that descriptor until the end
+        (:func:`dcp_plugin.storage.direct_load.read_direct` reads through them)."""
+        return self._dcp_plugin_held.holding()
 
     def read_data(self, plan: Any, planner: Any) -> Any:
         storage_data = self.storage_data  # type: ignore[attr-defined]
         per_file: dict[str, list[Any]] = {}
-        for item in plan.items:
-            per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        try:
+            for item in plan.items:
+                per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        finally:
+            if self.fetch_missing is not None:  # collective: the other ranks must not wait for this one in vain
+                self._use_fetched(self.fetch_missing(sorted(per_file)))
         for relative, items in per_file.items():
             self._read_file(relative, items, planner)
         done: Future = Future()
@@ -196,7 +200,7 @@ class _Distrustful:
         try:
             handle, held = self._dcp_plugin_held.open(relative, self._dcp_plugin_places.path(relative))
         except FileNotFoundError:
-            self._raise_damaged(f"{relative} is missing")
+            self._raise_damaged(missing_file(relative, self._dcp_plugin_part))
         record = self._dcp_plugin_places.record(relative)
         size = os.fstat(handle.fileno()).st_size
         if record is not None and size != record["size"]:
@@ -228,7 +232,7 @@ class _Distrustful:
             try:
                 size = regular_file_size(root.fs, path, is_local=root.is_local)
             except FileNotFoundError:
-                self._raise_damaged(f"{relative} is missing")
+                self._raise_damaged(missing_file(relative, self._dcp_plugin_part))
             if record is not None and size != record["size"]:
                 self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
             self._read_streamed(path, relative, size, items, planner, expected=expected)
@@ -334,6 +338,16 @@ class _Distrustful:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
 
+    def _elsewhere(self, relative: str) -> bool:
+        part = self._dcp_plugin_part
+        return self.fetch_missing is not None or (
+            part is not None and missing_file(relative, part) != f"{relative} is missing"
+        )
+
+    def _use_fetched(self, fetched: Mapping[str, str]) -> None:
+        self._dcp_plugin_places.fetched.update(fetched)
+        self._dcp_plugin_verified.update(fetched)
+
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")
 
@@ -343,7 +357,9 @@ class _Distrustful:
             log.warning(_UNCHECKED_PLAIN if self._dcp_plugin_plain else _UNCHECKED_V01, self._dcp_plugin_shown)
 
 
-def _check_metadata(metadata: Metadata, shown_path: str, places: _Places, bound_allocations: bool) -> None:
+def _check_metadata(
+    metadata: Metadata, shown_path: str, places: _Places, bound_allocations: bool, elsewhere: Callable[[str], bool]
+) -> None:
     """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; every tensor it
     declares is well formed and fits in its records (:mod:`~dcp_plugin.storage.metadata_checks`); so nothing is
     allocated from a forged size."""
@@ -365,6 +381,8 @@ def _check_metadata(metadata: Metadata, shown_path: str, places: _Places, bound_
         try:
             return local_first_hole(places.path(relative), offsets)
         except FileNotFoundError:
+            if elsewhere(relative):  # another node holds it, or a restore fetches it (checked whole as it arrives)
+                return None
             shown = root.url(places.path(relative))
             raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
 

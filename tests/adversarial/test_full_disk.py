@@ -1,4 +1,4 @@
-"""Issue 27, item 10: a real small filesystem that fills up. A failed save leaves nothing behind (its partial
+"""A real small filesystem that fills up. A failed save leaves nothing behind (its partial
 blob included), so freeing the space is enough for the next save. Skipped, saying why, where a tmpfs cannot be
 mounted."""
 
