@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import _init_optim_state
-from torch.optim import optimizer as _optimizer_module
 
 from dcp_plugin.storage.read_items import mark_placeholder
 
@@ -50,19 +49,14 @@ def materialize(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _steps_only_its_own(optimizer: torch.optim.Optimizer) -> bool:
-    """A torch optimizer over plain CPU parameters, with no global step hooks (they would see the copy step).
-    Parameters on other devices take torch's step: where a first step puts each state tensor (``step`` stays on
-    the CPU unless the optimizer is capturable or fused) is not visible on ``meta``."""
+    """A torch optimizer over plain CPU parameters. Parameters on other devices take torch's step: where a first
+    step puts each state tensor (``step`` stays on the CPU unless the optimizer is capturable or fused) is not
+    visible on ``meta``."""
     cls = type(optimizer)
-    return (
-        cls.__module__.startswith("torch.optim.")
-        and not _optimizer_module._global_optimizer_pre_hooks
-        and not _optimizer_module._global_optimizer_post_hooks
-        and all(
-            type(param) in _PLAIN and param.device.type == "cpu"
-            for group in optimizer.param_groups
-            for param in group["params"]
-        )
+    return cls.__module__.startswith("torch.optim.") and all(
+        type(param) in _PLAIN and param.device.type == "cpu"
+        for group in optimizer.param_groups
+        for param in group["params"]
     )
 
 
@@ -93,13 +87,20 @@ def _first_step_state(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, di
     shadow._optimizer_step_post_hooks = OrderedDict()
     shadow.__dict__.pop("step", None)  # an LR scheduler wraps the live step (copy.copy leaves it out; even so)
     with torch.no_grad():
-        type(shadow).step(shadow)
+        _unhooked_step(type(shadow))(shadow)
     made: dict[torch.Tensor, dict[str, Any]] = {}
     for param, kind in kind_of.items():
         state = shadow.state.get(stand_ins[kind])
         if state:
             made[param] = {key: _real(value, param) for key, value in state.items()}
     return made
+
+
+def _unhooked_step(cls: type) -> Any:
+    """``cls.step`` without the wrapper torch's ``Optimizer`` puts around it, which runs the global and the
+    optimizer's own step hooks (a stand-in step is no step of the user's: their hooks must not see it)."""
+    step = cls.step
+    return step.__wrapped__ if getattr(step, "hooked", False) and hasattr(step, "__wrapped__") else step
 
 
 def _real(value: Any, param: torch.Tensor) -> Any:

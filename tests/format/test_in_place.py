@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import _init_optim_state, get_model_state_dict, get_optimizer_state_dict
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from dcp_plugin import CheckpointConfig, Checkpointer
 from dcp_plugin.format import plain_names
@@ -189,7 +190,7 @@ def test_a_failed_load_leaves_an_optimizer_that_never_stepped_without_state(tmp_
     assert not fresh_optimizer.state
 
 
-def test_the_stand_in_step_never_steps_the_live_optimizer_through_a_scheduler(tmp_path):
+def test_the_stand_in_step_never_steps_the_live_optimizer_nor_runs_its_hooks(tmp_path):
     model, optimizer = _trained()
     path = _save(tmp_path, model, optimizer)
     fresh = Tied()
@@ -203,8 +204,18 @@ def test_the_stand_in_step_never_steps_the_live_optimizer_through_a_scheduler(tm
     for param in fresh.parameters():
         param.grad = torch.ones_like(param)  # a live step would move every parameter
     before = copy.deepcopy(fresh.state_dict())
-    assert materialize(fresh_optimizer)
-    assert not getattr(fresh_optimizer, "_opt_called", False)
+    hooked: list[object] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda opt, *_: hooked.append(opt)),
+        register_optimizer_step_post_hook(lambda opt, *_: hooked.append(opt)),
+        fresh_optimizer.register_step_pre_hook(lambda opt, *_: hooked.append(opt)),
+    ]
+    try:
+        assert materialize(fresh_optimizer)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not getattr(fresh_optimizer, "_opt_called", False) and hooked == []  # no hook saw the stand-in step
     assert_same(before, fresh.state_dict())
     fresh_optimizer.state.clear()
     _load(path, fresh, fresh_optimizer)
