@@ -201,6 +201,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = ["# Restore to the end of the first training step", ""]
+    machine_info = result.get("machine", {})
+    loads = [machine_info.get(k) for k in ("load_average_start", "load_average_end")]
+    if all(loads):
+        shown = " → ".join("/".join(f"{x:.1f}" for x in load) for load in loads)
+        lines += [f"Load average (1/5/15 min) at start → end: {shown}; torch threads: "
+                  f"{result['settings'].get('torch_threads') or 'default'}.", ""]  # fmt: skip
     for workload, modes in result["summary"].items():
         prepared = result["workloads"][workload]
         lines += [f"## {workload}: {prepared['state_bytes'] / 2**20:.0f} MiB, {prepared['tensors']} tensors", ""]
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
+    result["machine"]["load_average_end"] = list(os.getloadavg())  # a shared host: say how busy it was
     result["workloads"] = {w: {k: v for k, v in p.items() if k != "paths"} for w, p in prepared.items()}
     result["runs"] = runs
     result["summary"] = summarize(runs)
