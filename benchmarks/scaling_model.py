@@ -151,6 +151,16 @@ def fit_linear(
     return {feature: float(value) for feature, value in zip(features, coefficients)}
 
 
+def per_chunk(points: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU seconds per chunk of each step: the slope through the probe's points (least squares, non-negative)."""
+    shapes = [{"chunks": float(p["chunks"])} for p in points]
+    steps = points[0]["seconds"] if points else {}
+    return {
+        step: fit_linear(shapes, [p["seconds"][step] for p in points], ("fixed", "chunks"), relative=False)["chunks"]
+        for step in steps
+    }
+
+
 def predict(coefficients: dict[str, float], shape: dict[str, float]) -> float:
     """The linear model ``coefficients`` evaluated at ``shape``."""
     return sum(value * (1.0 if name == "fixed" else float(shape[name])) for name, value in coefficients.items())
@@ -160,7 +170,7 @@ def chunk_floors(results: dict[str, Any]) -> dict[tuple[str, str], float]:
     """The least per-chunk CPU cost of each contender and kind on its busiest rank, from the probe: a save's
     coordinator plans (unless a cached plan is reused: dcp-plugin's repeated saves), indexes the write results and
     pickles the metadata; a restoring rank unpickles the metadata and matches its shards against it."""
-    from benchmarks.scaling_probe import STEPS, per_chunk
+    from benchmarks.scaling_probe import STEPS
 
     if not results.get("probe"):
         return {}
@@ -313,8 +323,6 @@ def probe_summary(results: dict[str, Any], messages: dict[str, Any]) -> dict[str
     """The probe's per-chunk costs, and the message model checked against the probe's largest configuration: the
     metadata DCP broadcasts at the end of a save, predicted by the fitted size of that broadcast against the
     size the probe pickled (a configuration far beyond the measured ones)."""
-    from benchmarks.scaling_probe import per_chunk
-
     points = results.get("probe") or []
     if not points:
         return {}
@@ -389,6 +397,7 @@ __all__ = [
     "fit_messages",
     "fit_work",
     "host_wall",
+    "per_chunk",
     "is_held_out",
     "nnls",
     "observations",

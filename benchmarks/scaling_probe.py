@@ -123,16 +123,4 @@ AFTER_SAVE = ("unpickle",)
 """What every other rank does after the coordinator at the end of a save (it unpickles the broadcast metadata)."""
 
 
-def per_chunk(points: list[dict[str, Any]]) -> dict[str, float]:
-    """CPU seconds per chunk of each step: the slope through the probe's points (least squares, non-negative)."""
-    from benchmarks.scaling_model import fit_linear
-
-    shapes = [{"chunks": float(p["chunks"])} for p in points]
-    steps = points[0]["seconds"] if points else {}
-    return {
-        step: fit_linear(shapes, [p["seconds"][step] for p in points], ("fixed", "chunks"), relative=False)["chunks"]
-        for step in steps
-    }
-
-
-__all__ = ["AFTER_SAVE", "GRIDS", "STEPS", "local_plans", "measure", "per_chunk", "run"]
+__all__ = ["AFTER_SAVE", "GRIDS", "STEPS", "local_plans", "measure", "run"]

@@ -29,6 +29,7 @@ import torch
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine import inflight, plans, priority
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
+from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.engine.repeat import RepeatRequest
 from dcp_plugin.engine.staging.waits import StagingWaits
 from dcp_plugin.engine.stats import SaveStats
@@ -119,6 +120,7 @@ class Checkpointer:
         started = time.perf_counter()
         storage, name = self.locate(ref)
         self.check_storage(storage)
+        storage = scoped(storage, self.config, self.groups)
         self.engine.wait()
         inflight.wait_for(storage.url(name))  # another instance's write of this name: ours comes after it
         _check_json(dict(metadata or {}))
@@ -126,7 +128,15 @@ class Checkpointer:
         if self.config.stages_in_background:  # the next change of saved tensors waits for the snapshot copy
             self._staging_waits.hook(optimizers_in(wrapped), [*models_in(wrapped), *frozen_from])
         packed, pending, structure, choice, request = open_save(
-            self.engine, self._incremental, storage, name, wrapped, overwrite, frozen_from, self.config.allow_pickle
+            self.engine,
+            self._incremental,
+            storage,
+            name,
+            wrapped,
+            overwrite,
+            frozen_from,
+            self.config.allow_pickle,
+            self.config.replicas,
         )
         pending.manifest = {
             "step": step,
@@ -152,16 +162,16 @@ class Checkpointer:
             aliases=dict(request.aliases),
         )
         stats = SaveStats(name=name, url=storage.url(name), step=step, mode=self.config.async_mode, blocking_s=0.0)
-        on_failure = (lambda: storage.abort(pending)) if self.groups.is_coordinator else None
         self.engine.save(
             packed.flat,
             writer,
             stats=stats,
             started=started,
-            on_failure=on_failure,
+            on_failure=(lambda: storage.abort(pending)) if storage.cleans_up(self.groups.is_coordinator) else None,
             on_done=functools.partial(self._save_done, storage, plan, held, pending.manifest["save_id"], after_commit),
             structure=structure,
             repeat=request,
+            on_written=storage.completion(pending),
         )
         self._incremental.saved(storage, name, pending.manifest["save_id"])
         self.last_stats = stats
@@ -285,6 +295,14 @@ class Checkpointer:
             self._staging_waits.remove()
 
 
+def scoped(storage: CheckpointStorage, config: CheckpointConfig, groups: ProcessGroups) -> CheckpointStorage:
+    """``storage`` as ``config`` writes it: with ``local_scope="node"``, on every node's own disk with the commit
+    across nodes (collective the first time: the ranks agree on their nodes)."""
+    if config.local_scope != "node" or storage.node_layout is not None:
+        return storage
+    return storage.on_nodes(groups.node_layout(), groups)
+
+
 def locate(
     ref: Ref, base_options: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
 ) -> tuple[CheckpointStorage, str]:
@@ -310,6 +328,7 @@ def open_save(
     overwrite: bool,
     frozen_from: Sequence[torch.nn.Module],
     allow_pickle: bool,
+    replicas: int,
 ) -> tuple[packing.Packed, PendingWrite, str, Choice | None, RepeatRequest]:
     """Pack the state on every rank and open the write on the coordinator; any rank's failure fails all. Also agrees
     over all ranks, in one all-gather, on the save's structure (what its ``.metadata`` records besides the bytes) and
@@ -329,6 +348,7 @@ def open_save(
             choice = incremental.choose(storage, packed.tensors, wrapped, frozen_from)
             blobs = choice.keys if choice is not None else frozenset()
             numbers = (structure, engine.repeats.number(structure, packed.tensors, aliases, blobs, storage.root_url))
+        storage.check_room(_tensor_bytes(packed), groups.world_size, replicas)  # /dev/shm: room?
         if groups.is_coordinator:
             pending = storage.begin_write(name, overwrite=overwrite)
             pending.manifest["save_id"] = uuid.uuid4().hex
@@ -347,9 +367,10 @@ def open_save(
     agreed = plans.agreed([number for _, _, (number, _), _ in outcomes])
     key = f"{agreed}/{plans.agreed([repeat for _, _, (_, repeat), _ in outcomes])}"
     blobs = choice.keys if choice is not None else frozenset()
-    repeat = all(ready == key for _, _, _, ready in outcomes)
+    # a commit across nodes runs where DCP's write ends: such saves are always written through DCP
+    repeat = storage.node_layout is None and all(ready == key for _, _, _, ready in outcomes)
     request = RepeatRequest(packed.tensors, packed.plain, aliases, blobs, key, repeat)
-    return packed, pending, agreed, choice, request
+    return packed, storage.here(pending), agreed, choice, request
 
 
 @contextlib.contextmanager
@@ -363,6 +384,15 @@ def _collection_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _tensor_bytes(packed: packing.Packed) -> int:
+    """The bytes of tensor data this rank holds for a save (its shards of sharded tensors)."""
+    total = 0
+    for tensor in packed.tensors.values():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _error_text(err: BaseException | None) -> str | None:
@@ -380,4 +410,4 @@ def _check_json(value: Any) -> None:
         ) from None
 
 
-__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate"]
+__all__ = ["Checkpointer", "REPLACED_RETRIES", "Ref", "locate", "scoped"]

@@ -18,6 +18,8 @@ from dcp_plugin.errors import ConfigError
 
 ASYNC_MODES = ("sync", "thread", "process")
 AsyncMode = Literal["sync", "thread", "process"]
+LOCAL_SCOPES = ("shared", "node")
+LocalScope = Literal["shared", "node"]
 
 ENV_PREFIX = "DCP_PLUGIN_"
 
@@ -116,6 +118,19 @@ class CheckpointConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem (for example ``{"endpoint_url": ...}`` for s3)."""
 
+    local_scope: LocalScope = "shared"
+    """Who can read the checkpoint directory. ``"shared"``: every rank (one node, or a shared filesystem).
+    ``"node"``: each node has its own disk under the same path (NVMe instance stores, ``/dev/shm``); every node
+    writes its ranks' files there, a checkpoint is committed once every node's part is durable (a commit across
+    nodes), each node's part is copied to ``peer_replicas`` other nodes, and a restore reads each file from the
+    nearest copy. Needs a local path. Incremental saves are off in this scope (each checkpoint holds its own
+    files). See docs/multinode.md."""
+
+    peer_replicas: int | None = None
+    """With ``local_scope="node"``: how many other nodes keep a copy of each node's part (a ring by node rank).
+    ``None``: 1 with ``local_scope="node"``, 0 otherwise. ``0``: no copies (losing a node's disk then loses its
+    part, unless a remote tier has the checkpoint)."""
+
     def __post_init__(self) -> None:
         if self.async_mode not in ASYNC_MODES:
             raise ConfigError(f"async_mode={self.async_mode!r} is not supported; use one of {', '.join(ASYNC_MODES)}.")
@@ -165,6 +180,33 @@ class CheckpointConfig:
         if not isinstance(self.storage_options, Mapping):
             raise ConfigError("storage_options must be a mapping of fsspec keyword arguments.")
         self.storage_options = dict(self.storage_options)
+        self._check_nodes()
+
+    def _check_nodes(self) -> None:
+        if self.local_scope not in LOCAL_SCOPES:
+            raise ConfigError(
+                f"local_scope={self.local_scope!r} is not supported; use 'shared' (every rank reads the directory) or "
+                "'node' (each node has its own disk under the same path)."
+            )
+        replicas = self.peer_replicas
+        if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0):
+            raise ConfigError(
+                f"peer_replicas={replicas!r} must be an integer >= 0 (or None: 1 with local_scope='node')."
+            )
+        if self.local_scope == "shared" and replicas:
+            raise ConfigError(
+                f"peer_replicas={replicas} copies each node's part of a checkpoint to other nodes, which needs "
+                "local_scope='node' (node-local disks); with a shared directory every node reads the same files."
+            )
+        if self.local_scope == "node":
+            self.incremental = False  # a node's part holds its own files: nothing refers to another checkpoint's
+
+    @property
+    def replicas(self) -> int:
+        """How many other nodes keep a copy of each node's part: ``peer_replicas``, or its default for the scope."""
+        if self.peer_replicas is not None:
+            return self.peer_replicas
+        return 1 if self.local_scope == "node" else 0
 
     @property
     def background_nice(self) -> int:
@@ -281,6 +323,7 @@ def _parse_env_value(key: str, raw: str, default: Any) -> Any:
     optional_ints = {
         "FULL_SAVE_EVERY": "a positive integer or 'none'",
         "WRITER_NICE": "an integer from 0 to 19, or 'auto'",
+        "PEER_REPLICAS": "an integer >= 0, or 'auto'",
     }
     expected = next((what for suffix, what in optional_ints.items() if key.endswith(suffix)), None)
     if expected is not None:

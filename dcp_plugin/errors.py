@@ -41,6 +41,12 @@ class CheckpointLoadError(CheckpointError, RuntimeError):
     """A load failed; the message names the checkpoint and the cause."""
 
 
+class CheckpointIncompleteError(CheckpointLoadError):
+    """On node-local disks (``local_scope="node"``): a checkpoint's part is on no node's disk any more, no node keeps
+    a copy of it and no remote tier has the checkpoint. The message names what is missing and which node wrote it.
+    Raised instead of starting afresh, because earlier training would be lost silently."""
+
+
 class CheckpointCorruptError(CheckpointLoadError, ValueError):
     """A checkpoint's files do not match what was committed (checksum, size, malformed manifest or metadata).
 
@@ -82,6 +88,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointIncompleteError",
     "CheckpointLoadError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from dcp_plugin.checkpointer import Checkpointer
+from dcp_plugin.checkpointer import Checkpointer, scoped
 from dcp_plugin.config import CheckpointConfig
 from dcp_plugin.engine.checkpoint_engine import CheckpointEngine
 from dcp_plugin.engine.stats import SaveStats
@@ -24,6 +24,7 @@ from dcp_plugin.errors import ConfigError
 from dcp_plugin.policies import RetentionPolicy, SaveContext, SaveDecision, SaveEvent, SavePolicy, as_metrics
 from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, step_name
+from dcp_plugin.tiers.nodes import NodeTiers
 from dcp_plugin.tiers.run_tiers import RunTiers
 from dcp_plugin.tiers.two_tiers import TwoTiers
 
@@ -42,7 +43,7 @@ class CheckpointListing:
 
     checkpointer: Checkpointer
     storage: CheckpointStorage
-    _where: RunTiers
+    _where: RunTiers | NodeTiers
 
     @property
     def directory(self) -> str:
@@ -53,6 +54,11 @@ class CheckpointListing:
     def tiers(self) -> TwoTiers | None:
         """With ``remote``: the local and remote tiers and the replication between them."""
         return self._where.tiers
+
+    @property
+    def nodes(self) -> NodeTiers | None:
+        """With ``local_scope="node"``: what every node holds, the copies between nodes and restores."""
+        return self._where if isinstance(self._where, NodeTiers) else None
 
     def read(
         self,
@@ -76,9 +82,10 @@ class CheckpointListing:
         return self._where.locations()
 
     def latest(self) -> CheckpointInfo | None:
-        """The newest committed checkpoint (with ``remote``: of either tier), or ``None`` if there is none."""
-        infos = self.list()
-        return infos[-1] if infos else None
+        """The newest committed checkpoint (with ``remote``: of either tier), or ``None`` if there is none. With
+        ``local_scope="node"``: the newest complete across the nodes; when the nodes hold only checkpoints that
+        lack a part (a lost disk, no copy, no remote tier) it raises :class:`CheckpointIncompleteError`."""
+        return self._where.latest()
 
     @property
     def steps(self) -> list[int]:
@@ -86,12 +93,12 @@ class CheckpointListing:
         return [info.step for info in self.list() if info.step is not None]
 
     def delete(self, step: int | None = None, *, name: str | None = None) -> None:
-        """Delete a committed checkpoint (waits for a save in flight first). Coordinator only."""
+        """Delete a committed checkpoint (waits for a save in flight first; call it on every rank)."""
         if (step is None) == (name is None):
             raise ValueError("Pass exactly one of step or name.")
         self.checkpointer.wait()
-        if self.checkpointer.groups.is_coordinator:
-            self.storage.delete(name or step_name(step))  # type: ignore[arg-type]
+        if self.nodes is not None or self.checkpointer.groups.is_coordinator:  # on node-local disks: every node
+            self._where.delete(name or step_name(step))  # type: ignore[arg-type]
 
 
 class CheckpointManager(CheckpointListing):
@@ -155,6 +162,7 @@ class CheckpointManager(CheckpointListing):
         """The local tier: the directory's committed checkpoints, their manifests and deletion."""
         self.checkpointer.check_storage(self.storage)
         self.storage.check_root()
+        self.storage = scoped(self.storage, self.config, self.checkpointer.groups)  # node-local disks: per node
         if self._owns_checkpointer:
             self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
@@ -168,6 +176,8 @@ class CheckpointManager(CheckpointListing):
             remote_retention=remote_retention,
             run_id=schedule.run_id,
             groups=self.checkpointer.groups,
+            schedule=schedule,
+            copies=self.config.replicas,
         )
         self.history: deque[SaveStats] = deque(maxlen=HISTORY_LIMIT)
         """Stats of this manager's most recent saves (oldest dropped after 1000)."""
@@ -229,7 +239,7 @@ class CheckpointManager(CheckpointListing):
             state,
             step=step,
             metadata=metadata,
-            overwrite=overwrite,
+            overwrite=overwrite or self._where.replaces(name or step_name(step)),
             run_id=self.run_id,
             after_commit=functools.partial(self._after_commit, False) if self.config.is_async else None,
         )
@@ -323,8 +333,9 @@ class CheckpointManager(CheckpointListing):
         try:
             try:
                 self.wait()
-                if self.tiers is not None:
-                    self.tiers.close()  # waits for the replication of everything committed
+                copies = self.nodes or self.tiers
+                if copies is not None:
+                    copies.close()  # waits for the copies of everything committed (to peers, to the remote tier)
                     self._after_commit()  # retention of what was kept only until it was copied
             finally:
                 if self._owns_checkpointer:

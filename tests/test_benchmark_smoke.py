@@ -143,3 +143,25 @@ def test_write_cpu_benchmark_at_tiny_size_reports_every_writer_against_the_raw_w
         assert len(data["samples_s"][name]) == 1 and len(data["durable_s"][name]) == 1
     assert data["bytes"] == 2 * 2**20 and data["machine"]["torch"]
     assert not list((tmp_path / "w").iterdir()), "files left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_restore_benchmark_runs_every_contender_at_tiny_size_and_checks_each_bit_for_bit(tmp_path):
+    from benchmarks import restore
+
+    out = tmp_path / "results" / "restore"
+    # one workload and one mode: every contender still runs in its own process (the suite's time is the limit)
+    argv = ["--workloads", "small", "--modes", "cold", "--experts", "16", "--repeats", "1"]
+    argv += ["--slope-mib", "1", "--slope-counts", "8", "64"]
+    argv += ["--slope-repeats", "1", "--torch-threads", "1", "--dir", str(tmp_path / "ckpt"), "--out", str(out)]
+    assert restore.main(argv) == 0
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert all(run["ok"] for run in data["runs"]), [r.get("error") for r in data["runs"]]
+    entries = data["summary"]["small"]["cold"]
+    assert set(entries) == set(restore.ALL)
+    assert all(entry["exact"] for entry in entries.values()), entries
+    assert entries["dcp-plugin"]["vs"]["baseline"] == "torch.load"
+    assert all(row[name]["exact"] for row in data["per_tensor"]["rows"].values() for name in row)
+    assert "Per tensor" in out.with_suffix(".md").read_text()

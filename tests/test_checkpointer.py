@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dcp_plugin import CheckpointConfig, Checkpointer, CheckpointManager, CheckpointNotFoundError, ConfigError
+from dcp_plugin import CheckpointConfig, Checkpointer, CheckpointManager, CheckpointNotFoundError, ConfigError, loading
 from dcp_plugin.storage import CheckpointStorage
 from tests.models import assert_same, make_model
 
@@ -65,13 +65,14 @@ def test_a_shared_engine_is_not_closed_and_config_and_engine_exclude_each_other(
 
 
 class ReplaceDuringLoad:
-    """Wraps a reader's ``engine.load``: after its ``at``-th call, another writer replaces the checkpoint
-    (synchronously, so the replacement lands exactly between two reads of the same load)."""
+    """Wraps the reads of a load (``loading._read_tensors``: the skeleton, then the tensors): after its ``at``-th
+    call, another writer replaces the checkpoint (synchronously, so the replacement lands exactly between two reads
+    of the same load)."""
 
-    def __init__(self, engine, replace, at: int) -> None:
-        self.engine, self.replace, self.at, self.calls = engine, replace, at, 0
-        self.original = engine.load
-        engine.load = self
+    def __init__(self, monkeypatch, replace, at: int) -> None:
+        self.replace, self.at, self.calls = replace, at, 0
+        self.original = loading._read_tensors
+        monkeypatch.setattr(loading, "_read_tensors", self)
 
     def __call__(self, *args, **kwargs):
         self.original(*args, **kwargs)
@@ -81,7 +82,7 @@ class ReplaceDuringLoad:
 
 
 @pytest.mark.parametrize("at", [1, 2])  # after reading the skeleton, after reading the tensors
-def test_a_load_never_hands_out_a_mix_when_the_checkpoint_is_replaced_while_read(ckpt_dir, at):
+def test_a_load_never_hands_out_a_mix_when_the_checkpoint_is_replaced_while_read(ckpt_dir, at, monkeypatch):
     weights = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(2**12))})
     writer = CheckpointManager(ckpt_dir, async_mode="sync")
     versions = iter(range(1, 100))
@@ -94,7 +95,7 @@ def test_a_load_never_hands_out_a_mix_when_the_checkpoint_is_replaced_while_read
 
     writer.save(1, {"model": weights, "version": 0})
     reader = CheckpointManager(ckpt_dir, async_mode="sync")
-    hook = ReplaceDuringLoad(reader.engine, replace, at)
+    hook = ReplaceDuringLoad(monkeypatch, replace, at)
     target = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.full((2**12,), -1.0))})
     state = {"model": target, "version": -1}
     reader.load(state, step=1)

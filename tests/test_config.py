@@ -25,6 +25,10 @@ def test_defaults_are_valid_and_async():
         ({"max_staging_bytes": 0}, "positive size"),
         ({"async_mode": "process", "max_staging_bytes": "1GiB"}, "whole snapshot in shared memory"),
         ({"async_mode": "sync", "max_staging_bytes": "1GiB"}, "stages nothing"),
+        ({"local_scope": "nodes"}, "'shared'.*'node'"),
+        ({"peer_replicas": 1}, "needs local_scope='node'"),
+        ({"local_scope": "node", "peer_replicas": -1}, "integer >= 0"),
+        ({"local_scope": "node", "peer_replicas": True}, "integer >= 0"),
     ],
 )
 def test_bad_values_are_rejected_with_the_fix(changes, message):
@@ -46,6 +50,18 @@ def test_from_env_parses_and_code_overrides_win():
     assert config.async_mode == "process" and config.thread_count == 3
     assert config.sync_files is False and config.pinned_memory is None
     assert config.storage_options == {"anon": False}
+
+
+def test_node_scope_from_code_and_environment():
+    assert CheckpointConfig().local_scope == "shared" and CheckpointConfig().replicas == 0
+    config = CheckpointConfig(local_scope="node")
+    assert config.replicas == 1 and config.incremental is False  # a node's part holds its own files
+    env = {"DCP_PLUGIN_LOCAL_SCOPE": "node", "DCP_PLUGIN_PEER_REPLICAS": "2"}
+    assert CheckpointConfig.from_env(env).replicas == 2
+    assert CheckpointConfig.from_env({**env, "DCP_PLUGIN_PEER_REPLICAS": "auto"}).replicas == 1
+    assert CheckpointConfig.from_env(env, peer_replicas=0).replicas == 0
+    with pytest.raises(ConfigError, match="DCP_PLUGIN_PEER_REPLICAS"):
+        CheckpointConfig.from_env({**env, "DCP_PLUGIN_PEER_REPLICAS": "two"})
 
 
 def test_from_env_rejects_typos():

@@ -162,11 +162,11 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
                 if self.accelerator._load_model_state_pre_hook:
                     ref, models, hook_dir = hooks.prepare_load(self, input_dir)
                     state = collect(self.accelerator, int(project.iteration), for_load=True, models=models)
-                    info = self.checkpointer.load(ref, state, strict=strict)
+                    info = self._load(ref, state, strict)
                 else:
                     state = collect(self.accelerator, int(project.iteration), for_load=True)
                     if input_dir is not None:
-                        info = self.checkpointer.load(str(input_dir), state, strict=strict)
+                        info = self._load(self.checkpointer.locate(str(input_dir)), state, strict)
                     else:
                         info = self.automatic_manager().load(state, strict=strict)
             except CheckpointNotFoundError as err:
@@ -184,6 +184,23 @@ class AccelerateCheckpointer(AutomaticCheckpoints):
                 next_iteration = max(next_iteration, highest + 1)
         project.iteration = next_iteration
         return info
+
+    def _load(self, ref: tuple[Any, str], state: dict[str, Any], strict: bool | None) -> CheckpointInfo:
+        """Load checkpoint ``ref``; on node-local disks through a manager of its directory, which restores each file
+        from the node that holds it (collective, as ``load_state`` is)."""
+        if self.config.local_scope != "node":
+            return self.checkpointer.load(ref, state, strict=strict)
+        storage, name = ref
+        with CheckpointManager(storage.root_url, checkpointer=self.checkpointer) as manager:
+            return manager.load(state, name=name, strict=strict)
+
+    def read(self, ref: tuple[Any, str], entries: list[str]) -> dict[str, Any]:
+        """Read some entries of checkpoint ``ref`` without live objects (on node-local disks: as :meth:`_load`)."""
+        if self.config.local_scope != "node":
+            return self.checkpointer.read(ref, entries=entries)
+        storage, name = ref
+        with CheckpointManager(storage.root_url, checkpointer=self.checkpointer) as manager:
+            return manager.read(name=name, entries=entries)
 
     # -- flushing and retention ------------------------------------------------------------------
     def flush(self) -> None:

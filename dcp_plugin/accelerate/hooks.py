@@ -97,7 +97,7 @@ def prepare_load(checkpointer: Any, input_dir: Any) -> tuple[Any, set[int], str 
         found: Any = None
         if groups.is_coordinator:
             try:
-                found = storage.info(name)
+                found = storage.info(name)  # on node-local disks the first node's part: the manifest is the same
             except CheckpointNotFoundError as err:
                 found = str(err)
         found = groups.broadcast(found)
@@ -107,7 +107,7 @@ def prepare_load(checkpointer: Any, input_dir: Any) -> tuple[Any, set[int], str 
     ref = (storage, info.name)
     files = None
     if HOOK_FILES_ENTRY in info.manifest.get("entries", {}):
-        files = checkpointer.checkpointer.read(ref, entries=[HOOK_FILES_ENTRY])[HOOK_FILES_ENTRY]
+        files = checkpointer.read(ref, entries=[HOOK_FILES_ENTRY])[HOOK_FILES_ENTRY]
     models, directory = run_load_hooks(checkpointer.accelerator, files)
     return ref, models, directory
 

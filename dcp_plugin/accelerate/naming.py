@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 import uuid
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dcp_plugin.accelerate.options import AccelerateOptions
 from dcp_plugin.checkpointer import Checkpointer
@@ -18,6 +19,7 @@ from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo
 
 AUTO_NAME = re.compile(r"^checkpoint_(\d+)$")
+_T = TypeVar("_T")
 
 
 def auto_name(iteration: int) -> str:
@@ -101,16 +103,24 @@ class AutomaticCheckpoints:
         """
         if not self.automatic_naming:
             return None
-        groups, manager = self.checkpointer.groups, self.automatic_manager()  # built by every rank (collectively)
-        return groups.broadcast(manager.latest() if groups.is_coordinator else None)
+        manager = self.automatic_manager()  # built by every rank (collectively)
+        return self._agreed(manager.latest)
 
     def _highest_automatic_index(self) -> int | None:
-        groups, manager = self.checkpointer.groups, self.automatic_manager()
-        highest = None
-        if groups.is_coordinator:
+        manager = self.automatic_manager()
+
+        def highest() -> int | None:
             indices = [auto_index(info.name) for info in manager.list()]
-            highest = max((i for i in indices if i is not None), default=None)
-        return groups.broadcast(highest)
+            return max((i for i in indices if i is not None), default=None)
+
+        return self._agreed(highest)
+
+    def _agreed(self, ask: Callable[[], _T]) -> _T:
+        """``ask()`` on the coordinator, broadcast; on node-local disks every rank asks (listing is collective)."""
+        groups = self.checkpointer.groups
+        if self.automatic_manager().nodes is not None:
+            return ask()
+        return groups.broadcast(ask() if groups.is_coordinator else None)
 
 
 def _automatically_named(info: CheckpointInfo) -> bool:

@@ -30,7 +30,7 @@ from dcp_plugin.engine.failures import describe as _describe
 from dcp_plugin.engine.failures import project_error as _project_error
 from dcp_plugin.engine.groups import ProcessGroups
 from dcp_plugin.engine.outcomes import SaveOutcomes
-from dcp_plugin.engine.pending import PendingSave
+from dcp_plugin.engine.pending import PendingSave, then
 from dcp_plugin.engine.pending import bytes_written as _bytes
 from dcp_plugin.engine.repeat import RepeatRequest, RepeatSaves
 from dcp_plugin.engine.staging.pool import BoundedStager
@@ -171,15 +171,20 @@ class CheckpointEngine:
         on_done: Any = None,
         structure: str = "",
         repeat: RepeatRequest | None = None,
+        on_written: Any = None,
     ) -> SaveStats:
         """Start writing ``flat_state`` with ``writer``; returns once the snapshot is safe to mutate (or, with async
         staging, once staging started). Fills ``stats`` in (now and when done). ``on_done(metadata)`` runs once the
         write committed (with the save's ``Metadata``) or failed (``None``). ``structure``: the save's structure
         agreed over all ranks (:func:`~dcp_plugin.engine.plans.agreed`), a cached plan's key. ``repeat``: what lets
-        a save DCP planned before be written without DCP, if all ranks agreed to (:mod:`dcp_plugin.engine.repeat`)."""
+        a save DCP planned before be written without DCP, if all ranks agreed to (:mod:`dcp_plugin.engine.repeat`).
+        ``on_written(metadata)`` runs on every rank after DCP's write, as part of the save (the commit across
+        nodes); a save with one is always written through DCP."""
         self._check_open()
         self.wait()
         mode = self.config.async_mode
+        if on_written is not None:
+            repeat = None  # the commit across nodes runs where DCP's write ends
         if repeat is None or not repeat.repeat:
             self.repeats.forget()  # its images go before DCP stages anew
             on_done = self.repeats.seeding(repeat, writer, on_done, self._stagers.close)
@@ -189,6 +194,8 @@ class CheckpointEngine:
                 result = self.repeats.begin(repeat, writer, self.config.stages_in_background)
             else:
                 result = self._start_dcp(flat_state, writer, structure)
+                if on_written is not None and not isinstance(result, tuple):  # sync: written, not yet done
+                    on_written(result)
         except BaseException as err:
             _cleanup_after_failure(on_failure, stats.url)
             inflight.finish(writing)
@@ -208,12 +215,15 @@ class CheckpointEngine:
             self._outcomes.finished(stats)
             return stats
         staging, upload = result
+        upload = upload if on_written is None else then(upload, on_written)
         stats.blocking_s = time.perf_counter() - started
         if staging is None:
             stats.staging_s = stats.blocking_s
         else:
             staging.add_done_callback(lambda _f: setattr(stats, "staging_s", time.perf_counter() - started))
         flight = PendingSave(stats, started, upload, staging, on_failure, writing, on_done, writer)
+        if mode == "process":  # staging in the background may be what fills /dev/shm
+            flight.error_hint = lambda err: daemon.shared_memory_hint(err, flat_state)
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats

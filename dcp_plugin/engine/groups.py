@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from dcp_plugin.engine.nodes import NodeLayout, detect_layout
 from dcp_plugin.errors import ConfigError
 
 
@@ -32,6 +33,7 @@ class ProcessGroups:
         self._group: dist.ProcessGroup | None = None
         self._control_group: dist.ProcessGroup | None = None
         self._group_ready = False
+        self._layout: NodeLayout | None = None
 
     @property
     def collective(self) -> bool:
@@ -71,14 +73,15 @@ class ProcessGroups:
 
     def _check_same_process(self) -> None:
         """A group made before ``fork()`` cannot be used in the child (gloo's threads stayed in the parent; a
-        collective there waits forever): say so instead."""
+        collective there waits forever), nor can an asynchronous engine's staging threads and writer (a staging
+        job queued in the child never runs): say so instead."""
         made_in = getattr(self, "_made_in", os.getpid())
         made_here = self._group is not None or getattr(self, "_owns_default_group", False)
-        if made_here and made_in != os.getpid():
+        if (made_here or self._async_mode != "sync") and made_in != os.getpid():
             raise ConfigError(
                 f"This checkpointer was set up in process {made_in} and is used in process {os.getpid()}, forked "
-                "from it: its process groups and writer belong to the parent and cannot work here. Create a new "
-                "CheckpointManager (or Checkpointer) in the child; it starts its own writer."
+                "from it: its process groups, background threads and writer belong to the parent and cannot work "
+                "here. Create a new CheckpointManager (or Checkpointer) in the child; it starts its own writer."
             )
 
     def _single_process_group(self) -> dist.ProcessGroup | None:
@@ -127,6 +130,13 @@ class ProcessGroups:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self._control_group)
         return out
+
+    def node_layout(self) -> NodeLayout:
+        """Which node each rank runs on, agreed by every rank at its first call (collective then; safe while a
+        save is in flight: it runs on the control group)."""
+        if self._layout is None:
+            self._layout = detect_layout(self.rank, self.all_gather_control)
+        return self._layout
 
     def close(self) -> None:
         """Release the groups created here."""

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_first
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class PendingSave:
     writing: str
     on_done: Any = None
     writer: Any = None
+    error_hint: Callable[[BaseException], str] | None = None
+    """Adds to a failed write's message what the user can do about it (``""`` when it knows nothing)."""
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
     writer_thread: threading.Thread | None = None
     """The thread DCP wrote in (it ends right after the write; :meth:`join_writer` waits for that)."""
@@ -52,7 +55,7 @@ class PendingSave:
                 stats.direct_io = getattr(metadata, "dcp_plugin_direct_io", None)
             except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException
                 metadata = None
-                stats.error = describe(err)
+                stats.error = describe(err) + (self.error_hint(err) if self.error_hint else "")
                 outcomes.failed(err, stats)
                 cleanup_after_failure(self.on_failure, stats.url)
             outcomes.finished(stats)
@@ -60,6 +63,7 @@ class PendingSave:
             inflight.finish(self.writing)
             call_done(self.on_done, metadata)
             self.on_done = None  # what it holds (the save's tensors, by reference) is not kept past the save
+            self.error_hint = None  # it may hold the saved state
             self.writer_thread = threading.current_thread()
             self.finished.set()  # whatever happened above, wait() must not hang
 
@@ -89,6 +93,25 @@ class PendingSave:
             self.stats.staging_wait_s += time.perf_counter() - began
 
 
+def then(upload: Future, step: Callable[[Any], None]) -> Future:
+    """A future that resolves once ``upload`` did and ``step(result)`` ran after it, in the thread that resolved
+    ``upload`` (a write's last step that every rank runs, such as the commit across nodes); either's failure fails
+    it."""
+    out: Future = Future()
+
+    def done(future: Future) -> None:
+        try:
+            result = future.result()
+            step(result)
+        except BaseException as err:  # noqa: BLE001 - CheckpointException is a BaseException; handed on
+            out.set_exception(err)
+            return
+        out.set_result(result)
+
+    upload.add_done_callback(done)
+    return out
+
+
 def bytes_written(metadata: Any, writer: Any = None) -> int | None:
     """Bytes of tensor data the save wrote (a writer that refers to earlier data says how much it added)."""
     added = getattr(metadata, "dcp_plugin_bytes_added", None)  # a save written without DCP says it itself
@@ -103,4 +126,4 @@ def bytes_written(metadata: Any, writer: Any = None) -> int | None:
     return sum(int(getattr(info, "length", 0)) for info in storage.values())
 
 
-__all__ = ["PendingSave", "bytes_written"]
+__all__ = ["PendingSave", "bytes_written", "then"]

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflat
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dcp_plugin.format.state import _NEVER_STEPPED, ModelState, defines_structure
+from dcp_plugin.format.state import _NEVER_STEPPED, ModelState, defines_structure, load_targets
 from dcp_plugin.storage.reader import placeholder
 
 
@@ -50,7 +50,7 @@ def plan_dcp_load(state: Mapping[str, Any], metadata: Metadata, *, strict: bool)
         if not isinstance(obj, Stateful):
             _from_metadata(plan, metadata, saved)
             continue
-        value = obj.state_dict()
+        value = load_targets(obj)
         if isinstance(value, dict) and _NEVER_STEPPED in value:  # dcp-plugin's own marker; DCP never stores it
             value = {k: v for k, v in value.items() if k != _NEVER_STEPPED}
         flat, mapping = flatten_state_dict({name: value})

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dic
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dcp_plugin.format import dcp_values, encoding
-from dcp_plugin.format.state import ModelState, defines_structure, is_per_rank
+from dcp_plugin.format.state import ModelState, defines_structure, is_per_rank, load_targets
 from dcp_plugin.storage.reader import placeholder
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def plan_load(
             (plan.problems if strict else plan.warnings).append(message)
             continue
         plan.entries[name] = entry
-        target_value = obj.state_dict() if isinstance(obj, Stateful) else obj
+        target_value = load_targets(obj)
         prefix = entry_prefix(name, entry["per_rank"], source_rank)
         target_tensors = _tensor_leaves(target_value, prefix)
         saved_keys = encoding.tensor_keys(entry["value"])

@@ -22,7 +22,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dcp_plugin.format import fast_state
+from dcp_plugin.format import fast_state, plain_names
+from dcp_plugin.format.in_place import loaded_in_place, optimizer_loaded_in_place
+from dcp_plugin.format.optim_targets import materialize
 
 
 class ModelState(Stateful):
@@ -38,6 +40,7 @@ class ModelState(Stateful):
         """The live module (plain, DDP, FSDP2 or tensor-parallel) whose state is saved and loaded in place."""
         self.options = options
         """``StateDictOptions`` for torch's ``get/set_model_state_dict`` (``None``: torch's defaults)."""
+        self._load_targets: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The model's parameters and buffers by FQN, as ``get_model_state_dict`` gives them (no copies)."""
@@ -45,8 +48,19 @@ class ModelState(Stateful):
             return fast_state.model_state_dict(self.model)
         return get_model_state_dict(self.model, options=self.options)
 
+    def load_targets(self) -> dict[str, Any]:
+        """The :meth:`state_dict` a load reads into (remembered: :meth:`load_state_dict` of exactly these tensors,
+        read in place, has nothing left to copy)."""
+        plain = plain_names.model_state_dict(self.model) if self.options is None else None
+        targets = plain if plain is not None else self.state_dict()
+        self._load_targets = targets
+        return targets
+
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Copy ``state_dict`` into the live model; ``strict=False`` leaves tensors the checkpoint lacks as they are."""
+        targets, self._load_targets = getattr(self, "_load_targets", None), None  # (instances unpickled from 0.3)
+        if self.options is None and loaded_in_place(self.model, state_dict, targets):
+            return  # every tensor was read into the model's own memory (see dcp_plugin.format.in_place)
         options = self.options
         if not strict:
             options = dataclasses.replace(options or StateDictOptions(), strict=False)
@@ -73,6 +87,8 @@ class OptimizerState(Stateful):
         """The live optimizer, or several over the same model (their states are merged under FQN keys)."""
         self.options = options
         """``StateDictOptions`` for torch's ``get/set_optimizer_state_dict`` (``None``: torch's defaults)."""
+        self._load_targets: dict[str, Any] | None = None
+        self._made_for_load: list[torch.optim.Optimizer] = []
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -95,11 +111,35 @@ class OptimizerState(Stateful):
             state_dict = {**state_dict, _NEVER_STEPPED: True}
         return state_dict
 
+    def load_targets(self) -> dict[str, Any]:
+        """The :meth:`state_dict` a load reads into. An optimizer that never stepped is given the state its first
+        step would create (empty tensors, no arithmetic: :mod:`~dcp_plugin.format.optim_targets`) and keeps it for
+        :meth:`load_state_dict`; :meth:`discard_load_targets` takes it away again if the load fails."""
+        made = [optimizer for optimizer in self.optimizers if not optimizer.state]
+        self._made_for_load = [optimizer for optimizer in made if materialize(optimizer)]
+        targets: dict[str, Any] | None = None
+        if self.options is None and isinstance(self.optimizer, torch.optim.Optimizer):
+            targets = plain_names.optimizer_state_dict(self.model, self.optimizer)
+        if targets is None:
+            targets = dict(get_optimizer_state_dict(self.model, self.optimizer, options=self.options))
+        self._load_targets = targets
+        return targets
+
+    def discard_load_targets(self) -> None:
+        """After a failed load: optimizers :meth:`load_targets` gave state to have none again."""
+        for optimizer in getattr(self, "_made_for_load", ()):
+            optimizer.state.clear()
+        self._made_for_load = []
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore state and param groups into the live optimizer(s); a never-stepped save leaves them empty."""
         state_dict = dict(state_dict)
         never_stepped = state_dict.pop(_NEVER_STEPPED, False)
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+        self._made_for_load = []
+        targets, self._load_targets = getattr(self, "_load_targets", None), None
+        single = self.optimizer if isinstance(self.optimizer, torch.optim.Optimizer) else None
+        if not (self.options is None and single is not None and optimizer_loaded_in_place(single, state_dict, targets)):
+            set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
         if never_stepped:
             for optimizer in self.optimizers:
                 optimizer.state.clear()
@@ -167,6 +207,14 @@ class PerRank(Stateful):
             self.value.load_state_dict(state_dict)
         else:
             self.value = state_dict
+
+
+def load_targets(value: Any) -> Any:
+    """What a load of the state entry ``value`` reads into: ``load_targets()`` of the model and optimizer wrappers,
+    ``state_dict()`` of any other ``Stateful``, the value itself otherwise."""
+    if isinstance(value, (ModelState, OptimizerState)):
+        return value.load_targets()
+    return value.state_dict() if isinstance(value, Stateful) else value
 
 
 def is_per_rank(value: Any) -> bool:

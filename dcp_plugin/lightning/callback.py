@@ -28,6 +28,7 @@ from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.nodes import NodeScope, nodes_of
 from dcp_plugin.lightning.options import check_bool, checked_export_dtype, save_options
 from dcp_plugin.lightning.reporting import METRIC_PREFIX, SaveLog, export_model, summarize  # noqa: F401
 from dcp_plugin.lightning.run import (
@@ -100,6 +101,9 @@ class DCPCheckpoint(RunCheckpoints):
         remote_storage_options: fsspec options of the remote tier.
         replicate_every_n_steps: copy only checkpoints of every n-th step (default: every checkpoint).
         remote_keep_last: how many of this run's checkpoints the remote tier keeps (default: all).
+        local_scope: ``"node"``: ``dirpath`` is on each node's own disk (no shared filesystem): see
+            docs/multinode.md. Passed to the plugin (default: the plugin's, ``DCP_PLUGIN_LOCAL_SCOPE``).
+        peer_replicas: with ``local_scope="node"``: how many other nodes keep a copy of each node's part (default 1).
         clock: clock of the time trigger (seconds); inject one in tests.
     """
 
@@ -129,6 +133,8 @@ class DCPCheckpoint(RunCheckpoints):
         remote_storage_options: dict[str, Any] | None = None,
         replicate_every_n_steps: int | None = None,
         remote_keep_last: int | None = None,
+        local_scope: Literal["shared", "node"] | None = None,
+        peer_replicas: int | None = None,
     ) -> None:
         triggers = (every_n_train_steps, every_n_seconds, every_n_epochs)
         self.save_options = save_options(*triggers, save_on_signal, signals, save_on_exception, clock)
@@ -159,6 +165,8 @@ class DCPCheckpoint(RunCheckpoints):
         self._manifest_metadata: dict[str, Any] | None = None
         self.tiers = CallbackTiers.resolve(remote, remote_storage_options, replicate_every_n_steps, remote_keep_last)
         """The remote tier, when one is configured, and the replication to it."""
+        self.node_scope = NodeScope(local_scope, peer_replicas)
+        """``local_scope`` and ``peer_replicas``, passed to the plugin at setup (``None``: the plugin's own)."""
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies keep options and run; not the trainer's plugin, storage or signal handlers (set up afresh)."""
@@ -190,6 +198,7 @@ class DCPCheckpoint(RunCheckpoints):
                 "callbacks=[DCPCheckpoint(...)])."
             )
         self._plugin = plugin
+        self.node_scope.apply(plugin)
         plugin.attach(trainer)
         self.dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         self._storage = CheckpointStorage(self.dirpath, plugin.config.storage_options)
@@ -198,7 +207,7 @@ class DCPCheckpoint(RunCheckpoints):
         plugin.prepare_first_save(trainer)
         self.run_id = trainer.strategy.broadcast(self.run_id or uuid.uuid4().hex)
         groups = plugin.checkpointer(collective=True).groups
-        self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups)
+        self.tiers.setup(self._storage, plugin.config.storage_options, self.run_id, groups, nodes_of(plugin))
         if self.auto_resume:
             wrap_resume_start(trainer, lambda trainer: resume_path(self, trainer))
         self.schedule.install()

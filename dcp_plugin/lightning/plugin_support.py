@@ -21,6 +21,7 @@ from dcp_plugin.engine.stats import SaveStats
 from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.format.state import RNGState
 from dcp_plugin.lightning import layout as lay
+from dcp_plugin.lightning.nodes import node_directories
 from dcp_plugin.logs import ROOT
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
 
@@ -44,10 +45,14 @@ def wait_for_staging_before_optimizer_steps(writers: Any) -> Any:
 def load_dict(plugin: Any, path: Any, storage: CheckpointStorage, name: str, *, allow_pickle: bool) -> dict[str, Any]:
     """Read the committed checkpoint ``name`` (at ``path``) with ``plugin``'s checkpointer as a Lightning dict."""
     started = time.perf_counter()
-    info = committed_info(storage, name, path)
+    nodes = plugin.config.local_scope == "node"  # node-local disks: found and restored across the nodes
+    info = node_directories(plugin).info(storage, name) if nodes else committed_info(storage, name, path)
     layout = lay.Layout.from_manifest(info.manifest, info.url)
     state = lay.load_targets(info.manifest, rng=RNGState() if layout.rng and plugin.save_rng else None)
-    plugin.checkpointer().load((storage, name), state, allow_pickle=allow_pickle)
+    if nodes:
+        node_directories(plugin).load(storage, name, state, allow_pickle=allow_pickle)
+    else:
+        plugin.checkpointer().load((storage, name), state, allow_pickle=allow_pickle)
     report("Loaded checkpoint %s (step %s) in %.2f s", info.url, info.step, time.perf_counter() - started)
     return lightning_dict(state, layout)
 

@@ -72,7 +72,10 @@ def required_storage(storage: _T | None) -> _T:
 
 def resume_path(self: RunCheckpoints, trainer: pl.Trainer) -> str | None:
     """Where auto-resume restores from: the latest checkpoint (rank 0 decides); continues its run."""
-    latest = trainer.strategy.broadcast(self.latest_checkpoint() if trainer.is_global_zero else None)
+    if self.tiers.collective:  # node-local disks: every rank asks (the answer is agreed, the same everywhere)
+        latest = self.latest_checkpoint()
+    else:
+        latest = trainer.strategy.broadcast(self.latest_checkpoint() if trainer.is_global_zero else None)
     if latest is None:
         return None
     self.run_id = latest.manifest.get("run_id") or self.run_id

@@ -28,6 +28,7 @@ from dcp_plugin.format.state import ModelState, OptimizerState, RNGState
 from dcp_plugin.lightning import compat
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning.checkpoint_io import DCPCheckpointIO
+from dcp_plugin.lightning.nodes import node_directories
 from dcp_plugin.lightning.plugin_support import committed_info, report
 
 
@@ -147,7 +148,8 @@ class _DCPStrategyMixin:
         if storage.is_file(name) or (not storage.is_committed(name) and _is_lightning_sharded(storage, path)):
             # a torch.save file or Lightning's own sharded format: Lightning's loader handles both
             return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
-        info = committed_info(storage, name, path)
+        nodes = plugin.config.local_scope == "node"  # node-local disks: found and restored across the nodes
+        info = node_directories(plugin).info(storage, name) if nodes else committed_info(storage, name, path)
         layout = lay.Layout.from_manifest(info.manifest, info.url)
         module = self.lightning_module  # type: ignore[attr-defined]
         fitting = module.trainer.state.fn == TrainerFn.FITTING
@@ -170,9 +172,11 @@ class _DCPStrategyMixin:
             )
         if layout.rng and plugin.save_rng and fitting:
             state[lay.RNG_ENTRY] = RNGState()
-        plugin.checkpointer(collective=True).load(
-            (storage, name), state, strict=module.strict_loading, allow_pickle=plugin.allow_pickle_for(weights_only)
-        )
+        options = {"strict": module.strict_loading, "allow_pickle": plugin.allow_pickle_for(weights_only)}
+        if nodes:
+            node_directories(plugin).load(storage, name, state, **options)
+        else:
+            plugin.checkpointer(collective=True).load((storage, name), state, **options)
 
         values = {k: v for k, v in state.items() if not isinstance(v, (ModelState, OptimizerState, RNGState))}
         checkpoint = lay.join_checkpoint(values, layout)

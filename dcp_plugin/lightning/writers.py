@@ -30,6 +30,7 @@ from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.lightning import layout as lay
 from dcp_plugin.lightning import plugin_support as support
 from dcp_plugin.lightning.logged_models import LoggedModels
+from dcp_plugin.lightning.nodes import NodeDirectories
 from dcp_plugin.storage import CheckpointStorage
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class PluginWriters:
         self._module: weakref.ref[torch.nn.Module] | None = None
         self._trainer: weakref.ref[Any] | None = None
         self._models = LoggedModels()
+        self.nodes = NodeDirectories(lambda: self.checkpointer(True))
+        """With ``local_scope="node"``: the directories whose checkpoints are found and loaded across the nodes."""
         finalizer = weakref.finalize(self, _flush_forgotten, self._checkpointers)
         finalizer.atexit = False  # at exit, the engines' own exit-time flush runs
 
@@ -171,11 +174,14 @@ class PluginWriters:
         """Wait for the saves in flight, release every checkpointer and the optimizer hook; raise the first
         background error. New checkpointers are created if the plugin is used again."""
         checkpointers = self.all()
-        self._checkpointers.clear()  # the same dict the garbage-time flush holds
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
-        support.close_all(checkpointers)
+        try:
+            self.nodes.close()  # the copies to peers and to the remote tier, on every rank
+        finally:
+            self._checkpointers.clear()  # the same dict the garbage-time flush holds
+            if self._step_hook is not None:
+                self._step_hook.remove()
+                self._step_hook = None
+            support.close_all(checkpointers)
         self._upload_models(final=True)
 
 

@@ -14,7 +14,10 @@ the only place that handles paths; everything else passes names and URLs around.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fsspec.core import url_to_fs
@@ -24,12 +27,13 @@ from dcp_plugin.errors import (
     CheckpointCorruptError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ConfigError,
     NotACheckpointError,
     StorageAccessError,
     UnsafeCheckpointError,
 )
 from dcp_plugin.storage import manifest as manifests
-from dcp_plugin.storage import plain
+from dcp_plugin.storage import plain, work_areas
 from dcp_plugin.storage.catalog import CheckpointInfo, StorageCatalog
 from dcp_plugin.storage.cleanup import StorageCleanup
 from dcp_plugin.storage.commit import (
@@ -37,15 +41,22 @@ from dcp_plugin.storage.commit import (
     PendingWrite,
     RenameCommit,
     check_target_is_replaceable,
+    remove_tree,
+    tidy_work_dir,
 )
+from dcp_plugin.storage.listing import Listing
 from dcp_plugin.storage.names import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     METADATA_NAME,
+    STAGING,
     STEP_NAME,
     check_name,
     step_name,
 )
+from dcp_plugin.storage.node_commit import Channel, NodeCommit, committed_save_id
+from dcp_plugin.storage.node_parts import NodeLayout
+from dcp_plugin.storage.room import check_room, size_text
 from dcp_plugin.storage.root import storage_errors
 from dcp_plugin.storage.transfer import copy_checkpoint
 
@@ -131,6 +142,78 @@ class CheckpointStorage(StorageCatalog, StorageCleanup):
     def abort(self, pending: PendingWrite) -> None:
         """Remove what a failed write left behind (best effort; never touches committed data)."""
         self.strategy.abort(pending)
+
+    # -- several nodes, each with its own disk ----------------------------------------------------------
+    def on_nodes(self, layout: NodeLayout, channel: Channel) -> CheckpointStorage:
+        """This directory on every node's own disk (the same path, different disks): writes are committed across
+        the nodes (:class:`~dcp_plugin.storage.node_commit.NodeCommit`), agreeing over ``channel``."""
+        if not self.is_local:
+            raise ConfigError(
+                f"local_scope='node' keeps checkpoints on each node's own disk, but {self.root_url} is not a local "
+                "directory; pass a local path (a node's NVMe disk, or /dev/shm/...) with remote= for object storage, "
+                "or use local_scope='shared'."
+            )
+        scoped = CheckpointStorage(self.root, self.storage_options)
+        scoped.strategy = NodeCommit(scoped._root, layout, channel)
+        scoped._listing = Listing(scoped._root, scoped.strategy)
+        return scoped
+
+    @property
+    def node_layout(self) -> NodeLayout | None:
+        """With a commit across nodes: which node each rank runs on (``None`` for a directory every rank reads)."""
+        return self.strategy.layout if isinstance(self.strategy, NodeCommit) else None
+
+    def check_room(self, rank_bytes: int, world_size: int, copies: int = 0) -> None:
+        """Before a save of ``rank_bytes`` per rank (on every rank): refuse it, saying how much it needs, when this
+        directory is in host memory (``/dev/shm``, tmpfs) and cannot hold what this node writes there (its ranks'
+        files and the ``copies`` of other nodes' parts it keeps); on node-local disks also when a work area here is a
+        link (every node writes its own staging copy). Disks' free space is not checked."""
+        if not self.is_local:
+            return
+        if self.node_layout is not None:
+            work_areas.check(self._root)
+        layout = self.node_layout
+        ranks = len(layout.ranks_of(layout.node)) if layout is not None else world_size
+        what = f"the files of {ranks} rank(s), about {size_text(rank_bytes)} each"
+        if copies:
+            what += f", and copies of {copies} other node(s)' parts"
+        check_room(self.root, rank_bytes * ranks * (1 + copies), what)
+
+    def cleans_up(self, is_coordinator: bool) -> bool:
+        """Whether this rank removes what a failed write left: the coordinator, or on node-local disks every
+        node's leader (each its own staging copy)."""
+        layout = self.node_layout
+        return is_coordinator if layout is None else layout.is_leader
+
+    def save_id_of(self, name: str) -> str | None:
+        """The save id of the checkpoint committed as ``name`` on this local disk (``None``: none, or unreadable)."""
+        return committed_save_id(self._root, name) if self.is_local else None
+
+    def make_work_entry(self, area: str, entry: str) -> str:
+        """Create the directory ``entry`` in work ``area`` of this local root (never through a link); its path."""
+        return work_areas.make_entry(self._root, area, entry)
+
+    def remove_work_entry(self, area: str, entry: str) -> None:
+        """Remove one entry of work ``area`` (a restore's assembly, say) and the work folders it leaves empty."""
+        remove_tree(self._root, self._root.work(area, entry))
+        if self.is_local:
+            tidy_work_dir(self._root)
+
+    def here(self, pending: PendingWrite) -> PendingWrite:
+        """The coordinator's write as it is on this node: with a commit across nodes each node has its own root
+        (the same path on every node, or, on one host standing for several nodes, one directory each), so the
+        staging copy is rebased onto this root; otherwise ``pending`` itself."""
+        if not isinstance(self.strategy, NodeCommit):
+            return pending
+        directory = self._root.work(STAGING, pending.write_name)
+        return dataclasses.replace(pending, directory=directory, manifest=dict(pending.manifest))
+
+    def completion(self, pending: PendingWrite) -> Callable[[Any], None] | None:
+        """What every rank runs once DCP's write of ``pending`` returned (with its ``Metadata``), before the save
+        counts as done: the commit across nodes; ``None`` where the coordinator's commit is all there is."""
+        if isinstance(self.strategy, NodeCommit):
+            return functools.partial(self.strategy.complete, pending)
+        return None
 
 
 def open_url(

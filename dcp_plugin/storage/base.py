@@ -10,6 +10,7 @@ from typing import Any
 from dcp_plugin.errors import CheckpointSaveError
 from dcp_plugin.storage.commit import strategy_for
 from dcp_plugin.storage.listing import Listing
+from dcp_plugin.storage.names import WORK_DIR
 from dcp_plugin.storage.root import StorageRoot, storage_errors
 
 
@@ -49,6 +50,14 @@ class StorageBase:
     @property
     def storage_options(self) -> dict[str, Any]:
         return self._root.storage_options
+
+    def root_path(self, name: str, *more: str) -> str:
+        """The filesystem path (no protocol) of ``name`` (and of ``more`` names below it) in this root."""
+        return self._root.join(name, *more)
+
+    def work_path(self, area: str, *more: str) -> str:
+        """The filesystem path of work ``area`` of this root (``.dcp-plugin/<area>``), and of ``more`` names below."""
+        return self._root.join(WORK_DIR, area, *more)
 
     def url(self, name: str, *more: str) -> str:
         """A user-facing path or URL of ``name`` (and of ``more`` names below it)."""

@@ -7,7 +7,7 @@ import builtins
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fsspec.core import url_to_fs
@@ -18,6 +18,7 @@ from dcp_plugin.storage.base import StorageBase
 from dcp_plugin.storage.integrity import blob_area_of, check_checkpoint_files
 from dcp_plugin.storage.listing import Scan
 from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, check_name, step_name
+from dcp_plugin.storage.node_parts import part_files
 from dcp_plugin.storage.root import storage_errors
 
 log = logging.getLogger("dcp_plugin.storage")
@@ -38,6 +39,10 @@ class CheckpointInfo:
     """The validated manifest (``dcp_plugin.json``): step, ranks, entries, files and their checksums."""
     unverified: bool = False
     """True for a directory written by plain ``dcp.save``: read only, nothing checksummed."""
+    restored_from: dict[str, int] = field(default_factory=dict, compare=False)
+    """After a load on node-local disks (``local_scope="node"``): how many bytes came from each place, summed over
+    the nodes: ``"local"`` (the node's own disk: its part, or the copies of other parts it keeps), ``"peer"``
+    (fetched from another node over the process group), ``"remote"`` (the remote tier). Empty otherwise."""
 
     @property
     def layout(self) -> str | None:
@@ -168,6 +173,7 @@ class StorageCatalog(StorageBase):
         files = info.manifest.get("files")
         if not isinstance(files, dict):
             return []  # written before checksums: the metadata checks above are all there is
+        files = {name: files[name] for name in part_files(info.manifest)}  # a node's part: the files it holds
         return check_checkpoint_files(
             self.fs,
             self.data_path(info),

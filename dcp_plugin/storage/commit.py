@@ -41,7 +41,16 @@ from dcp_plugin.storage import manifest as manifests
 from dcp_plugin.storage import work_areas
 from dcp_plugin.storage.blobs import write_id_of, write_id_of_entry
 from dcp_plugin.storage.faults import reached
-from dcp_plugin.storage.names import BLOBS, MANIFEST_NAME, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR, work_name
+from dcp_plugin.storage.names import (
+    BLOBS,
+    MANIFEST_NAME,
+    OBJECTS,
+    REPLACED,
+    STAGING,
+    TRASH,
+    WORK_DIR,
+    work_name,
+)
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import MAX_MANIFEST_BYTES, open_local_regular
 
@@ -56,6 +65,11 @@ class PendingWrite:
     directory: str
     overwrite: bool
     manifest: dict[str, Any] = field(default_factory=dict)
+    handoff: dict[str, Any] | None = None
+    """A commit across nodes: what the coordinator hands every node once DCP's write returned."""
+    keep: bool = False
+    """A commit across nodes: every node voted to commit, so only the coordinator's decision to abort removes this
+    copy; after any other failure it stays for the next start to complete (or, never decided, for ``purge``)."""
 
     @property
     def write_name(self) -> str:

@@ -30,6 +30,7 @@ from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint, write_id
 from dcp_plugin.storage.commit import CommitStrategy, PendingWrite
 from dcp_plugin.storage.integrity import ChecksumSink, HashingStream
 from dcp_plugin.storage.names import BLOBS
+from dcp_plugin.storage.node_commit import HANDOFF_ATTRIBUTE
 from dcp_plugin.storage.record_writer import FileWriting, open_record_file
 from dcp_plugin.storage.repeat_io import WriterContext
 from dcp_plugin.storage.root import StorageRoot
@@ -40,10 +41,17 @@ log = logging.getLogger(__name__)
 _WARNED_UNCHECKED: set[str] = set()
 DIRECT_IO_ATTRIBUTE = "dcp_plugin_direct_io"
 """Set on the Metadata a save returns: whether its files went to the disk with O_DIRECT (``SaveStats.direct_io``)."""
-SET_AFTER_WRITING = (DIRECT_IO_ATTRIBUTE, "dcp_plugin_blobs_checked", "dcp_plugin_blobs", "dcp_plugin_fingerprints")
+SET_AFTER_WRITING = (
+    DIRECT_IO_ATTRIBUTE,
+    "dcp_plugin_blobs_checked",
+    "dcp_plugin_blobs",
+    "dcp_plugin_fingerprints",
+    HANDOFF_ATTRIBUTE,
+)
 """Attributes a save sets on the ``Metadata`` it returns, after ``.metadata`` was written (never written into it):
 ``dcp_plugin_blobs_checked`` (the new blobs as checked before the commit), ``dcp_plugin_blobs`` (the blobs the
-checkpoint lists) and ``dcp_plugin_fingerprints`` (of the chunks kept in blobs), for incremental saves."""
+checkpoint lists) and ``dcp_plugin_fingerprints`` (of the chunks kept in blobs), for incremental saves; with a commit
+across nodes, the handoff every rank completes it with."""
 _CHECKSUMS_FQN = "__dcp_plugin_checksums__"
 """WriteResults under this name carry a rank's file checksums to the coordinator's ``finish``; they are
 taken out before DCP builds ``.metadata``."""
@@ -380,6 +388,9 @@ class _CommitOnFinish:
             metadata.dcp_plugin_blobs_checked = checked  # type: ignore[attr-defined]
             metadata.dcp_plugin_blobs = blobs  # type: ignore[attr-defined]
             metadata.dcp_plugin_fingerprints = fingerprints  # type: ignore[attr-defined]
+        pending = self._dcp_plugin_pending
+        if pending.handoff is not None:  # a commit across nodes: every rank completes it (NodeCommit.complete)
+            setattr(metadata, HANDOFF_ATTRIBUTE, pending.handoff)
 
 
 def _file_writing(

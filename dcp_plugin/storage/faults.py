@@ -23,6 +23,11 @@ POINTS = (
     "delete.hidden",  # a deleted checkpoint is no longer visible; its data is not yet removed
     "blobs.collecting",  # one unreferenced shared blob removed, the others not yet
     "copy.written",  # a copy to another storage is written and read back, not yet committed there
+    "nodes.prepared",  # several nodes: this node's part is sealed in its staging copy, the vote not yet exchanged
+    "nodes.decided",  # several nodes: the first node's part is committed (the commit point), the others not told
+    "nodes.committed",  # several nodes: this node's part is committed, the final exchange not yet done
+    "replica.written",  # a copy of another node's part is received and checked here, not yet committed
+    "replica.committed",  # a copy of another node's part is committed here, the outcome not yet exchanged
 )
 
 

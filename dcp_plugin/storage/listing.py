@@ -24,6 +24,7 @@ from dcp_plugin.storage.names import (
     METADATA_NAME,
     OBJECTS,
     REPLACED,
+    RESTORE,
     STAGING,
     TRASH,
     WORK_DIR,
@@ -204,7 +205,7 @@ class Listing:
         in_use = {root.relative(f.directory) for f in scan.found}
         broken = {name for name, _ in scan.broken}
         out = []
-        for area in (STAGING, TRASH, REPLACED, OBJECTS):
+        for area in (STAGING, TRASH, REPLACED, OBJECTS, RESTORE):
             for entry in self._work_entries(area):
                 relative = f"{WORK_DIR}/{area}/{entry}"
                 if relative in in_use or (area == OBJECTS and name_of_work_entry(entry) in broken):

@@ -15,6 +15,7 @@ import xxhash
 from dcp_plugin.errors import CheckpointCorruptError, NotACheckpointError
 from dcp_plugin.storage.blobs import is_blob
 from dcp_plugin.storage.names import FORMAT_VERSION, OBJECTS, WORK_DIR, is_safe_data_file
+from dcp_plugin.storage.node_parts import part_problems
 
 CHECKSUM_KEY = "checksum"
 """The manifest's own checksum: xxh3-128 of its canonical JSON without this key."""
@@ -38,6 +39,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "bytes_new": (int,),
     "location": (str,),
     "layout": (str,),
+    "part": (dict,),
     CHECKSUM_KEY: (str,),
 }
 
@@ -137,6 +139,7 @@ def _type_problems(manifest: dict[str, Any]) -> list[str]:
         parts = location.split("/")
         if len(parts) != 3 or parts[:2] != [WORK_DIR, OBJECTS] or not parts[2] or parts[2] in (".", ".."):
             problems.append(f"the data location {location!r} is not inside the checkpoint root's object area")
+    problems += part_problems(manifest.get("part"))
     entries = manifest.get("entries")
     if isinstance(entries, dict) and not all(isinstance(v, dict) for v in entries.values()):
         problems.append('"entries" has records that are not objects')

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
 from dcp_plugin.storage.names import is_safe_data_file
@@ -98,10 +98,11 @@ def check_items(metadata: Metadata, shown: str, stored: int, memory: int | None)
         for index, info in storage.items():  # a record is read whole: a value, or the data of a tensor chunk
             if int(info.length) > memory:
                 raise _too_large(shown, index.fqn, int(info.length), memory)
+    records = _records_by_chunk(storage, shown)
     declared = 0
     for fqn, item in (metadata.state_dict_metadata or {}).items():
         if isinstance(item, TensorStorageMetadata):
-            declared += _check_tensor(fqn, item, storage, shown, memory)
+            declared += _check_tensor(fqn, item, records if storage else None, shown, memory)
     if declared > stored + _SLACK:
         raise CheckpointCorruptError(
             f"{shown} declares {declared} bytes of tensors but its files hold only {stored}; "
@@ -109,8 +110,23 @@ def check_items(metadata: Metadata, shown: str, stored: int, memory: int | None)
         )
 
 
-def _check_tensor(fqn: str, item: TensorStorageMetadata, storage: Any, shown: str, memory: int | None) -> int:
-    """The bytes of tensor ``fqn``'s chunks, each checked against its shape and its record."""
+def _records_by_chunk(storage: Any, shown: str) -> dict[tuple[Any, ...], Any]:
+    """The records of tensor chunks by (name, offsets), looked up once per chunk below."""
+    records = {}
+    for index, info in storage.items():
+        offset = getattr(index, "offset", None)
+        if offset is None:
+            continue
+        try:
+            records[(index.fqn, tuple(offset))] = info
+        except (AttributeError, TypeError) as err:
+            raise CheckpointCorruptError(f"{shown} has a malformed record ({type(err).__name__}: {err}).") from None
+    return records
+
+
+def _check_tensor(fqn: str, item: TensorStorageMetadata, records: Any, shown: str, memory: int | None) -> int:
+    """The bytes of tensor ``fqn``'s chunks, each checked against its shape and its record (``records``: by name and
+    offset; ``None`` where the metadata has no records at all)."""
     try:
         itemsize = int(item.properties.dtype.itemsize)
         size = [d for d in item.size]
@@ -138,8 +154,8 @@ def _check_tensor(fqn: str, item: TensorStorageMetadata, storage: Any, shown: st
                 f"shape {tuple(size)}; the metadata is damaged or forged."
             )
         nbytes = math.prod(sizes) * itemsize
-        info = storage.get(MetadataIndex(fqn, offsets)) if storage else None
-        if storage and info is None:
+        info = records.get((fqn, tuple(offsets))) if records is not None else None
+        if records is not None and info is None:
             raise CheckpointCorruptError(f"{shown} declares a chunk of {fqn} at {tuple(offsets)} that has no record.")
         if info is not None and not getattr(info, "transform_descriptors", None) and nbytes > int(info.length):
             raise CheckpointCorruptError(

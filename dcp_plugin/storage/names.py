@@ -32,6 +32,17 @@ BLOBS = "blobs"
 that created it (``blob_<id>_r<rank>_<n>.distcp``); every checkpoint that uses it lists it in its manifest's
 ``blobs``. It is removed once no committed checkpoint lists it."""
 
+REPLICAS = "replicas"
+"""``<root>/.dcp-plugin/replicas/node<k>/``: copies of other nodes' parts of checkpoints (``local_scope="node"``),
+one checkpoint root per node whose parts it keeps (see :mod:`dcp_plugin.storage.node_parts`)."""
+RESTORE = "restore"
+"""``<root>/.dcp-plugin/restore/<name>.<id>/``: a checkpoint assembled on a node for one restore (links to the
+copies the node holds, files fetched from other nodes), removed when the restore ends."""
+
+PROBE = "nodes"
+"""``<root>/.dcp-plugin/nodes/<token>``: the marks by which the nodes check, when a job starts, that none shares
+another's directory (removed at once)."""
+
 LEGACY_PREFIXES = (".tmp-", ".old-")
 """Work names of v0.1, directly in the root."""
 
@@ -69,6 +80,11 @@ def is_safe_data_file(relative: object) -> bool:
 def work_name(name: str) -> str:
     """A unique entry name for ``name`` inside one of the work folders."""
     return f"{name}.{uuid.uuid4().hex[:12]}"
+
+
+def replica_area(node: int) -> str:
+    """The folder under ``.dcp-plugin/replicas/`` that keeps copies of ``node``'s parts."""
+    return f"node{node}"
 
 
 def name_of_work_entry(entry: str) -> str:

@@ -4,12 +4,14 @@
 the checkpoint directory; offsets, lengths and declared tensor sizes are checked against the files before
 anything is allocated; only regular files are opened, never blocking. Each data file is hashed and compared with
 the checksum committed in the manifest, and a mismatch fails the load naming the file. Remote files are hashed
-while DCP's items are read (one sequential pass); local files are hashed before any byte is used, then read
-from the page cache straight into the tensors.
+while DCP's items are read (one sequential pass). Local files are read by the direct path
+(:mod:`~dcp_plugin.storage.direct_load`: records straight into their destinations, hashed in the same pass) and,
+for what it leaves, hashed before any byte is used and then read from the page cache into the tensors.
 
-A load of dcp-plugin reads twice through one reader: first the small skeleton, then the tensors. The skeleton
-read defers verification (``defer_verification``); :meth:`finish_verification` afterwards hashes any file that
-was used but not fully read and verified by the tensor read, so every byte a load used is checked.
+A load of dcp-plugin reads twice through one reader, holding every file it opens (:meth:`holding_files`): first
+the small skeleton, then the tensors. The skeleton read defers verification; :meth:`finish_verification`
+afterwards hashes any file that was used but not fully read and verified by the tensor read, so every byte a load
+used is checked. ``.metadata`` is read and checked once per reader.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Mapping
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import IO, Any
 
 import torch
 import xxhash
@@ -27,14 +29,16 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from dcp_plugin.errors import CheckpointCorruptError, UnsafeCheckpointError
+from dcp_plugin.storage import direct_load
 from dcp_plugin.storage.integrity import ALGORITHM, blob_area_of, check_checkpoint_files, shared_directory
 from dcp_plugin.storage.metadata_checks import check_items, check_records, local_first_hole, memory_bytes
 from dcp_plugin.storage.names import MANIFEST_NAME, METADATA_NAME
+from dcp_plugin.storage.node_parts import missing_file, part_of
 from dcp_plugin.storage.read_io import (
     FileRegion,
     advance,
@@ -42,6 +46,7 @@ from dcp_plugin.storage.read_io import (
     read_exactly,
     span,
 )
+from dcp_plugin.storage.read_items import check_plain_value, filled, placeholder, read_every_item, takes_over
 from dcp_plugin.storage.root import StorageRoot
 from dcp_plugin.storage.safe_io import MAX_METADATA_BYTES, open_local_regular, read_bounded, regular_file_size
 from dcp_plugin.storage.safety import loads_metadata
@@ -75,8 +80,12 @@ class _Places:
     def __init__(self, root: StorageRoot, directory: str, files: dict[str, Any] | None, blobs: Any) -> None:
         self.root, self.directory, self.files = root, directory, files
         self.blobs: dict[str, Any] = dict(blobs) if isinstance(blobs, dict) else {}
+        self.fetched: dict[str, str] = {}
+        """Files of the checkpoint a restore fetched elsewhere on this machine, checked as they arrived."""
 
     def path(self, relative: str) -> str:
+        if relative in self.fetched:
+            return self.fetched[relative]
         return f"{shared_directory(self.root, self.directory, relative, self.files or {}, self.blobs)}/{relative}"
 
     def record(self, relative: str) -> Any:
@@ -105,6 +114,10 @@ class _Distrustful:
     """While set, files are read without being hashed (the caller must call :meth:`finish_verification`)."""
     bound_allocations = True
     """Refuse metadata declaring a tensor or value larger than this machine's memory (off to verify files only)."""
+    fetch_missing: Callable[[list[str]], Mapping[str, str]] | None = None
+    """Called by every rank at the start of each read with the names of the files its part of the read uses
+    (collective): a restore on node-local disks fetches those this node lacks and returns where each file it fetched
+    is, checked against its checksum as it arrived (so it is not hashed again)."""
 
     def _init_checks(self, root: StorageRoot, directory: str, shown: str, manifest: Mapping[str, Any]) -> None:
         self._dcp_plugin_root = root
@@ -116,11 +129,22 @@ class _Distrustful:
         self._dcp_plugin_verified: set[str] = set()
         self._dcp_plugin_used: set[str] = set()
         self._dcp_plugin_plain = manifest.get("layout") == "dcp"
+        self._dcp_plugin_metadata: Metadata | None = None
+        self._dcp_plugin_held = direct_load.HeldFiles()
+        self._dcp_plugin_part = part_of(manifest)
         if root.is_local:
             self.fs = _RegularFilesOnly()
 
     # -- metadata -------------------------------------------------------------------------------------
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = self._dcp_plugin_metadata
+        if metadata is None:
+            metadata = self._dcp_plugin_metadata = self._read_checked_metadata()
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined,union-attr]
+        return metadata
+
+    def _read_checked_metadata(self) -> Metadata:
         root, directory, shown = self._dcp_plugin_root, self._dcp_plugin_directory, self._dcp_plugin_shown
         path = f"{directory}/{METADATA_NAME}"
         shown_path = root.url(path)
@@ -138,93 +162,96 @@ class _Distrustful:
             ) from None
         if not isinstance(metadata, Metadata):
             raise CheckpointCorruptError(f"{shown_path} does not hold DCP metadata; the checkpoint is damaged.")
-        self._check_metadata(metadata, shown_path)
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined,union-attr]
+        _check_metadata(metadata, shown_path, self._dcp_plugin_places, self.bound_allocations, self._elsewhere)
         return metadata
 
-    def _check_metadata(self, metadata: Metadata, shown_path: str) -> None:
-        """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; every tensor
-        it declares is well formed and fits in its records (:mod:`~dcp_plugin.storage.metadata_checks`); so
-        nothing is allocated from a forged size."""
-        root, places = self._dcp_plugin_root, self._dcp_plugin_places
-
-        def size_of(relative: str) -> int:
-            record = places.record(relative)
-            if record is not None:
-                return int(record["size"])
-            try:
-                return regular_file_size(root.fs, places.path(relative), is_local=root.is_local)
-            except FileNotFoundError:
-                shown = root.url(places.path(relative))
-                raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
-
-        def first_hole(relative: str, offsets: list[int]) -> int | None:
-            if not root.is_local:
-                return None
-            try:
-                return local_first_hole(places.path(relative), offsets)
-            except FileNotFoundError:
-                shown = root.url(places.path(relative))
-                raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
-
-        stored = check_records(metadata, shown_path, size_of, first_hole)
-        check_items(metadata, shown_path, stored, memory_bytes() if self.bound_allocations else None)
-
     # -- data -----------------------------------------------------------------------------------------
+    def holding_files(self) -> AbstractContextManager[None]:
+        """For one load: every local data file is opened once and read through that descriptor until the end
+        (:func:`dcp_plugin.storage.direct_load.read_direct` reads through them)."""
+        return self._dcp_plugin_held.holding()
+
     def read_data(self, plan: Any, planner: Any) -> Any:
         storage_data = self.storage_data  # type: ignore[attr-defined]
         per_file: dict[str, list[Any]] = {}
-        for item in plan.items:
-            per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        try:
+            for item in plan.items:
+                per_file.setdefault(str(storage_data[item.storage_index].relative_path), []).append(item)
+        finally:
+            if self.fetch_missing is not None:  # collective: the other ranks must not wait for this one in vain
+                self._use_fetched(self.fetch_missing(sorted(per_file)))
         for relative, items in per_file.items():
             self._read_file(relative, items, planner)
         done: Future = Future()
         done.set_result(None)
         return done
 
+    def _check_record(self, relative: str) -> Any:
+        """The committed record of data file ``relative`` (``None`` for checkpoints without checksums)."""
+        record = self._dcp_plugin_places.record(relative)
+        if self._dcp_plugin_files is not None and record is None:
+            raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} has no checksum for {relative}.")
+        if self._dcp_plugin_files is None:
+            self._warn_unchecked()
+        return record
+
+    def _open_local(self, relative: str) -> tuple[IO[bytes], bool]:
+        """The local data file ``relative`` opened (or the one held), of its committed size: (file, held)."""
+        try:
+            handle, held = self._dcp_plugin_held.open(relative, self._dcp_plugin_places.path(relative))
+        except FileNotFoundError:
+            self._raise_damaged(missing_file(relative, self._dcp_plugin_part))
+        record = self._dcp_plugin_places.record(relative)
+        size = os.fstat(handle.fileno()).st_size
+        if record is not None and size != record["size"]:
+            if not held:
+                handle.close()
+            self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
+        return handle, held
+
     def _read_file(self, relative: str, items: list[Any], planner: Any) -> None:
         root = self._dcp_plugin_root
         path = self._dcp_plugin_places.path(relative)
-        files = self._dcp_plugin_files
-        record = self._dcp_plugin_places.record(relative)
-        if files is not None and record is None:
-            raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} has no checksum for {relative}.")
-        if files is None:
-            self._warn_unchecked()
-        try:
-            size = regular_file_size(root.fs, path, is_local=root.is_local)
-        except FileNotFoundError:
-            self._raise_damaged(f"{relative} is missing")
-        if record is not None and size != record["size"]:
-            self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
+        record = self._check_record(relative)
         hashing = record is not None and relative not in self._dcp_plugin_verified and not self.defer_verification
         storage_data = self.storage_data  # type: ignore[attr-defined]
         items = sorted(items, key=lambda it: span(storage_data[it.storage_index]))
         if not hashing and record is not None and relative not in self._dcp_plugin_verified:
             self._dcp_plugin_used.add(relative)  # before the read: a read that fails on damaged bytes is checked too
-        if root.is_local and size > 0:
-            self._read_local(path, relative, items, planner, expected=record if hashing else None)
-        else:
-            self._read_streamed(path, relative, size, items, planner, expected=record if hashing else None)
+        expected, streamed = (record if hashing else None), not root.is_local
+        if root.is_local:
+            handle, held = self._open_local(relative)
+            try:
+                streamed = os.fstat(handle.fileno()).st_size == 0
+                if not streamed:
+                    self._read_local(handle.fileno(), relative, items, planner, expected)
+            finally:
+                if not held:
+                    handle.close()
+        if streamed:
+            try:
+                size = regular_file_size(root.fs, path, is_local=root.is_local)
+            except FileNotFoundError:
+                self._raise_damaged(missing_file(relative, self._dcp_plugin_part))
+            if record is not None and size != record["size"]:
+                self._raise_damaged(f"{relative} has {size} bytes, {record['size']} were committed")
+            self._read_streamed(path, relative, size, items, planner, expected=expected)
         if hashing:
             self._dcp_plugin_verified.add(relative)
 
-    def _read_local(self, path: str, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
+    def _read_local(self, fd: int, relative: str, items: list[Any], planner: Any, expected: Any) -> None:
         """Local files: verify the whole file before any byte is used (a damaged file leaves live tensors
         untouched), then read each stored item from the page cache straight into the tensor it becomes."""
         storage_data = self.storage_data  # type: ignore[attr-defined]
-        with open_local_regular(path) as handle:
-            fd = handle.fileno()
-            size = os.fstat(fd).st_size
-            if expected is not None and hash_descriptor(fd) != expected[ALGORITHM]:
-                self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
-            for item in items:
-                info = storage_data[item.storage_index]
-                if info.offset + info.length > size:
-                    self._raise_damaged(f"{relative} ends early (at {size} bytes)")
-                with FileRegion(fd, info.offset, info.length) as raw:
-                    self._use(item, info, raw, planner)
+        size = os.fstat(fd).st_size
+        if expected is not None and hash_descriptor(fd) != expected[ALGORITHM]:
+            self._raise_damaged(f"{relative} does not match its checksum (the file was changed or damaged)")
+        for item in items:
+            info = storage_data[item.storage_index]
+            if info.offset + info.length > size:
+                self._raise_damaged(f"{relative} ends early (at {size} bytes)")
+            with FileRegion(fd, info.offset, info.length) as raw:
+                self._use(item, info, raw, planner)
 
     def _read_streamed(
         self, path: str, relative: str, size: int, items: list[Any], planner: Any, expected: Any
@@ -282,11 +309,11 @@ class _Distrustful:
                 f"Checkpoint {self._dcp_plugin_shown}: item {item.storage_index.fqn} holds shape "
                 f"{tuple(tensor.size())}, its metadata says {tuple(target.size())}."
             )
-        if _takes_over(target, tensor):
+        if takes_over(target, tensor):
             target.set_(tensor)  # a placeholder: hand over the tensor torch.load made instead of copying it
-            delattr(target, _PLACEHOLDER)
         else:
             target.detach().copy_(tensor)
+        filled(target)
         planner.commit_tensor(item, target)
 
     def finish_verification(self) -> list[str]:
@@ -295,7 +322,9 @@ class _Distrustful:
         self._dcp_plugin_used.clear()
         if not todo or self._dcp_plugin_files is None:
             return []
-        problems = self._dcp_plugin_places.check(todo)
+        problems, others = direct_load.check_held(self, todo)  # the very files the load read
+        if others:
+            problems += self._dcp_plugin_places.check(others)
         if not problems:
             self._dcp_plugin_verified.update(todo)
         return [f"Checkpoint {self._dcp_plugin_shown} is damaged: {p}" for p in problems]
@@ -309,6 +338,16 @@ class _Distrustful:
             self._raise_damaged("; ".join(problems))
         self._dcp_plugin_verified.update(todo)
 
+    def _elsewhere(self, relative: str) -> bool:
+        part = self._dcp_plugin_part
+        return self.fetch_missing is not None or (
+            part is not None and missing_file(relative, part) != f"{relative} is missing"
+        )
+
+    def _use_fetched(self, fetched: Mapping[str, str]) -> None:
+        self._dcp_plugin_places.fetched.update(fetched)
+        self._dcp_plugin_verified.update(fetched)
+
     def _raise_damaged(self, problem: str) -> None:
         raise CheckpointCorruptError(f"Checkpoint {self._dcp_plugin_shown} is damaged: {problem}. It was not loaded.")
 
@@ -316,6 +355,39 @@ class _Distrustful:
         if self._dcp_plugin_shown not in _WARNED_UNCHECKED:
             _WARNED_UNCHECKED.add(self._dcp_plugin_shown)
             log.warning(_UNCHECKED_PLAIN if self._dcp_plugin_plain else _UNCHECKED_V01, self._dcp_plugin_shown)
+
+
+def _check_metadata(
+    metadata: Metadata, shown_path: str, places: _Places, bound_allocations: bool, elsewhere: Callable[[str], bool]
+) -> None:
+    """Every file the metadata points at stays inside the checkpoint and holds the bytes it claims; every tensor it
+    declares is well formed and fits in its records (:mod:`~dcp_plugin.storage.metadata_checks`); so nothing is
+    allocated from a forged size."""
+    root = places.root
+
+    def size_of(relative: str) -> int:
+        record = places.record(relative)
+        if record is not None:
+            return int(record["size"])
+        try:
+            return regular_file_size(root.fs, places.path(relative), is_local=root.is_local)
+        except FileNotFoundError:
+            shown = root.url(places.path(relative))
+            raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
+
+    def first_hole(relative: str, offsets: list[int]) -> int | None:
+        if not root.is_local:
+            return None
+        try:
+            return local_first_hole(places.path(relative), offsets)
+        except FileNotFoundError:
+            if elsewhere(relative):  # another node holds it, or a restore fetches it (checked whole as it arrives)
+                return None
+            shown = root.url(places.path(relative))
+            raise CheckpointCorruptError(f"Data file {shown} is missing; the checkpoint is damaged.") from None
+
+    stored = check_records(metadata, shown_path, size_of, first_hole)
+    check_items(metadata, shown_path, stored, memory_bytes() if bound_allocations else None)
 
 
 _UNCHECKED_V01 = (
@@ -326,77 +398,6 @@ _UNCHECKED_PLAIN = (
     f"%s was written by plain DCP (no {MANIFEST_NAME}): it is read unverified, its files checked for size only. "
     "`dcp-plugin adopt` commits checksums for it."
 )
-
-
-def check_plain_value(data: bytes, shown: str, fqn: str) -> None:
-    """DCP's planners unpickle byte items with ``torch.load(weights_only=False)``: hand them only bytes that
-    ``weights_only=True`` reads (plain values, no code to run); raise :class:`UnsafeCheckpointError` otherwise."""
-    try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any refusal or damage: the value is not handed on
-        raise UnsafeCheckpointError(
-            f"Checkpoint {shown}: the value {fqn!r} is not plain data that loads without running code "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); refusing to read it. If you trust this "
-            "checkpoint, read it with torch.distributed.checkpoint directly."
-        ) from None
-
-
-def read_every_item(reader: Any, metadata: Metadata) -> None:
-    """Read every record ``metadata`` names through ``reader`` and let go of it: what a load would refuse (a
-    value that is not plain data, a record that is no tensor or not of its chunk's shape, a checksum mismatch)
-    raises here. One record is in memory at a time."""
-    items = []
-    for index, _info in sorted((metadata.storage_data or {}).items(), key=lambda pair: span(pair[1])):
-        stored = (metadata.state_dict_metadata or {}).get(index.fqn)
-        if isinstance(stored, TensorStorageMetadata):
-            chunk = next((c for c in stored.chunks if tuple(c.offsets) == tuple(index.offset or ())), None)
-            if chunk is None:
-                raise CheckpointCorruptError(f"{index.fqn} at {tuple(index.offset or ())} is no chunk of its tensor.")
-            zeros = torch.Size([0] * len(chunk.sizes))
-            items.append(ReadItem(LoadItemType.TENSOR, index, zeros, index, zeros, torch.Size(chunk.sizes)))
-        else:
-            items.append(ReadItem(LoadItemType.BYTE_IO, index, torch.Size(()), index, torch.Size(()), torch.Size(())))
-    reader.set_up_storage_reader(metadata, True)
-    reader.read_data(LoadPlan(items), _Discard())
-
-
-class _Discard:
-    """A load planner that takes every item as read and keeps nothing (see :func:`read_every_item`)."""
-
-    def take_tensor(self, item: Any, tensor: torch.Tensor) -> bool:
-        return True
-
-    def resolve_tensor(self, item: Any) -> torch.Tensor:
-        return torch.empty(item.lengths, device="meta")  # only its size is looked at: it differs from the record's
-
-    def load_bytes(self, item: Any, value: Any) -> None:
-        pass
-
-    def commit_tensor(self, item: Any, tensor: torch.Tensor) -> None:
-        pass
-
-
-_PLACEHOLDER = "_dcp_plugin_placeholder"
-
-
-def placeholder(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor to load into that the reader may replace by the tensor it read instead of copying into
-    it (for loads without a live tensor, such as Lightning's checkpoint dict). Its memory is never touched."""
-    tensor = torch.empty(size, dtype=dtype)
-    setattr(tensor, _PLACEHOLDER, True)
-    return tensor
-
-
-def _takes_over(target: torch.Tensor, loaded: torch.Tensor) -> bool:
-    """Whether ``target`` is a whole placeholder and ``loaded`` owns exactly its own bytes (a view into a larger
-    stored storage would keep all of it alive)."""
-    return (
-        getattr(target, _PLACEHOLDER, False)
-        and loaded.dtype == target.dtype
-        and loaded.is_contiguous()
-        and loaded.storage_offset() == 0
-        and loaded.untyped_storage().nbytes() == loaded.numel() * loaded.element_size()
-    )
 
 
 class SafeFileSystemReader(_Distrustful, FileSystemReader):

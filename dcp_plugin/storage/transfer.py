@@ -131,11 +131,21 @@ def commit_copy(plan: CopyPlan, copied: dict[str, dict[str, Any]]) -> None:
             f"The copy of {plan.source.url(plan.info.name)} lacks {', '.join(missing)}; it was not committed."
         )
     reached("copy.written")
-    dropped = ("location", "checksum", "committed", "blobs", "fingerprints")  # the copy is self-contained
+    dropped = ("location", "checksum", "committed", "blobs", "fingerprints", "part")  # the copy is self-contained
     manifest = {k: v for k, v in plan.info.manifest.items() if k not in dropped}
     source_url = plan.source.url(plan.info.name)
     manifest.update(name=plan.pending.name, files=copied, copied_from=source_url, copied=time.time(), format=2)
     plan.target.strategy.commit(plan.pending, manifest)
+
+
+def fetch_file(source: CheckpointStorage, src: str, target: CheckpointStorage, dst: str, record: dict[str, Any]) -> int:
+    """Copy one file of a committed checkpoint (``src`` in ``source``) to ``dst`` in ``target``, checked against
+    its committed ``record`` while it streams; returns its size. A file that does not match is removed."""
+    size, digest = _copy_file(source, src, target, dst, None)
+    if size != record["size"] or digest != record[ALGORITHM]:
+        target.fs.rm(dst)
+        raise CheckpointCorruptError(f"{source.url(src)} does not match its committed checksum; it was not used.")
+    return size
 
 
 def _files_of_unchecked(storage: CheckpointStorage, directory: str) -> list[str]:
@@ -173,4 +183,4 @@ def _copy_file(
     return size, hasher.hexdigest()
 
 
-__all__ = ["CopyPlan", "begin_copy", "commit_copy", "copy_checkpoint", "copy_files"]
+__all__ = ["CopyPlan", "begin_copy", "commit_copy", "copy_checkpoint", "copy_files", "fetch_file"]

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 from dcp_plugin.errors import UnsafeCheckpointError
 from dcp_plugin.storage.blobs import is_blob
-from dcp_plugin.storage.names import BLOBS, OBJECTS, REPLACED, STAGING, TRASH, WORK_DIR
+from dcp_plugin.storage.names import BLOBS, OBJECTS, PROBE, REPLACED, REPLICAS, RESTORE, STAGING, TRASH, WORK_DIR
 from dcp_plugin.storage.root import StorageRoot
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def tidy(root: StorageRoot) -> None:
         with _opened(root, "", False) as (top, fd):
             if top is None or fd is None:
                 return
-            for area in (STAGING, TRASH, REPLACED, BLOBS):
+            for area in (STAGING, TRASH, REPLACED, BLOBS, RESTORE, REPLICAS, PROBE):
                 try:
                     os.rmdir(area, dir_fd=fd)
                 except OSError:

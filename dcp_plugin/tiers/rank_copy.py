@@ -95,6 +95,8 @@ class RankCopies:
         if shared is None:
             return  # nothing to copy this time
         info, source_dir, names, pending = shared
+        if self.local.node_layout is not None:  # node-local disks: this rank's files are in its own node's directory
+            source_dir = self.local.root_path(info.name)
         plan = CopyPlan(self.local, info, source_dir, names, self.remote, pending)
         self._all_gather(self._copy_mine(plan))
         outcome = self._broadcast(None)

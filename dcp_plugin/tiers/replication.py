@@ -162,7 +162,7 @@ class Replicator:
             self._thread.start()
 
     def _run(self) -> None:
-        _lower_priority()
+        lower_priority()
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
@@ -232,7 +232,7 @@ class Replicator:
             return list(self._queue)
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
     """Give this thread a lower CPU priority (Linux: per thread), so copies yield the cores to training and
     to the save's own writers."""
     try:

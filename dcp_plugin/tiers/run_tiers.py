@@ -15,6 +15,7 @@ from dcp_plugin.errors import CheckpointNotFoundError
 from dcp_plugin.policies import RetentionPolicy, SavePolicy
 from dcp_plugin.policies.schedule import Schedule
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage
+from dcp_plugin.tiers.nodes import NodeTiers
 from dcp_plugin.tiers.two_tiers import TwoTiers
 
 if TYPE_CHECKING:
@@ -39,19 +40,33 @@ class RunTiers:
         remote_retention: RetentionPolicy | None,
         run_id: str | None,
         groups: ProcessGroups,
-    ) -> RunTiers:
-        """With ``remote``: the two tiers over ``storage``, with what an earlier run never replicated queued
+        schedule: Schedule | None = None,
+        copies: int = 0,
+    ) -> RunTiers | NodeTiers:
+        """With ``remote``: the two tiers over ``storage``, with what an earlier run never replicated queued; on
+        node-local disks (a ``storage`` committed across nodes): :class:`NodeTiers`, with ``copies`` peer replicas
         (collective: every rank calls it)."""
-        if remote is None:
+        if remote is None and storage.node_layout is None:
             return cls(storage)
-        tiers = TwoTiers(
-            storage,
-            CheckpointStorage(remote, remote_storage_options),
-            replicate=replicate,
-            remote_retention=remote_retention,
-            run_id=run_id,
-            groups=groups,
+        tiers = (
+            None
+            if remote is None
+            else TwoTiers(
+                storage,
+                CheckpointStorage(remote, remote_storage_options),
+                replicate=replicate,
+                remote_retention=remote_retention,
+                run_id=run_id,
+                groups=groups,
+            )
         )
+        if storage.node_layout is not None:
+            schedule = schedule or Schedule(run_id=run_id)
+            nodes = NodeTiers(storage, groups, copies=copies, schedule=schedule, remote=tiers)
+            if tiers is not None:
+                tiers.catch_up_and_report(groups)
+            return nodes
+        assert tiers is not None
         tiers.catch_up_and_report(groups)
         return cls(storage, tiers)
 
@@ -85,6 +100,19 @@ class RunTiers:
         """Read the checkpoint called ``name``, or of ``step``, or the latest, without live objects."""
         storage, chosen = (self.storage, None) if self.tiers is None else self.tiers.choose(step, name)
         return checkpointer.read((storage, _resolver(storage, step, chosen or name)), **options)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint (with two tiers: of either), or ``None``."""
+        infos = self.list()
+        return infos[-1] if infos else None
+
+    def replaces(self, name: str) -> bool:
+        """Whether a save of ``name`` replaces what is there without being asked to (never, with one tier or two)."""
+        return False
+
+    def delete(self, name: str) -> None:
+        """Delete committed checkpoint ``name`` of the local tier (on the coordinator)."""
+        self.storage.delete(name)
 
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first (with two tiers: of both)."""

@@ -6,10 +6,11 @@ deletes one that is still queued or being copied, and each tier has its own rete
 tiers; a load takes the local copy when it is there (and reads back intact), otherwise the remote one, so a job
 restarted on a machine with an empty disk resumes from the remote tier.
 
-Supported layout: one local directory every rank can read (one node, or a shared filesystem). On several ranks
-each rank uploads the files it wrote and rank 0 commits the remote copy once every rank's files are uploaded
-and checked (:mod:`dcp_plugin.tiers.rank_copy`). Node-local disks on several nodes are not a supported local tier:
-a save commits by renaming the checkpoint directory on rank 0's disk, so other nodes never hold it committed.
+Local layout: one directory every rank can read (one node, or a shared filesystem), or, with
+``local_scope="node"``, each node's own disk (:mod:`dcp_plugin.tiers.nodes` lists and restores across the nodes;
+this class then only replicates). On several ranks each rank uploads the files it wrote (on node-local disks, from
+its own node's directory) and rank 0 commits the remote copy once every rank's files are uploaded and checked
+(:mod:`dcp_plugin.tiers.rank_copy`).
 
 :class:`RemoteTier` holds the options the adapters share (``remote``, ``remote_storage_options``,
 ``replicate_every_n_steps``, ``remote_keep_last``), also read from ``DCP_PLUGIN_REMOTE*`` variables.

@@ -68,3 +68,27 @@ def small_tmpfs(where: str, size: str = "4m", options: str = "") -> Iterator[str
         yield where
     finally:
         subprocess.run(["umount", "-l", where], check=False)
+
+
+@contextlib.contextmanager
+def small_disk(where: str, size_mib: int = 8) -> Iterator[str]:
+    """A real ext4 filesystem of ``size_mib`` on a loop device, mounted at ``where`` (root, ``mkfs.ext4`` and loop
+    devices needed; skips saying why otherwise); always unmounted. Unlike tmpfs, a disk's free space is not checked
+    before a save, so a write that fills it fails halfway, as on a real full disk."""
+    os.makedirs(where, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small disk image needs root")
+    image = where.rstrip("/") + ".img"
+    with open(image, "wb") as handle:
+        handle.truncate(size_mib * 2**20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 image here: {made.stderr.strip() or made.returncode}")
+    mounted = subprocess.run(["mount", "-o", "loop", image, where], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", where], check=False)
+        os.remove(image)

@@ -1,4 +1,4 @@
-"""Issue 27, item 9: forged sizes in a plain-DCP directory's ``.metadata`` and sparse data files. Every reader
+"""Forged sizes in a plain-DCP directory's ``.metadata`` and sparse data files. Every reader
 refuses them with one project error naming the file before allocating anything; ``adopt`` refuses whatever a
 load would refuse (a pickle with a payload in a byte item too) without hashing terabytes of holes; genuine
 checkpoints holding zeros, even stored as holes, still load and adopt."""

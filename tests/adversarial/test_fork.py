@@ -1,6 +1,7 @@
-"""Issue 27, item 11: a process-mode saver, then ``fork()``. A manager made in the child starts a writer daemon
-of its own and saves; the parent's daemon is neither used nor stopped by the child; a manager inherited from the
-parent refuses with a clear error instead of hanging on the parent's process group. Real fork, real daemons."""
+"""A saver, then ``fork()``. A manager made in the child starts a writer of its own and saves; the parent's
+writer daemon is neither used nor stopped by the child; a manager inherited from the parent (its process group,
+staging threads and daemon stayed in the parent) refuses with a clear error instead of hanging. Real fork, real
+daemons, process and thread mode."""
 
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def child(root, parent_manager):
         traceback.print_exc()
         return 1
 
-def main(root, with_group):
+def main(root, with_group, mode):
     torch.set_num_threads(1)
     if with_group:  # the user's own one-rank group: the manager's checkpoint group is made from it
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    manager = CheckpointManager(os.path.join(root, "parent"), async_mode="process")
+    manager = CheckpointManager(os.path.join(root, "parent"), async_mode=mode)
     manager.save(1, {"w": torch.ones(4)})
     manager.wait()
     pid = os.fork()
@@ -59,17 +60,17 @@ def main(root, with_group):
     print("parent saved", flush=True)
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "group")
+    main(sys.argv[1], sys.argv[2] == "group", sys.argv[3])
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["group", "no-group"])
-def test_a_forked_child_saves_with_its_own_writer_and_the_parent_keeps_its_own(tmp_path, group):
+@pytest.mark.parametrize(("group", "mode"), [("group", "process"), ("no-group", "process"), ("no-group", "thread")])
+def test_a_forked_child_saves_with_its_own_writer_and_the_parent_keeps_its_own(tmp_path, group, mode):
     script = tmp_path / "fork_saver.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    command = [sys.executable, str(script), str(tmp_path), group]
+    command = [sys.executable, str(script), str(tmp_path), group, mode]
     # its own session, so that a hang kills the child and every writer daemon with it
     run = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True

@@ -1,6 +1,6 @@
-"""Issue 27, item 10: a real small filesystem that fills up. A failed save leaves nothing behind (its partial
-blob included), so freeing the space is enough for the next save. Skipped, saying why, where a tmpfs cannot be
-mounted."""
+"""A real small filesystem that fills up. A failed save leaves nothing behind (its partial
+blob included), so freeing the space is enough for the next save. Skipped, saying why, where a loop device cannot be
+mounted. (A directory in host memory is checked for room before anything is written: tests/tiers/test_nodes.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from dcp_plugin import CheckpointManager, ModelState
 from dcp_plugin.errors import CheckpointSaveError
-from tests.adversarial.helpers import small_tmpfs
+from tests.adversarial.helpers import small_disk
 from tests.models import make_lora
 
 
@@ -31,7 +31,7 @@ def _fill(disk: str, leave: int) -> str:
 
 @pytest.mark.parametrize("mode", ["sync", "thread"])
 def test_a_save_that_fills_the_disk_leaves_no_partial_blob_and_the_next_save_works(tmp_path, mode):
-    with small_tmpfs(str(tmp_path / "disk"), size="6m") as disk:
+    with small_disk(str(tmp_path / "disk"), size_mib=8) as disk:
         root = os.path.join(disk, "run")
         model = make_lora(width=384, layers=4)  # a frozen base of about 2.4 MB: written to shared blobs
         frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)

@@ -1,4 +1,4 @@
-"""Issue 27, item 12: ``dcp-plugin export --entry w`` of a plain-DCP directory whose value ``w`` is one tensor
+"""``dcp-plugin export --entry w`` of a plain-DCP directory whose value ``w`` is one tensor
 exports it (it said the entry "holds no tensors"); an entry of plain values says what to do instead."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 27, item 12: a real read-only filesystem is one project error saying so (not the builtin
+"""A real read-only filesystem is one project error saying so (not the builtin
 PermissionError speaking of permissions), and its checkpoints still load. Skipped, saying why, where a tmpfs
 cannot be mounted or remounted."""
 

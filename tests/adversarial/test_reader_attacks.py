@@ -1,4 +1,4 @@
-"""Beyond issue 27's list: what can stand in a checkpoint directory in place of the link to a shared blob, and a
+"""What can stand in a checkpoint directory in place of the link to a shared blob, and a
 second process swapping that file while the checkpoint is loaded. Readers never follow, never block, and never
 hand out bytes that do not match the committed checksums."""
 

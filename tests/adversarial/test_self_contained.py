@@ -1,4 +1,4 @@
-"""Issue 27, items 6 and 7: what dcp-plugin verifies is what PyTorch's readers read, and a local checkpoint
+"""What dcp-plugin verifies is what PyTorch's readers read, and a local checkpoint
 directory holds everything it needs (the shared blob area is a writer's accelerator, not a reader's dependency)."""
 
 from __future__ import annotations

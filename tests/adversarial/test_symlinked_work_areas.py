@@ -1,4 +1,4 @@
-"""Issue 27, item 8: a run directory whose work area (``.dcp-plugin/`` or one of its folders) is a symbolic link.
+"""A run directory whose work area (``.dcp-plugin/`` or one of its folders) is a symbolic link.
 Nothing outside the run is ever written or deleted: every operation refuses with one clear error, or works
 without going through the link. Real links, real files outside the run, the real command."""
 

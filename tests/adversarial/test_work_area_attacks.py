@@ -1,4 +1,4 @@
-"""Beyond issue 27's list: what a hostile or careless run directory can hold inside dcp-plugin's work areas, and a
+"""What a hostile or careless run directory can hold inside dcp-plugin's work areas, and a
 second process swapping an area for a link while dcp-plugin cleans up. Whatever is there, only names dcp-plugin
 gives are removed, nothing is followed, and nothing outside the run changes."""
 
