@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from dcp_plugin.checkpointer import Checkpointer, scoped
@@ -128,8 +128,8 @@ class CheckpointManager(CheckpointListing):
         remote_retention: which replicated checkpoints of this run the remote tier keeps (``None``: all). The
             local tier's ``retention`` never deletes a checkpoint still waiting to be copied.
 
-    ``state`` passed to :meth:`save` and :meth:`load` maps names to models, optimizers, other
-    ``Stateful`` objects (anything with ``state_dict``/``load_state_dict``) and plain values.
+    ``state`` passed to :meth:`save` and :meth:`load` maps names to models, optimizers, other ``Stateful`` objects
+    (anything with ``state_dict``/``load_state_dict``) and plain values.
     """
 
     def __init__(
@@ -167,11 +167,10 @@ class CheckpointManager(CheckpointListing):
             self.checkpointer.engine.warm_up()  # process mode: the writer daemon starts now, not at the first save
         self.schedule = schedule
         """The save policy, retention, run id and last saved step of this run."""
-        options = self.config.storage_options if remote_storage_options is None else remote_storage_options
         self._where = RunTiers.open(
             self.storage,
             remote,
-            options,
+            self.config.storage_options if remote_storage_options is None else remote_storage_options,
             replicate=replicate,
             remote_retention=remote_retention,
             run_id=schedule.run_id,
@@ -241,7 +240,7 @@ class CheckpointManager(CheckpointListing):
             metadata=metadata,
             overwrite=overwrite or self._where.replaces(name or step_name(step)),
             run_id=self.run_id,
-            after_commit=functools.partial(self._after_commit, False) if self.config.is_async else None,
+            after_commit=_background_retention(self),
         )
         self.history.append(stats)
         self.schedule.saved(step)
@@ -293,9 +292,8 @@ class CheckpointManager(CheckpointListing):
     def _after_commit(self, writing: bool | None = None) -> None:
         """Retention once the last save committed (background modes: called where the write ends, off the loop)."""
         writing = self.checkpointer.in_flight is not None if writing is None else writing
-        with self._retention_lock:
-            coordinator = self.checkpointer.groups.is_coordinator
-            self._where.after_commit(self.schedule, coordinator=coordinator, writing=writing)
+        with self._retention_lock:  # the loop's thread and the thread a background save ended in
+            self._where.after_commit(self.schedule, coordinator=self.engine.groups.is_coordinator, writing=writing)
 
     def wait_for_staging(self) -> None:
         """With ``async_staging``: block until the snapshot is copied. Call before changing parameters."""
@@ -347,13 +345,20 @@ class CheckpointManager(CheckpointListing):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
+        try:
             self.close()
-        else:
-            try:
-                self.close()
-            except Exception as err:  # noqa: BLE001 - keep the original exception primary
-                log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
+        except Exception as err:
+            if exc_type is None:
+                raise
+            log.error("While handling an earlier error, closing the checkpoint manager failed: %s", err)
+
+
+def _background_retention(manager: CheckpointManager) -> Callable[[], None] | None:
+    """Retention where a background save ends (off the training loop), for a directory of its own: with a remote
+    tier or node-local disks it stays on the loop's thread (it hands work to the copies and raises their errors)."""
+    if not manager.config.is_async or manager.tiers is not None or manager.nodes is not None:
+        return None
+    return functools.partial(manager._after_commit, False)
 
 
 def _checkpointer(

@@ -193,7 +193,7 @@ class CheckpointEngine:
             if repeat is not None and repeat.repeat:
                 result = self.repeats.begin(repeat, writer, self.config.stages_in_background)
             else:
-                result = self._start_dcp(flat_state, writer, structure)
+                result = _start_dcp(self, flat_state, writer, structure)
                 if on_written is not None and not isinstance(result, tuple):  # sync: written, not yet done
                     on_written(result)
         except BaseException as err:
@@ -227,40 +227,6 @@ class CheckpointEngine:
         self._in_flight = flight
         upload.add_done_callback(lambda future: flight.upload_done(future, self._outcomes))
         return stats
-
-    def _start_dcp(self, flat_state: dict[str, Any], writer: Any, structure: str) -> Any:
-        """Hand the save to DCP: its ``Metadata`` once committed (``sync``), or its (staging, upload) futures."""
-        group = self.groups.checkpoint_group()
-        no_dist = not self.groups.collective
-        mode = self.config.async_mode
-        if mode == "thread" and no_dist:
-            _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
-        with _single_process_intent():
-            planner = plans.save_planner(self.plan_keys.use(structure))
-            if mode == "sync":
-                return dcp.save(
-                    flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist
-                )
-            if mode == "process":
-                daemon.prepare()
-                daemon.ensure_running(group)
-            stager = self._stagers.for_save(writer)  # a head start of staging is finished here
-            kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
-            result = dcp.async_save(
-                flat_state,
-                storage_writer=writer,
-                process_group=group,
-                async_checkpointer_type=kind,
-                async_stager=stager,
-                planner=planner,
-                no_dist=no_dist,
-            )
-        if isinstance(result, AsyncSaveResponse):
-            return result.staging_completion, result.upload_completion
-        staging = stager.completion if isinstance(stager, BoundedStager) else None
-        if staging is not None and not self.config.stages_in_background:
-            wait_for_first([staging, result], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
-        return staging, result
 
     def wait_for_staging(self) -> None:
         """Block until the snapshot of the save in flight has been copied (no-op without async staging)."""
@@ -336,6 +302,39 @@ class CheckpointEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("This checkpoint engine was closed; create a new CheckpointManager.")
+
+
+def _start_dcp(engine: CheckpointEngine, flat_state: dict[str, Any], writer: Any, structure: str) -> Any:
+    """Hand the save to DCP: its ``Metadata`` once committed (``sync``), or its (staging, upload) futures."""
+    group = engine.groups.checkpoint_group()
+    no_dist = not engine.groups.collective
+    mode = engine.config.async_mode
+    if mode == "thread" and no_dist:
+        _silence_background_single_process_notice()  # outside catch_warnings, which would undo it
+    with _single_process_intent():
+        planner = plans.save_planner(engine.plan_keys.use(structure))
+        if mode == "sync":
+            return dcp.save(flat_state, storage_writer=writer, planner=planner, process_group=group, no_dist=no_dist)
+        if mode == "process":
+            daemon.prepare()
+            daemon.ensure_running(group)
+        stager = engine._stagers.for_save(writer)  # a head start of staging is finished here
+        kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
+        result = dcp.async_save(
+            flat_state,
+            storage_writer=writer,
+            process_group=group,
+            async_checkpointer_type=kind,
+            async_stager=stager,
+            planner=planner,
+            no_dist=no_dist,
+        )
+    if isinstance(result, AsyncSaveResponse):
+        return result.staging_completion, result.upload_completion
+    staging = stager.completion if isinstance(stager, BoundedStager) else None
+    if staging is not None and not engine.config.stages_in_background:
+        wait_for_first([staging, result], return_when=FIRST_COMPLETED)  # save alone guarantees the snapshot
+    return staging, result
 
 
 def _moved(name: str) -> None:
