@@ -13,15 +13,13 @@ if the checkpoint is replaced while it is read).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -41,7 +39,7 @@ from dcp_plugin.errors import (
 from dcp_plugin.format import packing
 from dcp_plugin.format.incremental import Choice, IncrementalTracker
 from dcp_plugin.format.state import models_in, optimizers_in, wrap_state
-from dcp_plugin.loading import REPLACED_RETRIES, Resolver, load_committed, resolve_on_coordinator
+from dcp_plugin.loading import REPLACED_RETRIES, Resolver, collection_paused, load_committed, resolve_on_coordinator
 from dcp_plugin.storage import CheckpointInfo, CheckpointStorage, PendingWrite, open_url
 from dcp_plugin.storage.blobs import release
 
@@ -341,7 +339,7 @@ def open_save(
     numbers: tuple[int, int] = (0, 0)
     aliases: dict[str, str] = {}
     try:
-        with _collection_paused():
+        with collection_paused():
             packed = packing.pack(wrapped, rank=groups.rank, world_size=groups.world_size, allow_pickle=allow_pickle)
             structure = engine.plan_keys.number(plans.structure(packed.state_dict))
             aliases = packing.tied(packed.tensors)
@@ -371,19 +369,6 @@ def open_save(
     repeat = storage.node_layout is None and all(ready == key for _, _, _, ready in outcomes)
     request = RepeatRequest(packed.tensors, packed.plain, aliases, blobs, key, repeat)
     return packed, storage.here(pending), agreed, choice, request
-
-
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
-    """No garbage collection while a save's state is taken apart: it makes a few small objects per tensor, and with
-    many tensors the collector would walk the whole heap over and over (torch pauses it in get_state_dict too)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _tensor_bytes(packed: packing.Packed) -> int:

@@ -16,14 +16,14 @@ layout, strides, ``requires_grad``, a forged header) is read by ``torch.load`` a
 
 from __future__ import annotations
 
-import pickle
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.serialization import DEFAULT_PROTOCOL, _get_storage_alignment, _save, skip_data
+
+from dcp_plugin.storage.records import frame_record, storage_alignment
 
 _KEPT = 1024
 _CACHE: OrderedDict[tuple[Any, ...], RecordLayout] = OrderedDict()
@@ -64,11 +64,6 @@ class RecordLayout:
         return all(tail[start:end] == expected[start:end] for start, end in self.tail_kept)
 
 
-def storage_alignment() -> int:
-    """The alignment ``torch.save`` gives tensor data in its records now (a setting of torch's; ask once per load)."""
-    return int(_get_storage_alignment())
-
-
 def layout_of(dtype: torch.dtype, shape: tuple[int, ...], alignment: int | None = None) -> RecordLayout:
     """The record layout of a contiguous CPU tensor of ``dtype`` and ``shape`` (cached), for ``torch.save``'s
     ``alignment`` (default: the current one)."""
@@ -80,53 +75,14 @@ def layout_of(dtype: torch.dtype, shape: tuple[int, ...], alignment: int | None 
             return found
     # empty() only reserves address space: the zip writer skips the data and never touches it
     tensor = torch.empty(shape, dtype=dtype)
-    head, tail = _frame(tensor, crc32=False)
-    head_crc, _ = _frame(tensor, crc32=True)
+    head, tail = frame_record(tensor)
+    head_crc, _ = frame_record(tensor, crc32=True)
     found = RecordLayout(head, head_crc, tail, _kept(tail), tensor.numel() * tensor.element_size())
     with _LOCK:
         _CACHE[key] = found
         if len(_CACHE) > _KEPT:
             _CACHE.popitem(last=False)
     return found
-
-
-class _Framing:
-    """Collects what the zip writer writes; the skipped data is where it seeks forward."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.position = 0
-        self.hole: int | None = None
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        self.parts.append(chunk)
-        self.position += len(chunk)
-        return len(chunk)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence != 1 or self.hole is not None:
-            raise RuntimeError("unexpected seek while framing a tensor record")
-        self.hole = len(self.parts)
-        self.position += offset
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-
-def _frame(tensor: torch.Tensor, *, crc32: bool) -> tuple[bytes, bytes]:
-    framing = _Framing()
-    writer = torch._C.PyTorchFileWriter(framing, crc32, _get_storage_alignment())  # type: ignore[call-overload]
-    with skip_data():
-        _save(tensor, writer, pickle, DEFAULT_PROTOCOL, False)
-    writer.write_end_of_file()
-    del writer
-    hole = len(framing.parts) if framing.hole is None else framing.hole
-    return b"".join(framing.parts[:hole]), b"".join(framing.parts[hole:])
 
 
 def _kept(tail: bytes) -> tuple[tuple[int, int], ...]:

@@ -58,9 +58,11 @@ class _Framing:
         pass
 
 
-def _frame(tensor: torch.Tensor) -> tuple[bytes, bytes]:
+def frame_record(tensor: torch.Tensor, *, crc32: bool = False) -> tuple[bytes, bytes]:
+    """(head, tail) of the record ``torch.save`` writes for ``tensor``, its data left out (computed, not cached;
+    with ``crc32`` the head as written with checksums on)."""
     framing = _Framing()
-    writer = torch._C.PyTorchFileWriter(framing, False, _get_storage_alignment())
+    writer = torch._C.PyTorchFileWriter(framing, crc32, _get_storage_alignment())  # type: ignore[call-overload]
     with skip_data():
         _save(tensor, writer, pickle, DEFAULT_PROTOCOL, False)
     writer.write_end_of_file()
@@ -103,7 +105,7 @@ def tensor_record(tensor: torch.Tensor, alignment: int | None = None) -> tuple[b
     if tensor.device.type != "cpu":
         raise ValueError(f"tensor_record needs a CPU tensor, got one on {tensor.device}")
     if type(tensor) is not torch.Tensor or tensor.__dict__:  # subclasses and attributes pickle their own way
-        head, tail = _frame(tensor)
+        head, tail = frame_record(tensor)
         return head, _storage_view(tensor), tail
     head, tail = _framed(tensor, storage_alignment() if alignment is None else alignment)
     return head, _storage_view(tensor), tail
@@ -116,7 +118,7 @@ def _framed(tensor: torch.Tensor, alignment: int) -> tuple[bytes, bytes]:
         if frames is not None:
             _FRAMES.move_to_end(key)
     if frames is None:
-        frames = _frame(tensor)
+        frames = frame_record(tensor)
         with _FRAMES_LOCK:
             _FRAMES[key] = frames
             if len(_FRAMES) > _FRAMES_KEPT:
@@ -132,4 +134,4 @@ def _storage_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * size).from_address(storage.data_ptr())).cast("B")
 
 
-__all__ = ["frame_of", "storage_alignment", "tensor_record"]
+__all__ = ["frame_of", "frame_record", "storage_alignment", "tensor_record"]
