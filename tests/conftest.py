@@ -17,6 +17,9 @@ from tests.multiproc import free_port
 
 @pytest.fixture(autouse=True)
 def _release_process_state():
+    from dcp_plugin.format import write_watch
+
+    watched = write_watch.available()
     yield
     import torch.distributed as dist
 
@@ -25,6 +28,9 @@ def _release_process_state():
     daemon.shutdown()
     if dist.is_initialized():
         dist.destroy_process_group()
+    # Long-term pinned memory (an io_uring fixed buffer) makes the process distrust the write-watch for good, and
+    # every later test in it would fingerprint what it means to trust to the watch: pin in a child process.
+    assert write_watch.available() == watched, "this test pinned memory in the test process; pin in a child process"
 
 
 @contextlib.contextmanager

@@ -10,12 +10,17 @@ does) and has the kernel fill it without a write through this process's page tab
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import struct
+import subprocess
+import sys
 import tempfile
 
 import torch
+
+from tests.paths import REPO
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.syscall.restype = ctypes.c_long
@@ -100,14 +105,19 @@ class FixedBuffer:
         os.close(self.fd)
 
 
+@functools.cache
 def io_uring_available() -> str | None:
-    """``None`` where io_uring fixed buffers work here, else why not."""
-    try:
-        probe = torch.zeros(4 * _PAGE // 4)
-        buffer = FixedBuffer(probe)
-        buffer.close()
-    except (OSError, KeyError, ValueError) as err:
-        return f"io_uring is not usable here: {err}"
+    """``None`` where io_uring fixed buffers work here, else why not. Probed in a child process: a fixed buffer is
+    a long-term pin, released by the kernel some time after the ring closes, and a process that ever held one
+    never trusts the write-watch again (every later test in it would fingerprint its frozen tensors)."""
+    probe = "import torch\nfrom tests.kernel_writes import FixedBuffer\nFixedBuffer(torch.zeros(4096)).close()\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )  # fmt: skip
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return f"io_uring is not usable here: {last[0]}"
     return None
 
 
