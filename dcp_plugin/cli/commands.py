@@ -1,4 +1,4 @@
-"""The ``dcp-plugin`` commands that look at checkpoints: ls, latest, best, inspect, verify, adopt, purge.
+"""The ``dcp-plugin`` commands that look at checkpoints: ls, latest, best, inspect.
 
 Each takes the parsed arguments (with the global ``json``, ``storage_options`` and ``progress``) and returns the
 exit code; errors are raised and turned into exit codes by :func:`dcp_plugin.cli.main`.
@@ -11,11 +11,14 @@ import json
 import math
 from typing import Any
 
-from dcp_plugin.cli.output import emit, emit_json, emit_note, human_size, iso_time, parse_options, progress, table
+from dcp_plugin.cli.output import emit, emit_json, emit_note, human_size, iso_time, parse_options, table
 from dcp_plugin.errors import CheckpointError, CheckpointNotFoundError, ConfigError, UnsafeCheckpointError
 from dcp_plugin.storage import MANIFEST_NAME, METADATA_NAME, CheckpointInfo, CheckpointStorage, open_url
 from dcp_plugin.storage.manifest import CHECKSUM_KEY
 from dcp_plugin.storage.plain import step_of as plain_step_of
+
+DIRECTORY_HELP = "a directory (or URL) holding checkpoints, e.g. runs/a or s3://bucket/run"
+CHECKPOINT_HELP = "one checkpoint: a path or URL such as runs/a/step_000000500"
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,7 +85,7 @@ def _size(info: CheckpointInfo) -> int | None:
     return stored if stored is not None else info.manifest.get("bytes")
 
 
-def _row(info: CheckpointInfo) -> dict[str, Any]:
+def checkpoint_row(info: CheckpointInfo) -> dict[str, Any]:
     return {
         "name": info.name,
         "url": info.url,
@@ -144,7 +147,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         emit_json(
             {
                 "directory": storage.root_url,
-                "checkpoints": [_row(info) for info in infos],
+                "checkpoints": [checkpoint_row(info) for info in infos],
                 "broken": [{"name": n, "url": storage.url(n), "reason": reason} for n, reason in broken],
                 "incomplete": leftovers,
                 "plain_dcp": [_plain_row(storage, name, found) for name, found in plain],
@@ -212,7 +215,7 @@ def _plain_dcp(storage: CheckpointStorage) -> list[tuple[str, CheckpointInfo | s
 def _plain_row(storage: CheckpointStorage, name: str, found: CheckpointInfo | str) -> dict[str, Any]:
     if isinstance(found, str):
         return {"name": name, "url": storage.url(name), "refused": found}
-    return {**_row(found), "unverified": True}
+    return {**checkpoint_row(found), "unverified": True}
 
 
 def _plain_table_row(name: str, found: CheckpointInfo | str) -> list[Any]:
@@ -230,7 +233,10 @@ def cmd_latest(args: argparse.Namespace) -> int:
     if latest is None:
         found = f"; plain DCP directories (unverified, `dcp-plugin adopt` commits one): {', '.join(plain)}"
         raise CheckpointNotFoundError(f"No committed checkpoints in {storage.root_url}{found if plain else ''}.")
-    emit_json({**_row(latest), "plain_dcp": [storage.url(n) for n in plain]}) if args.json else emit(latest.url)
+    if args.json:
+        emit_json({**checkpoint_row(latest), "plain_dcp": [storage.url(n) for n in plain]})
+    else:
+        emit(latest.url)
     if plain and not args.json:
         emit_note(
             f"also {len(plain)} plain DCP director{'y' if len(plain) == 1 else 'ies'} (unverified): {', '.join(plain)}"
@@ -251,7 +257,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         )
     sign = 1 if args.mode == "min" else -1
     value, best = min(scored, key=lambda pair: (sign * pair[0], -infos.index(pair[1])))  # ties: the newest
-    emit_json({**_row(best), "metric": args.metric, "value": value}) if args.json else emit(best.url)
+    emit_json({**checkpoint_row(best), "metric": args.metric, "value": value}) if args.json else emit(best.url)
     return 0
 
 
@@ -276,7 +282,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             {"key": key, "shape": list(size) if size is not None else None, "dtype": str(dtype), "bytes": nbytes}
         )
     if args.json:
-        emit_json({**_row(info), "unverified": info.unverified, "manifest": info.manifest, "tensors": tensors})
+        row = {**checkpoint_row(info), "unverified": info.unverified}
+        emit_json({**row, "manifest": info.manifest, "tensors": tensors})
         return 0
     manifest = info.manifest
     summary: list[list[Any]] = [
@@ -307,175 +314,25 @@ def _format(manifest: dict[str, Any]) -> str:
     return "1 (written by dcp-plugin 0.1: no checksums, sizes checked only; it still loads)"
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Check the manifest, the metadata (paths, sizes) and the checksum of every file; with --load, read every
-    tensor too. On damage, name the newest older checkpoint that verifies."""
-    storage, info = open_checkpoint(args.checkpoint, args)
-    files = {**(info.manifest.get("blobs") or {}), **(info.manifest.get("files") or {})}
-    total = stored_bytes(info) or 0
-    with progress(total, f"verifying {info.name}", show=args.progress) as bar:
-        problems = storage.verify(info, progress=bar.update)
-    if not problems and args.load:
-        with progress(0, f"reading every tensor of {info.name} ({human_size(total)})", show=args.progress) as bar:
-            bar.update(0)
-            problems += _load_problems(storage, info, args)
-    fallback = storage.newest_verified_before(info) if problems else None
-    if args.json:
-        emit_json(
-            {
-                "url": info.url,
-                "ok": not problems,
-                "problems": problems,
-                "files": len(files),
-                "bytes": total,
-                "checksums": bool(files),
-                "loaded": bool(args.load and not problems),
-                "fallback": fallback.url if fallback else None,
-            }
-        )
-        return 1 if problems else 0
-    if problems:
-        emit(f"{info.url}: BROKEN")
-        for problem in problems:
-            emit(f"  - {problem}")
-        emit(f"  the newest older checkpoint that verifies: {fallback.url if fallback else 'none'}")
-        return 1
-    checked = "checksums match" if files else "written without checksums: sizes checked only"
-    if info.unverified:
-        checked = "plain DCP, unverified: sizes checked only; `dcp-plugin adopt` commits checksums"
-    if args.load:
-        checked += "; every tensor and value was read back"
-    emit(f"{info.url}: OK ({len(files)} files, {human_size(total)}, {checked})")
-    return 0
-
-
-def _load_problems(storage: CheckpointStorage, info: CheckpointInfo, args: argparse.Namespace) -> list[str]:
-    from dcp_plugin.checkpointer import Checkpointer
-    from dcp_plugin.config import CheckpointConfig
-
-    checkpointer = Checkpointer(CheckpointConfig(async_mode="sync", storage_options=options(args)), distributed=False)
-    try:
-        checkpointer.read((storage, info.name))
-    except Exception as err:  # noqa: BLE001 - reported as a verification failure
-        return [f"loading failed: {err}"]
-    finally:
-        checkpointer.close()
-    return []
-
-
-def cmd_adopt(args: argparse.Namespace) -> int:
-    """Make a directory written by plain dcp.save (torchtitan's step-N folders) a regular checkpoint: check its
-    metadata (allow-list, confined paths, every named file present with enough bytes), then commit a manifest with
-    the checksums of its files as they are now. Its data is not changed."""
-    _refuse_run_directory_for_adopt(args.checkpoint, args)
-    storage, name = open_url(args.checkpoint, options(args))
-    info = storage.adopt(name)
-    files = info.manifest.get("files") or {}
-    if args.json:
-        emit_json({**_row(info), "files": len(files)})
-    else:
-        emit(f"adopted {info.url}: {len(files)} files, {human_size(info.manifest.get('bytes'))}, checksums committed")
-    return 0
-
-
-def _refuse_run_directory_for_adopt(url: str, args: argparse.Namespace) -> None:
-    """``adopt`` takes one directory written by ``dcp.save``; given a directory that holds checkpoints, name the
-    plain-DCP directories in it that can be adopted (never the ones already committed)."""
-    try:
-        storage = CheckpointStorage(url, options(args))
-        if not storage.fs.isdir(storage.root) or storage.fs.exists(f"{storage.root}/{METADATA_NAME}"):
-            return  # one checkpoint (or nothing): storage.adopt says what it is
-        plain = storage.plain_dcp()
-        committed = storage.scan().found
-    except (CheckpointError, OSError, ValueError):
-        return
-    if not plain and not committed:
-        return
-    if plain:
-        commands = "\n".join(f"  dcp-plugin adopt {storage.url(name)}" for name in plain)
-        raise ConfigError(
-            f"{storage.root_url} is a directory holding {len(plain)} plain DCP director"
-            f"{'y' if len(plain) == 1 else 'ies'} (written by dcp.save), not one of them. Adopt each one to keep:\n"
-            f"{commands}"
-        )
-    raise ConfigError(
-        f"{storage.root_url} is a directory of committed checkpoints ({len(committed)}) and holds no plain DCP "
-        "directory: there is nothing to adopt (`dcp-plugin ls` lists them)."
-    )
-
-
-def cmd_purge(args: argparse.Namespace) -> int:
-    """Remove the leftovers of writes that never committed (committed checkpoints are never touched)."""
-    storage = open_directory(args.directory, args)
-    leftovers = storage.incomplete()
-    done = []
-    with progress(len(leftovers), "purging", unit="entries", show=args.progress and not args.dry_run) as bar:
-        for name in leftovers:
-            if not args.dry_run:
-                storage.remove_incomplete(name)
-            done.append(storage.url(name))
-            bar.update(1)
-    if args.json:
-        emit_json(
-            {
-                "directory": storage.root_url,
-                "dry_run": args.dry_run,
-                "removed" if not args.dry_run else "would_remove": done,
-            }
-        )
-        return 0
-    for url in done:
-        emit(f"{'would remove' if args.dry_run else 'removed'} {url}")
-    if not leftovers:
-        emit(f"nothing to purge in {storage.root_url}")
-    return 0
-
-
 def add_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register the commands on the command's sub-parsers (``parents`` carry the global options)."""
-    directory_help = "a directory (or URL) holding checkpoints, e.g. runs/a or s3://bucket/run"
-    checkpoint_help = "one checkpoint: a path or URL such as runs/a/step_000000500"
-
     ls = sub.add_parser("ls", parents=parents, help="list the checkpoints of a directory", description=cmd_ls.__doc__)
-    ls.add_argument("directory", help=directory_help)
+    ls.add_argument("directory", help=DIRECTORY_HELP)
     ls.set_defaults(func=cmd_ls)
     latest = sub.add_parser(
         "latest", parents=parents, help="print the newest checkpoint's path", description=cmd_latest.__doc__
     )
-    latest.add_argument("directory", help=directory_help)
+    latest.add_argument("directory", help=DIRECTORY_HELP)
     latest.set_defaults(func=cmd_latest)
     best = sub.add_parser(
         "best", parents=parents, help="print the path of the best checkpoint by a metric", description=cmd_best.__doc__
     )
-    best.add_argument("directory", help=directory_help)
+    best.add_argument("directory", help=DIRECTORY_HELP)
     best.add_argument("--metric", required=True, help="a metric recorded with the checkpoints, e.g. val_loss")
     best.add_argument("--mode", choices=("min", "max"), default="min", help="lowest (default) or highest wins")
     best.set_defaults(func=cmd_best)
     inspect = sub.add_parser(
         "inspect", parents=parents, help="show a checkpoint's manifest and tensors", description=cmd_inspect.__doc__
     )
-    inspect.add_argument("checkpoint", help=checkpoint_help)
+    inspect.add_argument("checkpoint", help=CHECKPOINT_HELP)
     inspect.set_defaults(func=cmd_inspect)
-    verify = sub.add_parser(
-        "verify",
-        parents=parents,
-        help="check a checkpoint's files against their checksums",
-        description=cmd_verify.__doc__,
-    )
-    verify.add_argument("checkpoint", help=checkpoint_help)
-    verify.add_argument("--load", action="store_true", help="also read every tensor")
-    verify.set_defaults(func=cmd_verify)
-    adopt = sub.add_parser(
-        "adopt",
-        parents=parents,
-        help="commit checksums for a directory written by plain dcp.save",
-        description=cmd_adopt.__doc__,
-    )
-    adopt.add_argument("checkpoint", help="a directory written by dcp.save, e.g. outputs/checkpoint/step-1000")
-    adopt.set_defaults(func=cmd_adopt)
-    purge = sub.add_parser(
-        "purge", parents=parents, help="remove leftovers of writes that never committed", description=cmd_purge.__doc__
-    )
-    purge.add_argument("directory", help=directory_help)
-    purge.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    purge.set_defaults(func=cmd_purge)

@@ -14,6 +14,7 @@ from dcp_plugin import __version__, logs
 from dcp_plugin.cli.commands import add_commands
 from dcp_plugin.cli.copy import add_copy_command
 from dcp_plugin.cli.export import add_export_commands
+from dcp_plugin.cli.maintenance import add_maintenance_commands
 from dcp_plugin.errors import CheckpointError, ConfigError
 
 EXIT_OK = 0
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcp-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(sub, [common])
+    add_maintenance_commands(sub, [common])
     add_export_commands(sub, [common])
     add_copy_command(sub, [common])
     return parser
