@@ -71,10 +71,15 @@ def check_after_crash(url: str, options: dict, expected: dict[int, float]) -> No
         assert manager.steps == [*sorted(expected), 10]
 
 
-def _cases(table: dict, modes: tuple[str, ...]) -> list:
-    # deleting runs in the calling process whatever the mode: one mode is enough
+IN_THE_CALLER = ("delete", "retention")  # they run in the calling process whatever the mode: one mode is enough
+
+
+def _cases(table: dict, modes: tuple[str, ...], only_first: tuple[str, ...] = IN_THE_CALLER) -> list:
     return [
-        pytest.param(s, p, m, id=f"{s}-{p}-{m}") for (s, p) in table for m in modes if s != "delete" or m == modes[0]
+        pytest.param(s, p, m, id=f"{s}-{p}-{m}")
+        for (s, p) in table
+        for m in modes
+        if s not in only_first or m == modes[0]
     ]
 
 
@@ -97,8 +102,10 @@ def test_crash_point_of_a_save_written_without_dcp(scenario, point, mode, tmp_pa
 @pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.parametrize(
-    "scenario, point, mode", _cases(OUTCOMES, ("thread", "process")) + _cases(REPEAT, ("thread",))
-)  # process mode writes every save through DCP in its writer process: a repeat save's points are never reached
+    "scenario, point, mode",
+    _cases(OUTCOMES, ("thread", "process"), (*IN_THE_CALLER, "replace")) + _cases(REPEAT, ("thread",)),
+)  # process mode: its writer process on S3 is killed in plain saves (replacing on S3 is killed in thread mode, and
+# in both modes on the local disk); it writes every save through DCP: a repeat save's points are never reached
 def test_crash_point_on_s3(scenario, point, mode, tmp_path, s3_url):
     url, options = s3_url
     crash(scenario, mode, url, options, point, tmp_path)
