@@ -62,6 +62,22 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a == b or (a != a and b != b), f"{path}: {a!r} vs {b!r}"
 
 
+class MixedSizes(torch.nn.Module):
+    """Small tensors, one large enough (4 MiB) to be written from its own memory in sync mode, a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.small = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 8, bias=False)
+        self.large = torch.nn.Parameter(torch.randn(1024, 1024))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def loss(self) -> torch.Tensor:
+        """A loss that gives every parameter a gradient."""
+        return self.head(self.small(torch.randn(2, 8))).sum() + self.large.sum()
+
+
 class LoRALinear(torch.nn.Module):
     """A frozen base layer plus a small trainable low-rank adapter (as in LoRA fine-tuning)."""
 

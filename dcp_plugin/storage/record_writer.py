@@ -297,6 +297,34 @@ OpenFile = Callable[[Any], Any]
 """Opens one file for writing; a context manager that yields a :class:`RecordFile`."""
 
 
+def on_writer_threads(work: Callable[[], None], count: int) -> None:
+    """Run ``work`` (a loop that takes files until none are left) on this thread and on ``count - 1`` more at
+    once; the first error any of them raised is raised here, once all of them have ended."""
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - raised on the calling thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, name="dcp-plugin-writer") for _ in range(1, count)]
+    for thread in threads:
+        thread.start()
+    guarded()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def direct_io_of(used: list[bool | None]) -> bool | None:
+    """Whether files went to the disk with ``O_DIRECT``, from each file's answer (``None``: not tried): False if
+    any was refused it, None if none tried."""
+    tried = [d for d in used if d is not None]
+    return None if not tried else all(tried)
+
+
 class FileWriting:
     """What the writer threads of one rank share: how to open a file, where checksums go, who hears of a closed
     file (a bounded staging pool gives back what the thread held), and whether files are fsynced."""
@@ -318,28 +346,12 @@ class FileWriting:
     @property
     def direct_io(self) -> bool | None:
         """Whether the files went to the disk with ``O_DIRECT``: False if any was refused it, None if none tried."""
-        tried = [d for d in self._direct if d is not None]
-        return None if not tried else all(tried)
+        return direct_io_of(self._direct)
 
     def write_all(self, planner: Any, file_queue: queue.Queue, thread_count: int) -> list[WriteResult]:
         """Write every file in ``file_queue`` with ``thread_count`` threads (this one included), as DCP does."""
         results: queue.Queue = queue.Queue()
-        errors: list[BaseException] = []
-
-        def drain() -> None:
-            try:
-                self._drain(planner, file_queue, results)
-            except BaseException as err:  # noqa: BLE001 - raised on the calling thread below
-                errors.append(err)
-
-        threads = [threading.Thread(target=drain, name="dcp-plugin-writer") for _ in range(1, thread_count)]
-        for thread in threads:
-            thread.start()
-        drain()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        on_writer_threads(lambda: self._drain(planner, file_queue, results), thread_count)
         out: list[WriteResult] = []
         while not results.empty():
             out += results.get_nowait()
@@ -407,4 +419,4 @@ def _result(item: Any, storage_key: str, offset: int, length: int) -> WriteResul
     return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(storage_key, offset, length))
 
 
-__all__ = ["FileWriting", "RecordFile", "open_record_file"]
+__all__ = ["FileWriting", "RecordFile", "direct_io_of", "on_writer_threads", "open_record_file"]

@@ -31,7 +31,7 @@ from dcp_plugin.storage.blobs import blob_name, chunk_key, fingerprint
 from dcp_plugin.storage.layout import Image, RankLayout, Slot
 from dcp_plugin.storage.metadata_file import MetadataFile
 from dcp_plugin.storage.names import BLOBS, METADATA_NAME
-from dcp_plugin.storage.record_writer import FileWriting, open_record_file
+from dcp_plugin.storage.record_writer import FileWriting, direct_io_of, on_writer_threads, open_record_file
 from dcp_plugin.storage.sealing import Written, seal
 
 ONE_FILE_BELOW = 32 * 2**20
@@ -304,37 +304,27 @@ def _write_files(
 ) -> None:
     """Each file from its segments, ``thread_count`` files at a time; the first error is raised here."""
     waiting = list(reversed(files))
-    errors: list[BaseException] = []
     direct: list[bool | None] = []
     lock = threading.Lock()
+    failed = threading.Event()
 
     def drain() -> None:
-        while not errors:
+        while not failed.is_set():
             with lock:
                 if not waiting:
                     return
                 file = waiting.pop()
             try:
                 size, digest, used = _write_file(ctx, file, sources)
-            except BaseException as err:  # noqa: BLE001 - raised on the calling thread below
-                errors.append(err)
-                return
+            except BaseException:
+                failed.set()  # the other threads take no new file
+                raise
             with lock:
                 report.files[file.name] = {"size": size, "xxh3_128": digest}
                 direct.append(used)
 
-    threads = [
-        threading.Thread(target=drain, name="dcp-plugin-writer") for _ in range(1, min(ctx.thread_count, len(files)))
-    ]
-    for thread in threads:
-        thread.start()
-    drain()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    tried = [d for d in direct if d is not None]
-    report.direct_io = None if not tried else all(tried)
+    on_writer_threads(drain, min(ctx.thread_count, len(files)))
+    report.direct_io = direct_io_of(direct)
 
 
 def _write_file(ctx: WriterContext, file: Any, sources: Sequence[torch.Tensor]) -> tuple[int, str, bool | None]:
@@ -399,13 +389,12 @@ class Coordinator:
         written = Written(files, blobs, fingerprints, needed, sum(report.stored for report in reports))
         write_id = None if ctx.incremental is None else ctx.incremental.write_id
         checked = seal(ctx.root, ctx.strategy, ctx.pending, written, write_id)
-        direct = [report.direct_io for report in reports if report.direct_io is not None]
         return {
             "storage_meta": storage_meta,
             "blobs_checked": checked,
             "blobs": blobs,
             "added": sum(report.added for report in reports),
-            "direct_io": all(direct) if direct else None,
+            "direct_io": direct_io_of([report.direct_io for report in reports]),
         }
 
 

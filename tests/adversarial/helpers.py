@@ -61,13 +61,8 @@ def small_tmpfs(where: str, size: str = "4m", options: str = "") -> Iterator[str
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     opts = f"size={size}" + (f",{options}" if options else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", where], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
-    try:
+    with _mounted(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", where], "a tmpfs"):
         yield where
-    finally:
-        subprocess.run(["umount", "-l", where], check=False)
 
 
 @contextlib.contextmanager
@@ -84,11 +79,20 @@ def small_disk(where: str, size_mib: int = 8) -> Iterator[str]:
     made = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot make an ext4 image here: {made.stderr.strip() or made.returncode}")
-    mounted = subprocess.run(["mount", "-o", "loop", image, where], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.strip() or mounted.returncode}")
     try:
-        yield where
+        with _mounted(["mount", "-o", "loop", image, where], "a loop device"):
+            yield where
     finally:
-        subprocess.run(["umount", "-l", where], check=False)
         os.remove(image)
+
+
+@contextlib.contextmanager
+def _mounted(command: list[str], what: str) -> Iterator[None]:
+    """Run a ``mount`` command (skipping the test, saying why, if it fails); unmount its last argument after."""
+    mounted = subprocess.run(command, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount {what} here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", command[-1]], check=False)

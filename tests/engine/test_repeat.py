@@ -14,29 +14,17 @@ from dcp_plugin import CheckpointManager, ModelState, OptimizerState
 from dcp_plugin.format.packing import SKELETON_GRANULE
 from dcp_plugin.storage import repeat_io
 from tests.fresh import read_fresh
-from tests.models import lora_step, make_lora
+from tests.models import MixedSizes, lora_step, make_lora
 
 MODES = ["sync", "thread"]
-
-
-class Net(torch.nn.Module):
-    """Small tensors, one large enough (4 MiB) to be written from its own memory in sync mode, a buffer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.small = torch.nn.Linear(8, 8)
-        self.head = torch.nn.Linear(8, 8, bias=False)
-        self.large = torch.nn.Parameter(torch.randn(1024, 1024))
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **plain) -> dict:
     return {"model": ModelState(model), "optim": OptimizerState(model, optimizer), **plain}
 
 
-def _step(model: Net, optimizer: torch.optim.Optimizer) -> None:
-    (model.head(model.small(torch.randn(2, 8))).sum() + model.large.sum()).backward()
+def _step(model: MixedSizes, optimizer: torch.optim.Optimizer) -> None:
+    model.loss().backward()
     optimizer.step()
     optimizer.zero_grad()
     model.count += 1
@@ -75,7 +63,7 @@ def test_repeat_saves_are_written_without_dcp_and_read_back_by_every_reader(ckpt
     monkeypatch.setattr(dcp, "save", counting)
     original_async = dcp.state_dict_saver.async_save
     monkeypatch.setattr(dcp, "async_save", lambda *a, **k: planned.append(1) or original_async(*a, **k))
-    model = Net()
+    model = MixedSizes()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     saved = {}
     with CheckpointManager(ckpt_dir, async_mode=mode) as manager:
@@ -86,7 +74,7 @@ def test_repeat_saves_are_written_without_dcp_and_read_back_by_every_reader(ckpt
         manager.wait()
         assert planned == [1], "only the first save of the structure goes through DCP"
         assert _repeated(manager)
-        fresh, fresh_optimizer = Net(), None
+        fresh, fresh_optimizer = MixedSizes(), None
         fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.5)
         state = _state(fresh, fresh_optimizer, step=0)
         manager.load(state)
@@ -103,7 +91,7 @@ def test_repeat_saves_are_written_without_dcp_and_read_back_by_every_reader(ckpt
 def test_every_change_of_what_a_repeat_save_trusts_is_saved(ckpt_dir, mode):
     """dtype, shape, storage moved (same or other alignment), a transposed view, tied then untied weights, a
     skeleton that grows past its padding, replaced optimizer state: each save holds the live values."""
-    model = Net()
+    model = MixedSizes()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     saved = {}
     changes = [
@@ -134,7 +122,7 @@ def test_every_change_of_what_a_repeat_save_trusts_is_saved(ckpt_dir, mode):
 
 
 def test_plain_values_are_the_ones_of_the_save_even_if_changed_right_after(ckpt_dir):
-    model = Net()
+    model = MixedSizes()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     with CheckpointManager(ckpt_dir, async_mode="thread") as manager:
         for step, lr in enumerate([0.1, 0.2, 0.3, 1, 1.0, True], start=1):  # same text, other types too
@@ -177,7 +165,7 @@ def test_incremental_repeat_saves_refer_to_blobs_and_write_a_changed_frozen_tens
 
 
 def test_a_failed_repeat_save_commits_nothing_and_the_next_save_works(ckpt_dir, monkeypatch):
-    model = Net()
+    model = MixedSizes()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     saved = {}
     with CheckpointManager(ckpt_dir, async_mode="thread") as manager:

@@ -20,18 +20,14 @@ from dcp_plugin import CheckpointManager, ModelState, OptimizerState
 from dcp_plugin.format import packing
 from dcp_plugin.format.state import wrap_state
 from tests.fresh import read_fresh
+from tests.models import MixedSizes
 
 MODES = ["sync", "thread"]
 
 
-class Net(torch.nn.Module):
+class Net(MixedSizes):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.small = torch.nn.Linear(8, 8)
-        self.head = torch.nn.Linear(8, 8, bias=False)
-        self.large = torch.nn.Parameter(torch.randn(1024, 1024))  # 4 MiB: written from its own memory in sync mode
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("a", torch.arange(8, dtype=torch.float32))
         self.register_buffer("b", torch.arange(4, dtype=torch.float32) + 100)
 
@@ -41,7 +37,7 @@ def _made(mode: str) -> tuple[Net, torch.optim.Optimizer]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     optimizer.param_groups[0]["note"] = "n"
     optimizer.param_groups[0]["big"] = 1
-    (model.head(model.small(torch.randn(2, 8))).sum() + model.large.sum()).backward()
+    model.loss().backward()
     optimizer.step()
     optimizer.zero_grad()
     return model, optimizer
